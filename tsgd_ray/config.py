@@ -1,0 +1,381 @@
+"""The configuration schema: one dataclass per pipeline stage, merged by OmegaConf.
+
+This module is the single source of truth for settings. A config is built as
+``schema <- YAML file <- key=value overrides`` and validated before any Ray work, so every
+mistake a user can make (unknown key, wrong type, value out of range, missing URI) stops the
+program with one :class:`ConfigError` that names the full key.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the full key."""
+
+
+class DatasetKind(str, enum.Enum):
+    builtin = "builtin"
+    ucf101 = "ucf101"
+    hmdb51 = "hmdb51"
+    kinetics = "kinetics"
+    ssv2 = "ssv2"
+    csv = "csv"
+    folder = "folder"
+
+
+class OnCatalogError(str, enum.Enum):
+    error = "error"
+    skip = "skip"
+
+
+class TemporalSampling(str, enum.Enum):
+    center = "center"  # F frames every `frame_interval`, centred in the video
+    random = "random"  # F frames every `frame_interval`, random offset (seeded per video, epoch)
+    uniform = "uniform"  # F frames spread evenly over the whole video; interval ignored
+
+
+class BNTarget(str, enum.Enum):
+    global_ = "global"
+    class_mixture = "class_mixture"
+
+
+class InitKind(str, enum.Enum):
+    real = "real"
+    lowest_loss = "lowest_loss"
+    noise = "noise"
+
+
+class Compensation(str, enum.Enum):
+    none = "none"
+    median = "median"
+    shift = "shift"
+
+
+class Granularity(str, enum.Enum):
+    pixel = "pixel"
+    frame = "frame"
+
+
+class LabelKind(str, enum.Enum):
+    soft_kl = "soft_kl"
+    soft_mse = "soft_mse"
+    hard = "hard"
+
+
+class Method(str, enum.Enum):
+    tsgd = "tsgd"
+    sre2l_video = "sre2l_video"
+    random_real = "random_real"
+    herding = "herding"
+    full = "full"
+
+
+@dataclass
+class BuiltinDatasetConfig:
+    """The built-in motion-digits dataset: only the order of frames tells classes apart."""
+
+    train_per_class: int = 60
+    test_per_class: int = 20
+    frames: int = 16
+    size: int = 64
+    fps: int = 8
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetKind = DatasetKind.builtin
+    # Dataset root (videos and annotation files): a local path or any fsspec URI (s3://...).
+    # Required unless dataset=builtin.
+    root: str = ""
+    # Annotation file or folder when it does not sit at its usual place under `root`
+    # (UCF101 split lists, HMDB51 split folder, Kinetics CSV folder, SSv2 JSON folder, CSV file).
+    annotations: str = ""
+    split_id: int = 1  # UCF101 / HMDB51 official split, 1..3
+    classes: list[str] = field(default_factory=list)  # restrict to these class names (e.g. MiniUCF)
+    on_catalog_error: OnCatalogError = OnCatalogError.error  # missing files, unknown labels
+    extensions: list[str] = field(
+        default_factory=lambda: ["mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg"]
+    )
+    builtin: BuiltinDatasetConfig = field(default_factory=BuiltinDatasetConfig)
+    # Shards: where `prepare` writes them; empty means <storage.output_root>/shards.
+    shards: str = ""
+    shard_target_mb: float = 256.0
+    transcode_short_side: int = 0  # 0 keeps the source bytes; >0 re-encodes to this short side
+    prepare_concurrency: int = 0  # parallel shard writers; 0 = one per CPU of the cluster
+    # Clips decoded from the shards.
+    num_frames: int = 16
+    height: int = 112
+    width: int = 112
+    sampling: TemporalSampling = TemporalSampling.uniform
+    frame_interval: int = 2
+    decode_actors: int = 1
+    decode_cpus_per_actor: float = 0.5
+    decode_batch_size: int = 8
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "mini_c3d"
+    width: int = 32
+    depth: int = 4
+    checkpoint: str = ""  # import this checkpoint (state dict or safetensors) instead of training
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    num_workers: int = 1
+
+
+@dataclass
+class TSGFConfig:
+    enabled: bool = True
+    compensate: Compensation = Compensation.none
+    spatial_kernel: int = 3
+    window: int = 1
+    # Temporal weights alpha_{-k..k}; empty: (0.25, 0.5, 0.25) when window=1, uniform otherwise.
+    alpha: list[float] = field(default_factory=list)
+    eps: float = 1e-6
+    granularity: Granularity = Granularity.pixel
+    w_min: float = 0.1
+    every: int = 1
+
+
+@dataclass
+class DistillConfig:
+    method: Method = Method.tsgd
+    ipc: int = 1
+    iterations: int = 1000
+    lr: float = 0.1
+    lambda_bn: float = 0.01
+    first_bn_weight: float = 10.0
+    bn_target: BNTarget = BNTarget.class_mixture
+    init: InitKind = InitKind.real
+    chunk_size: int = 50
+    partitions: int = 0  # 0 = 4 per actor
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.5
+
+
+@dataclass
+class EvaluateConfig:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    labels: LabelKind = LabelKind.soft_kl
+    temperature: float = 4.0
+    tsgfa: bool = True
+    num_workers: int = 1
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: start a local Ray; "auto" or ray://... joins a cluster
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+    object_store_mb: int = 0  # local Ray only; 0 = Ray's default
+    include_dashboard: bool = False
+    temp_dir: str = ""  # local Ray only
+
+
+@dataclass
+class StorageConfig:
+    # Every file the pipeline writes lands under this URI (local path or s3://bucket/prefix).
+    output_root: str = "outputs"
+    # Where fetched or generated inputs are cached (the built-in dataset's videos).
+    cache_root: str = ""  # empty: <output_root>/cache
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "tsgd-ray"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    tsgf: TSGFConfig = field(default_factory=TSGFConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+# (full key, predicate, what the value must be)
+_RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.split_id", lambda v: v in (1, 2, 3), "one of 1, 2, 3"),
+    ("data.num_frames", lambda v: v >= 2, ">= 2"),
+    ("data.height", _positive, "> 0"),
+    ("data.width", _positive, "> 0"),
+    ("data.frame_interval", lambda v: v >= 1, ">= 1"),
+    ("data.shard_target_mb", _positive, "> 0"),
+    ("data.transcode_short_side", lambda v: v == 0 or v >= 16, "0 (off) or >= 16"),
+    ("data.prepare_concurrency", _non_negative, ">= 0"),
+    ("data.decode_actors", lambda v: v >= 1, ">= 1"),
+    ("data.decode_cpus_per_actor", _positive, "> 0"),
+    ("data.decode_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.max_bad_fraction", _fraction, "in [0, 1]"),
+    ("data.builtin.train_per_class", lambda v: v >= 1, ">= 1"),
+    ("data.builtin.test_per_class", lambda v: v >= 1, ">= 1"),
+    ("data.builtin.frames", lambda v: v >= 4, ">= 4"),
+    ("data.builtin.size", lambda v: v >= 32 and v % 2 == 0, "an even number >= 32"),
+    ("data.builtin.fps", _positive, "> 0"),
+    ("teacher.width", lambda v: v >= 1, ">= 1"),
+    ("teacher.depth", lambda v: v >= 1, ">= 1"),
+    ("teacher.epochs", _non_negative, ">= 0"),
+    ("teacher.batch_size", lambda v: v >= 1, ">= 1"),
+    ("teacher.lr", _positive, "> 0"),
+    ("teacher.weight_decay", _non_negative, ">= 0"),
+    ("teacher.num_workers", lambda v: v >= 1, ">= 1"),
+    ("tsgf.spatial_kernel", lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1"),
+    ("tsgf.window", _non_negative, ">= 0"),
+    ("tsgf.eps", _positive, "> 0"),
+    ("tsgf.w_min", _fraction, "in [0, 1]"),
+    ("tsgf.every", lambda v: v >= 1, ">= 1"),
+    ("distill.ipc", lambda v: 1 <= v <= 50, "in [1, 50]"),
+    ("distill.iterations", _non_negative, ">= 0"),
+    ("distill.lr", _positive, "> 0"),
+    ("distill.lambda_bn", _non_negative, ">= 0"),
+    ("distill.first_bn_weight", _non_negative, ">= 0"),
+    ("distill.chunk_size", lambda v: v >= 1, ">= 1"),
+    ("distill.partitions", _non_negative, ">= 0"),
+    ("distill.actors", lambda v: v >= 1, ">= 1"),
+    ("distill.gpus_per_actor", _non_negative, ">= 0"),
+    ("distill.cpus_per_actor", _non_negative, ">= 0"),
+    ("evaluate.seeds", lambda v: len(v) >= 1, "a non-empty list"),
+    ("evaluate.epochs", _non_negative, ">= 0"),
+    ("evaluate.batch_size", lambda v: v >= 1, ">= 1"),
+    ("evaluate.lr", _positive, "> 0"),
+    ("evaluate.weight_decay", _non_negative, ">= 0"),
+    ("evaluate.temperature", _positive, "> 0"),
+    ("evaluate.num_workers", lambda v: v >= 1, ">= 1"),
+    ("ray.num_cpus", _non_negative, ">= 0"),
+    ("ray.object_store_mb", lambda v: v == 0 or v >= 75, "0 (Ray's default) or >= 75"),
+    ("storage.output_root", lambda v: bool(v.strip()), "a non-empty URI"),
+    ("tracking.experiment", lambda v: bool(v.strip()), "a non-empty name"),
+]
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges and cross-field rules that types cannot express.
+
+    Raises:
+        ConfigError: naming the first offending full key and what it must be.
+    """
+    for key, ok, must in _RANGES:
+        value = _select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {must}, got {value!r}")
+    if cfg.data.dataset != DatasetKind.builtin and not cfg.data.root.strip():
+        raise ConfigError(
+            f"data.root: required for data.dataset={cfg.data.dataset.value} "
+            "(a local path or URI such as s3://bucket/ucf101)"
+        )
+    alpha = list(cfg.tsgf.alpha)
+    if alpha and (len(alpha) != 2 * cfg.tsgf.window + 1 or min(alpha) < 0 or sum(alpha) <= 0):
+        raise ConfigError(
+            f"tsgf.alpha: must hold 2*tsgf.window+1 = {2 * cfg.tsgf.window + 1} non-negative "
+            f"weights with a positive sum (or be empty for uniform), got {alpha}"
+        )
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    extensions = [e.lower().lstrip(".") for e in cfg.data.extensions]
+    if not extensions or not all(extensions):
+        raise ConfigError(f"data.extensions: must list file extensions, got {extensions}")
+
+
+def _as_config_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    # OmegaConf's message already says what is wrong and often suggests the right key.
+    message = str(exc).split("\n    full_key:")[0].strip()
+    return ConfigError(f"{key}: {message}" if key else message)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """Find a config by path, or by name in ./configs (``default`` -> configs/default.yaml).
+
+    Raises:
+        ConfigError: when no such file exists.
+    """
+    path = Path(name_or_path)
+    candidates = [path, Path("configs") / path, Path("configs") / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name_or_path} (looked at {', '.join(map(str, candidates))})")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Build, merge and validate a config: schema <- YAML at `path` <- ``key=value`` overrides.
+
+    Returns a read-only structured DictConfig.
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type, a value out of range or a missing URI.
+    """
+    try:
+        cfg = OmegaConf.structured(Config)
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(resolve_config_path(path)))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _as_config_error(exc) from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python (enums as strings), for YAML, JSON and MLflow."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def config_hash(cfg: DictConfig, sections: Optional[Sequence[str]] = None) -> str:
+    """A stable sha256 hex digest of the resolved config (or of the named top-level sections)."""
+    data = to_dict(cfg)
+    if sections is not None:
+        data = {name: data[name] for name in sections}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

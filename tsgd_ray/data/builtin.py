@@ -1,0 +1,163 @@
+"""The built-in dataset: real handwritten digits moving over textured backgrounds.
+
+Eight classes, four pairs; in each pair the second class holds exactly the frames of the first in
+reverse order, so only the ORDER of frames tells the classes of a pair apart:
+
+    translate_right / translate_left, translate_down / translate_up,
+    rotate_ccw / rotate_cw, zoom_in / zoom_out
+
+Every frame of every class is drawn from the same distribution (position uniform on a torus with
+wrap-around, angle uniform, scale from one shared law; digit, colour and background texture
+random), so a single-frame classifier stays at chance. Digits are scikit-learn's 1797 real 8x8
+handwritten digits: even indices for the train split, odd for the test split.
+
+Videos are written as H.264 MP4 files in a class-folder layout ``<split>/<class>/<id>.mp4``,
+deterministically from the seed, then prepared like any real dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from tsgd_ray import storage
+from tsgd_ray.data.video import encode_mp4
+
+CLASS_PAIRS = [
+    ("translate_right", "translate_left"),
+    ("translate_down", "translate_up"),
+    ("rotate_ccw", "rotate_cw"),
+    ("zoom_in", "zoom_out"),
+]
+CLASSES = [name for pair in CLASS_PAIRS for name in pair]
+_SPLIT_CODE = {"train": 0, "test": 1}
+
+TRANSLATION = 0.5  # of the frame size, over the clip
+ROTATION = math.pi  # radians over the clip
+ZOOM = math.log(2.0)  # log-scale over the clip
+LOG_SCALE_RANGE = (math.log(0.8), math.log(1.25))
+DIGIT_SIZE = 0.4  # of the frame size, at scale 1
+
+
+def _digits(split: str) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+    return images[_SPLIT_CODE[split] :: 2]
+
+
+def _texture(rng: np.random.Generator, size: int) -> torch.Tensor:
+    """A static random colour texture: smooth blobs plus a grating plus fine grain, (3, S, S) in [0, 1]."""
+    coarse = torch.from_numpy(rng.random((1, 3, 6, 6), dtype=np.float32))
+    blobs = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    theta, freq = rng.uniform(0, math.pi), rng.uniform(0.15, 0.5)
+    grating = torch.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)))
+    grain = torch.from_numpy(rng.random((3, size, size), dtype=np.float32))
+    tex = 0.55 * blobs + 0.2 * grating * torch.from_numpy(rng.uniform(0.3, 1.0, 3).astype(np.float32))[:, None, None]
+    tex = tex + 0.15 * grain
+    return (0.15 + 0.6 * (tex - tex.min()) / (tex.max() - tex.min() + 1e-6)).clamp(0, 1)
+
+
+def render_sequence(
+    digit: np.ndarray,
+    background: torch.Tensor,
+    colour: np.ndarray,
+    centre: np.ndarray,
+    angle: np.ndarray,
+    log_scale: np.ndarray,
+) -> np.ndarray:
+    """Render a digit over a static background, one frame per entry of the state arrays.
+
+    Args:
+        digit: (8, 8) in [0, 1]. background: (3, S, S) in [0, 1]. colour: (3,) in [0, 1].
+        centre: (T, 2) pixel (x, y), wrapped onto the torus. angle: (T,) radians. log_scale: (T,).
+    Returns:
+        (T, S, S, 3) uint8 frames.
+    """
+    size = background.shape[-1]
+    t = len(angle)
+    digit_t = torch.from_numpy(digit)[None, None].float()
+    # Output pixel p -> digit coordinates: wrap (p - centre) onto the torus, undo rotation and scale.
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    py, px = torch.meshgrid(coords, coords, indexing="ij")
+    cx = torch.from_numpy(centre[:, 0]).float()[:, None, None]
+    cy = torch.from_numpy(centre[:, 1]).float()[:, None, None]
+    dx = torch.remainder(px[None] - cx + size / 2, size) - size / 2
+    dy = torch.remainder(py[None] - cy + size / 2, size) - size / 2
+    cos = torch.from_numpy(np.cos(angle)).float()[:, None, None]
+    sin = torch.from_numpy(np.sin(angle)).float()[:, None, None]
+    half = DIGIT_SIZE * size / 2 * torch.from_numpy(np.exp(log_scale)).float()[:, None, None]
+    u = (cos * dx + sin * dy) / half  # in [-1, 1] inside the digit's square
+    v = (-sin * dx + cos * dy) / half
+    grid = torch.stack([u, v], dim=-1)
+    alpha = F.grid_sample(digit_t.expand(t, 1, 8, 8), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    colour_t = torch.from_numpy(colour).float()[None, :, None, None]
+    frames = background[None] * (1 - alpha) + colour_t * alpha
+    return (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def generate_pair(pair: int, rng: np.random.Generator, digits: np.ndarray, frames: int, size: int) -> np.ndarray:
+    """The forward clip of class pair `pair`: (frames, size, size, 3) uint8.
+
+    The pair's second class is this clip reversed in time. Every state variable that a class does
+    not move is drawn from the law its moving counterpart has at a uniformly random frame.
+    """
+    progress = np.linspace(-0.5, 0.5, frames)  # symmetric: reversing flips the sign
+    centre = rng.uniform(0, size, 2)[None].repeat(frames, 0)
+    angle = np.full(frames, rng.uniform(0, 2 * math.pi))
+    base_log_scale, offset = rng.uniform(*LOG_SCALE_RANGE), rng.choice(progress)
+    log_scale = np.full(frames, base_log_scale + ZOOM * offset)
+    if pair == 0:
+        centre[:, 0] += TRANSLATION * size * progress
+    elif pair == 1:
+        centre[:, 1] += TRANSLATION * size * progress
+    elif pair == 2:
+        angle = angle + ROTATION * progress
+    else:
+        log_scale = base_log_scale + ZOOM * progress
+    colour = rng.uniform(0.6, 1.0, 3) * rng.choice([0.0, 1.0], 3, p=[0.25, 0.75])
+    colour = np.where(colour.max() < 0.5, np.ones(3), colour)
+    digit = digits[rng.integers(len(digits))]
+    return render_sequence(digit, _texture(rng, size), colour.astype(np.float32), centre % size, angle, log_scale)
+
+
+def builtin_root(cfg: DictConfig) -> str:
+    """Where the built-in videos of this config live: under the cache root, keyed by their settings."""
+    settings = OmegaConf.to_container(cfg.data.builtin, resolve=True)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    cache = cfg.storage.cache_root or storage.join(cfg.storage.output_root, "cache")
+    return storage.join(storage.absolute(cache), f"motion_digits-{digest}")
+
+
+def ensure_builtin_dataset(cfg: DictConfig) -> str:
+    """Write the built-in dataset's videos unless they are complete already; returns their root.
+
+    Idempotent: each file is written once, and a completion marker is written last.
+    """
+    root = builtin_root(cfg)
+    marker = storage.join(root, "_COMPLETE.json")
+    if storage.exists(marker):
+        return root
+    b = cfg.data.builtin
+    counts = {"train": b.train_per_class, "test": b.test_per_class}
+    for split, per_class in counts.items():
+        digits = _digits(split)
+        for pair, (forward_name, backward_name) in enumerate(CLASS_PAIRS):
+            for index in range(per_class):
+                rng = np.random.default_rng([b.seed, _SPLIT_CODE[split], pair, index])
+                uri_f = storage.join(root, split, forward_name, f"{forward_name}_{index:05d}.mp4")
+                uri_b = storage.join(root, split, backward_name, f"{backward_name}_{index:05d}.mp4")
+                if storage.exists(uri_f) and storage.exists(uri_b):
+                    continue
+                clip = generate_pair(pair, rng, digits, b.frames, b.size)
+                storage.write_once(uri_f, encode_mp4(clip, b.fps))
+                storage.write_once(uri_b, encode_mp4(clip[::-1], b.fps))
+    storage.write_json_once(marker, {"classes": CLASSES, "counts": counts, "settings": OmegaConf.to_container(b)})
+    return root

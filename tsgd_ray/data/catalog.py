@@ -1,0 +1,342 @@
+"""Dataset catalogs: real dataset layouts -> a list of :class:`VideoRecord`.
+
+Supported layouts (../shared/docs/DATA.md): UCF101 split lists, HMDB51 split files, Kinetics
+CSVs with downloader file names, Something-Something v2 JSON, a generic ``path,label[,split]``
+CSV, and class-folder trees ``root/[train|val|test/]<class>/*.<ext>``.
+
+Files are found with one recursive listing of the dataset root, matched by file name (case
+insensitive), so a layout with or without its top folder (``UCF-101/``) and flat or per-class
+Kinetics folders all work. Missing files and unknown labels either stop with a
+:class:`CatalogError` listing a few examples, or are skipped and counted
+(``data.on_catalog_error=skip``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.config import DatasetKind, OnCatalogError
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validate": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+EXAMPLES_SHOWN = 5
+
+
+class CatalogError(ValueError):
+    """The dataset on disk does not match its layout; the message shows a few examples."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One labelled video. `label` indexes `Catalog.classes`; `video_id` is unique and stable."""
+
+    uri: str
+    label: int
+    class_name: str
+    split: str
+    video_id: str
+
+
+@dataclass
+class Catalog:
+    root: str  # where the videos were looked up
+    classes: list[str]
+    records: list[VideoRecord]
+    skipped: list[dict] = field(default_factory=list)  # {"uri": ..., "reason": ...}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Number of records per split and class name."""
+        out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for r in self.records:
+            out[r.split][r.class_name] += 1
+        return {s: dict(c) for s, c in out.items()}
+
+
+def normalise_split(name: str) -> Optional[str]:
+    return _SPLIT_ALIASES.get(name.strip().lower())
+
+
+def _stem(path: str) -> str:
+    base = posixpath.basename(path)
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+class FileIndex:
+    """The video files under a root, found by file name (any case, with or without extension)."""
+
+    def __init__(self, root: str, extensions: Iterable[str]):
+        self.root = storage.absolute(root).rstrip("/")
+        self.files = storage.list_files(self.root, extensions)
+        self._by_stem: dict[str, list[str]] = defaultdict(list)
+        for uri in self.files:
+            self._by_stem[_stem(uri).lower()].append(uri)
+
+    def find(self, name: str) -> Optional[str]:
+        """The URI of the file called `name` (a relative path or a bare name), or None.
+
+        When several files share the stem, the one whose path ends with `name` wins.
+        """
+        candidates = self._by_stem.get(_stem(name).lower(), [])
+        if len(candidates) == 1:
+            return candidates[0]
+        suffix = name.lower().lstrip("/")
+        suffix_no_ext = suffix.rsplit(".", 1)[0] if "." in posixpath.basename(suffix) else suffix
+        for uri in candidates:
+            low = uri.lower()
+            if low.endswith("/" + suffix) or low.rsplit(".", 1)[0].endswith("/" + suffix_no_ext):
+                return uri
+        return None
+
+    def video_id(self, uri: str) -> str:
+        rel = uri[len(self.root) + 1 :] if uri.startswith(self.root + "/") else uri
+        return rel.rsplit(".", 1)[0] if "." in posixpath.basename(rel) else rel
+
+
+class _Builder:
+    """Collects records and problems, then applies the config's policy and class restriction."""
+
+    def __init__(self, index: FileIndex, classes: list[str]):
+        self.index = index
+        self.classes = classes
+        self._class_index = {c: i for i, c in enumerate(classes)}
+        self._class_by_lower = {c.lower(): c for c in classes}
+        self.records: list[VideoRecord] = []
+        self.problems: list[dict] = []
+        self._seen: set[str] = set()
+
+    def canonical_class(self, name: str) -> Optional[str]:
+        return self._class_by_lower.get(name.strip().lower())
+
+    def add(self, name: str, class_name: str, split: str, uri: Optional[str] = None) -> None:
+        """Add the video `name` (found in the index unless `uri` is given) of `class_name`."""
+        canonical = self.canonical_class(class_name)
+        if canonical is None:
+            self.problems.append({"uri": name, "reason": f"unknown label {class_name!r}"})
+            return
+        if uri is None:
+            uri = self.index.find(name)
+        if uri is None:
+            self.problems.append({"uri": storage.join(self.index.root, name), "reason": "missing file"})
+            return
+        if uri in self._seen:
+            return
+        self._seen.add(uri)
+        self.records.append(
+            VideoRecord(uri, self._class_index[canonical], canonical, split, self.index.video_id(uri))
+        )
+
+    def build(self, data_cfg: DictConfig) -> Catalog:
+        if self.problems and data_cfg.on_catalog_error == OnCatalogError.error:
+            shown = "\n".join(f"  {p['uri']}: {p['reason']}" for p in self.problems[:EXAMPLES_SHOWN])
+            raise CatalogError(
+                f"{len(self.problems)} catalog problem(s) under {self.index.root}, e.g.:\n{shown}\n"
+                "Fix the dataset, or set data.on_catalog_error=skip to skip and count them."
+            )
+        catalog = Catalog(self.index.root, self.classes, sorted(self.records, key=lambda r: (r.split, r.label, r.uri)), self.problems)
+        return restrict_classes(catalog, list(data_cfg.classes))
+
+
+def restrict_classes(catalog: Catalog, names: list[str]) -> Catalog:
+    """Keep only the classes in `names` (kept in the catalog's order, relabelled 0..K-1).
+
+    Raises:
+        CatalogError: if a name is not a class of the dataset.
+    """
+    if not names:
+        return catalog
+    by_lower = {c.lower(): c for c in catalog.classes}
+    unknown = [n for n in names if n.lower() not in by_lower]
+    if unknown:
+        raise CatalogError(
+            f"data.classes: {len(unknown)} name(s) are not classes of the dataset: {unknown[:EXAMPLES_SHOWN]}; "
+            f"it has {len(catalog.classes)}, e.g. {catalog.classes[:EXAMPLES_SHOWN]}"
+        )
+    wanted = {by_lower[n.lower()] for n in names}
+    kept = [c for c in catalog.classes if c in wanted]
+    new_label = {c: i for i, c in enumerate(kept)}
+    records = [
+        VideoRecord(r.uri, new_label[r.class_name], r.class_name, r.split, r.video_id)
+        for r in catalog.records
+        if r.class_name in wanted
+    ]
+    return Catalog(catalog.root, kept, records, catalog.skipped)
+
+
+def _read_text(uri: str) -> str:
+    try:
+        return storage.read_bytes(uri).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise CatalogError(f"annotation file not found: {uri}") from None
+
+
+def _annotation_dir(data_cfg: DictConfig, default_name: str) -> str:
+    if data_cfg.annotations:
+        return storage.absolute(data_cfg.annotations)
+    root = storage.absolute(data_cfg.root)
+    candidate = storage.join(root, default_name)
+    return candidate if storage.exists(candidate) else root
+
+
+def ucf101(data_cfg: DictConfig) -> Catalog:
+    """UCF101: classInd.txt, trainlist0N.txt (``Class/v_x.avi 1``), testlist0N.txt (``Class/v_x.avi``)."""
+    ann = _annotation_dir(data_cfg, "ucfTrainTestlist")
+    classes = [line.split()[1] for line in _read_text(storage.join(ann, "classInd.txt")).splitlines() if line.strip()]
+    builder = _Builder(FileIndex(data_cfg.root, data_cfg.extensions), classes)
+    for split, name in (("train", "trainlist"), ("test", "testlist")):
+        for line in _read_text(storage.join(ann, f"{name}0{data_cfg.split_id}.txt")).splitlines():
+            if not line.strip():
+                continue
+            rel = line.split()[0]
+            builder.add(rel, rel.split("/")[0], split)
+    return builder.build(data_cfg)
+
+
+def hmdb51(data_cfg: DictConfig) -> Catalog:
+    """HMDB51: ``<class>_test_splitN.txt`` files with lines ``<name>.avi <0|1|2>`` (1 train, 2 test)."""
+    ann = _annotation_dir(data_cfg, "testTrainMulti_7030_splits")
+    suffix = f"_test_split{data_cfg.split_id}.txt"
+    split_files = sorted(u for u in storage.list_files(ann, ["txt"]) if u.endswith(suffix))
+    if not split_files:
+        raise CatalogError(f"no HMDB51 split files *{suffix} under {ann}")
+    classes = sorted(posixpath.basename(u)[: -len(suffix)] for u in split_files)
+    builder = _Builder(FileIndex(data_cfg.root, data_cfg.extensions), classes)
+    for uri in split_files:
+        class_name = posixpath.basename(uri)[: -len(suffix)]
+        for line in _read_text(uri).splitlines():
+            parts = line.split()
+            if len(parts) < 2 or parts[1] not in ("1", "2"):
+                continue
+            builder.add(f"{class_name}/{parts[0]}", class_name, "train" if parts[1] == "1" else "test")
+    return builder.build(data_cfg)
+
+
+def kinetics(data_cfg: DictConfig) -> Catalog:
+    """Kinetics-400/600/700: CSVs ``label,youtube_id,time_start,time_end,split[,is_cc]``.
+
+    Files are ``<youtube_id>_<start:06d>_<end:06d>.<ext>`` anywhere under the root. Rows with no
+    label (the test release) are left out.
+    """
+    ann = data_cfg.annotations or data_cfg.root
+    ann = storage.absolute(ann)
+    csv_uris = [ann] if ann.lower().endswith(".csv") else storage.list_files(ann, ["csv"])
+    if not csv_uris:
+        raise CatalogError(f"no Kinetics annotation CSV under {ann} (set data.annotations)")
+    rows = []
+    for uri in csv_uris:
+        reader = csv.DictReader(io.StringIO(_read_text(uri)))
+        missing = {"youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
+        if missing:
+            raise CatalogError(f"{uri}: not a Kinetics CSV, missing columns {sorted(missing)}")
+        rows.extend(reader)
+    labelled = [r for r in rows if (r.get("label") or "").strip()]
+    classes = sorted({r["label"].strip() for r in labelled})
+    builder = _Builder(FileIndex(data_cfg.root, data_cfg.extensions), classes)
+    for r in labelled:
+        split = normalise_split(r.get("split") or "train")
+        if split is None:
+            builder.problems.append({"uri": r["youtube_id"], "reason": f"unknown split {r.get('split')!r}"})
+            continue
+        name = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        builder.add(name, r["label"].strip(), split)
+    return builder.build(data_cfg)
+
+
+def _ssv2_class(template: str) -> str:
+    return template.replace("[", "").replace("]", "")
+
+
+def ssv2(data_cfg: DictConfig) -> Catalog:
+    """Something-Something v2: labels.json, train.json and validation.json; videos ``<id>.webm``."""
+    ann = _annotation_dir(data_cfg, "labels")
+    labels = json.loads(_read_text(storage.join(ann, "labels.json")))
+    classes = [name for name, _ in sorted(labels.items(), key=lambda kv: int(kv[1]))]
+    builder = _Builder(FileIndex(data_cfg.root, data_cfg.extensions), classes)
+    for split, name in (("train", "train.json"), ("val", "validation.json")):
+        for item in json.loads(_read_text(storage.join(ann, name))):
+            builder.add(str(item["id"]), _ssv2_class(item["template"]), split)
+    return builder.build(data_cfg)
+
+
+def manifest_csv(data_cfg: DictConfig) -> Catalog:
+    """A CSV with header ``path,label[,split]``; paths relative to data.root or absolute URIs."""
+    csv_uri = storage.absolute(data_cfg.annotations or data_cfg.root)
+    if not csv_uri.lower().endswith(".csv"):
+        raise CatalogError(f"data.annotations: expected the path of a .csv file, got {csv_uri}")
+    reader = csv.DictReader(io.StringIO(_read_text(csv_uri)))
+    if not {"path", "label"} <= set(reader.fieldnames or []):
+        raise CatalogError(f"{csv_uri}: the header must be path,label[,split], got {reader.fieldnames}")
+    rows = list(reader)
+    root = data_cfg.root if data_cfg.annotations else posixpath.dirname(csv_uri)
+    classes = sorted({r["label"].strip() for r in rows if (r["label"] or "").strip()})
+    builder = _Builder(FileIndex(root, data_cfg.extensions), classes)
+    present = set(builder.index.files)
+    for r in rows:
+        split = normalise_split(r.get("split") or "train")
+        path = r["path"].strip()
+        uri = path if ("://" in path or path.startswith("/")) else storage.join(builder.index.root, path)
+        if split is None:
+            builder.problems.append({"uri": uri, "reason": f"unknown split {r.get('split')!r}"})
+            continue
+        found = uri if (uri in present or ("://" in path or path.startswith("/")) and storage.exists(uri)) else None
+        if found is None:
+            builder.problems.append({"uri": uri, "reason": "missing file"})
+            continue
+        builder.add(path, (r["label"] or "").strip(), split, uri=found)
+    return builder.build(data_cfg)
+
+
+def folder(data_cfg: DictConfig, root: Optional[str] = None) -> Catalog:
+    """A class-folder tree: ``root/<class>/*`` or ``root/<split>/<class>/*``."""
+    index = FileIndex(root or data_cfg.root, data_cfg.extensions)
+    if not index.files:
+        raise CatalogError(f"no video files ({', '.join(data_cfg.extensions)}) under {index.root}")
+    entries = []
+    for uri in index.files:
+        parts = uri[len(index.root) + 1 :].split("/")
+        split = normalise_split(parts[0]) if len(parts) >= 3 else None
+        if split is not None:
+            entries.append((uri, parts[1], split))
+        elif len(parts) >= 2:
+            entries.append((uri, parts[-2], "train"))
+    classes = sorted({class_name for _, class_name, _ in entries})
+    builder = _Builder(index, classes)
+    for uri, class_name, split in entries:
+        builder.add(uri, class_name, split, uri=uri)
+    return builder.build(data_cfg)
+
+
+CATALOGS: dict[DatasetKind, Callable[[DictConfig], Catalog]] = {
+    DatasetKind.ucf101: ucf101,
+    DatasetKind.hmdb51: hmdb51,
+    DatasetKind.kinetics: kinetics,
+    DatasetKind.ssv2: ssv2,
+    DatasetKind.csv: manifest_csv,
+    DatasetKind.folder: folder,
+}
+
+
+def build_catalog(cfg: DictConfig) -> Catalog:
+    """The catalog of the configured dataset (generating the built-in dataset first if needed).
+
+    Raises:
+        CatalogError: for a layout that does not match, or missing files / unknown labels when
+            data.on_catalog_error=error.
+    """
+    if cfg.data.dataset == DatasetKind.builtin:
+        from tsgd_ray.data.builtin import ensure_builtin_dataset
+
+        return folder(cfg.data, ensure_builtin_dataset(cfg))
+    return CATALOGS[cfg.data.dataset](cfg.data)

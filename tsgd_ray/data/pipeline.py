@@ -1,0 +1,139 @@
+"""The Ray Data pipeline from shards to clips, and its consumer side.
+
+``read_parquet(shards) -> map_batches(ClipDecoder) -> {clip, label, video_id, ok, error}``
+
+A clip is (F, H, W, 3) uint8 (frames last-channel, as decoded); `ok` is False for a video that
+failed to decode (its clip is zeros and `error` says why). Consumers use :class:`ClipStream`,
+which drops and counts those rows and stops with :class:`TooManyBadVideos` once more than
+``data.max_bad_fraction`` of the split has failed. It works on a Dataset as well as on the
+DataIterator a Ray Train worker gets from ``ray.train.get_dataset_shard``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.config import TemporalSampling
+from tsgd_ray.data.prepare import shards_root
+from tsgd_ray.data.shards import read_manifest, shard_uris
+from tsgd_ray.data.video import VideoDecodeError, clip_rng, decode_clip
+
+log = logging.getLogger(__name__)
+
+CLIP_COLUMNS = ("clip", "label", "video_id", "ok", "error")
+
+
+class TooManyBadVideos(RuntimeError):
+    """More than data.max_bad_fraction of a split's videos failed to decode."""
+
+
+class ClipDecoder:
+    """A Ray Data callable class: a batch of shard rows -> a batch of clips.
+
+    Output columns: clip (N, F, H, W, 3) uint8, label (N,) int64, video_id (N,) str,
+    ok (N,) bool, error (N,) str. Never raises for a bad video.
+    """
+
+    def __init__(self, num_frames: int, height: int, width: int, interval: int, sampling: str,
+                 seed: int = 0, epoch: int = 0):
+        torch.set_num_threads(1)
+        self.shape = (num_frames, height, width, 3)
+        self.interval = interval
+        self.sampling = TemporalSampling(sampling)
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["video_id"])
+        clips = np.zeros((n, *self.shape), dtype=np.uint8)
+        ok = np.ones(n, dtype=bool)
+        errors = np.full(n, "", dtype=object)
+        for i in range(n):
+            video_id = str(batch["video_id"][i])
+            rng = clip_rng(self.seed, video_id, self.epoch) if self.sampling == TemporalSampling.random else None
+            try:
+                clips[i] = decode_clip(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.sampling, rng)
+            except VideoDecodeError as exc:
+                ok[i], errors[i] = False, f"{video_id}: {exc}"
+        return {"clip": clips, "label": batch["label"].astype(np.int64), "video_id": batch["video_id"],
+                "ok": ok, "error": errors}
+
+
+def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = None, epoch: int = 0):
+    """A lazy Ray Dataset of decoded clips of `split`, optionally only the given labels.
+
+    Raises:
+        ManifestError: if the shards are not prepared.
+        ValueError: if the split has no shards.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    root = shards_root(cfg)
+    manifest = read_manifest(root)
+    paths = shard_uris(root, manifest, split)
+    if not paths:
+        raise ValueError(f"no shards for split {split!r} under {root} (splits: {sorted(manifest['counts'])})")
+    fs, _ = storage.arrow_filesystem(root)
+    paths = [storage.filesystem(p)[1] for p in paths]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["video_id", "label", "video"])
+    if labels is not None:
+        ds = ds.filter(expr=col("label").is_in([int(x) for x in labels]))  # Ray pushes this into the Parquet read
+    d = cfg.data
+    return ds.map_batches(
+        ClipDecoder,
+        fn_constructor_kwargs={"num_frames": d.num_frames, "height": d.height, "width": d.width,
+                               "interval": d.frame_interval, "sampling": d.sampling.value,
+                               "seed": cfg.seed, "epoch": epoch},
+        batch_size=d.decode_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=d.decode_actors),
+        num_cpus=d.decode_cpus_per_actor,
+    )
+
+
+def expected_rows(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = None) -> int:
+    """How many videos `split` holds (for the given labels), from the manifest."""
+    manifest = read_manifest(shards_root(cfg))
+    names = manifest["classes"]
+    wanted = None if labels is None else {names[i] for i in labels}
+    return sum(n for c, n in manifest["counts"].get(split, {}).items() if wanted is None or c in wanted)
+
+
+class ClipStream:
+    """Iterate good clips as torch batches, counting (and bounding) the bad ones.
+
+    Args:
+        source: a Ray Dataset or DataIterator of :class:`ClipDecoder` rows.
+        expected: how many rows the full pass holds (the bound is a fraction of it).
+        max_bad_fraction: more bad rows than this fraction of `expected` raises TooManyBadVideos.
+    Yields:
+        {"clip": (B, F, H, W, 3) uint8 tensor, "label": (B,) int64 tensor, "video_id": list[str]}
+    """
+
+    def __init__(self, source, expected: int, max_bad_fraction: float, batch_size: int = 32):
+        self.source, self.expected, self.batch_size = source, expected, batch_size
+        self.max_bad = int(max_bad_fraction * expected)
+        self.seen = 0
+        self.bad: list[str] = []
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            ok = batch["ok"].astype(bool)
+            self.seen += len(ok)
+            if not ok.all():
+                self.bad.extend(str(e) for e in batch["error"][~ok])
+                log.warning("skipped %d undecodable video(s): %s", int((~ok).sum()), "; ".join(map(str, batch["error"][~ok]))[:500])
+                if len(self.bad) > self.max_bad:
+                    raise TooManyBadVideos(
+                        f"{len(self.bad)} of {self.expected} videos failed to decode, more than "
+                        f"data.max_bad_fraction allows ({self.max_bad}); e.g. {self.bad[:3]}"
+                    )
+            if ok.any():
+                yield {"clip": torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])),
+                       "label": torch.from_numpy(batch["label"][ok]),
+                       "video_id": [str(v) for v in batch["video_id"][ok]]}

@@ -1,0 +1,127 @@
+"""The shard format: Parquet files of encoded videos plus one manifest.
+
+Layout under the shards root::
+
+    manifest.json                    written last; its presence means the set is complete
+    <split>/part-00000.parquet       rows of SHARD_SCHEMA, classes mixed (seeded order)
+    _parts/<split>-00000.json        per-shard completion record (rows, bytes, skipped files)
+
+Shard paths in the manifest are relative to the shards root, so a shard set can be copied
+between a local disk and a bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from tsgd_ray import storage
+from tsgd_ray.data.catalog import Catalog, VideoRecord
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("split", pa.string()),
+        ("source_uri", pa.string()),
+        ("video", pa.binary()),  # the encoded file (source bytes, or H.264/MP4 when transcoded)
+        ("num_frames", pa.int32()),  # frames the decoder really finds
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("fps", pa.float32()),
+    ]
+)
+
+
+class ManifestError(ValueError):
+    """A shard set is missing, incomplete, or of another schema version."""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The videos one shard will hold; `name` is its path relative to the shards root."""
+
+    name: str
+    split: str
+    records: tuple[VideoRecord, ...]
+    source_bytes: int
+
+    @property
+    def part_name(self) -> str:
+        return "_parts/" + self.name.replace("/", "-").replace(".parquet", ".json")
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "split": self.split, "source_bytes": self.source_bytes,
+                           "records": [asdict(r) for r in self.records]})
+
+    @staticmethod
+    def from_json(text: str) -> "ShardPlan":
+        d = json.loads(text)
+        return ShardPlan(d["name"], d["split"], tuple(VideoRecord(**r) for r in d["records"]), d["source_bytes"])
+
+
+def plan_shards(catalog: Catalog, sizes: dict[str, int], target_bytes: int, seed: int) -> list[ShardPlan]:
+    """Group the catalog's records into shards of about `target_bytes` of source video each.
+
+    Within a split the order is a seeded hash of the video id, so every shard mixes classes and
+    the plan does not depend on listing order. A video larger than the target gets a shard alone.
+    """
+    plans = []
+    for split in sorted({r.split for r in catalog.records}):
+        records = sorted(
+            (r for r in catalog.records if r.split == split),
+            key=lambda r: (zlib.crc32(f"{seed}:{r.video_id}".encode()), r.video_id),
+        )
+        current: list[VideoRecord] = []
+        current_bytes = 0
+        for record in records:
+            size = sizes.get(record.uri, 0)
+            if current and current_bytes + size > target_bytes:
+                plans.append(ShardPlan(f"{split}/part-{len([p for p in plans if p.split == split]):05d}.parquet",
+                                       split, tuple(current), current_bytes))
+                current, current_bytes = [], 0
+            current.append(record)
+            current_bytes += size
+        if current:
+            plans.append(ShardPlan(f"{split}/part-{len([p for p in plans if p.split == split]):05d}.parquet",
+                                   split, tuple(current), current_bytes))
+    return plans
+
+
+def plan_hash(plans: list[ShardPlan], transcode_short_side: int) -> str:
+    """Identifies what a shard set holds: the plan and the transcode setting."""
+    h = hashlib.sha256(f"v{SCHEMA_VERSION}:{transcode_short_side}".encode())
+    for plan in plans:
+        h.update(plan.to_json().encode())
+    return h.hexdigest()
+
+
+def read_manifest(shards_root: str) -> dict:
+    """The manifest of a complete shard set.
+
+    Raises:
+        ManifestError: if there is none (prepare has not finished) or its schema is unknown.
+    """
+    uri = storage.join(shards_root, MANIFEST)
+    try:
+        manifest = storage.read_json(uri)
+    except FileNotFoundError:
+        raise ManifestError(f"no shard manifest at {uri}: run `tsgd-ray prepare` first") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{uri}: shard schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}; prepare again"
+        )
+    return manifest
+
+
+def shard_uris(shards_root: str, manifest: dict, split: str) -> list[str]:
+    """The URIs of the non-empty shards of `split`."""
+    return [storage.join(shards_root, s["path"]) for s in manifest["shards"] if s["split"] == split and s["rows"] > 0]

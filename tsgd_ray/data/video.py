@@ -1,0 +1,227 @@
+"""Video bytes in and out: probe, decode clips (decord), encode and transcode (PyAV).
+
+Frames are uint8 arrays of shape (T, H, W, 3), RGB. Decoding samples frame indices from the
+number of frames the reader really finds (real files have irregular timestamps and headers that
+promise more frames than are coded), and resizes in torch (decord's own resize returns
+4-channel frames for some widths).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tsgd_ray.config import TemporalSampling
+
+
+class VideoDecodeError(RuntimeError):
+    """A video could not be opened or decoded; the message holds the decoder's reason."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+
+
+class _Video:
+    """An opened video: `num_frames`, `fps` and `frames(indices)`.
+
+    decord decodes; for the frame widths where decord's copy fails (16, 24, 32, 48, 96, 144
+    pixels among others: "DECORDArrayCopyFromTo: The size must exactly match") the frames are
+    decoded with PyAV instead.
+    """
+
+    def __init__(self, data: bytes):
+        import decord
+
+        self._data = data
+        try:
+            self._reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+            self.num_frames = len(self._reader)
+            self.fps = float(self._reader.get_avg_fps())
+        except Exception as exc:  # noqa: BLE001 - decord raises RuntimeError and DECORDError (not one)
+            raise VideoDecodeError(_reason("cannot open", exc)) from None
+        if self.num_frames < 1:
+            raise VideoDecodeError("no frames")
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        """Frames at `indices` (each < num_frames) as (len(indices), H, W, 3) uint8."""
+        try:
+            frames = self._reader.get_batch(indices).asnumpy()
+        except Exception as exc:  # noqa: BLE001
+            if "DECORDArrayCopyFromTo" not in str(exc):
+                raise VideoDecodeError(_reason("cannot decode frames", exc)) from None
+            frames = self._pyav_frames(indices)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoDecodeError(f"decoder returned frames of shape {frames.shape}, expected (T, H, W, 3)")
+        return frames
+
+    def _pyav_frames(self, indices: list[int]) -> np.ndarray:
+        import av
+
+        wanted, found = set(indices), {}
+        try:
+            with av.open(io.BytesIO(self._data)) as container:
+                for i, frame in enumerate(container.decode(video=0)):
+                    if i in wanted:
+                        found[i] = frame.to_ndarray(format="rgb24")
+                    if i >= max(wanted):
+                        break
+        except Exception as exc:  # noqa: BLE001
+            raise VideoDecodeError(_reason("cannot decode frames", exc)) from None
+        if not found:
+            raise VideoDecodeError("no decodable frames")
+        last = found[max(found)]  # decord counted frames PyAV does not reach: repeat the last
+        return np.stack([found.get(i, last) for i in indices])
+
+
+def _reason(what: str, exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{what}: {type(exc).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def probe(data: bytes) -> VideoInfo:
+    """Open the video and decode its first, middle and last frames.
+
+    Raises:
+        VideoDecodeError: if it cannot be opened, has no frames, or those frames fail to decode.
+    """
+    video = _Video(data)
+    n = video.num_frames
+    frames = video.frames(sorted({0, n // 2, n - 1}))
+    return VideoInfo(num_frames=n, height=int(frames.shape[1]), width=int(frames.shape[2]), fps=video.fps)
+
+
+def clip_indices(
+    num_available: int,
+    num_frames: int,
+    interval: int,
+    sampling: TemporalSampling,
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """Frame indices of one clip of `num_frames` from a video with `num_available` frames.
+
+    ``center``/``random`` take every `interval`-th frame (the interval shrinks when the video is
+    too short, and the last frame repeats when it has fewer than `num_frames`); ``uniform``
+    spreads the frames evenly over the whole video. ``random`` needs `rng`.
+    """
+    if num_available < 1:
+        raise ValueError("a video needs at least one frame")
+    if sampling == TemporalSampling.uniform:
+        positions = np.linspace(0, num_available - 1, num_frames)
+        return [int(round(p)) for p in positions]
+    step = max(1, min(interval, (num_available - 1) // max(1, num_frames - 1)))
+    span = (num_frames - 1) * step + 1
+    slack = max(0, num_available - span)
+    if sampling == TemporalSampling.random:
+        if rng is None:
+            raise ValueError("random sampling needs an rng")
+        start = int(rng.integers(0, slack + 1))
+    else:
+        start = slack // 2
+    return [min(start + i * step, num_available - 1) for i in range(num_frames)]
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (T, H, W, 3) uint8 frames to cover (height, width) and centre-crop; uint8 out."""
+    t, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def decode_clip(
+    data: bytes,
+    num_frames: int,
+    height: int,
+    width: int,
+    interval: int = 1,
+    sampling: TemporalSampling = TemporalSampling.center,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Decode one clip: (num_frames, height, width, 3) uint8.
+
+    Raises:
+        VideoDecodeError: if the video cannot be opened or its frames decoded.
+    """
+    video = _Video(data)
+    indices = clip_indices(video.num_frames, num_frames, interval, sampling, rng)
+    unique = sorted(set(indices))
+    frames = video.frames(unique)
+    frames = frames[[unique.index(i) for i in indices]]
+    return resize_frames(frames, height, width)
+
+
+def clip_rng(seed: int, video_id: str, epoch: int = 0) -> np.random.Generator:
+    """The random stream of one video's temporal offset: a pure function of (seed, id, epoch)."""
+    return np.random.default_rng([seed, zlib.crc32(video_id.encode()), epoch])
+
+
+def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes:
+    """Encode RGB uint8 frames, each (H, W, 3) with H and W even, as H.264 in an MP4 container.
+
+    `frames` may be a (T, H, W, 3) array or any iterable of frames (streamed, bounded memory).
+    """
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                h, w = frame.shape[:2]
+                if h % 2 or w % 2:
+                    raise ValueError(f"H.264 with yuv420p needs even sizes, got {h}x{w}")
+                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+                stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+                stream.options = {"crf": str(crf), "preset": "medium"}
+            av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(av_frame):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError("no frames to encode")
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def transcode(data: bytes, short_side: int, crf: int = 20) -> bytes:
+    """Re-encode a video as H.264/MP4 with its short side scaled to `short_side` (never up).
+
+    Every decodable frame is kept at the source's average frame rate.
+
+    Raises:
+        VideoDecodeError: if the source cannot be decoded.
+    """
+    video = _Video(data)
+    n, fps = video.num_frames, video.fps or 25.0
+    first = video.frames([0])
+    h, w = first.shape[1:3]
+    scale = min(1.0, short_side / min(h, w))
+    out_h, out_w = 2 * max(1, round(h * scale / 2)), 2 * max(1, round(w * scale / 2))
+
+    def resized_frames():  # decoded and resized 32 at a time: bounded memory for long videos
+        for start in range(0, n, 32):
+            frames = video.frames(list(range(start, min(n, start + 32))))
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=scale < 1)
+            yield from x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    return encode_mp4(resized_frames(), fps, crf=crf)

@@ -1,0 +1,1 @@
+"""The Ray layer: one module per pipeline stage, each a thin wrapper around core functions."""

@@ -1,0 +1,38 @@
+"""Connecting to Ray: a local instance started by the program, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Start or join Ray as the config says; a no-op when Ray is already initialised.
+
+    ``ray.address`` empty starts a local instance with ``ray.num_cpus``, ``ray.object_store_mb``,
+    ``ray.include_dashboard`` and ``ray.temp_dir``; ``auto`` or ``ray://...`` joins a cluster
+    (inside ``ray job submit`` the job's cluster is joined automatically).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    r = cfg.ray
+    kwargs: dict = {"log_to_driver": True}
+    if r.address or os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = r.address or None
+    else:
+        kwargs["include_dashboard"] = r.include_dashboard
+        if r.num_cpus:
+            kwargs["num_cpus"] = r.num_cpus
+        if r.object_store_mb:
+            kwargs["object_store_memory"] = r.object_store_mb * 2**20
+        if r.temp_dir:
+            os.makedirs(r.temp_dir, exist_ok=True)
+            kwargs["_temp_dir"] = os.path.abspath(r.temp_dir)
+    ray.init(**kwargs)
+    log.info("Ray resources: %s", ray.cluster_resources())

@@ -1,0 +1,220 @@
+"""Object storage: URI -> filesystem, write-once atomic puts, listings.
+
+The only module that knows about fsspec, s3fs and pyarrow filesystems. A URI is a local path,
+``file://...``, ``s3://bucket/key`` or anything else fsspec knows. Credentials and endpoints come
+from the standard AWS environment and config files (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...);
+nothing here reads, prints or logs them.
+
+Writes are write-once: an object appears whole or not at all (local files are written to a
+temporary name and linked into place; an S3 PUT is atomic), and an object that exists is never
+overwritten, so a crash never leaves a half object that a later stage trusts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from typing import Any, Callable, Iterable, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRIES = 4
+RETRY_BASE_SECONDS = 0.5
+
+
+class StorageError(OSError):
+    """A storage operation failed after retries; the message names the URI."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)):
+        return False
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError))
+
+
+def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry `fn(uri, ...)` on transient I/O errors with exponential backoff."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args: Any, **kwargs: Any) -> T:
+        for attempt in range(RETRIES):
+            try:
+                return fn(uri, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not _transient(exc) or attempt == RETRIES - 1:
+                    if _transient(exc):
+                        raise StorageError(f"{fn.__name__}({uri}) failed after {RETRIES} tries: {exc}") from exc
+                    raise
+                delay = RETRY_BASE_SECONDS * 2**attempt
+                log.warning("%s(%s) failed (%s); retrying in %.1fs", fn.__name__, uri, type(exc).__name__, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it."""
+    return fsspec.core.url_to_fs(uri)
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def arrow_filesystem(uri: str):
+    """A pyarrow filesystem and path for `uri` (for pyarrow and Ray Data readers)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (no normalisation of '..')."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}" if part else out
+    return out
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute; remote URIs unchanged (so Ray workers see the same place)."""
+    fs, path = filesystem(uri)
+    return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else uri
+
+
+class OutputRoot:
+    """The one place the pipeline writes to; refuses paths that would leave it.
+
+    >>> OutputRoot("s3://bucket/run").uri("shards", "train-00000.parquet")
+    's3://bucket/run/shards/train-00000.parquet'
+    """
+
+    def __init__(self, root: str):
+        self.root = absolute(root).rstrip("/")
+
+    def uri(self, *parts: str) -> str:
+        """The URI of `parts` under the root.
+
+        Raises:
+            ValueError: if a part is absolute or climbs out with '..'.
+        """
+        rel = posixpath.normpath("/".join(p.strip() for p in parts if p))
+        if rel.startswith("/") or rel == ".." or rel.startswith("../") or "://" in rel:
+            raise ValueError(f"refusing to write outside the output root {self.root}: {'/'.join(parts)}")
+        return self.root if rel == "." else f"{self.root}/{rel}"
+
+    def __repr__(self) -> str:
+        return f"OutputRoot({self.root!r})"
+
+
+@with_retries
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+@with_retries
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+@with_retries
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
+@with_retries
+def write_once(uri: str, data: bytes) -> bool:
+    """Write `data` to `uri` atomically unless an object is already there.
+
+    Returns True when written, False when the object already existed (it is left untouched).
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails if `path` exists
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)  # one PUT (or a multipart upload): visible whole or not at all
+    return True
+
+
+def write_json_once(uri: str, obj: Any) -> bool:
+    return write_once(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+@with_retries
+def remove(uri: str) -> None:
+    """Remove one object if present (used only for stale temporary outputs)."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+@with_retries
+def list_files(uri: str, extensions: Iterable[str] | None = None) -> list[str]:
+    """Every file under `uri` (recursive), sorted, as URIs; optionally only these extensions.
+
+    A missing folder gives an empty list.
+    """
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    exts = None if extensions is None else {"." + e.lower().lstrip(".") for e in extensions}
+    found = fs.find(path)
+    out = [
+        _to_uri(fs, p)
+        for p in found
+        if (exts is None or os.path.splitext(p)[1].lower() in exts) and ".tmp-" not in p
+    ]
+    return sorted(out)
+
+
+@with_retries
+def file_sizes(uri: str) -> dict[str, int]:
+    """Size in bytes of every file under `uri` (recursive), keyed by URI; one listing call."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return {}
+    return {_to_uri(fs, p): int(info["size"]) for p, info in fs.find(path, detail=True).items()}
+
+
+def open_input(uri: str):
+    """A binary file object for reading `uri` (caller closes it)."""
+    fs, path = filesystem(uri)
+    return fs.open(path, "rb")
