@@ -116,8 +116,9 @@ class OutputRoot:
         Raises:
             ValueError: if a part is absolute or climbs out with '..'.
         """
-        rel = posixpath.normpath("/".join(p.strip() for p in parts if p))
-        if rel.startswith("/") or rel == ".." or rel.startswith("../") or "://" in rel:
+        joined = "/".join(p.strip() for p in parts if p)
+        rel = posixpath.normpath(joined)
+        if rel.startswith("/") or rel == ".." or rel.startswith("../") or "://" in joined:
             raise ValueError(f"refusing to write outside the output root {self.root}: {'/'.join(parts)}")
         return self.root if rel == "." else f"{self.root}/{rel}"
 

@@ -1,0 +1,91 @@
+"""Configuration: schema, YAML merge, overrides, and one clear error per user mistake."""
+
+import pytest
+
+from tsgd_ray.cli import main
+from tsgd_ray.config import ConfigError, config_hash, load_config, to_dict
+from conftest import REPO
+
+SHIPPED = ["default", "ucf101", "hmdb51", "kinetics400", "ssv2"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(name)
+    assert cfg.data.num_frames >= 2
+    expected = {"default": (8, 32), "ucf101": (16, 112), "hmdb51": (16, 112), "kinetics400": (8, 64), "ssv2": (8, 64)}
+    assert (cfg.data.num_frames, cfg.data.height) == expected[name]
+
+
+def test_overrides_merge_over_yaml(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config("default", ["data.num_frames=4", "distill.ipc=10", "tsgf.enabled=false"])
+    assert (cfg.data.num_frames, cfg.distill.ipc, cfg.tsgf.enabled) == (4, 10, False)
+    assert cfg.data.height == 32  # from the YAML, untouched
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("data.num_frame=3", "data.num_frame", "Did you mean: 'num_frames'"),
+        ("datta.root=x", "datta", "Did you mean: 'data'"),
+        ("data.num_frames=abc", "data.num_frames", "could not be converted"),
+        ("data.num_frames=1", "data.num_frames", ">= 2"),
+        ("distill.ipc=0", "distill.ipc", "[1, 50]"),
+        ("data.sampling=sideways", "data.sampling", "center, random, uniform"),
+        ("data.max_bad_fraction=1.5", "data.max_bad_fraction", "[0, 1]"),
+        ("tsgf.spatial_kernel=2", "tsgf.spatial_kernel", "odd"),
+        ("tsgf.alpha=[1,2]", "tsgf.alpha", "2*tsgf.window+1"),
+        ("data.dataset=ucf101", "data.root", "required"),
+        ("storage.output_root=", "storage.output_root", "None"),
+        ("device=tpu", "device", "cuda"),
+    ],
+)
+def test_each_user_error_names_the_full_key(override, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert message.startswith(f"{key}:"), message
+    assert words in message
+
+
+def test_malformed_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["data.num_frames"])
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  num_frams: 8\n")
+    with pytest.raises(ConfigError, match=r"^data.num_frams: .*Did you mean: 'num_frames'"):
+        load_config(path)
+
+
+def test_config_is_read_only_and_hash_is_stable():
+    a, b = load_config(None, ["seed=3"]), load_config(None, ["seed=3"])
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load_config(None, ["seed=4"]))
+    assert config_hash(a, ["data"]) == config_hash(load_config(None, ["seed=4"]), ["data"])
+    with pytest.raises(Exception):
+        a.seed = 5
+    assert to_dict(a)["data"]["dataset"] == "builtin"  # enums flatten to strings
+
+
+def test_cli_config_prints_resolved_config(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["config", "ucf101", "distill.ipc=7"]) == 0
+    out = capsys.readouterr().out
+    assert "ipc: 7" in out and "dataset: ucf101" in out and "num_frames: 16" in out
+
+
+def test_cli_reports_config_errors_in_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["prepare", "default", "data.num_frames=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tsgd-ray prepare: error: data.num_frames: must be >= 2, got 0"

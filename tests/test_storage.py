@@ -1,0 +1,93 @@
+"""Storage on the local disk and on a real S3 server on loopback (moto)."""
+
+import os
+import threading
+
+import pytest
+
+from tsgd_ray import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_root")
+
+
+def test_write_once_never_overwrites(root):
+    uri = storage.join(root, "a", "b.bin")
+    assert not storage.exists(uri)
+    assert storage.write_once(uri, b"first") is True
+    assert storage.write_once(uri, b"second") is False
+    assert storage.read_bytes(uri) == b"first"
+    assert storage.size(uri) == 5
+
+
+def test_json_roundtrip_and_listing(root):
+    storage.write_json_once(storage.join(root, "x", "m.json"), {"k": [1, 2]})
+    storage.write_once(storage.join(root, "x", "v.mp4"), b"\x00" * 10)
+    storage.write_once(storage.join(root, "y", "w.AVI"), b"\x00" * 3)
+    assert storage.read_json(storage.join(root, "x", "m.json")) == {"k": [1, 2]}
+    videos = storage.list_files(root, ["mp4", "avi"])
+    assert [v.rsplit("/", 2)[-2:] for v in videos] == [["x", "v.mp4"], ["y", "w.AVI"]]
+    assert all(v.startswith(storage.absolute(root)) for v in videos)
+    sizes = storage.file_sizes(root)
+    assert sorted(sizes.values()) == [3, 10, sorted(sizes.values())[2]] and len(sizes) == 3
+    assert storage.list_files(storage.join(root, "nothing-here")) == []
+
+
+def test_missing_object_raises_file_not_found(root):
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root, "missing.bin"))
+
+
+def test_concurrent_writers_leave_exactly_one_whole_object(tmp_path):
+    uri = str(tmp_path / "race.bin")
+    payloads = [bytes([i]) * 100_000 for i in range(8)]
+    results = []
+    threads = [threading.Thread(target=lambda p=p: results.append(storage.write_once(uri, p))) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1
+    assert storage.read_bytes(uri) in payloads
+    assert os.listdir(tmp_path) == ["race.bin"]  # no temporary file left behind
+
+
+def test_output_root_refuses_to_leave_the_root(tmp_path):
+    out = storage.OutputRoot(str(tmp_path / "run"))
+    assert out.uri("shards", "train", "part-00000.parquet") == f"{tmp_path}/run/shards/train/part-00000.parquet"
+    for bad in (["..", "etc"], ["/etc/passwd"], ["a/../../b"], ["s3://other/x"]):
+        with pytest.raises(ValueError, match="outside the output root"):
+            out.uri(*bad)
+    assert storage.OutputRoot("s3://bucket/run/").uri("a") == "s3://bucket/run/a"
+
+
+def test_transient_errors_are_retried_then_reported(monkeypatch):
+    calls = []
+
+    @storage.with_retries
+    def flaky(uri):
+        calls.append(uri)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return "ok"
+
+    monkeypatch.setattr(storage, "RETRY_BASE_SECONDS", 0.001)
+    assert flaky("s3://b/k") == "ok" and len(calls) == 3
+
+    @storage.with_retries
+    def dead(uri):
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(storage.StorageError, match=r"dead\(s3://b/k\) failed after 4 tries"):
+        dead("s3://b/k")
+
+
+def test_credentials_never_reach_error_messages(s3_root):
+    # A missing bucket gives an error that names the URI but not the secret key.
+    with pytest.raises(Exception) as info:
+        storage.read_bytes("s3://no-such-bucket-xyz/k")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
