@@ -78,7 +78,8 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
         table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
         mean_row = max(1, table.nbytes // len(rows))
         buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=max(1, ROW_GROUP_BYTES // mean_row), compression="none")
+        pq.write_table(table, buf, row_group_size=max(1, ROW_GROUP_BYTES // mean_row), compression="none",
+                       use_dictionary=["video_id", "class_name", "split", "source_uri"])  # never the videos
         shard_bytes = buf.tell()
         storage.write_once(storage.join(root, plan.name), buf.getvalue())
     counts: dict[str, int] = defaultdict(int)
