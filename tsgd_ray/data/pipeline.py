@@ -85,6 +85,9 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     if labels is not None:
         ds = ds.filter(expr=col("label").is_in([int(x) for x in labels]))  # Ray pushes this into the Parquet read
     d = cfg.data
+    # Ray's Parquet reader packs small shards into one block, and one block feeds one decoder
+    # actor: split the stream into decode-batch-sized blocks (streaming, no shuffle).
+    ds = ds.repartition(target_num_rows_per_block=d.decode_batch_size)
     return ds.map_batches(
         ClipDecoder,
         fn_constructor_kwargs={"num_frames": d.num_frames, "height": d.height, "width": d.width,

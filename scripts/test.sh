@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, fill the real-footage cache (tests that need it skip if that fails), run the test suite.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh || exit 1
+.venv/bin/python scripts/fetch_footage.py || echo "footage cache incomplete: the footage tests will skip"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
