@@ -286,15 +286,15 @@ def manifest_csv(data_cfg: DictConfig) -> Catalog:
     for r in rows:
         split = normalise_split(r.get("split") or "train")
         path = r["path"].strip()
-        uri = path if ("://" in path or path.startswith("/")) else storage.join(builder.index.root, path)
+        absolute = "://" in path or path.startswith("/")
+        uri = path if absolute else storage.join(builder.index.root, path)
         if split is None:
             builder.problems.append({"uri": uri, "reason": f"unknown split {r.get('split')!r}"})
             continue
-        found = uri if (uri in present or ("://" in path or path.startswith("/")) and storage.exists(uri)) else None
-        if found is None:
+        if not (storage.exists(uri) if absolute else uri in present):
             builder.problems.append({"uri": uri, "reason": "missing file"})
             continue
-        builder.add(path, (r["label"] or "").strip(), split, uri=found)
+        builder.add(path, (r["label"] or "").strip(), split, uri=uri)
     return builder.build(data_cfg)
 
 

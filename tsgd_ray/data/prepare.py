@@ -9,6 +9,7 @@ finished shards (their completion records exist); the manifest is written last.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import defaultdict
 
@@ -92,8 +93,6 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
 
 
 def _write_shard_row(row: dict, root: str, transcode_short_side: int, digest: str) -> dict:
-    import json
-
     summary = write_shard(ShardPlan.from_json(row["plan"]), root, transcode_short_side, digest)
     return {"summary": json.dumps(summary)}
 
@@ -129,8 +128,6 @@ def run_prepare(cfg: DictConfig) -> dict:
     Raises:
         CatalogError, ManifestError: with a message naming the file or URI at fault.
     """
-    import json
-
     import ray
 
     root = shards_root(cfg)

@@ -74,25 +74,23 @@ def plan_shards(catalog: Catalog, sizes: dict[str, int], target_bytes: int, seed
     Within a split the order is a seeded hash of the video id, so every shard mixes classes and
     the plan does not depend on listing order. A video larger than the target gets a shard alone.
     """
-    plans = []
+    plans: list[ShardPlan] = []
     for split in sorted({r.split for r in catalog.records}):
         records = sorted(
             (r for r in catalog.records if r.split == split),
             key=lambda r: (zlib.crc32(f"{seed}:{r.video_id}".encode()), r.video_id),
         )
-        current: list[VideoRecord] = []
-        current_bytes = 0
+        groups: list[list[VideoRecord]] = [[]]
+        group_bytes = [0]
         for record in records:
             size = sizes.get(record.uri, 0)
-            if current and current_bytes + size > target_bytes:
-                plans.append(ShardPlan(f"{split}/part-{len([p for p in plans if p.split == split]):05d}.parquet",
-                                       split, tuple(current), current_bytes))
-                current, current_bytes = [], 0
-            current.append(record)
-            current_bytes += size
-        if current:
-            plans.append(ShardPlan(f"{split}/part-{len([p for p in plans if p.split == split]):05d}.parquet",
-                                   split, tuple(current), current_bytes))
+            if groups[-1] and group_bytes[-1] + size > target_bytes:
+                groups.append([])
+                group_bytes.append(0)
+            groups[-1].append(record)
+            group_bytes[-1] += size
+        plans += [ShardPlan(f"{split}/part-{i:05d}.parquet", split, tuple(g), b)
+                  for i, (g, b) in enumerate(zip(groups, group_bytes)) if g]
     return plans
 
 
