@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--transcode", type=int, default=128, help="short side of the prepared videos (0: keep)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--batch", type=int, default=8, help="data.decode_batch_size (videos per decoder call)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench-ingest")
     args = parser.parse_args()
 
@@ -123,7 +124,7 @@ def main() -> int:
         root, source = _source_tree(args.workdir, args.copies)
         common = [f"data.num_frames={args.frames}", f"data.height={args.size}", f"data.width={args.size}",
                   "data.sampling=uniform", f"data.decode_actors={args.cpus}", "data.decode_cpus_per_actor=0.5",
-                  "data.decode_batch_size=8", "data.shard_target_mb=16", f"data.transcode_short_side={args.transcode}",
+                  f"data.decode_batch_size={args.batch}", "data.shard_target_mb=16", f"data.transcode_short_side={args.transcode}",
                   f"storage.output_root={args.workdir / 'out'}"]
         if source == "footage":
             common += ["data.dataset=folder", f"data.root={root}"]

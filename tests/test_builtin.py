@@ -1,5 +1,7 @@
 """The built-in motion-digits dataset: deterministic, reversed pairs, only motion tells classes apart."""
 
+import os
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,9 +26,9 @@ def test_generation_is_deterministic_and_idempotent(tmp_path):
     second = decode_clip(storage.read_bytes(f"{builtin_root(again)}/train/zoom_in/zoom_in_00001.mp4"), 16, 64, 64, sampling=TemporalSampling.uniform)
     assert np.array_equal(first, second)
     assert len(other_files) == len(files)
-    mtimes = {f: __import__("os").path.getmtime(f) for f in files}
+    mtimes = {f: os.path.getmtime(f) for f in files}
     ensure_builtin_dataset(cfg)  # complete: nothing is rewritten
-    assert mtimes == {f: __import__("os").path.getmtime(f) for f in files}
+    assert mtimes == {f: os.path.getmtime(f) for f in files}
     catalog = build_catalog(cfg)
     assert catalog.classes == sorted(CLASSES)
     assert catalog.counts()["test"] == {c: 2 for c in CLASSES}

@@ -4,6 +4,7 @@ The files come from scripts/fetch_footage.py into a cache outside the repo; each
 reason when its file is not there (CI fills the cache first).
 """
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -14,8 +15,6 @@ from tsgd_ray.data.pipeline import ClipDecoder, ClipStream, clip_dataset, expect
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.video import decode_clip, probe
 from conftest import REPO, tiny_config
-
-import importlib.util
 
 _spec = importlib.util.spec_from_file_location("fetch_footage", REPO / "scripts" / "fetch_footage.py")
 fetch_footage = importlib.util.module_from_spec(_spec)

@@ -9,7 +9,7 @@ import pytest
 
 from tsgd_ray import storage
 from tsgd_ray.data.pipeline import ClipStream, TooManyBadVideos, clip_dataset, expected_rows
-from tsgd_ray.data.prepare import run_prepare, shards_root
+from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.shards import SCHEMA_VERSION, SHARD_SCHEMA
 from conftest import tiny_config, write_video
 
