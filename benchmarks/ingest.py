@@ -82,7 +82,10 @@ def _source_tree(workdir: Path, copies: int) -> tuple[Path, str]:
             for j, name in enumerate(names):
                 dest = root / "train" / f"class{j}" / f"{i:04d}_{name}"
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                os.link(cache / name, dest) if os.stat(cache).st_dev == os.stat(dest.parent).st_dev else shutil.copy(cache / name, dest)
+                try:
+                    os.link(cache / name, dest)  # no extra disk for the copies
+                except OSError:
+                    shutil.copy(cache / name, dest)
     return root, "footage"
 
 

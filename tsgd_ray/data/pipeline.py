@@ -83,7 +83,7 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     paths = [storage.filesystem(p)[1] for p in paths]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["video_id", "label", "video"])
     if labels is not None:
-        ds = ds.filter(expr=col("label").is_in([int(x) for x in labels]))  # Ray pushes this into the Parquet read
+        ds = ds.filter(expr=col("label").is_in([int(x) for x in labels]))
     d = cfg.data
     # Ray's Parquet reader packs small shards into one block, and one block feeds one decoder
     # actor: split the stream into decode-batch-sized blocks (streaming, no shuffle).
