@@ -72,6 +72,11 @@ class LabelKind(str, enum.Enum):
     hard = "hard"
 
 
+class TSGFAMode(str, enum.Enum):
+    crop = "crop"  # a random resized crop centred on a salient point
+    cutmix = "cutmix"  # a box of another clip, centred on that clip's salient point, pasted in
+
+
 class Method(str, enum.Enum):
     tsgd = "tsgd"
     sre2l_video = "sre2l_video"
@@ -123,6 +128,22 @@ class DataConfig:
     decode_cpus_per_actor: float = 0.5
     decode_batch_size: int = 8
     max_bad_fraction: float = 0.01
+    # Per-channel normalisation of RGB in [0, 1] into the model's input space (Kinetics values).
+    mean: list[float] = field(default_factory=lambda: [0.43216, 0.394666, 0.37645])
+    std: list[float] = field(default_factory=lambda: [0.22803, 0.22145, 0.216989])
+
+
+@dataclass
+class AugmentConfig:
+    """The clip-consistent augmentation shared by teacher, recovery and student training.
+
+    One box, flip and roll per clip, identical across its frames.
+    """
+
+    hflip: bool = True  # turn off where left/right is the label (SSv2, the built-in dataset)
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # area fraction range
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # aspect ratio range
+    roll: float = 0.1  # horizontal roll jitter, at most this fraction of the width
 
 
 @dataclass
@@ -150,6 +171,8 @@ class TSGFConfig:
     granularity: Granularity = Granularity.pixel
     w_min: float = 0.1
     every: int = 1
+    # TSGFA: crop centres are drawn from h / sum(h) + crop_delta / (H*W), h = time-mean saliency.
+    crop_delta: float = 0.05
 
 
 @dataclass
@@ -162,7 +185,8 @@ class DistillConfig:
     first_bn_weight: float = 10.0
     bn_target: BNTarget = BNTarget.class_mixture
     init: InitKind = InitKind.real
-    chunk_size: int = 50
+    chunk_size: int = 50  # most synthetic videos in one forward pass (whole classes are packed)
+    log_every: int = 10  # recovery metrics are read back from the device every this many steps
     partitions: int = 0  # 0 = 4 per actor
     actors: int = 1
     gpus_per_actor: float = 0.0
@@ -176,9 +200,14 @@ class EvaluateConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
+    model: str = ""  # the student architecture; empty: the teacher's
+    width: int = 0  # mini_c3d student width; 0: the teacher's
+    depth: int = 0  # mini_c3d student depth; 0: the teacher's
     labels: LabelKind = LabelKind.soft_kl
     temperature: float = 4.0
+    mse_ce_weight: float = 0.1  # labels=soft_mse: MSE to the teacher logits + this * CE
     tsgfa: bool = True
+    tsgfa_mode: TSGFAMode = TSGFAMode.crop
     num_workers: int = 1
 
 
@@ -210,7 +239,9 @@ class TrackingConfig:
 class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     tsgf: TSGFConfig = field(default_factory=TSGFConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -246,6 +277,11 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.decode_cpus_per_actor", _positive, "> 0"),
     ("data.decode_batch_size", lambda v: v >= 1, ">= 1"),
     ("data.max_bad_fraction", _fraction, "in [0, 1]"),
+    ("data.mean", lambda v: len(v) == 3, "3 values (R, G, B)"),
+    ("data.std", lambda v: len(v) == 3 and min(v) > 0, "3 positive values (R, G, B)"),
+    ("augment.crop_scale", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1"),
+    ("augment.crop_ratio", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max"),
+    ("augment.roll", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.builtin.train_per_class", lambda v: v >= 1, ">= 1"),
     ("data.builtin.test_per_class", lambda v: v >= 1, ">= 1"),
     ("data.builtin.frames", lambda v: v >= 4, ">= 4"),
@@ -263,12 +299,14 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("tsgf.eps", _positive, "> 0"),
     ("tsgf.w_min", _fraction, "in [0, 1]"),
     ("tsgf.every", lambda v: v >= 1, ">= 1"),
+    ("tsgf.crop_delta", _non_negative, ">= 0"),
     ("distill.ipc", lambda v: 1 <= v <= 50, "in [1, 50]"),
     ("distill.iterations", _non_negative, ">= 0"),
     ("distill.lr", _positive, "> 0"),
     ("distill.lambda_bn", _non_negative, ">= 0"),
     ("distill.first_bn_weight", _non_negative, ">= 0"),
     ("distill.chunk_size", lambda v: v >= 1, ">= 1"),
+    ("distill.log_every", lambda v: v >= 1, ">= 1"),
     ("distill.partitions", _non_negative, ">= 0"),
     ("distill.actors", lambda v: v >= 1, ">= 1"),
     ("distill.gpus_per_actor", _non_negative, ">= 0"),
@@ -276,9 +314,12 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("evaluate.seeds", lambda v: len(v) >= 1, "a non-empty list"),
     ("evaluate.epochs", _non_negative, ">= 0"),
     ("evaluate.batch_size", lambda v: v >= 1, ">= 1"),
+    ("evaluate.width", _non_negative, ">= 0"),
+    ("evaluate.depth", _non_negative, ">= 0"),
     ("evaluate.lr", _positive, "> 0"),
     ("evaluate.weight_decay", _non_negative, ">= 0"),
     ("evaluate.temperature", _positive, "> 0"),
+    ("evaluate.mse_ce_weight", _non_negative, ">= 0"),
     ("evaluate.num_workers", lambda v: v >= 1, ">= 1"),
     ("ray.num_cpus", _non_negative, ">= 0"),
     ("ray.object_store_mb", lambda v: v == 0 or v >= 75, "0 (Ray's default) or >= 75"),
@@ -312,6 +353,9 @@ def validate(cfg: DictConfig) -> None:
             f"tsgf.alpha: must hold 2*tsgf.window+1 = {2 * cfg.tsgf.window + 1} non-negative "
             f"weights with a positive sum (or be empty for uniform), got {alpha}"
         )
+    if cfg.evaluate.tsgfa and cfg.evaluate.tsgfa_mode == TSGFAMode.cutmix and cfg.evaluate.labels == LabelKind.hard:
+        raise ConfigError("evaluate.tsgfa_mode: cutmix mixes two clips and needs teacher labels; "
+                          "use evaluate.labels=soft_kl or soft_mse, or tsgfa_mode=crop")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     extensions = [e.lower().lstrip(".") for e in cfg.data.extensions]

@@ -1,0 +1,97 @@
+"""BN taps and per-class statistics: exact against direct computation, bit-identical in any merge order."""
+
+import torch
+import torch.nn as nn
+
+from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, accumulate_statistics, group_moments
+from tsgd_ray.core.models import build_model
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("mini_c3d", 4, (4, 16, 16), width=4, depth=2).eval()
+
+
+def batches(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(5, 3, 4, 16, 16, generator=g) * 2 + 1, torch.randint(0, 4, (5,), generator=g)) for _ in range(n)]
+
+
+def test_taps_record_each_samples_moments_of_the_bn_input():
+    model = small_model()
+    x = torch.randn(3, 3, 4, 16, 16)
+    with torch.no_grad(), BatchNormTaps(model) as taps:
+        model(x)
+        first_input = model.features[0](x)  # the first BN layer's input
+    assert len(taps.means) == 2 and taps.means[1].shape == (3, 8)
+    torch.testing.assert_close(taps.means[0], first_input.mean(dim=(2, 3, 4)))
+    torch.testing.assert_close(taps.squares[0], first_input.square().mean(dim=(2, 3, 4)))
+    assert not model.features[1]._forward_hooks  # removed on exit
+
+
+def test_group_moments_equal_moments_of_the_pooled_group():
+    inputs = torch.randn(6, 5, 2, 3, 3)
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    mean, var = group_moments(inputs.mean(dim=(2, 3, 4)), inputs.square().mean(dim=(2, 3, 4)), groups, 3)
+    for g in range(3):
+        pooled = inputs[groups == g].transpose(0, 1).flatten(1)  # (C, samples * positions)
+        torch.testing.assert_close(mean[g], pooled.mean(1))
+        torch.testing.assert_close(var[g], pooled.var(1, unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+def test_shards_merged_in_any_order_equal_one_pass_bit_for_bit():
+    model = small_model()
+    data = batches()
+    one_pass = accumulate_statistics(model, data, 4)
+    shards = [accumulate_statistics(model, data[i : i + 2], 4) for i in range(0, 6, 2)]
+    forward = shards[0].merge(shards[1]).merge(shards[2])
+    backward = shards[2].merge(shards[0].merge(shards[1]))
+    assert one_pass == forward == backward
+    assert int(one_pass.counts.sum()) == 30
+    restored = ClassStatistics.from_state_dict({k: v.clone() for k, v in one_pass.state_dict().items()})
+    assert restored == one_pass
+
+
+def test_class_moments_match_a_direct_float64_computation():
+    model = small_model()
+    data = batches()
+    stats = accumulate_statistics(model, data, 4)
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        first = model.features[0](x).double()  # (N, C, F, H, W)
+    mean, var = stats.moments()[0]
+    for c in range(4):
+        pooled = first[y == c].transpose(0, 1).flatten(1)
+        torch.testing.assert_close(mean[c], pooled.mean(1), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var[c], pooled.var(1, unbiased=False), rtol=1e-5, atol=1e-5)
+    # a mixture weighted by the class counts is the moments of all the data together
+    mu, v = stats.mixture(stats.counts)[0]
+    pooled = first.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(mu, pooled.mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v, pooled.var(1, unbiased=False), rtol=1e-5, atol=1e-5)
+    one_class = stats.mixture(torch.tensor([0, 0, 1, 0]))[0]
+    torch.testing.assert_close(one_class[0], mean[2])
+    torch.testing.assert_close(one_class[1], var[2])
+
+
+def test_unseen_classes_and_mismatched_merges_are_reported():
+    stats = ClassStatistics.for_model(small_model(), 6)
+    model = small_model()
+    with torch.no_grad(), BatchNormTaps(model) as taps:
+        model(torch.randn(2, 3, 4, 16, 16))
+        stats.add(taps, torch.tensor([1, 3]))
+    assert stats.missing_classes() == [0, 2, 4, 5]
+    try:
+        stats.merge(ClassStatistics.for_model(small_model(), 5))
+    except ValueError as exc:
+        assert "different classes" in str(exc)
+    else:
+        raise AssertionError("merge of different class counts must fail")
+
+
+def test_a_model_without_batchnorm_has_no_taps():
+    model = nn.Sequential(nn.Conv3d(3, 4, 3), nn.ReLU())
+    with BatchNormTaps(model) as taps:
+        model(torch.randn(1, 3, 4, 8, 8))
+    assert taps.means == [] and taps.layers == []

@@ -1,0 +1,120 @@
+"""Recovery: determinism across partitions, the loss falls, TSGFO leaves static regions alone."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tsgd_ray.config import load_config
+from tsgd_ray.core import recovery
+from tsgd_ray.core.bn_stats import accumulate_statistics
+from tsgd_ray.core.clips import valid_range
+from tsgd_ray.core.models import build_model
+
+SIZE = (4, 16, 16)
+
+
+def config(*overrides):
+    return load_config(None, ["distill.iterations=6", "distill.lr=0.05", "distill.log_every=1", *overrides])
+
+
+def teacher_and_stats(classes=6):
+    """A tiny teacher trained to tell apart noisy copies of one random prototype clip per class."""
+    torch.manual_seed(0)
+    teacher = build_model("mini_c3d", classes, SIZE, width=4, depth=2)
+    g = torch.Generator().manual_seed(1)
+    prototypes = torch.randn(classes, 3, *SIZE, generator=g)
+    y = torch.arange(48) % classes
+    x = prototypes[y] + torch.randn(48, 3, *SIZE, generator=g)
+    optimizer = torch.optim.Adam(teacher.parameters(), 0.01)
+    teacher.train()
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(teacher(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    teacher.eval()
+    return teacher, accumulate_statistics(teacher, [(x[:24], y[:24]), (x[24:], y[24:])], classes)
+
+
+def synthetic_set(classes, ipc, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([c for c in classes for _ in range(ipc)])
+    indices = torch.tensor([i for _ in classes for i in range(ipc)])
+    return torch.randn(len(labels), 3, *SIZE, generator=g).clamp(-1.5, 1.5), labels, indices
+
+
+def test_partitioning_and_retries_do_not_change_the_videos():
+    teacher, stats = teacher_and_stats()
+    cfg = config("distill.chunk_size=4")  # ipc 2: two classes per forward pass
+    init, labels, indices = synthetic_set(range(6), ipc=2)
+    whole = recovery.recover(teacher, init, labels, indices, cfg, stats)
+    first, second = labels < 3, labels >= 3
+    half_a = recovery.recover(teacher, init[first], labels[first], indices[first], cfg, stats)
+    half_b = recovery.recover(teacher, init[second], labels[second], indices[second], cfg, stats)
+    assert torch.equal(whole[first], half_a) and torch.equal(whole[second], half_b)
+    shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    again = recovery.recover(teacher, init[shuffled], labels[shuffled], indices[shuffled], cfg, stats)
+    assert torch.equal(again, whole[shuffled])  # input order and retries do not matter either
+    assert not torch.equal(whole, init)
+
+
+def test_chunks_hold_whole_classes_and_respect_the_size():
+    labels = torch.tensor([2, 0, 0, 1, 1, 1, 2])
+    indices = torch.tensor([0, 1, 0, 0, 1, 2, 1])
+    chunks = recovery.plan_chunks(labels, indices, chunk_size=3)
+    assert [c.group_classes for c in chunks] == [[0], [1], [2]]
+    assert [c.positions.tolist() for c in chunks] == [[2, 1], [3, 4, 5], [0, 6]]
+    big = recovery.plan_chunks(torch.tensor([0] * 5), torch.arange(5), chunk_size=2)
+    assert [c.positions.tolist() for c in big] == [[0, 1], [2, 3], [4]]  # a class larger than a chunk
+
+
+def test_recovery_lowers_the_loss_and_stays_in_the_valid_range():
+    teacher, stats = teacher_and_stats()
+    cfg = config("distill.iterations=30", "distill.lr=0.1")
+    init, labels, indices = synthetic_set(range(6), ipc=1)
+    history = []
+    out = recovery.recover(teacher, init, labels, indices, cfg, stats, callback=lambda step, m: history.append((step, m)))
+    assert [s for s, _ in history] == list(range(30))
+    assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "saliency"}
+    assert history[-1][1]["ce"] < 0.5 * history[0][1]["ce"]
+    assert history[0][1]["lr"] == pytest.approx(0.1) and history[-1][1]["lr"] < 0.01
+    low, high = valid_range(cfg.data.mean, cfg.data.std, out)
+    assert (out >= low - 1e-6).all() and (out <= high + 1e-6).all()
+    with torch.no_grad():
+        assert (teacher(out).argmax(1) == labels).float().mean() > (teacher(init).argmax(1) == labels).float().mean()
+
+
+def test_tsgfo_with_w_min_zero_leaves_static_regions_untouched():
+    teacher, stats = teacher_and_stats()
+    cfg = config("tsgf.w_min=0", "distill.iterations=4", "tsgf.spatial_kernel=1", "tsgf.window=0")
+    init = torch.zeros(1, 3, *SIZE)
+    init[0, :, :, 0:2, :] = 0.5
+    for t in range(SIZE[0]):
+        init[0, :, t, 0:2, 2 * t : 2 * t + 2] = 1.5  # motion only in rows 0-1
+    out = recovery.recover(teacher, init, torch.tensor([0]), torch.tensor([0]), cfg, stats)
+    assert torch.equal(out[0, :, :, 8:], init[0, :, :, 8:])  # far from the motion: not one bit changed
+    assert not torch.equal(out[0, :, :, :2], init[0, :, :, :2])
+    off = recovery.recover(teacher, init, torch.tensor([0]), torch.tensor([0]), config("tsgf.enabled=false", "distill.iterations=4"), stats)
+    assert not torch.equal(off[0, :, :, 8:], init[0, :, :, 8:])  # the SRe2L baseline changes everything
+
+
+def test_global_and_class_targets_differ_and_noise_init_is_per_video():
+    teacher, stats = teacher_and_stats()
+    init, labels, indices = synthetic_set(range(2), ipc=1)
+    a = recovery.recover(teacher, init, labels, indices, config("distill.bn_target=global", "distill.lambda_bn=1"), stats)
+    b = recovery.recover(teacher, init, labels, indices, config("distill.bn_target=class_mixture", "distill.lambda_bn=1"), stats)
+    assert not torch.equal(a, b)
+    low, high = valid_range(config().data.mean, config().data.std, init)
+    n1 = recovery.noise_init((3, *SIZE), torch.tensor([0, 1]), torch.tensor([0, 0]), 7, low, high)
+    n2 = recovery.noise_init((3, *SIZE), torch.tensor([1]), torch.tensor([0]), 7, low, high)
+    assert torch.equal(n1[1], n2[0]) and not torch.equal(n1[0], n1[1])
+
+
+def test_a_bn_term_without_bn_layers_is_refused():
+    teacher = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.Flatten(), nn.LazyLinear(2))
+    teacher(torch.zeros(1, 3, *SIZE))
+    init, labels, indices = synthetic_set(range(2), ipc=1)
+    with pytest.raises(recovery.RecoveryError, match="lambda_bn"):
+        recovery.recover(teacher, init, labels, indices, config())
+    out = recovery.recover(teacher, init, labels, indices, config("distill.lambda_bn=0"))
+    assert out.shape == init.shape

@@ -1,0 +1,147 @@
+"""Augmentation, teacher and student training, selection baselines, on small real tensors."""
+
+import pytest
+import torch
+
+from tsgd_ray.config import load_config
+from tsgd_ray.core import augment, selection, training
+from tsgd_ray.core.clips import to_model_input, to_uint8_clips
+from tsgd_ray.core.models import build_model
+from tsgd_ray.data.in_memory import load_split
+from conftest import tiny_config
+
+
+def direction_clips(n, seed, size=16, frames=6):
+    """uint8 (n, F, H, W, 3): a bright square at a random place moving right (class 0) or left (1)."""
+    g = torch.Generator().manual_seed(seed)
+    clips = torch.randint(0, 40, (n, frames, size, size, 3), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % 2
+    for i in range(n):
+        y0, x0 = torch.randint(0, size - 4, (2,), generator=g).tolist()
+        step = 2 if labels[i] == 0 else -2
+        for t in range(frames):
+            x = (x0 + step * t) % size
+            clips[i, t, y0 : y0 + 4, max(x - 2, 0) : x + 2] = 255
+    return clips, labels
+
+
+def test_clip_conversion_round_trips():
+    cfg = load_config(None)
+    clips = torch.randint(0, 256, (2, 4, 8, 8, 3), dtype=torch.uint8)
+    x = to_model_input(clips, cfg.data.mean, cfg.data.std)
+    assert x.shape == (2, 3, 4, 8, 8)
+    assert torch.equal(to_uint8_clips(x, cfg.data.mean, cfg.data.std), clips)
+
+
+def test_augmentation_is_the_same_for_every_frame_of_a_clip():
+    cfg = load_config(None)
+    frame = torch.rand(4, 3, 1, 16, 16)
+    static = frame.expand(4, 3, 5, 16, 16).contiguous()
+    out = training.random_augment(static, cfg.augment, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, out[:, :, :1].expand_as(out))  # frames stay identical
+    assert not torch.allclose(out, static)
+    x = torch.randn(2, 3, 4, 8, 10)
+    assert torch.allclose(augment.apply_params(x, augment.identity_params(2)), x, atol=1e-6)
+
+
+def test_hflip_off_never_mirrors():
+    u = torch.rand(1000, augment.UNIFORMS_PER_CLIP, generator=torch.Generator().manual_seed(0))
+    assert (augment.random_params(u, (0.5, 1.0), (0.75, 1.33), hflip=False, roll=0.1)[:, 4] == 1).all()
+    flips = augment.random_params(u, (0.5, 1.0), (0.75, 1.33), hflip=True, roll=0.1)[:, 4]
+    assert 400 < int((flips == -1).sum()) < 600
+
+
+def motion_config(*overrides):
+    return load_config(None, ["augment.hflip=false", "teacher.epochs=12", "teacher.batch_size=16", "teacher.lr=0.003",
+                              "evaluate.epochs=30", "evaluate.batch_size=8", *overrides])
+
+
+@pytest.fixture(scope="module")
+def motion_teacher():
+    cfg = motion_config()
+    clips, labels = direction_clips(96, seed=0)
+    torch.manual_seed(0)
+    teacher = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
+    training.train_teacher(teacher, clips, labels, cfg)
+    return teacher
+
+
+def test_a_teacher_learns_direction_of_motion(motion_teacher):
+    cfg = motion_config()
+    test, labels = direction_clips(64, seed=1)
+    assert training.topk_accuracy(training.predict(motion_teacher, test, cfg), labels) >= 0.9
+    reversed_clips = test.flip(1)  # time reversed: the other class
+    assert training.topk_accuracy(training.predict(motion_teacher, reversed_clips, cfg), 1 - labels) >= 0.9
+
+
+@pytest.mark.parametrize("labels_kind, tsgfa", [("soft_kl", "crop"), ("soft_kl", "cutmix"), ("soft_kl", "off"),
+                                                ("soft_mse", "crop"), ("hard", "crop")])
+def test_students_learn_from_a_few_clips(motion_teacher, labels_kind, tsgfa):
+    cfg = motion_config(f"evaluate.labels={labels_kind}", f"evaluate.tsgfa={tsgfa != 'off'}",
+                        f"evaluate.tsgfa_mode={'crop' if tsgfa == 'off' else tsgfa}")
+    clips, labels = direction_clips(16, seed=2)
+    test, test_labels = direction_clips(64, seed=3)
+    torch.manual_seed(0)
+    student = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
+    before = training.topk_accuracy(training.predict(student, test, cfg), test_labels)
+    losses = []
+    training.train_student(student, motion_teacher, to_model_input(clips, cfg.data.mean, cfg.data.std), labels, cfg, seed=0,
+                           callback=lambda epoch, m: losses.append(m["loss"]))
+    after = training.topk_accuracy(training.predict(student, test, cfg), test_labels)
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    assert after >= 0.75 and after > before
+
+
+def test_cutmix_with_hard_labels_is_a_config_error():
+    from tsgd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.tsgfa_mode"):
+        load_config(None, ["evaluate.tsgfa_mode=cutmix", "evaluate.labels=hard"])
+
+
+def test_distillation_losses():
+    cfg = load_config(None)
+    logits = torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    assert training.distillation_loss(logits, logits, y, cfg).abs() < 1e-6  # KL of identical logits
+    assert training.distillation_loss(logits, logits + 1.0, y, cfg).abs() < 1e-6  # softmax is shift-free
+    mse = training.distillation_loss(logits, logits, y, load_config(None, ["evaluate.labels=soft_mse"]))
+    torch.testing.assert_close(mse, 0.1 * torch.nn.functional.cross_entropy(logits, y))
+
+
+def test_topk_accuracy():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0]])
+    labels = torch.tensor([0, 2, 0])
+    assert training.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert training.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+    assert training.topk_accuracy(logits, labels, 5) == 1.0
+
+
+def test_selection_is_per_class_and_deterministic():
+    labels = torch.tensor([0, 1, 2] * 10)
+    choice = selection.random_real(labels, 3, ipc=4, seed=5)
+    assert all(len(v) == 4 and all(labels[r] == c for r in v) for c, v in choice.items())
+    subset = torch.tensor([0, 9, 9] * 10)  # other classes differ; class 0 keeps its rows
+    assert selection.random_real(subset, 1, ipc=4, seed=5)[0] == choice[0]
+    assert selection.random_real(labels, 3, ipc=4, seed=6) != choice
+    with pytest.raises(ValueError, match="fewer than ipc"):
+        selection.random_real(labels, 3, ipc=11, seed=0)
+    losses = torch.arange(30, 0, -1).float()
+    assert selection.lowest_loss(losses, labels, 3, ipc=2)[0] == [27, 24]
+    rows, classes, indices = selection.flatten(choice)
+    assert classes.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and indices.tolist() == [0, 1, 2, 3] * 3
+
+
+def test_herding_starts_from_the_clip_nearest_the_class_mean():
+    features = torch.tensor([[0.0], [10.0], [4.0], [7.0], [100.0], [50.0]])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    choice = selection.herding(features, labels, 2, ipc=2)
+    # class 0 has mean 5.25: 4 is nearest; then 7 brings the running mean (5.5) closest
+    assert choice == {0: [2, 3], 1: [4, 5]}
+
+
+def test_load_split_decodes_the_builtin_dataset(tmp_path):
+    cfg = tiny_config(tmp_path)
+    clips, labels, classes = load_split(cfg, "test")
+    assert clips.shape == (16, 8, 32, 32, 3) and clips.dtype == torch.uint8
+    assert sorted(labels.tolist()) == sorted(list(range(8)) * 2) and len(classes) == 8

@@ -1,0 +1,74 @@
+"""Clip-consistent augmentation: one box, one flip, one roll per clip, the same for all its frames.
+
+Boxes are in normalised image coordinates: centre (cx, cy) and size (w, h) with the whole image
+being centre (0, 0), size (2, 2) (grid_sample's convention, align_corners=False). Everything is
+batched with `grid_sample`, differentiable with respect to the clip, and runs on any device.
+The random numbers come in as a tensor of uniforms so that callers choose where they come from
+(one generator per batch, or one per synthetic video in recovery).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: how many uniforms `random_params` reads per clip
+UNIFORMS_PER_CLIP = 6
+
+
+def box_sizes(u_scale: torch.Tensor, u_ratio: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-resized-crop box sizes (w, h) in normalised units from uniforms in [0, 1).
+
+    Area fraction ~ U(scale), aspect ratio log-uniform in `ratio`; each side is at most 2 (the image).
+    """
+    area = scale[0] + (scale[1] - scale[0]) * u_scale
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+    w = (2 * torch.sqrt(area * aspect)).clamp(max=2.0)
+    h = (2 * torch.sqrt(area / aspect)).clamp(max=2.0)
+    return w, h
+
+
+def random_params(u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool, roll: float) -> torch.Tensor:
+    """Map uniforms (N, 6) to clip transforms (N, 6): cx, cy, w, h, flip (+1/-1), roll (normalised)."""
+    w, h = box_sizes(u[:, 0], u[:, 1], scale, ratio)
+    cx = (2 - w) * (u[:, 2] - 0.5)  # the box stays inside the image
+    cy = (2 - h) * (u[:, 3] - 0.5)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0).to(u.dtype) if hflip else torch.ones_like(u[:, 4])
+    shift = (2 * u[:, 5] - 1) * roll * 2  # up to `roll` of the width (2 units)
+    return torch.stack([cx, cy, w, h, flip, shift], dim=1)
+
+
+def apply_params(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Crop the box of `params` (N, 6) from every frame of x (N, C, F, H, W), resize it back to
+    (H, W) bilinearly, flip it and roll it horizontally (wrapping around). Returns (N, C, F, H, W)."""
+    n, c, f, height, width = x.shape
+    cx, cy, w, h, flip, shift = params.to(x.dtype).unbind(1)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=x.device, dtype=x.dtype)
+    # the roll moves output columns; whole pixels so that pixel centres map onto pixel centres
+    shift_px = torch.round(shift * width / 2) * 2 / width
+    out_x = torch.remainder(xs.view(1, -1) + 1 + shift_px.view(-1, 1), 2) - 1  # (N, W)
+    grid_x = cx.view(-1, 1) + flip.view(-1, 1) * out_x * w.view(-1, 1) / 2  # (N, W)
+    grid_y = cy.view(-1, 1) + ys.view(1, -1) * h.view(-1, 1) / 2  # (N, H)
+    grid = torch.stack(torch.broadcast_tensors(grid_x.view(n, 1, width), grid_y.view(n, height, 1)), dim=-1)
+    frames = x.reshape(n, c * f, height, width)
+    out = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(n, c, f, height, width)
+
+
+def identity_params(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Transforms that leave a clip unchanged: the whole image, no flip, no roll."""
+    return torch.tensor([0.0, 0.0, 2.0, 2.0, 1.0, 0.0], device=device).repeat(n, 1)
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 4) boxes (cx, cy, w, h) -> (N, 1, 1, H, W) float mask, 1 on pixels whose centre is inside."""
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=boxes.device)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=boxes.device)
+    cx, cy, w, h = boxes.unbind(1)
+    inside_x = (xs.view(1, -1) - cx.view(-1, 1)).abs() <= w.view(-1, 1) / 2
+    inside_y = (ys.view(1, -1) - cy.view(-1, 1)).abs() <= h.view(-1, 1) / 2
+    return (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)).float().view(-1, 1, 1, height, width)

@@ -1,0 +1,167 @@
+"""Recovery of synthetic videos from a frozen teacher (METHOD.md stage 2), with TSGFO.
+
+Synthetic videos are grouped by class: a *BN group* is up to `chunk_size` videos of one class
+(consecutive indices), and the BN term compares each group's statistics with its target. Forward
+passes pack whole groups, at most `chunk_size` videos each. Because no group mixes classes and
+every video draws its random numbers from its own (seed, class, index) stream, a video's result
+does not depend on which other classes were recovered with it, nor on retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tsgd_ray.config import BNTarget
+from tsgd_ray.core import augment, tsgf
+from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_moments
+from tsgd_ray.core.clips import valid_range
+
+StepCallback = Callable[[int, dict], None]
+
+
+class RecoveryError(ValueError):
+    """A teacher or input that recovery cannot use (e.g. a BN term without BN layers)."""
+
+
+def video_generator(seed: int, class_id: int, index: int) -> torch.Generator:
+    """The CPU random stream of synthetic video `index` of class `class_id` in a run seeded `seed`."""
+    state = np.random.SeedSequence([seed, class_id, index, 0x75_67_64]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+def noise_init(shape: tuple[int, ...], labels: torch.Tensor, indices: torch.Tensor, seed: int, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Gaussian clips (N, *shape) in the normalised space, clamped to [low, high], one stream per video."""
+    clips = [torch.randn(shape, generator=video_generator(seed, int(c), int(i) + 2**20)) for c, i in zip(labels, indices)]
+    return torch.maximum(torch.minimum(torch.stack(clips), high.cpu()), low.cpu())
+
+
+@dataclass
+class _Chunk:
+    positions: torch.Tensor  # (n,) rows of the synthetic set in this forward pass
+    groups: torch.Tensor  # (n,) BN group of each row, 0..num_groups-1 within the chunk
+    group_classes: list[int]
+
+
+def plan_chunks(labels: torch.Tensor, indices: torch.Tensor, chunk_size: int) -> list[_Chunk]:
+    """Split videos into BN groups (one class, consecutive indices, <= chunk_size) and pack whole
+    groups into forward passes of <= chunk_size videos, in (class, index) order."""
+    order = sorted(range(len(labels)), key=lambda i: (int(labels[i]), int(indices[i])))
+    groups: list[list[int]] = []
+    for pos in order:
+        if groups and int(labels[groups[-1][0]]) == int(labels[pos]) and len(groups[-1]) < chunk_size:
+            groups[-1].append(pos)
+        else:
+            groups.append([pos])
+    chunks: list[list[list[int]]] = []
+    for group in groups:
+        if chunks and sum(map(len, chunks[-1])) + len(group) <= chunk_size:
+            chunks[-1].append(group)
+        else:
+            chunks.append([group])
+    return [_Chunk(torch.tensor([p for g in chunk for p in g]),
+                   torch.tensor([k for k, g in enumerate(chunk) for _ in g]),
+                   [int(labels[g[0]]) for g in chunk]) for chunk in chunks]
+
+
+def _targets(teacher: nn.Module, stats: Optional[ClassStatistics], bn_target: BNTarget, classes: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN layer: target (mean, var) stacked over groups, each (G, C_l) float32 on `device`."""
+    layers = batchnorm_layers(teacher)
+    if bn_target == BNTarget.class_mixture and stats is not None:
+        per_class = stats.moments()
+        idx = torch.tensor(classes)
+        return [(m[idx].float().to(device), v[idx].float().to(device)) for m, v in per_class]
+    return [(layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1)) for layer in layers]
+
+
+def recover(
+    teacher: nn.Module,
+    init: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    cfg,
+    stats: Optional[ClassStatistics] = None,
+    callback: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Optimise synthetic videos so that the frozen teacher recognises them as their class.
+
+    teacher: in eval mode on the device to use; its parameters are not changed.
+    init: (N, 3, F, H, W) float, normalised start clips (real clips or `noise_init`).
+    labels, indices: (N,) class id and per-class index of each video (its random stream).
+    cfg: the run config (seed, amp, data.mean/std, augment, tsgf, distill).
+    stats: per-class BN statistics; with distill.bn_target=class_mixture each group is matched to
+        its class's statistics, otherwise (or without stats) to the layers' running statistics.
+    callback: called every distill.log_every steps and at the last with (step, metrics) where
+        metrics = {loss, ce, bn, lr, saliency}; ce and bn are means over BN groups.
+    Returns the synthetic videos (N, 3, F, H, W) float32 on the CPU, in the order of `init`.
+
+    Raises:
+        RecoveryError: distill.lambda_bn > 0 with a teacher that has no BatchNorm3d.
+    """
+    d = cfg.distill
+    device = next(teacher.parameters()).device
+    if d.lambda_bn > 0 and not batchnorm_layers(teacher):
+        raise RecoveryError("distill.lambda_bn > 0 needs a teacher with BatchNorm3d layers; set distill.lambda_bn=0")
+    teacher.eval().requires_grad_(False)
+    low, high = valid_range(cfg.data.mean, cfg.data.std, init.to(device))
+    scale, ratio = tuple(cfg.augment.crop_scale), tuple(cfg.augment.crop_ratio)
+    chunks = plan_chunks(labels, indices, d.chunk_size)
+    params = [nn.Parameter(init[c.positions].detach().float().clone().to(device)) for c in chunks]
+    streams = [[video_generator(cfg.seed, int(labels[p]), int(indices[p])) for p in c.positions] for c in chunks]
+    targets = [_targets(teacher, stats, BNTarget(d.bn_target), c.group_classes, device) for c in chunks]
+    layer_weights = [d.first_bn_weight] + [1.0] * (len(batchnorm_layers(teacher)) - 1)
+    optimizer = torch.optim.Adam(params, lr=d.lr, betas=(0.5, 0.9))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(d.iterations, 1))))
+    use_amp = cfg.amp and device.type == "cuda"
+    saliency_maps: list[Optional[torch.Tensor]] = [None] * len(chunks)
+
+    for step in range(d.iterations):
+        totals = torch.zeros(4, device=device)  # loss, ce, bn, saliency: sums over groups
+        optimizer.zero_grad(set_to_none=True)
+        for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
+            u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(device, non_blocking=True)
+            view = augment.apply_params(x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll))
+            groups = chunk.groups.to(device)
+            num_groups = len(chunk.group_classes)
+            y = labels[chunk.positions].to(device)
+            with BatchNormTaps(teacher) as taps, (torch.autocast("cuda", torch.bfloat16) if use_amp else contextlib.nullcontext()):
+                logits = teacher(view)
+            ce_each = F.cross_entropy(logits.float(), y, reduction="none")
+            group_sizes = torch.bincount(groups, minlength=num_groups).float()
+            ce = (ce_each / group_sizes[groups]).sum()  # sum over groups of each group's mean CE
+            bn = torch.zeros((), device=device)
+            if d.lambda_bn > 0:
+                for w, means, squares, (mu_t, var_t) in zip(layer_weights, taps.means, taps.squares, targets[k]):
+                    mu, var = group_moments(means, squares, groups, num_groups)
+                    bn = bn + w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
+            loss = ce + d.lambda_bn * bn
+            loss.backward()
+            saliency_mean = torch.zeros((), device=device)
+            if cfg.tsgf.enabled:
+                if step % cfg.tsgf.every == 0:
+                    saliency_maps[k] = tsgf.saliency(x, cfg.tsgf)
+                x.grad = tsgf.filter_gradient(x.grad, saliency_maps[k], cfg.tsgf.w_min)
+                saliency_mean = saliency_maps[k].mean() * num_groups
+            totals += torch.stack([loss.detach(), ce.detach(), bn.detach(), saliency_mean])
+        lr = schedule.get_last_lr()[0]
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            for x in params:
+                torch.maximum(torch.minimum(x, high, out=x), low, out=x)
+        if callback is not None and (step % d.log_every == 0 or step == d.iterations - 1):
+            n_groups = sum(len(c.group_classes) for c in chunks)
+            loss_v, ce_v, bn_v, sal_v = (totals / n_groups).tolist()
+            callback(step, {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, "saliency": sal_v})
+
+    out = torch.empty_like(init, dtype=torch.float32, device="cpu")
+    for chunk, x in zip(chunks, params):
+        out[chunk.positions] = x.detach().cpu()
+    return out

@@ -1,0 +1,66 @@
+"""Choosing real clips per class: recovery init and the coreset baselines.
+
+Every function returns, per class, the positions (rows of the given real set) of `ipc` clips,
+ordered; a class's choice depends only on its own clips and (seed, class), never on the others.
+
+Raises ValueError when a class has fewer than `ipc` clips.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _class_rows(labels: torch.Tensor, num_classes: int, ipc: int) -> list[np.ndarray]:
+    labels_np = labels.cpu().numpy()
+    rows = [np.flatnonzero(labels_np == c) for c in range(num_classes)]
+    short = [c for c, r in enumerate(rows) if len(r) < ipc]
+    if short:
+        raise ValueError(f"classes {short[:10]} have fewer than ipc={ipc} real clips")
+    return rows
+
+
+def random_real(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> dict[int, list[int]]:
+    """`ipc` clips per class drawn without replacement with the stream (seed, class)."""
+    rows = _class_rows(labels, num_classes, ipc)
+    return {c: sorted(np.random.default_rng([seed, c, 0x5E1]).choice(r, ipc, replace=False).tolist()) for c, r in enumerate(rows)}
+
+
+def lowest_loss(losses: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int) -> dict[int, list[int]]:
+    """The `ipc` clips per class the teacher finds easiest (lowest loss; ties by row)."""
+    rows = _class_rows(labels, num_classes, ipc)
+    losses_np = losses.cpu().double().numpy()
+    return {c: r[np.lexsort((r, losses_np[r]))[:ipc]].tolist() for c, r in enumerate(rows)}
+
+
+def herding(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int) -> dict[int, list[int]]:
+    """Greedy herding per class: repeatedly add the clip that brings the mean of the chosen
+    features closest to the class mean (Welling 2009); features (N, D)."""
+    rows = _class_rows(labels, num_classes, ipc)
+    feats = features.double().cpu()
+    chosen: dict[int, list[int]] = {}
+    for c, r in enumerate(rows):
+        f = feats[torch.as_tensor(r)]
+        target, total, picked = f.mean(0), torch.zeros_like(f[0]), []
+        available = torch.ones(len(r), dtype=torch.bool)
+        for k in range(1, ipc + 1):
+            distance = ((total + f) / k - target).norm(dim=1)
+            distance[~available] = float("inf")
+            best = int(distance.argmin())
+            picked.append(int(r[best]))
+            total += f[best]
+            available[best] = False
+        chosen[c] = picked
+    return chosen
+
+
+def flatten(choice: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, class ids, per-class indices), each (C * ipc,), in class then index order."""
+    rows, classes, indices = [], [], []
+    for c in sorted(choice):
+        for i, row in enumerate(choice[c]):
+            rows.append(row)
+            classes.append(c)
+            indices.append(i)
+    return torch.tensor(rows), torch.tensor(classes), torch.tensor(indices)

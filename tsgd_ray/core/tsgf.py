@@ -1,0 +1,157 @@
+"""The temporal saliency-guided filter (TSGF), as METHOD.md specifies it.
+
+`saliency` turns clips into motion maps M in [0, 1]; `filter_gradient` is TSGFO (recovery);
+`saliency_boxes`, `saliency_crop` and `saliency_cutmix` are TSGFA (student training).
+Clips are (N, 3, F, H, W) float tensors on any device; maps are (N, 1, F, H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tsgd_ray.config import Compensation, Granularity
+from tsgd_ray.core.augment import box_mask, box_sizes
+
+
+def temporal_weights(window: int, alpha: Sequence[float]) -> list[float]:
+    """alpha_{-k..k} normalised to sum 1: the given weights, else (0.25, 0.5, 0.25) for k=1, else uniform."""
+    if alpha:
+        weights = list(alpha)
+    elif window == 1:
+        weights = [0.25, 0.5, 0.25]
+    else:
+        weights = [1.0] * (2 * window + 1)
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _reflect(index: torch.Tensor, length: int) -> torch.Tensor:
+    """Reflect-pad indices into [0, length) (t=-1 -> 1, t=length -> length-2), repeatedly if needed."""
+    if length == 1:
+        return torch.zeros_like(index)
+    period = 2 * (length - 1)
+    index = torch.remainder(index, period)
+    return torch.where(index >= length, period - index, index)
+
+
+def _shift_rows(frames: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Roll each (C, H, W) frame of (B, C, H, W) by its own integer (dy, dx): out[i, j] = in[i-dy, j-dx]."""
+    b, c, h, w = frames.shape
+    rows = torch.remainder(torch.arange(h, device=frames.device).view(1, -1) - dy.view(-1, 1), h)  # (B, H)
+    cols = torch.remainder(torch.arange(w, device=frames.device).view(1, -1) - dx.view(-1, 1), w)  # (B, W)
+    out = frames.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w))
+    return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+
+
+def _wrapped_mask(dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H, W) bool: pixels of a rolled frame that did not wrap around the border."""
+    i = torch.arange(h, device=dy.device).view(1, -1)
+    j = torch.arange(w, device=dy.device).view(1, -1)
+    ok_i = (i - dy.view(-1, 1) >= 0) & (i - dy.view(-1, 1) < h)
+    ok_j = (j - dx.view(-1, 1) >= 0) & (j - dx.view(-1, 1) < w)
+    return ok_i.unsqueeze(2) & ok_j.unsqueeze(1)
+
+
+def estimate_shift(reference: torch.Tensor, moved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer translation (dy, dx) per pair such that rolling `moved` by it best matches `reference`.
+
+    Phase correlation on (B, H, W) grey images; shifts are in [-H/2, H/2) and [-W/2, W/2).
+    """
+    h, w = reference.shape[-2:]
+    cross = torch.fft.fft2(reference) * torch.fft.fft2(moved).conj()
+    response = torch.fft.ifft2(cross / (cross.abs() + 1e-8)).real.flatten(1)
+    peak = response.argmax(dim=1)
+    dy, dx = peak // w, peak % w
+    return (dy + h // 2) % h - h // 2, (dx + w // 2) % w - w // 2
+
+
+def frame_differences(x: torch.Tensor, compensate: Compensation = Compensation.none) -> torch.Tensor:
+    """D_t = mean over channels |x_{t+1} - x_t|, padded to F by repeating the last one: (N, F, H, W).
+
+    compensate=shift aligns x_{t+1} to x_t first (pixels that wrapped around count as 0);
+    compensate=median subtracts each difference map's median over pixels (floored at 0).
+    A one-frame clip has no motion: zeros.
+    """
+    n, c, f, h, w = x.shape
+    if f == 1:
+        return x.new_zeros(n, 1, h, w)
+    current, following = x[:, :, :-1], x[:, :, 1:]
+    if compensate == Compensation.shift:
+        cur = current.transpose(1, 2).reshape(-1, c, h, w)
+        nxt = following.transpose(1, 2).reshape(-1, c, h, w)
+        dy, dx = estimate_shift(cur.mean(1), nxt.mean(1))
+        aligned = _shift_rows(nxt, dy, dx)
+        diff = (aligned - cur).abs().mean(1) * _wrapped_mask(dy, dx, h, w)
+        diff = diff.view(n, f - 1, h, w)
+    else:
+        diff = (following - current).abs().mean(1)
+        if compensate == Compensation.median:
+            median = diff.flatten(2).median(dim=2).values.view(n, f - 1, 1, 1)
+            diff = (diff - median).clamp(min=0)
+    return torch.cat([diff, diff[:, -1:]], dim=1)
+
+
+def saliency(x: torch.Tensor, cfg) -> torch.Tensor:
+    """The TSGF saliency map M (N, 1, F, H, W) in [0, 1] of clips x (N, 3, F, H, W).
+
+    `cfg` is the `tsgf` config section (compensate, spatial_kernel, window, alpha, eps, granularity).
+    Computed without gradient, in float32.
+    """
+    with torch.no_grad():
+        d = frame_differences(x.detach().float(), Compensation(cfg.compensate))  # (N, F, H, W)
+        n, f, h, w = d.shape
+        k = cfg.spatial_kernel
+        if k > 1:
+            d = F.avg_pool2d(d, k, stride=1, padding=k // 2, count_include_pad=False)
+        weights = temporal_weights(cfg.window, list(cfg.alpha))
+        offsets = torch.arange(-cfg.window, cfg.window + 1, device=d.device)
+        index = _reflect(torch.arange(f, device=d.device).view(-1, 1) + offsets.view(1, -1), f)  # (F, 2k+1)
+        alpha = torch.tensor(weights, device=d.device, dtype=d.dtype).view(1, 1, -1, 1, 1)
+        s = (d[:, index] * alpha).sum(dim=2)  # (N, F, H, W)
+        if Granularity(cfg.granularity) == Granularity.frame:
+            s = s.mean(dim=(2, 3), keepdim=True).expand(n, f, h, w)
+        m = s / (s.flatten(1).amax(dim=1).view(n, 1, 1, 1) + cfg.eps)
+        return m.unsqueeze(1)
+
+
+def filter_gradient(grad: torch.Tensor, m: torch.Tensor, w_min: float) -> torch.Tensor:
+    """TSGFO: grad * (w_min + (1 - w_min) * M); M (N, 1, F, H, W) broadcasts over channels."""
+    return grad * (w_min + (1.0 - w_min) * m.to(grad.dtype))
+
+
+def saliency_boxes(
+    heat: torch.Tensor,
+    u_size: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    delta: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Boxes (N, 4) = (cx, cy, w, h), normalised, whose centres are drawn from spatial heat maps.
+
+    heat (N, H, W) >= 0 (TSGFA: the time-mean of M); a centre is drawn with probability
+    proportional to heat/sum(heat) + delta/(H*W) (an all-zero map gives uniform), then moved the
+    least needed to keep the box in the image. Sizes come from uniforms u_size (N, 2) as in a
+    random resized crop. `generator` must live on heat's device.
+    """
+    n, h, w = heat.shape
+    flat = heat.flatten(1).float()
+    p = flat / flat.sum(dim=1, keepdim=True).clamp(min=1e-12) + delta / (h * w)
+    p = torch.where(flat.sum(dim=1, keepdim=True) > 0, p, torch.ones_like(p))
+    pixel = torch.multinomial(p, 1, generator=generator).squeeze(1)
+    cy = (2 * (pixel // w).float() + 1) / h - 1
+    cx = (2 * (pixel % w).float() + 1) / w - 1
+    bw, bh = box_sizes(u_size[:, 0], u_size[:, 1], scale, ratio)
+    cx = torch.maximum(torch.minimum(cx, 1 - bw / 2), -1 + bw / 2)
+    cy = torch.maximum(torch.minimum(cy, 1 - bh / 2), -1 + bh / 2)
+    return torch.stack([cx, cy, bw, bh], dim=1)
+
+
+def saliency_cutmix(x: torch.Tensor, boxes: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """Paste into clip i the box `boxes[i]` (normalised (cx, cy, w, h)) of clip permutation[i], in
+    every frame. x (N, 3, F, H, W) -> (N, 3, F, H, W)."""
+    mask = box_mask(boxes, x.shape[-2], x.shape[-1]).to(x.dtype)
+    return x * (1 - mask) + x[permutation] * mask
