@@ -20,6 +20,7 @@ from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.clips import to_model_input
 
 EpochCallback = Callable[[int, dict], None]
+BatchStep = Callable[[torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,24 +82,33 @@ def teacher_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     return loss.detach()
 
 
-def train_teacher(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, cfg, callback: Optional[EpochCallback] = None) -> nn.Module:
-    """Train `model` (on its device) with AdamW + cosine on uint8 clips (N, F, H, W, 3) for
-    teacher.epochs; callback(epoch, {"loss"}) after each epoch. Returns the model in eval mode."""
-    t = cfg.teacher
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    schedule = _cosine(optimizer, t.epochs * math.ceil(len(clips) / t.batch_size))
+def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generator, step: BatchStep, callback: Optional[EpochCallback]) -> nn.Module:
+    """AdamW + cosine over `section.epochs` shuffled passes (section: teacher or evaluate config);
+    step(rows, optimizer) trains on one batch and returns its detached loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
+    schedule = _cosine(optimizer, section.epochs * math.ceil(num_examples / section.batch_size))
     model.train()
-    for epoch in range(t.epochs):
+    for epoch in range(section.epochs):
         losses = []
-        for idx in _batches(len(clips), t.batch_size, generator):
-            x = to_model_input(clips[idx].to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
-            losses.append(teacher_step(model, optimizer, x, labels[idx].to(device), cfg, generator))
+        for rows in _batches(num_examples, section.batch_size, generator):
+            losses.append(step(rows, optimizer))
             schedule.step()
         if callback is not None:
             callback(epoch, {"loss": torch.stack(losses).mean().item()})
     return model.eval()
+
+
+def train_teacher(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, cfg, callback: Optional[EpochCallback] = None) -> nn.Module:
+    """Train `model` (on its device) with AdamW + cosine on uint8 clips (N, F, H, W, 3) for
+    teacher.epochs; callback(epoch, {"loss"}) after each epoch. Returns the model in eval mode."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        x = to_model_input(clips[rows].to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
+        return teacher_step(model, optimizer, x, labels[rows].to(device), cfg, generator)
+
+    return _fit(model, len(clips), cfg.teacher, generator, step, callback)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, cfg) -> torch.Tensor:
@@ -140,23 +150,16 @@ def train_student(student: nn.Module, teacher: nn.Module, x: torch.Tensor, label
     """Train `student` from its current weights on normalised clips x (N, 3, F, H, W) (the synthetic
     set, or real clips for `full`) for evaluate.epochs with AdamW + cosine, teacher in eval mode.
     Randomness comes from `seed` only. Returns the student in eval mode."""
-    e = cfg.evaluate
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     teacher.eval().requires_grad_(False)
-    heat = tsgf.saliency(x, cfg.tsgf).mean(dim=(1, 2)) if e.tsgfa else None  # (N, H, W), fixed clips
-    optimizer = torch.optim.AdamW(student.parameters(), lr=e.lr, weight_decay=e.weight_decay)
-    schedule = _cosine(optimizer, e.epochs * math.ceil(len(x) / e.batch_size))
-    student.train()
-    for epoch in range(e.epochs):
-        losses = []
-        for idx in _batches(len(x), e.batch_size, generator):
-            batch_heat = heat[idx].to(device) if heat is not None else None
-            losses.append(student_step(student, teacher, optimizer, x[idx].to(device), labels[idx].to(device), cfg, generator, batch_heat))
-            schedule.step()
-        if callback is not None:
-            callback(epoch, {"loss": torch.stack(losses).mean().item()})
-    return student.eval()
+    heat = tsgf.saliency(x, cfg.tsgf).mean(dim=(1, 2)) if cfg.evaluate.tsgfa else None  # (N, H, W)
+
+    def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        batch_heat = heat[rows].to(device) if heat is not None else None
+        return student_step(student, teacher, optimizer, x[rows].to(device), labels[rows].to(device), cfg, generator, batch_heat)
+
+    return _fit(student, len(x), cfg.evaluate, generator, step, callback)
 
 
 @torch.no_grad()
