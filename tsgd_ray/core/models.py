@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -154,7 +153,3 @@ def load_checkpoint(model: nn.Module, data: bytes, class_names: Sequence[str]) -
                          f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in misshapen[:3]]}")
     model.load_state_dict(state)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())

@@ -110,7 +110,7 @@ def recover(
     if d.lambda_bn > 0 and not batchnorm_layers(teacher):
         raise RecoveryError("distill.lambda_bn > 0 needs a teacher with BatchNorm3d layers; set distill.lambda_bn=0")
     teacher.eval().requires_grad_(False)
-    low, high = valid_range(cfg.data.mean, cfg.data.std, init.to(device))
+    low, high = valid_range(cfg.data.mean, cfg.data.std, torch.empty(0, device=device))
     scale, ratio = tuple(cfg.augment.crop_scale), tuple(cfg.augment.crop_ratio)
     chunks = plan_chunks(labels, indices, d.chunk_size)
     params = [nn.Parameter(init[c.positions].detach().float().clone().to(device)) for c in chunks]
