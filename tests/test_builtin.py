@@ -10,6 +10,7 @@ from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
 from tsgd_ray.data.builtin import CLASSES, _digits, builtin_root, ensure_builtin_dataset, generate_pair
 from tsgd_ray.data.catalog import build_catalog
+from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_clip
 from conftest import tiny_config
 
@@ -45,11 +46,8 @@ def test_each_pair_holds_the_same_frames_reversed():
 
 
 def _load(cfg, split):
-    catalog = build_catalog(cfg)
-    records = [r for r in catalog.records if r.split == split]
-    clips = np.stack([decode_clip(storage.read_bytes(r.uri), 8, 32, 32, sampling=TemporalSampling.uniform) for r in records])
-    x = torch.from_numpy(clips).float().div(255).permute(0, 1, 4, 2, 3)  # (N, T, C, H, W)
-    return x, torch.tensor([r.label for r in records])
+    clips, labels, _ = load_split(cfg, split)
+    return clips.float().div(255).permute(0, 1, 4, 2, 3), labels  # (N, T, C, H, W)
 
 
 def _fit_and_score(model, view, x_train, y_train, x_test, y_test, epochs, seed=0):

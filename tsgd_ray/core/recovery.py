@@ -9,7 +9,6 @@ does not depend on which other classes were recovered with it, nor on retries.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,6 +22,7 @@ from tsgd_ray.config import BNTarget
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_moments
 from tsgd_ray.core.clips import valid_range
+from tsgd_ray.core.device import autocast
 
 StepCallback = Callable[[int, dict], None]
 
@@ -71,11 +71,10 @@ def plan_chunks(labels: torch.Tensor, indices: torch.Tensor, chunk_size: int) ->
                    [int(labels[g[0]]) for g in chunk]) for chunk in chunks]
 
 
-def _targets(teacher: nn.Module, stats: Optional[ClassStatistics], bn_target: BNTarget, classes: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per BN layer: target (mean, var) stacked over groups, each (G, C_l) float32 on `device`."""
-    layers = batchnorm_layers(teacher)
-    if bn_target == BNTarget.class_mixture and stats is not None:
-        per_class = stats.moments()
+def _targets(layers: list[nn.BatchNorm3d], per_class: Optional[list[tuple[torch.Tensor, torch.Tensor]]], classes: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per BN layer: target (mean, var) stacked over groups, each (G, C_l) float32 on `device`:
+    the groups' class moments (`per_class`, from ClassStatistics.moments), else running stats."""
+    if per_class is not None:
         idx = torch.tensor(classes)
         return [(m[idx].float().to(device), v[idx].float().to(device)) for m, v in per_class]
     return [(layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1)) for layer in layers]
@@ -115,51 +114,54 @@ def recover(
     chunks = plan_chunks(labels, indices, d.chunk_size)
     params = [nn.Parameter(init[c.positions].detach().float().clone().to(device)) for c in chunks]
     streams = [[video_generator(cfg.seed, int(labels[p]), int(indices[p])) for p in c.positions] for c in chunks]
-    targets = [_targets(teacher, stats, BNTarget(d.bn_target), c.group_classes, device) for c in chunks]
-    layer_weights = [d.first_bn_weight] + [1.0] * (len(batchnorm_layers(teacher)) - 1)
+    layers = batchnorm_layers(teacher)
+    per_class = stats.moments() if stats is not None and BNTarget(d.bn_target) == BNTarget.class_mixture else None
+    targets = [_targets(layers, per_class, c.group_classes, device) for c in chunks]
+    layer_weights = [d.first_bn_weight] + [1.0] * (len(layers) - 1)
+    # per chunk, on the device once: BN group of each video, its label, the size of its group
+    groups = [c.groups.to(device) for c in chunks]
+    targets_y = [labels[c.positions].to(device) for c in chunks]
+    group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
     optimizer = torch.optim.Adam(params, lr=d.lr, betas=(0.5, 0.9))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(d.iterations, 1))))
-    use_amp = cfg.amp and device.type == "cuda"
     saliency_maps: list[Optional[torch.Tensor]] = [None] * len(chunks)
+    n_groups = sum(len(c.group_classes) for c in chunks)
 
-    for step in range(d.iterations):
-        totals = torch.zeros(4, device=device)  # loss, ce, bn, saliency: sums over groups
-        optimizer.zero_grad(set_to_none=True)
-        for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
-            u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(device, non_blocking=True)
-            view = augment.apply_params(x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll))
-            groups = chunk.groups.to(device)
-            num_groups = len(chunk.group_classes)
-            y = labels[chunk.positions].to(device)
-            with BatchNormTaps(teacher) as taps, (torch.autocast("cuda", torch.bfloat16) if use_amp else contextlib.nullcontext()):
-                logits = teacher(view)
-            ce_each = F.cross_entropy(logits.float(), y, reduction="none")
-            group_sizes = torch.bincount(groups, minlength=num_groups).float()
-            ce = (ce_each / group_sizes[groups]).sum()  # sum over groups of each group's mean CE
-            bn = torch.zeros((), device=device)
-            if d.lambda_bn > 0:
-                for w, means, squares, (mu_t, var_t) in zip(layer_weights, taps.means, taps.squares, targets[k]):
-                    mu, var = group_moments(means, squares, groups, num_groups)
-                    bn = bn + w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
-            loss = ce + d.lambda_bn * bn
-            loss.backward()
-            saliency_mean = torch.zeros((), device=device)
-            if cfg.tsgf.enabled:
-                if step % cfg.tsgf.every == 0:
-                    saliency_maps[k] = tsgf.saliency(x, cfg.tsgf)
-                x.grad = tsgf.filter_gradient(x.grad, saliency_maps[k], cfg.tsgf.w_min)
-                saliency_mean = saliency_maps[k].mean() * num_groups
-            totals += torch.stack([loss.detach(), ce.detach(), bn.detach(), saliency_mean])
-        lr = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for x in params:
-                torch.maximum(torch.minimum(x, high, out=x), low, out=x)
-        if callback is not None and (step % d.log_every == 0 or step == d.iterations - 1):
-            n_groups = sum(len(c.group_classes) for c in chunks)
-            loss_v, ce_v, bn_v, sal_v = (totals / n_groups).tolist()
-            callback(step, {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, "saliency": sal_v})
+    with BatchNormTaps(teacher) as taps:  # hooks stay on for the whole optimisation
+        for step in range(d.iterations):
+            totals = torch.zeros(4, device=device)  # loss, ce, bn, saliency: sums over groups
+            optimizer.zero_grad(set_to_none=True)
+            for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
+                u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(device, non_blocking=True)
+                view = augment.apply_params(x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll))
+                num_groups = len(chunk.group_classes)
+                with autocast(device, cfg.amp):
+                    logits = teacher(view)
+                # sum over groups of each group's mean CE
+                ce = (F.cross_entropy(logits.float(), targets_y[k], reduction="none") / group_sizes[k]).sum()
+                bn = torch.zeros((), device=device)
+                if d.lambda_bn > 0:
+                    for w, means, squares, (mu_t, var_t) in zip(layer_weights, taps.means, taps.squares, targets[k]):
+                        mu, var = group_moments(means, squares, groups[k], num_groups)
+                        bn = bn + w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
+                loss = ce + d.lambda_bn * bn
+                loss.backward()
+                saliency_mean = torch.zeros((), device=device)
+                if cfg.tsgf.enabled:
+                    if step % cfg.tsgf.every == 0:
+                        saliency_maps[k] = tsgf.saliency(x, cfg.tsgf)
+                    x.grad = tsgf.filter_gradient(x.grad, saliency_maps[k], cfg.tsgf.w_min)
+                    saliency_mean = saliency_maps[k].mean() * num_groups
+                totals += torch.stack([loss.detach(), ce.detach(), bn.detach(), saliency_mean])
+            lr = schedule.get_last_lr()[0]
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for x in params:
+                    torch.maximum(torch.minimum(x, high, out=x), low, out=x)
+            if callback is not None and (step % d.log_every == 0 or step == d.iterations - 1):
+                loss_v, ce_v, bn_v, sal_v = (totals / n_groups).tolist()
+                callback(step, {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, "saliency": sal_v})
 
     out = torch.empty_like(init, dtype=torch.float32, device="cpu")
     for chunk, x in zip(chunks, params):

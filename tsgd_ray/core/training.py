@@ -7,7 +7,6 @@ per batch; the `train_*` loops run a whole in-memory set in one process.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Iterator, Optional
 
@@ -18,23 +17,10 @@ import torch.nn.functional as F
 from tsgd_ray.config import LabelKind, TSGFAMode
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.device import autocast
 
 EpochCallback = Callable[[int, dict], None]
 BatchStep = Callable[[torch.Tensor, torch.optim.Optimizer], torch.Tensor]
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA when enabled; a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def random_augment(x: torch.Tensor, aug, generator: torch.Generator) -> torch.Tensor:
