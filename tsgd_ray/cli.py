@@ -39,19 +39,54 @@ def command_prepare(cfg: DictConfig) -> int:
     return 0
 
 
+def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str) -> int:
+    from tsgd_ray.distributed.cluster import init_ray
+    from tsgd_ray.distributed.run import results_table, run_stages
+    from tsgd_ray.tracking import Tracker
+
+    init_ray(cfg)
+    with Tracker(cfg, command) as tracker:
+        results = run_stages(cfg, stages, tracker)
+    if results:
+        print(results_table(results))
+    print(f"MLflow: {tracker.location}")
+    return 0
+
+
+def command_run(cfg: DictConfig) -> int:
+    """Run every stage (prepare, teacher, stats, distill, merge, evaluate), skipping finished ones."""
+    from tsgd_ray.distributed.run import STAGES
+
+    return _stages(cfg, STAGES, "run")
+
+
+def _stage_command(stage: str) -> Callable[[DictConfig], int]:
+    def command(cfg: DictConfig) -> int:
+        return _stages(cfg, (stage,), stage)
+
+    command.__doc__ = f"Run the {stage} stage only (its inputs must be finished)."
+    return command
+
+
 COMMANDS: dict[str, Callable[[DictConfig], int]] = {
     "config": command_config,
     "prepare": command_prepare,
+    "run": command_run,
+    **{stage: _stage_command(stage) for stage in ("teacher", "stats", "distill", "merge", "evaluate")},
 }
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from tsgd_ray.core.models import ModelError
     from tsgd_ray.data.catalog import CatalogError
     from tsgd_ray.data.pipeline import TooManyBadVideos
     from tsgd_ray.data.shards import ManifestError
+    from tsgd_ray.distributed.distill import DistillError
+    from tsgd_ray.distributed.merge import MergeError
     from tsgd_ray.storage import StorageError
 
-    return ConfigError, CatalogError, ManifestError, TooManyBadVideos, StorageError, FileNotFoundError
+    return (ConfigError, CatalogError, ManifestError, TooManyBadVideos, StorageError, FileNotFoundError, ModelError,
+            MergeError, DistillError)
 
 
 def run_command(name: str, config: str, overrides: Sequence[str]) -> int:

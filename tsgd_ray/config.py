@@ -127,6 +127,9 @@ class DataConfig:
     decode_actors: int = 1
     decode_cpus_per_actor: float = 0.5
     decode_batch_size: int = 8
+    # Keep decoded clips in Ray's object store between passes (teacher epochs, evaluation seeds):
+    # right for small datasets, wrong for Kinetics (it would not fit).
+    cache_clips: bool = False
     max_bad_fraction: float = 0.01
     # Per-channel normalisation of RGB in [0, 1] into the model's input space (Kinetics values).
     mean: list[float] = field(default_factory=lambda: [0.43216, 0.394666, 0.37645])
@@ -156,7 +159,9 @@ class TeacherConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train (DDP) workers
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 @dataclass
@@ -208,7 +213,12 @@ class EvaluateConfig:
     mse_ce_weight: float = 0.1  # labels=soft_mse: MSE to the teacher logits + this * CE
     tsgfa: bool = True
     tsgfa_mode: TSGFAMode = TSGFAMode.crop
-    num_workers: int = 1
+    # Also evaluate these methods (each distilled with the same teacher, ipc and seed): e.g.
+    # [random_real, sre2l_video, full]. The run's own method is distill.method.
+    baselines: list[Method] = field(default_factory=list)
+    num_workers: int = 1  # Ray Train (DDP) workers
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 @dataclass
@@ -218,6 +228,8 @@ class RayConfig:
     object_store_mb: int = 0  # local Ray only; 0 = Ray's default
     include_dashboard: bool = False
     temp_dir: str = ""  # local Ray only
+    # How often a lost Ray Train worker or distill actor is replaced before the stage fails.
+    max_failures: int = 3
 
 
 @dataclass
@@ -233,6 +245,8 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "tsgd-ray"
     run_name: str = ""
+    # Where a new experiment stores artifacts (e.g. s3://bucket/mlflow); empty: the server's default.
+    artifact_location: str = ""
 
 
 @dataclass
@@ -294,6 +308,8 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("teacher.lr", _positive, "> 0"),
     ("teacher.weight_decay", _non_negative, ">= 0"),
     ("teacher.num_workers", lambda v: v >= 1, ">= 1"),
+    ("teacher.cpus_per_worker", _positive, "> 0"),
+    ("teacher.gpus_per_worker", _non_negative, ">= 0"),
     ("tsgf.spatial_kernel", lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1"),
     ("tsgf.window", _non_negative, ">= 0"),
     ("tsgf.eps", _positive, "> 0"),
@@ -321,6 +337,9 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("evaluate.temperature", _positive, "> 0"),
     ("evaluate.mse_ce_weight", _non_negative, ">= 0"),
     ("evaluate.num_workers", lambda v: v >= 1, ">= 1"),
+    ("evaluate.cpus_per_worker", _positive, "> 0"),
+    ("evaluate.gpus_per_worker", _non_negative, ">= 0"),
+    ("ray.max_failures", _non_negative, ">= 0"),
     ("ray.num_cpus", _non_negative, ">= 0"),
     ("ray.object_store_mb", lambda v: v == 0 or v >= 75, "0 (Ray's default) or >= 75"),
     ("storage.output_root", lambda v: bool(v.strip()), "a non-empty URI"),
@@ -356,6 +375,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.evaluate.tsgfa and cfg.evaluate.tsgfa_mode == TSGFAMode.cutmix and cfg.evaluate.labels == LabelKind.hard:
         raise ConfigError("evaluate.tsgfa_mode: cutmix mixes two clips and needs teacher labels; "
                           "use evaluate.labels=soft_kl or soft_mse, or tsgfa_mode=crop")
+    if Method.herding in (cfg.distill.method, *cfg.evaluate.baselines):
+        raise ConfigError("distill.method / evaluate.baselines: herding is available in "
+                          "benchmarks/quality.py only, not yet in the pipeline")
+    if cfg.distill.method == Method.full:
+        raise ConfigError("distill.method: full trains on every real clip and distils nothing; "
+                          "add it to evaluate.baselines instead")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     extensions = [e.lower().lstrip(".") for e in cfg.data.extensions]

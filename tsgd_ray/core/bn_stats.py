@@ -110,9 +110,13 @@ class ClassStatistics:
 
     def add(self, taps: BatchNormTaps, labels: torch.Tensor) -> None:
         """Add the samples just seen by `taps` (one forward pass) with their class labels (N,)."""
+        self.add_moments(taps.means, taps.squares, labels)
+
+    def add_moments(self, means: Sequence[torch.Tensor], squares: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
+        """Add per-sample moments, per layer (N, C_l) float32 as `BatchNormTaps` records them."""
         labels = labels.detach().cpu().long()
         self.counts.index_add_(0, labels, torch.ones_like(labels))
-        for l, (m, s) in enumerate(zip(taps.means, taps.squares)):
+        for l, (m, s) in enumerate(zip(means, squares)):
             _add_checked(self.sums[l], labels, m)
             _add_checked(self.squares[l], labels, s)
 

@@ -47,7 +47,7 @@ def tsgfa_augment(x: torch.Tensor, heat: torch.Tensor, cfg, generator: torch.Gen
     return augment.apply_params(tsgf.saliency_cutmix(x, boxes, permutation), params)
 
 
-def _cosine(optimizer: torch.optim.Optimizer, total_steps: int):
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / max(total_steps, 1))))
 
 
@@ -72,7 +72,7 @@ def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generato
     """AdamW + cosine over `section.epochs` shuffled passes (section: teacher or evaluate config);
     step(rows, optimizer) trains on one batch and returns its detached loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
-    schedule = _cosine(optimizer, section.epochs * math.ceil(num_examples / section.batch_size))
+    schedule = cosine_schedule(optimizer, section.epochs * math.ceil(num_examples / section.batch_size))
     model.train()
     for epoch in range(section.epochs):
         losses = []

@@ -26,6 +26,7 @@ from tsgd_ray.data.video import VideoDecodeError, clip_rng, decode_clip
 
 log = logging.getLogger(__name__)
 
+READ_CPUS = 0.25
 CLIP_COLUMNS = ("clip", "label", "video_id", "ok", "error")
 
 
@@ -64,8 +65,9 @@ class ClipDecoder:
                 "ok": ok, "error": errors}
 
 
-def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = None, epoch: int = 0):
-    """A lazy Ray Dataset of decoded clips of `split`, optionally only the given labels.
+def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = None, epoch: int = 0,
+                 video_ids: Optional[Sequence[str]] = None):
+    """A lazy Ray Dataset of decoded clips of `split`, optionally only the given labels or videos.
 
     Raises:
         ManifestError: if the shards are not prepared.
@@ -81,9 +83,13 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
         raise ValueError(f"no shards for split {split!r} under {root} (splits: {sorted(manifest['counts'])})")
     fs, _ = storage.arrow_filesystem(root)
     paths = [storage.filesystem(p)[1] for p in paths]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["video_id", "label", "video"])
+    # Reading Parquet is I/O: a quarter CPU per read task, so that actor pools downstream never
+    # take the last whole CPU a read task would wait for (a silent deadlock on small machines).
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["video_id", "label", "video"], num_cpus=READ_CPUS)
     if labels is not None:
         ds = ds.filter(expr=col("label").is_in([int(x) for x in labels]))
+    if video_ids is not None:
+        ds = ds.filter(expr=col("video_id").is_in([str(v) for v in video_ids]))
     d = cfg.data
     # Ray's Parquet reader packs small shards into one block, and one block feeds one decoder
     # actor: split the stream into decode-batch-sized blocks (streaming, no shuffle).
@@ -118,14 +124,18 @@ class ClipStream:
         {"clip": (B, F, H, W, 3) uint8 tensor, "label": (B,) int64 tensor, "video_id": list[str]}
     """
 
-    def __init__(self, source, expected: int, max_bad_fraction: float, batch_size: int = 32):
+    def __init__(self, source, expected: int, max_bad_fraction: float, batch_size: int = 32,
+                 shuffle_seed: Optional[int] = None):
         self.source, self.expected, self.batch_size = source, expected, batch_size
+        # A local shuffle (a buffer of a few batches) when a seed is given: for training passes.
+        self.shuffle = {} if shuffle_seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
+                                                        "local_shuffle_seed": shuffle_seed}
         self.max_bad = int(max_bad_fraction * expected)
         self.seen = 0
         self.bad: list[str] = []
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+        for batch in self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy", **self.shuffle):
             ok = batch["ok"].astype(bool)
             self.seen += len(ok)
             if not ok.all():

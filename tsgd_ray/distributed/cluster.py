@@ -26,6 +26,7 @@ def init_ray(cfg: DictConfig) -> None:
     if r.address or os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = r.address or None
     else:
+        kwargs["address"] = "local"  # a new instance, never one that `ray start` left on this host
         kwargs["include_dashboard"] = r.include_dashboard
         if r.num_cpus:
             kwargs["num_cpus"] = r.num_cpus

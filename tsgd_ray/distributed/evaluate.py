@@ -1,0 +1,171 @@
+"""Evaluate stage: Ray Train students on a training set, tested on the real test shards.
+
+The training set is the merged synthetic set of a method (tsgd, sre2l_video, random_real), or,
+for `full`, every real training clip streamed by Ray Data. Students learn with online teacher
+soft labels and TSGFA (`evaluate.*`), one student per seed in `evaluate.seeds`, all in one Ray
+Train run; the test split is streamed by Ray Data and never seen by teacher or distiller::
+
+    <evaluate_dir>/seed-00000.json   one seed's top-1/top-5 and loss curve (written when it ends;
+                                     a restarted run skips finished seeds)
+    <evaluate_dir>/results.json      the marker: per-seed and mean +- std top-1/top-5
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.config import Method
+from tsgd_ray.core import training
+from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.models import build_model
+from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
+from tsgd_ray.data.prepare import shards_root
+from tsgd_ray.data.shards import read_manifest
+from tsgd_ray.distributed import train_workers
+from tsgd_ray.distributed.layout import evaluate_dir
+from tsgd_ray.distributed.merge import load_synthetic
+from tsgd_ray.distributed.teacher import clip_size, load_teacher
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+
+
+def seed_uri(cfg: DictConfig, method: Method, seed: int) -> str:
+    return storage.join(evaluate_dir(cfg, method), f"seed-{seed:05d}.json")
+
+
+def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module:
+    """The student architecture (evaluate.model/width/depth; empty or 0: the teacher's), seeded."""
+    e, t = cfg.evaluate, cfg.teacher
+    torch.manual_seed(seed)
+    return build_model(e.model or t.model, num_classes, clip_size(cfg), e.width or t.width, e.depth or t.depth)
+
+
+def _fit_on_stream(student, teacher, shard, expected: int, world: int, cfg: DictConfig, seed: int, device) -> list[dict]:
+    """`full`: AdamW + cosine over evaluate.epochs passes of this worker's stream of real clips."""
+    e = cfg.evaluate
+    optimizer = torch.optim.AdamW(student.parameters(), lr=e.lr, weight_decay=e.weight_decay)
+    schedule = training.cosine_schedule(optimizer, e.epochs * train_workers.steps_per_epoch(expected, world, e.batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    student.train()
+    for epoch in range(e.epochs):
+        losses = []
+        with train_workers.uneven_inputs(student):
+            for batch in ClipStream(shard, expected // world, cfg.data.max_bad_fraction, e.batch_size, shuffle_seed=seed * 1000 + epoch):
+                x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
+                losses.append(training.student_step(student, teacher, optimizer, x, batch["label"].to(device), cfg, generator))
+                schedule.step()
+        history.append({"step": epoch, "loss": torch.stack(losses).mean().item()})
+    return history
+
+
+def _test(student, shard, expected: int, world: int, cfg: DictConfig, device) -> tuple[float, float, int]:
+    """(top-1, top-5, clips) of the student on the test stream, summed over all workers."""
+    counts = torch.zeros(3, dtype=torch.float64)
+    for batch in ClipStream(shard, expected // world, cfg.data.max_bad_fraction, 64):
+        logits = training.predict(train_workers.unwrap(student), batch["clip"], cfg)
+        n = len(batch["label"])
+        counts += torch.tensor([training.topk_accuracy(logits, batch["label"], 1) * n,
+                                training.topk_accuracy(logits, batch["label"], 5) * n, n], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        reduced = counts.to(device)
+        dist.all_reduce(reduced)
+        counts = reduced.cpu()
+    top1, top5, n = counts.tolist()
+    return top1 / max(n, 1), top5 / max(n, 1), int(round(n))
+
+
+def _student_worker(loop_config: dict) -> None:
+    """Ray Train loop: one student per seed (skipping finished seeds), each tested on the test shard."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, classes, method = loop_config["cfg"], loop_config["classes"], Method(loop_config["method"])
+    rank, world, device = train_workers.worker_setup(cfg.evaluate.cpus_per_worker)
+    teacher = load_teacher(cfg, classes, device)
+    if method != Method.full:
+        x, y, _ = load_synthetic(cfg)
+        x, y = x[rank::world], y[rank::world]
+    for seed in cfg.evaluate.seeds:
+        if storage.exists(seed_uri(cfg, method, seed)):
+            continue
+        started = time.time()
+        student = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
+        worker_seed = seed * world + rank
+        history: list[dict] = []
+        if method == Method.full:
+            history = _fit_on_stream(student, teacher, ray.train.get_dataset_shard("train"), loop_config["expected_train"],
+                                     world, cfg, worker_seed, device)
+        else:
+            with train_workers.uneven_inputs(student):
+                training.train_student(student, teacher, x, y, cfg, worker_seed,
+                                       callback=lambda epoch, m: history.append({"step": epoch, **m}))
+        top1, top5, n = _test(student, ray.train.get_dataset_shard("test"), loop_config["expected_test"], world, cfg, device)
+        if rank == 0:
+            storage.write_json_once(seed_uri(cfg, method, seed), {
+                "seed": seed, "top1": top1, "top5": top5, "test_clips": n, "history": history,
+                "seconds": round(time.time() - started, 1)})
+        ray.train.report({"seed": seed, "top1": top1, "top5": top5})
+
+
+def summarise(method: Method, ipc: int, per_seed: list[dict]) -> dict:
+    """Per-seed and mean +- sample std (0 for one seed) top-1/top-5 of a method."""
+    out: dict = {"method": method.value, "ipc": ipc if method != Method.full else None,
+                 "seeds": [r["seed"] for r in per_seed], "test_clips": per_seed[0]["test_clips"]}
+    for k in ("top1", "top5"):
+        values = [r[k] for r in per_seed]
+        out[k] = values
+        out[f"{k}_mean"] = statistics.fmean(values)
+        out[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
+    """Train and test students of `method` (cfg: `layout.method_config(cfg, method)`) unless
+    finished; returns the results (see `summarise`)."""
+    from ray.train.torch import TorchTrainer
+
+    folder = evaluate_dir(cfg, method)
+    results_uri = storage.join(folder, RESULTS)
+    if storage.exists(results_uri):
+        log.info("evaluate %s: finished at %s, skipped", method.value, folder)
+        return {**storage.read_json(results_uri), "skipped": True}
+    classes = read_manifest(shards_root(cfg))["classes"]
+    datasets = {"test": clip_dataset(cfg, "test")}
+    if method == Method.full:
+        datasets["train"] = clip_dataset(cfg, "train")
+    if cfg.data.cache_clips:
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    trainer = TorchTrainer(
+        _student_worker,
+        train_loop_config={"cfg": cfg, "classes": classes, "method": method.value,
+                           "expected_test": expected_rows(cfg, "test"), "expected_train": expected_rows(cfg, "train")},
+        scaling_config=train_workers.scaling_config(cfg.evaluate, cfg.device),
+        run_config=train_workers.run_config(storage.join(folder, "ray_train"), "students", cfg.ray.max_failures),
+        datasets=datasets,
+    )
+    trainer.fit()
+    per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
+    results = summarise(method, cfg.distill.ipc, per_seed)
+    storage.write_json_once(results_uri, results)
+    if tracker:
+        run_id = tracker.child(f"evaluate/{method.value}", tags={"method": method.value})
+        for r in per_seed:
+            seed_run = tracker.child(f"evaluate/{method.value}/seed-{r['seed']}", parent=run_id)
+            tracker.log_history(seed_run, r["history"])
+            tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
+            tracker.finish(seed_run)
+        tracker.log_metrics(run_id, {k: results[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+        tracker.finish(run_id)
+    log.info("evaluate %s: top-1 %.3f +- %.3f over %d seeds", method.value, results["top1_mean"], results["top1_std"], len(per_seed))
+    return results

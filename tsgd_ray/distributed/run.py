@@ -1,0 +1,73 @@
+"""The whole pipeline, or some of its stages, for the run's method and its baselines.
+
+prepare -> teacher -> for each method in [distill.method, *evaluate.baselines]:
+(stats -> distill -> merge, except `full`) -> evaluate. Every stage skips what is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.config import Method
+from tsgd_ray.data.prepare import run_prepare, shards_root
+from tsgd_ray.data.shards import MANIFEST
+from tsgd_ray.distributed.distill import run_distill
+from tsgd_ray.distributed.evaluate import run_evaluate
+from tsgd_ray.distributed.layout import method_config
+from tsgd_ray.distributed.merge import run_merge
+from tsgd_ray.distributed.stats import run_stats
+from tsgd_ray.distributed.teacher import run_teacher
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "teacher", "stats", "distill", "merge", "evaluate")
+
+
+def methods(cfg: DictConfig) -> list[Method]:
+    """distill.method, then evaluate.baselines in order, without repeats."""
+    return list(dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines]))
+
+
+def run_stages(cfg: DictConfig, stages=STAGES, tracker=None) -> list[dict]:
+    """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run)."""
+    if "prepare" in stages:
+        run_prepare(cfg)
+    if tracker:
+        manifest = storage.read_bytes(storage.join(shards_root(cfg), MANIFEST))
+        tracker.set_tags(tracker.run_id, {"dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest()})
+        tracker.log_text(tracker.run_id, "shards/manifest.json", manifest.decode())
+    if "teacher" in stages:
+        marker = run_teacher(cfg, tracker)
+        if tracker:
+            tracker.set_tags(tracker.run_id, {"teacher_sha256": marker["sha256"]})
+    results = []
+    for method in methods(cfg):
+        method_cfg = method_config(cfg, method)
+        if method != Method.full:
+            if "stats" in stages:
+                run_stats(method_cfg, tracker)
+            if "distill" in stages:
+                run_distill(method_cfg, tracker)
+            if "merge" in stages:
+                run_merge(method_cfg, tracker)
+        if "evaluate" in stages:
+            result = run_evaluate(method_cfg, method, tracker)
+            results.append(result)
+            if tracker:
+                tracker.log_metrics(tracker.run_id, {f"{method.value}/{k}": result[k]
+                                                     for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+    return results
+
+
+def results_table(results: list[dict]) -> str:
+    """A Markdown table: method, IPC, top-1 and top-5 (mean +- std over seeds, in %)."""
+    lines = ["| method | IPC | top-1 % | top-5 % | seeds |", "|---|---|---|---|---|"]
+    for r in results:
+        ipc = "all" if r["ipc"] is None else str(r["ipc"])
+        lines.append(f"| {r['method']} | {ipc} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_std']:.1f} | "
+                     f"{100 * r['top5_mean']:.1f} +- {100 * r['top5_std']:.1f} | {len(r['seeds'])} |")
+    return "\n".join(lines)

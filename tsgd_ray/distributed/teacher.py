@@ -1,0 +1,160 @@
+"""Teacher stage: Ray Train DDP over clips streamed by Ray Data, or a user's checkpoint imported.
+
+Writes ``<teacher_dir>/teacher.pt`` (state dict + class map, loadable with weights_only=True) and
+then ``teacher.json`` (the completion marker: sha256, source, loss per epoch). Ray Train keeps a
+checkpoint per epoch under ``<teacher_dir>/ray_train``; a rerun after a crash resumes from the
+latest one, and a rerun after success does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.core import training
+from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.models import build_model, checkpoint_bytes, load_checkpoint
+from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
+from tsgd_ray.data.prepare import shards_root
+from tsgd_ray.data.shards import read_manifest
+from tsgd_ray.distributed import train_workers
+from tsgd_ray.distributed.layout import teacher_dir
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "teacher.pt"
+MARKER = "teacher.json"
+
+
+def teacher_uri(cfg: DictConfig) -> str:
+    return storage.join(teacher_dir(cfg), CHECKPOINT)
+
+
+def clip_size(cfg: DictConfig) -> tuple[int, int, int]:
+    return cfg.data.num_frames, cfg.data.height, cfg.data.width
+
+
+def new_teacher(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    """The teacher architecture with its seeded initial weights."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.teacher.model, num_classes, clip_size(cfg), cfg.teacher.width, cfg.teacher.depth)
+
+
+def load_teacher(cfg: DictConfig, classes: list[str], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The finished teacher of this config, frozen, in eval mode on `device`.
+
+    Raises:
+        FileNotFoundError: when the teacher stage has not finished.
+    """
+    model = build_model(cfg.teacher.model, len(classes), clip_size(cfg), cfg.teacher.width, cfg.teacher.depth)
+    load_checkpoint(model, storage.read_bytes(teacher_uri(cfg)), classes)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train loop: AdamW + cosine over teacher.epochs passes of this worker's data shard."""
+    import ray.train
+
+    cfg, classes, expected = loop_config["cfg"], loop_config["classes"], loop_config["expected"]
+    t = cfg.teacher
+    rank, world, device = train_workers.worker_setup(t.cpus_per_worker)
+    import ray.train.torch
+
+    model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    schedule = training.cosine_schedule(optimizer, t.epochs * train_workers.steps_per_epoch(expected, world, t.batch_size))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder, "state.pt"), map_location="cpu", weights_only=True)
+        train_workers.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        start, history = state["epoch"] + 1, state["history"]
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, t.epochs):
+        model.train()
+        losses = []
+        stream = ClipStream(shard, expected // world, cfg.data.max_bad_fraction, t.batch_size, shuffle_seed=cfg.seed * 1000 + epoch)
+        with train_workers.uneven_inputs(model):
+            for batch in stream:
+                x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
+                losses.append(training.teacher_step(model, optimizer, x, batch["label"].to(device), cfg, generator))
+                schedule.step()
+        loss = torch.stack(losses).mean().item() if losses else float("nan")
+        history.append({"step": epoch, "loss": loss, "bad_videos": len(stream.bad)})
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                torch.save({"model": train_workers.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "generator": generator.get_state(),
+                            "epoch": epoch, "history": history}, Path(folder, "state.pt"))
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"epoch": epoch, "loss": loss}, checkpoint=saved)
+
+
+def _train(cfg: DictConfig, classes: list[str]) -> tuple[torch.nn.Module, list[dict]]:
+    from ray.train.torch import TorchTrainer
+
+    model = new_teacher(cfg, len(classes))
+    if cfg.teacher.epochs == 0:
+        return model, []
+    dataset = clip_dataset(cfg, "train")
+    if cfg.data.cache_clips:
+        dataset = dataset.materialize()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg, "classes": classes, "expected": expected_rows(cfg, "train")},
+        scaling_config=train_workers.scaling_config(cfg.teacher, cfg.device),
+        run_config=train_workers.run_config(storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"teacher training under {teacher_dir(cfg)} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder, "state.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model, state["history"]
+
+
+def run_teacher(cfg: DictConfig, tracker=None) -> dict:
+    """Train (or import) the teacher unless this config's teacher is finished; returns its marker.
+
+    Raises:
+        ManifestError: shards not prepared. ModelError: an imported checkpoint that does not fit.
+    """
+    marker_uri = storage.join(teacher_dir(cfg), MARKER)
+    if storage.exists(marker_uri):
+        log.info("teacher: finished at %s, skipped", teacher_dir(cfg))
+        return {**storage.read_json(marker_uri), "skipped": True}
+    started = time.time()
+    classes = read_manifest(shards_root(cfg))["classes"]
+    run_id = tracker.child("teacher") if tracker else None
+    if cfg.teacher.checkpoint:
+        model = load_checkpoint(new_teacher(cfg, len(classes)), storage.read_bytes(cfg.teacher.checkpoint), classes)
+        history, source = [], "imported"
+    else:
+        model, history = _train(cfg, classes)
+        source = "trained"
+    data = checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
+    storage.write_once(teacher_uri(cfg), data)
+    marker = {"uri": teacher_uri(cfg), "sha256": hashlib.sha256(storage.read_bytes(teacher_uri(cfg))).hexdigest(),
+              "source": source, "classes": len(classes), "history": history, "seconds": round(time.time() - started, 1)}
+    storage.write_json_once(marker_uri, marker)
+    if tracker:
+        tracker.log_history(run_id, history)
+        tracker.set_tags(run_id, {"teacher_sha256": marker["sha256"], "source": source})
+        tracker.finish(run_id)
+    log.info("teacher: %s in %.0f s -> %s", source, marker["seconds"], teacher_uri(cfg))
+    return marker

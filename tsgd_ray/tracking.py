@@ -1,0 +1,184 @@
+"""The MLflow face of a run: one parent run per invocation, a child run per stage (and per seed).
+
+Everything goes through an explicit `MlflowClient` and explicit run ids, so nothing depends on
+MLflow's process-global active run or on MLFLOW_EXPERIMENT_ID leaking into Ray workers; only the
+driver talks to MLflow. The tracking URI is `tracking.tracking_uri`, else MLFLOW_TRACKING_URI,
+else a sqlite file under a local output root (./mlflow.db when the output root is remote).
+
+No credential is ever logged: URIs lose their user-info (``scheme://user:pass@host`` ->
+``scheme://***@host``), values under keys that name a secret are replaced, and the params are
+the resolved config only (credentials live in the environment, never in the config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.config import to_dict, to_yaml
+
+log = logging.getLogger(__name__)
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.IGNORECASE)
+_PACKAGES = ("tsgd-ray", "torch", "ray", "mlflow", "pyarrow", "decord2", "omegaconf", "s3fs")
+MAX_PARAM_LENGTH = 6000
+
+
+def redact(text: str) -> str:
+    """`text` with the user-info of every URI in it replaced by ***."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": str(value)}, redacted (URIs and secret-named keys)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif _SECRET_KEY.search(str(key)):
+            out[name] = "***"
+        else:
+            out[name] = redact(str(value))[:MAX_PARAM_LENGTH]
+    return out
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = storage.absolute(cfg.storage.output_root)
+    if storage.is_local(root):
+        os.makedirs(root, exist_ok=True)
+        return f"sqlite:///{Path(root, 'mlflow.db')}"
+    return f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def _artifact_location(cfg: DictConfig, uri: str) -> Optional[str]:
+    """tracking.artifact_location; for a sqlite store, <output_root>/mlartifacts when the output
+    root is local (MLflow's default, ./mlruns, would write outside it); else the server's default."""
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    root = storage.absolute(cfg.storage.output_root)
+    if uri.startswith("sqlite:") and storage.is_local(root):
+        return Path(root, "mlartifacts").as_uri()
+    return None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    tags = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            tags[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {f"version.{k}": v for k, v in tags.items()}
+
+
+class Tracker:
+    """A parent MLflow run for one invocation (`command`), with child runs for stages and seeds.
+
+    Use as a context manager: the parent ends FINISHED, or FAILED when an exception leaves it.
+    """
+
+    def __init__(self, cfg: DictConfig, command: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(cfg)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        name = cfg.tracking.experiment
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(name, artifact_location=_artifact_location(cfg, self.uri))
+        else:
+            self.experiment_id = experiment.experiment_id
+        tags = {"command": command, "git_commit": _git_commit(), **_versions(),
+                "output_root": redact(storage.absolute(cfg.storage.output_root))}
+        run = self.client.create_run(self.experiment_id, run_name=cfg.tracking.run_name or None, tags=tags)
+        self.run_id = run.info.run_id
+        self.log_params(self.run_id, flatten(to_dict(cfg)))
+        self.log_text(self.run_id, "config.yaml", redact(to_yaml(cfg)))
+        self._open: list[str] = []
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else "FAILED"
+        for run_id in reversed(self._open):
+            self.client.set_terminated(run_id, status)
+        self.client.set_terminated(self.run_id, status)
+
+    @property
+    def location(self) -> str:
+        """Where to find the parent run (tracking URI and run id), credentials removed."""
+        return f"{redact(self.uri)} experiment={self.experiment_id} run={self.run_id}"
+
+    def child(self, name: str, parent: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> str:
+        """Start a child run of `parent` (default: the invocation's run); returns its id."""
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": parent or self.run_id, "stage": name, **(tags or {})})
+        self._open.append(run.info.run_id)
+        return run.info.run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+        if run_id in self._open:
+            self._open.remove(run_id)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, redact(str(value)))
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_history(run_id, [{"step": step, **metrics}])
+
+    def log_history(self, run_id: str, rows: Iterable[dict[str, float]], prefix: str = "") -> None:
+        """Log rows {"step": s, name: value, ...} as metrics `prefix + name` at step s."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{prefix}{k}", float(v), now, int(row["step"]))
+                   for row in rows for k, v in row.items() if k != "step"]
+        for start in range(0, len(metrics), 900):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 900])
+
+    def log_text(self, run_id: str, name: str, text: str) -> None:
+        self.log_bytes(run_id, name, text.encode())
+
+    def log_bytes(self, run_id: str, name: str, data: bytes) -> None:
+        """Store `data` as the artifact `name` (may contain '/') of the run."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, Path(name).name)
+            path.write_bytes(data)
+            folder = str(Path(name).parent)
+            self.client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
