@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no ~/.ray/auth_token for t
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +41,7 @@ def s3_server():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -75,7 +75,7 @@ def ray_session(s3_server):
 
     temp_dir = REPO / ".cache" / "ray"
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
              _temp_dir=str(temp_dir), log_to_driver=False)
     from ray.data import DataContext
 

@@ -1,0 +1,151 @@
+"""Scaling benchmark of the distill stage, measured side by side in one run.
+
+(a) Ray overhead: one actor recovering a partition (`PartitionWorker.recover`, teacher already
+    loaded) vs the same `recover_partition` call in this plain process; both single-threaded.
+    Target: actor / plain <= 1.10.
+(b) Two actors vs one, one torch thread each, the whole stage (`run_distill`, actor start-up
+    included) on the same partitions. Target on a 2-core machine: speedup >= 1.7.
+(c) On a CUDA machine: synthetic video-iterations per second of one actor on one GPU, at
+    --gpu-size (default MiniC3D at 16x112x112), with --gpu-videos videos in one partition.
+
+    python benchmarks/scaling.py                 # (a) and (b); (c) too when CUDA is available
+    python benchmarks/scaling.py --iterations 50 --repeats 1
+
+The teacher is the default config's architecture with its seeded initial weights: recovery costs
+the same whatever the weights, so no training is needed to time it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tsgd_ray.config import load_config  # noqa: E402
+from tsgd_ray.core.models import checkpoint_bytes  # noqa: E402
+from tsgd_ray.data.prepare import run_prepare, shards_root  # noqa: E402
+from tsgd_ray.data.shards import read_manifest  # noqa: E402
+from tsgd_ray.distributed.cluster import init_ray  # noqa: E402
+from tsgd_ray.distributed.distill import PartitionWorker, load_plan, recover_partition, run_distill  # noqa: E402
+from tsgd_ray.distributed.layout import distill_dir  # noqa: E402
+from tsgd_ray.distributed.stats import load_init, load_statistics, run_stats  # noqa: E402
+from tsgd_ray.distributed.teacher import load_teacher, new_teacher, run_teacher  # noqa: E402
+
+
+def prepared_config(root: Path, overrides: list[str]):
+    """Default config with a seeded, untrained teacher imported; shards and statistics prepared."""
+    teacher_file = root / "untrained-teacher.pt"
+    base = load_config("default", [f"storage.output_root={root}", *overrides])
+    run_prepare(base)
+    classes = read_manifest(shards_root(base))["classes"]
+    if not teacher_file.exists():
+        teacher_file.write_bytes(checkpoint_bytes(new_teacher(base, len(classes)), classes))
+    cfg = load_config("default", [f"storage.output_root={root}", f"teacher.checkpoint={teacher_file}", *overrides])
+    run_teacher(cfg)
+    run_stats(cfg)
+    return cfg, classes
+
+
+def fresh_distill(cfg) -> None:
+    path = Path(distill_dir(cfg))
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def ray_overhead(cfg, classes, repeats: int) -> tuple[float, float]:
+    """Median seconds of one partition: (plain process, one warm actor)."""
+    import ray
+
+    torch.set_num_threads(1)
+    plan = load_plan(cfg, len(classes))
+    teacher, init, stats = load_teacher(cfg, classes), load_init(cfg), load_statistics(cfg)
+    actor = ray.remote(PartitionWorker).options(num_cpus=1).remote(cfg, classes, 1)
+    plain, remote = [], []
+    for _ in range(repeats):
+        for measure, out in ((lambda: recover_partition(cfg, teacher, init, stats, 0, plan[0]), plain),
+                             (lambda: ray.get(actor.recover.remote(0, plan[0])), remote)):
+            fresh_distill(cfg)
+            load_plan(cfg, len(classes))
+            started = time.perf_counter()
+            measure()
+            out.append(time.perf_counter() - started)
+    ray.kill(actor)
+    return statistics.median(plain), statistics.median(remote)
+
+
+def pool_seconds(cfg_for, actors: int) -> float:
+    cfg = cfg_for(actors)
+    fresh_distill(cfg)
+    started = time.perf_counter()
+    run_distill(cfg)
+    return time.perf_counter() - started
+
+
+def gpu_rate(args) -> float:
+    """Synthetic video-iterations/s of one actor on one GPU (recovery only, teacher loaded)."""
+    f, h, w = args.gpu_size
+    cfg = load_config("default", [f"storage.output_root={args.root}/gpu", "device=cuda", f"data.num_frames={f}",
+                                  f"data.height={h}", f"data.width={w}", f"distill.ipc={args.gpu_videos}",
+                                  f"distill.iterations={args.iterations}", "distill.bn_target=global"])
+    from tsgd_ray.core.recovery import recover
+
+    teacher = new_teacher(cfg, 8).cuda().eval()
+    labels = torch.arange(8).repeat_interleave(args.gpu_videos // 8 or 1)[: args.gpu_videos]
+    indices = torch.arange(len(labels))
+    x0 = torch.randn(len(labels), 3, f, h, w, device="cuda")
+    recover(teacher, x0, labels, indices, load_config("default", ["distill.iterations=5", "device=cuda"]))  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    recover(teacher, x0, labels, indices, cfg)
+    torch.cuda.synchronize()
+    return len(labels) * args.iterations / (time.perf_counter() - started)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=str(REPO / ".cache" / "scaling"))
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--ipc", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-size", type=int, nargs=3, default=[16, 112, 112], metavar=("F", "H", "W"))
+    parser.add_argument("--gpu-videos", type=int, default=50)
+    args = parser.parse_args(argv)
+    common = [f"distill.iterations={args.iterations}", f"distill.ipc={args.ipc}", "distill.cpus_per_actor=0.5",
+              f"ray.temp_dir={REPO / '.cache' / 'ray-scaling'}"]
+    base, classes = prepared_config(Path(args.root), ["distill.actors=1", *common])
+    init_ray(base)
+    print(f"distill: {len(classes)} classes x ipc {args.ipc}, {args.iterations} iterations, "
+          f"clips {base.data.num_frames}x{base.data.height}x{base.data.width}, teacher {base.teacher.model} "
+          f"width {base.teacher.width}, torch threads 1 per worker")
+
+    plain, actor = ray_overhead(base, classes, args.repeats)
+    print(f"(a) one partition: plain process {plain:.2f} s, one actor {actor:.2f} s -> "
+          f"ratio {actor / plain:.3f} (target <= 1.10)")
+
+    def cfg_for(actors: int):
+        return load_config("default", [f"storage.output_root={args.root}", f"teacher.checkpoint={base.teacher.checkpoint}",
+                                       f"distill.actors={actors}", f"distill.partitions={len(classes)}", *common])
+
+    one = statistics.median(pool_seconds(cfg_for, 1) for _ in range(args.repeats))
+    two = statistics.median(pool_seconds(cfg_for, 2) for _ in range(args.repeats))
+    print(f"(b) whole stage, {len(classes)} partitions: 1 actor {one:.1f} s, 2 actors {two:.1f} s -> "
+          f"speedup {one / two:.2f} (target >= 1.7)")
+    if torch.cuda.is_available():
+        rate = gpu_rate(args)
+        print(f"(c) {torch.cuda.get_device_name()}: {rate:.0f} video-iterations/s per GPU at "
+              f"{'x'.join(map(str, args.gpu_size))}, {args.gpu_videos} videos")
+    else:
+        print("(c) no CUDA device here: GPU iterations/s not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

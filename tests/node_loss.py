@@ -1,0 +1,79 @@
+"""Run by test_faults.py in its own process: distill on a 3-node `ray.cluster_utils.Cluster`
+(a head with no CPUs, two 2-CPU workers, one single-threaded 1.5-CPU distill actor on each), remove the node of one actor
+while it recovers its second partition, add a node back, and let the stage finish.
+
+    python tests/node_loss.py OUTPUT_ROOT TEACHER_CHECKPOINT RAY_TEMP_DIR
+
+Prints one JSON line: the distill summary, the actor pids seen, and the sha256 of the merged set
+and of an undisturbed run's (same cluster, same settings, another output root).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(output_root: str, teacher: str, temp_dir: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tsgd_ray import storage
+    from tsgd_ray.data.prepare import run_prepare
+    from tsgd_ray.distributed.distill import partition_uri, run_distill
+    from tsgd_ray.distributed.merge import run_merge
+    from tsgd_ray.distributed.stats import run_stats
+    from tsgd_ray.distributed.teacher import run_teacher
+
+    from stage_helpers import imported_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
+                                                            "object_store_memory": 150 * 2**20})
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    cfg = imported_config(Path(output_root), Path(teacher), "distill.actors=2", "distill.cpus_per_actor=1.5",
+                          "distill.iterations=150")
+    run_prepare(cfg)
+    run_teacher(cfg)
+    with_stats = imported_config(Path(output_root), Path(teacher), "distill.actors=1", "distill.cpus_per_actor=0.5")
+    run_stats(with_stats)  # the statistics do not depend on the actor count (same folder)
+
+    undisturbed = imported_config(Path(output_root) / "undisturbed", Path(teacher), "distill.actors=2",
+                                  "distill.cpus_per_actor=1.5", "distill.iterations=150")
+    for stage in (run_prepare, run_teacher):
+        stage(undisturbed)
+    run_stats(imported_config(Path(output_root) / "undisturbed", Path(teacher), "distill.actors=1",
+                              "distill.cpus_per_actor=0.5"))
+    run_distill(undisturbed)
+    reference = run_merge(undisturbed)["data_sha256"]
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_distill(cfg, actor_prefix="node-loss")))
+    thread.start()
+    first = [partition_uri(cfg, p, ".json") for p in (0, 1)]
+    while not all(map(storage.exists, first)) and thread.is_alive():
+        time.sleep(0.05)
+    # the actor that wrote partition 1 has just been handed partition 2 or 3: take its node away
+    target = storage.read_json(first[1])["node_id"]
+    removed = next(w for w in workers if w.node_id == target)
+    cluster.remove_node(removed)
+    time.sleep(2)
+    cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20)
+    thread.join(timeout=240)
+    merged = run_merge(cfg)
+    print(json.dumps({"summary": {k: v for k, v in result.items() if k != "markers"},
+                      "pids": sorted({m["pid"] for m in result.get("markers", [])}),
+                      "restarted_in_place": len({m["pid"] for m in result.get("markers", [])}) > 2,
+                      "data_sha256": merged["data_sha256"], "undisturbed_data_sha256": reference}))
+    # the test compares the two merged sets under OUTPUT_ROOT and OUTPUT_ROOT/undisturbed
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,132 @@
+"""Faults in the distill stage: nothing lost, nothing duplicated, and the merged synthetic set is
+bit-identical to an undisturbed run's (recovered in one process by the core)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tsgd_ray import storage
+from tsgd_ray.config import to_yaml
+from tsgd_ray.data.prepare import run_prepare
+from tsgd_ray.distributed.distill import partition_uri, run_distill
+from tsgd_ray.distributed.merge import load_synthetic, run_merge
+from tsgd_ray.distributed.stats import run_stats
+from tsgd_ray.distributed.teacher import run_teacher
+
+from conftest import REPO
+from stage_helpers import assert_same_videos, imported_config, reference_videos, teacher_file
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return teacher_file(tmp_path_factory.mktemp("teacher"))
+
+
+def _ready(cfg) -> None:
+    run_prepare(cfg)
+    run_teacher(cfg)
+    run_stats(cfg)
+
+
+def _wait_for(uri: str, thread_or_process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    alive = thread_or_process.is_alive if hasattr(thread_or_process, "is_alive") else lambda: thread_or_process.poll() is None
+    while not storage.exists(uri):
+        assert alive() and time.time() < deadline, f"{uri} never appeared"
+        time.sleep(0.05)
+
+
+def _markers(cfg, partitions: int) -> list[dict]:
+    return [storage.read_json(partition_uri(cfg, p, ".json")) for p in range(partitions)]
+
+
+def test_actor_killed_mid_partition(ray_session, tmp_path, teacher_path):
+    import ray
+
+    cfg = imported_config(tmp_path / "out", teacher_path, "distill.iterations=150")
+    _ready(cfg)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_distill(cfg, actor_prefix="kill-test")))
+    thread.start()
+    _wait_for(partition_uri(cfg, 0, ".json"), thread)
+    time.sleep(0.5)  # the actor is now inside partition 1
+    ray.kill(ray.get_actor("kill-test-0"), no_restart=False)
+    thread.join(timeout=240)
+    assert not thread.is_alive()
+
+    markers = _markers(cfg, 4)
+    assert [m["partition"] for m in markers] == [0, 1, 2, 3]
+    assert markers[0]["pid"] != markers[1]["pid"] == markers[3]["pid"]  # restarted actor, new process
+    assert result["recovered"] == 4 and result["skipped"] == 0
+    run_merge(cfg)
+    videos, labels, _ = load_synthetic(cfg)
+    assert torch.bincount(labels).tolist() == [1] * 8
+    assert_same_videos(videos, reference_videos(cfg), cfg)
+
+
+def test_node_removed_and_added_back(ray_session, tmp_path, teacher_path):
+    """On a 3-node ray.cluster_utils.Cluster (its own process: one Ray per process)."""
+    temp_dir = REPO / ".cache" / f"ray-nodes-{os.getpid()}"
+    out = tmp_path / "cluster"
+    proc = subprocess.run([PYTHON, str(REPO / "tests" / "node_loss.py"), str(out), str(teacher_path), str(temp_dir)],
+                          capture_output=True, text=True, timeout=360, cwd=REPO,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["summary"]["recovered"] == 4 and report["summary"]["partitions"] == 4
+    assert report["summary"]["actor_failures"] + report["restarted_in_place"] >= 1
+    assert len(report["pids"]) >= 3  # two actors, and the lost one came back in a new process
+    settings = ("distill.actors=2", "distill.cpus_per_actor=1.5", "distill.iterations=150")
+    disturbed = imported_config(out, teacher_path, *settings)
+    undisturbed = imported_config(out / "undisturbed", teacher_path, *settings)
+    (videos, labels, _), (expected, expected_labels, _) = load_synthetic(disturbed), load_synthetic(undisturbed)
+    assert torch.equal(labels, expected_labels) and torch.bincount(labels).tolist() == [1] * 8
+    assert_same_videos(videos, expected, disturbed)
+
+
+def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_path):
+    cfg = imported_config(tmp_path / "out", teacher_path, "distill.iterations=150")
+    _ready(cfg)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(to_yaml(cfg))  # the CLI runs exactly this config
+    command = [str(Path(PYTHON).parent / "tsgd-ray"), "distill", str(config_file),
+               f"ray.temp_dir={REPO / '.cache' / f'ray-driver-{os.getpid()}'}", "ray.num_cpus=1", "ray.object_store_mb=200",
+               f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(partition_uri(cfg, 0, ".json"), driver, timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and every process of its session
+        driver.wait()
+    finished = [p for p in range(4) if storage.exists(partition_uri(cfg, p, ".json"))]
+    assert 1 <= len(finished) < 4
+    before = {p: (os.stat(partition_uri(cfg, p, ".pt")).st_mtime_ns, storage.read_bytes(partition_uri(cfg, p, ".json")))
+              for p in finished}
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = re.search(r"distill: 4 partitions, (\d) finished, (\d) to do", rerun.stderr)
+    assert resumed and resumed.groups() == (str(len(finished)), str(4 - len(finished))), rerun.stderr[-2000:]
+    after = {p: (os.stat(partition_uri(cfg, p, ".pt")).st_mtime_ns, storage.read_bytes(partition_uri(cfg, p, ".json")))
+             for p in finished}
+    assert after == before  # not recomputed, not rewritten
+    assert [m["partition"] for m in _markers(cfg, 4)] == [0, 1, 2, 3]
+    run_merge(cfg)
+    assert_same_videos(load_synthetic(cfg)[0], reference_videos(cfg), cfg)
