@@ -61,9 +61,13 @@ def partition_uri(cfg: DictConfig, partition_id: int, suffix: str) -> str:
     return storage.join(distill_dir(cfg), "partitions", partition_name(partition_id) + suffix)
 
 
+def plan_uri(cfg: DictConfig) -> str:
+    return storage.join(distill_dir(cfg), PLAN)
+
+
 def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
     """The partition plan of this run: the one already written, else a new one (written now)."""
-    uri = storage.join(distill_dir(cfg), PLAN)
+    uri = plan_uri(cfg)
     wanted = cfg.distill.partitions or 4 * cfg.distill.actors
     storage.write_json_once(uri, {"partitions": plan_partitions(num_classes, wanted)})
     return storage.read_json(uri)["partitions"]

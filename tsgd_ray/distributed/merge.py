@@ -25,7 +25,7 @@ from tsgd_ray.core.clips import to_uint8_clips
 from tsgd_ray.data.prepare import shards_root
 from tsgd_ray.data.shards import read_manifest
 from tsgd_ray.data.video import encode_mp4
-from tsgd_ray.distributed.distill import load_plan, partition_uri
+from tsgd_ray.distributed.distill import partition_uri, plan_uri
 from tsgd_ray.distributed.layout import read_tensors, synthetic_dir, teacher_dir
 from tsgd_ray.distributed.teacher import MARKER as TEACHER_MARKER
 
@@ -42,7 +42,9 @@ class MergeError(ValueError):
 
 
 def _collect(cfg: DictConfig, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = load_plan(cfg, len(classes))
+    if not storage.exists(plan_uri(cfg)):  # merge only reads: the plan is the distill stage's to make
+        raise MergeError(f"no partition plan at {plan_uri(cfg)}: run the distill stage first")
+    plan = storage.read_json(plan_uri(cfg))["partitions"]
     parts = [read_tensors(partition_uri(cfg, p, ".pt")) for p in range(len(plan))
              if storage.exists(partition_uri(cfg, p, ".json"))]
     if not parts:
