@@ -73,12 +73,15 @@ def test_failed_invocation_marks_runs_failed(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, s3_server):
+    """`mlflow server` as infra/mlflow/README.md runs it: a database backend (sqlite here) and an
+    S3 artifact store (the loopback S3 server) that the server proxies; yields (URL, artifact URI)."""
     port = free_port()
+    artifacts = f"s3://{BUCKET}/mlflow-server-{os.urandom(3).hex()}"
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+         "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -89,22 +92,31 @@ def mlflow_server(tmp_path):
         except OSError:
             assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
             time.sleep(0.5)
-    yield url
+    yield url, artifacts
     os.killpg(server.pid, 15)
     server.wait(timeout=30)
 
 
-def test_mlflow_server_on_loopback(tmp_path, mlflow_server):
+def test_shared_mlflow_server_with_s3_artifacts(tmp_path, mlflow_server, monkeypatch):
+    """The job needs only MLFLOW_TRACKING_URI: no S3 credentials, the server writes the artifacts."""
+    import s3fs
     from mlflow.tracking import MlflowClient
 
-    cfg = tiny_config(tmp_path / "out", f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=server")
+    url, artifacts = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key)
+    cfg = tiny_config(tmp_path / "out", "tracking.experiment=server")
     with Tracker(cfg, "run") as tracker:
         tracker.log_metrics(tracker.run_id, {"tsgd/top1_mean": 0.5})
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(url)
     run = client.get_run(tracker.run_id)
     assert run.data.metrics["tsgd/top1_mean"] == 0.5 and run.data.params["seed"] == "0"
     assert "config.yaml" in [a.path for a in client.list_artifacts(tracker.run_id)]
-    assert (tmp_path / "server-artifacts").exists()  # proxied to the server's artifact store
+    monkeypatch.undo()
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert any(k.endswith(f"{tracker.run_id}/artifacts/config.yaml") for k in fs.find(artifacts.removeprefix("s3://")))
 
 
 def test_artifacts_on_s3(tmp_path, s3_server, monkeypatch):

@@ -24,18 +24,18 @@ class ConfigError(ValueError):
 
 
 class DatasetKind(str, enum.Enum):
-    builtin = "builtin"
-    ucf101 = "ucf101"
-    hmdb51 = "hmdb51"
-    kinetics = "kinetics"
-    ssv2 = "ssv2"
-    csv = "csv"
-    folder = "folder"
+    builtin = "builtin"  # the built-in motion-digits set, generated under storage.cache_root
+    ucf101 = "ucf101"  # UCF-101/<Class>/*.avi with ucfTrainTestlist/
+    hmdb51 = "hmdb51"  # <class>/*.avi with testTrainMulti_7030_splits/
+    kinetics = "kinetics"  # Kinetics-400/600/700: annotation CSVs, nested or flat video folders
+    ssv2 = "ssv2"  # Something-Something v2: <id>.webm with labels.json, train.json, validation.json
+    csv = "csv"  # a path,label[,split] CSV in data.annotations
+    folder = "folder"  # [train|val|test/]<class>/<video> folders
 
 
 class OnCatalogError(str, enum.Enum):
-    error = "error"
-    skip = "skip"
+    error = "error"  # stop, naming the count and 5 examples
+    skip = "skip"  # skip them and list them in the shard manifest
 
 
 class TemporalSampling(str, enum.Enum):
@@ -45,31 +45,31 @@ class TemporalSampling(str, enum.Enum):
 
 
 class BNTarget(str, enum.Enum):
-    global_ = "global"
-    class_mixture = "class_mixture"
+    global_ = "global"  # the teacher's running statistics (the paper, SRe2L)
+    class_mixture = "class_mixture"  # the real statistics of the classes in the batch, weighted by their share
 
 
 class InitKind(str, enum.Enum):
-    real = "real"
-    lowest_loss = "lowest_loss"
-    noise = "noise"
+    real = "real"  # IPC real clips per class, drawn with the seed
+    lowest_loss = "lowest_loss"  # the IPC clips per class the teacher finds easiest (RDED-style)
+    noise = "noise"  # Gaussian noise, for ablations (the saliency map is then meaningless)
 
 
 class Compensation(str, enum.Enum):
-    none = "none"
-    median = "median"
-    shift = "shift"
+    none = "none"  # raw frame differences (the paper)
+    median = "median"  # subtract each difference map's median (a global change of brightness or a pan)
+    shift = "shift"  # align each frame to the previous one by the best integer translation first
 
 
 class Granularity(str, enum.Enum):
-    pixel = "pixel"
-    frame = "frame"
+    pixel = "pixel"  # a weight per pixel and frame
+    frame = "frame"  # one weight per frame (the mean over its pixels)
 
 
 class LabelKind(str, enum.Enum):
-    soft_kl = "soft_kl"
-    soft_mse = "soft_mse"
-    hard = "hard"
+    soft_kl = "soft_kl"  # KL to the teacher's softened outputs on each augmented batch, times T^2
+    soft_mse = "soft_mse"  # MSE to the teacher's logits plus evaluate.mse_ce_weight * CE (Video-DC)
+    hard = "hard"  # cross-entropy with the class labels (the older protocol)
 
 
 class TSGFAMode(str, enum.Enum):
@@ -78,28 +78,28 @@ class TSGFAMode(str, enum.Enum):
 
 
 class Method(str, enum.Enum):
-    tsgd = "tsgd"
-    sre2l_video = "sre2l_video"
-    random_real = "random_real"
-    herding = "herding"
-    full = "full"
+    tsgd = "tsgd"  # recovery with TSGF (TSGFO), students with TSGFA
+    sre2l_video = "sre2l_video"  # recovery without TSGF
+    random_real = "random_real"  # IPC seeded real clips per class, not optimised
+    herding = "herding"  # the clips nearest the class mean of teacher features (benchmarks only)
+    full = "full"  # the student trained on every real training clip (the ceiling)
 
 
 @dataclass
 class BuiltinDatasetConfig:
     """The built-in motion-digits dataset: only the order of frames tells classes apart."""
 
-    train_per_class: int = 60
-    test_per_class: int = 20
-    frames: int = 16
-    size: int = 64
-    fps: int = 8
-    seed: int = 0
+    train_per_class: int = 60  # training videos per class
+    test_per_class: int = 20  # test videos per class
+    frames: int = 16  # frames per video
+    size: int = 64  # frame height and width, pixels
+    fps: int = 8  # frame rate written into the mp4 files
+    seed: int = 0  # seed of the generator (textures, digits, motion)
 
 
 @dataclass
 class DataConfig:
-    dataset: DatasetKind = DatasetKind.builtin
+    dataset: DatasetKind = DatasetKind.builtin  # the layout of data.root
     # Dataset root (videos and annotation files): a local path or any fsspec URI (s3://...).
     # Required unless dataset=builtin.
     root: str = ""
@@ -109,31 +109,34 @@ class DataConfig:
     split_id: int = 1  # UCF101 / HMDB51 official split, 1..3
     classes: list[str] = field(default_factory=list)  # restrict to these class names (e.g. MiniUCF)
     on_catalog_error: OnCatalogError = OnCatalogError.error  # missing files, unknown labels
+    # Video file extensions a catalog picks up (case-insensitive).
     extensions: list[str] = field(
         default_factory=lambda: ["mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg"]
     )
     builtin: BuiltinDatasetConfig = field(default_factory=BuiltinDatasetConfig)
     # Shards: where `prepare` writes them; empty means <storage.output_root>/shards.
     shards: str = ""
-    shard_target_mb: float = 256.0
+    shard_target_mb: float = 256.0  # about this many MB of video bytes per Parquet shard
     transcode_short_side: int = 0  # 0 keeps the source bytes; >0 re-encodes to this short side
     prepare_concurrency: int = 0  # parallel shard writers; 0 = one per CPU of the cluster
     # Clips decoded from the shards.
-    num_frames: int = 16
-    height: int = 112
-    width: int = 112
-    sampling: TemporalSampling = TemporalSampling.uniform
-    frame_interval: int = 2
-    decode_actors: int = 1
-    decode_cpus_per_actor: float = 0.5
-    decode_batch_size: int = 8
+
+    num_frames: int = 16  # frames per clip
+    height: int = 112  # clip height after resizing, pixels
+    width: int = 112  # clip width after resizing, pixels
+    sampling: TemporalSampling = TemporalSampling.uniform  # which frames a clip takes
+    frame_interval: int = 2  # frames between sampled frames (center and random sampling)
+    decode_actors: int = 1  # Ray Data actors decoding clips (the most an autoscaling pool grows to)
+    decode_cpus_per_actor: float = 0.5  # CPUs Ray reserves for each decoding actor
+    decode_batch_size: int = 8  # videos per decode batch (and per Ray Data block)
     # Keep decoded clips in Ray's object store between passes (teacher epochs, evaluation seeds):
     # right for small datasets, wrong for Kinetics (it would not fit).
     cache_clips: bool = False
+    # Undecodable videos are skipped and counted; a pass fails once more than this fraction fail.
     max_bad_fraction: float = 0.01
     # Per-channel normalisation of RGB in [0, 1] into the model's input space (Kinetics values).
     mean: list[float] = field(default_factory=lambda: [0.43216, 0.394666, 0.37645])
-    std: list[float] = field(default_factory=lambda: [0.22803, 0.22145, 0.216989])
+    std: list[float] = field(default_factory=lambda: [0.22803, 0.22145, 0.216989])  # x' = (x - mean) / std
 
 
 @dataclass
@@ -151,74 +154,74 @@ class AugmentConfig:
 
 @dataclass
 class TeacherConfig:
-    model: str = "mini_c3d"
-    width: int = 32
-    depth: int = 4
+    model: str = "mini_c3d"  # a registered model: mini_c3d, or r3d_18, mc3_18, r2plus1d_18 (vision extra)
+    width: int = 32  # channels of the first mini_c3d block (doubling per block)
+    depth: int = 4  # conv blocks of mini_c3d
     checkpoint: str = ""  # import this checkpoint (state dict or safetensors) instead of training
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    epochs: int = 30  # passes over the real training clips
+    batch_size: int = 32  # clips per step, over all workers
+    lr: float = 1e-3  # AdamW learning rate (cosine schedule)
+    weight_decay: float = 1e-4  # AdamW weight decay
     num_workers: int = 1  # Ray Train (DDP) workers
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each training worker
+    gpus_per_worker: float = 0.0  # GPUs per training worker (1 on a GPU cluster)
 
 
 @dataclass
 class TSGFConfig:
-    enabled: bool = True
-    compensate: Compensation = Compensation.none
-    spatial_kernel: int = 3
-    window: int = 1
+    enabled: bool = True  # filter recovery gradients by saliency (false: the sre2l_video baseline)
+    compensate: Compensation = Compensation.none  # camera-motion compensation of the frame differences
+    spatial_kernel: int = 3  # average-pool kernel over the difference maps, pixels (1 = off)
+    window: int = 1  # temporal smoothing reaches k frames either side
     # Temporal weights alpha_{-k..k}; empty: (0.25, 0.5, 0.25) when window=1, uniform otherwise.
     alpha: list[float] = field(default_factory=list)
-    eps: float = 1e-6
-    granularity: Granularity = Granularity.pixel
-    w_min: float = 0.1
-    every: int = 1
+    eps: float = 1e-6  # added to the clip's maximum before normalising the map to [0, 1]
+    granularity: Granularity = Granularity.pixel  # what one saliency weight covers
+    w_min: float = 0.1  # TSGFO keeps this share of the gradient where nothing moves
+    every: int = 1  # recompute the saliency map every this many recovery steps
     # TSGFA: crop centres are drawn from h / sum(h) + crop_delta / (H*W), h = time-mean saliency.
     crop_delta: float = 0.05
 
 
 @dataclass
 class DistillConfig:
-    method: Method = Method.tsgd
-    ipc: int = 1
-    iterations: int = 1000
-    lr: float = 0.1
-    lambda_bn: float = 0.01
-    first_bn_weight: float = 10.0
-    bn_target: BNTarget = BNTarget.class_mixture
-    init: InitKind = InitKind.real
+    method: Method = Method.tsgd  # what the run distils (baselines go in evaluate.baselines)
+    ipc: int = 1  # synthetic videos per class
+    iterations: int = 1000  # recovery steps per video
+    lr: float = 0.1  # Adam(0.5, 0.9) learning rate on the pixels (cosine schedule to 0)
+    lambda_bn: float = 0.01  # weight of the BN-statistics term against the cross-entropy
+    first_bn_weight: float = 10.0  # weight of the first BN layer in that term (the rest: 1)
+    bn_target: BNTarget = BNTarget.class_mixture  # which statistics a batch is matched to
+    init: InitKind = InitKind.real  # how synthetic videos start
     chunk_size: int = 50  # most synthetic videos in one forward pass (whole classes are packed)
     log_every: int = 10  # recovery metrics are read back from the device every this many steps
-    partitions: int = 0  # 0 = 4 per actor
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.5
+    partitions: int = 0  # class partitions handed out to the actors; 0 = 4 per actor
+    actors: int = 1  # recovery actors, each holding the frozen teacher
+    gpus_per_actor: float = 0.0  # GPUs per recovery actor (1 on a GPU cluster)
+    cpus_per_actor: float = 0.5  # CPUs Ray reserves per recovery actor
 
 
 @dataclass
 class EvaluateConfig:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 300
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one student per seed; results are mean +- std
+    epochs: int = 300  # student epochs over the synthetic set
+    batch_size: int = 32  # synthetic clips per student step
+    lr: float = 1e-3  # AdamW learning rate (cosine schedule)
+    weight_decay: float = 0.01  # AdamW weight decay
     model: str = ""  # the student architecture; empty: the teacher's
-    width: int = 0  # mini_c3d student width; 0: the teacher's
-    depth: int = 0  # mini_c3d student depth; 0: the teacher's
-    labels: LabelKind = LabelKind.soft_kl
-    temperature: float = 4.0
+    width: int = 0  # student width (mini_c3d); 0: the teacher's
+    depth: int = 0  # student depth (mini_c3d); 0: the teacher's
+    labels: LabelKind = LabelKind.soft_kl  # what the student learns from
+    temperature: float = 4.0  # softmax temperature T of labels=soft_kl
     mse_ce_weight: float = 0.1  # labels=soft_mse: MSE to the teacher logits + this * CE
-    tsgfa: bool = True
-    tsgfa_mode: TSGFAMode = TSGFAMode.crop
+    tsgfa: bool = True  # saliency-guided augmentation of the student's clips
+    tsgfa_mode: TSGFAMode = TSGFAMode.crop  # the TSGFA operation
     # Also evaluate these methods (each distilled with the same teacher, ipc and seed): e.g.
     # [random_real, sre2l_video, full]. The run's own method is distill.method.
     baselines: list[Method] = field(default_factory=list)
     num_workers: int = 1  # Ray Train (DDP) workers
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each student worker
+    gpus_per_worker: float = 0.0  # GPUs per student worker
 
 
 @dataclass
@@ -226,8 +229,8 @@ class RayConfig:
     address: str = ""  # empty: start a local Ray; "auto" or ray://... joins a cluster
     num_cpus: int = 0  # local Ray only; 0 = all cores
     object_store_mb: int = 0  # local Ray only; 0 = Ray's default
-    include_dashboard: bool = False
-    temp_dir: str = ""  # local Ray only
+    include_dashboard: bool = False  # local Ray only: start the dashboard (about 1 GB more memory)
+    temp_dir: str = ""  # local Ray only: its session folder; empty: Ray's default
     # How often a lost Ray Train worker or distill actor is replaced before the stage fails.
     max_failures: int = 3
 
@@ -236,24 +239,24 @@ class RayConfig:
 class StorageConfig:
     # Every file the pipeline writes lands under this URI (local path or s3://bucket/prefix).
     output_root: str = "outputs"
-    # Where fetched or generated inputs are cached (the built-in dataset's videos).
-    cache_root: str = ""  # empty: <output_root>/cache
+    # Where fetched or generated inputs are cached (the built-in dataset's videos); empty:
+    cache_root: str = ""  # <output_root>/cache
 
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str = "tsgd-ray"
-    run_name: str = ""
+    tracking_uri: str = ""  # MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else sqlite in <output_root>/mlflow.db
+    experiment: str = "tsgd-ray"  # MLflow experiment; created when missing
+    run_name: str = ""  # name of the parent run; empty: MLflow makes one up
     # Where a new experiment stores artifacts (e.g. s3://bucket/mlflow); empty: the server's default.
     artifact_location: str = ""
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    seed: int = 0  # seeds every random stream (splits, init, augmentation, students)
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (CUDA when the worker has a GPU)
+    amp: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -1,0 +1,203 @@
+"""infra/ validates without a cloud: the AWS cluster config passes Ray's own autoscaler config
+validation and its EC2 node configs botocore's RunInstances model; the KubeRay manifests carry the
+fields KubeRay requires; the image, the manifests and pyproject.toml agree with each other."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+
+import pytest
+import yaml
+
+from commands import REPO, check_command, check_runtime_env
+
+INFRA = REPO / "infra"
+IMAGE_HOME = "/home/ray/tsgd-ray"  # where the Dockerfile puts the repository
+
+
+def _load(path):
+    return yaml.safe_load((INFRA / path).read_text())
+
+
+def _pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _dockerfile():
+    return (INFRA / "docker" / "Dockerfile").read_text()
+
+
+def _ray_version_of_image() -> str:
+    return re.search(r"^ARG RAY_VERSION=(\S+)$", _dockerfile(), re.M).group(1)
+
+
+# ---------------------------------------------------------------- AWS cluster launcher
+
+
+def _validate_cluster(config: dict) -> dict:
+    """What `ray up` does to a config before it calls the cloud: fill defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _validate_run_instances(node_config: dict) -> None:
+    """Check a node_config as the EC2 RunInstances request Ray sends (Ray adds the AMI and counts)."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("ec2")
+    request = {"ImageId": "ami-00000000", "MinCount": 1, "MaxCount": 1, **node_config}
+    report = ParamValidator().validate(request, model.operation_model("RunInstances").input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+def test_aws_cluster_passes_rays_validation():
+    config = _load("aws/cluster.yaml")
+    prepared = _validate_cluster(config)
+    assert prepared["provider"]["type"] == "aws" and prepared["idle_timeout_minutes"] > 0
+    for name, node_type in config["available_node_types"].items():
+        _validate_run_instances(node_type["node_config"])
+    for command in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]:
+        for argv in _shell_commands(command):
+            check_command(argv)
+
+
+def _shell_commands(command: str):
+    from commands import commands_in
+
+    return list(commands_in(command))
+
+
+def test_aws_cluster_has_cpu_head_spot_gpus_with_on_demand_fallback_and_cpu_decoders():
+    config = _load("aws/cluster.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and "GPU" not in head["resources"]
+    gpu = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    spot = [n for n, t in gpu.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    on_demand = [n for n, t in gpu.items() if "InstanceMarketOptions" not in t["node_config"]]
+    assert spot and on_demand
+    for s in spot:
+        # the fallback offers the same resources, so it can take any request spot would have
+        assert any(gpu[o]["resources"] == gpu[s]["resources"] for o in on_demand)
+        assert all(gpu[s]["priority"] > gpu[o]["priority"] for o in on_demand)
+    assert any("RAY_enable_autoscaler_v2=1" in c for c in config["head_start_ray_commands"]), \
+        "priority and failure-aware fallback need autoscaler v2"
+    cpu_workers = [t for n, t in types.items() if n != config["head_node_type"] and "GPU" not in t["resources"]]
+    assert cpu_workers and all(t["min_workers"] == 0 and t["max_workers"] > 0 for t in cpu_workers)
+    assert config["docker"]["image"] == _project_image()
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda c: c.update(idle_timeout_minute=5), "Additional properties"),
+    (lambda c: c["available_node_types"]["gpu-spot"].update(min_workers="two"), "is not of type"),
+    (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+])
+def test_rays_validation_catches_a_broken_cluster_config(damage, error):
+    config = _load("aws/cluster.yaml")
+    damage(config)
+    with pytest.raises(Exception) as info:
+        _validate_cluster(config)
+    assert error in str(info.value)
+
+
+def test_ec2_model_catches_a_broken_node_config():
+    node_config = dict(_load("aws/cluster.yaml")["available_node_types"]["gpu-spot"]["node_config"])
+    node_config["InstanceTyp"] = node_config.pop("InstanceType")
+    with pytest.raises(AssertionError, match="InstanceTyp"):
+        _validate_run_instances(node_config)
+
+
+# ---------------------------------------------------------------- KubeRay
+
+
+def _manifests():
+    docs = {}
+    for path in sorted((INFRA / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def _check_cluster_spec(spec: dict) -> None:
+    """The fields KubeRay's RayCluster CRD requires, and what this project needs of them."""
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert spec["rayVersion"] == _ray_version_of_image()
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        # the CRD types rayStartParams as map[string]string: a bare number is rejected
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+        containers = group["template"]["spec"]["containers"]
+        assert containers and all(c["name"] and c["image"] == _project_image() for c in containers)
+        for c in containers:
+            assert c["resources"]["requests"] == c["resources"]["limits"], "Ray sizes itself from the limits"
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    cpu_groups = [g for g in spec["workerGroupSpecs"] if g not in gpu_groups]
+    assert gpu_groups and cpu_groups and all(g["maxReplicas"] > g["minReplicas"] for g in gpu_groups)
+    assert {"gcs", "dashboard"} <= {p["name"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+
+
+def test_kuberay_raycluster():
+    cluster = _manifests()["RayCluster"]
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["metadata"]["name"]
+    _check_cluster_spec(cluster["spec"])
+
+
+def test_kuberay_rayjob_runs_the_pipeline_from_the_image():
+    manifests = _manifests()
+    job = manifests["RayJob"]
+    assert job["apiVersion"] == "ray.io/v1" and job["spec"]["shutdownAfterJobFinishes"] is True
+    _check_cluster_spec(job["spec"]["rayClusterSpec"])
+    assert job["spec"]["rayClusterSpec"] == manifests["RayCluster"]["spec"], "rayjob.yaml and raycluster.yaml drifted"
+    # the entrypoint runs in the image, where the repository is at IMAGE_HOME
+    entrypoint = job["spec"]["entrypoint"].replace(IMAGE_HOME + "/", "")
+    assert job["spec"]["entrypoint"].split()[3].startswith(IMAGE_HOME) and IMAGE_HOME in _dockerfile()
+    check_command(shlex.split(entrypoint))
+    check_runtime_env(json_text=__import__("json").dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"])))
+    # every ConfigMap the pods read is defined
+    names = {ref["configMapRef"]["name"] for g in [job["spec"]["rayClusterSpec"]["headGroupSpec"],
+                                                   *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+             for c in g["template"]["spec"]["containers"] for ref in c.get("envFrom", [])}
+    assert names == {manifests["ConfigMap"]["metadata"]["name"]}
+    assert "MLFLOW_TRACKING_URI" in manifests["ConfigMap"]["data"]
+
+
+# ---------------------------------------------------------------- image and runtime envs
+
+
+def _project_image() -> str:
+    return f"registry.example.com/tsgd-ray:{_pyproject()['project']['version']}"
+
+
+def test_dockerfile_installs_the_project_on_a_ray_image():
+    from packaging.specifiers import SpecifierSet
+
+    text = _dockerfile()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)
+    ray_spec = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray["))
+    assert _ray_version_of_image() in SpecifierSet(ray_spec.split("]", 1)[1])
+    for line in re.findall(r"^COPY (.*)$", text, re.M):
+        sources = [a for a in line.split()[:-1] if not a.startswith("--")]
+        assert sources and all((REPO / s).exists() for s in sources), line
+    extras = re.findall(r'"\.\[([a-z,]+)\]"', text)
+    assert extras and set(extras[0].split(",")) <= set(_pyproject()["project"]["optional-dependencies"])
+    assert "import decord, av, torch" in text  # the build proves the decoders import
+    for path in ("README.md", "../k8s/rayjob.yaml", "../aws/cluster.yaml"):
+        assert _project_image() in (INFRA / "docker" / path).read_text()
+
+
+def test_runtime_envs_are_valid_and_the_no_image_one_lists_pyprojects_dependencies():
+    for path in ("jobs/runtime_env.yaml", "infra/docker/runtime_env.yaml"):
+        check_runtime_env(path, working_dir=".")
+    env = yaml.safe_load((INFRA / "docker" / "runtime_env.yaml").read_text())
+    wanted = [d.replace(" ", "") for d in _pyproject()["project"]["dependencies"] if not d.startswith("ray")]
+    assert [p.replace(" ", "") for p in env["pip"]["packages"]] == wanted
