@@ -22,7 +22,7 @@ from tsgd_ray.distributed.merge import MergeError, load_synthetic, run_merge
 from tsgd_ray.distributed.run import results_table, run_stages
 from tsgd_ray.distributed.stats import load_init, load_statistics, run_stats
 from tsgd_ray.distributed.teacher import load_teacher, run_teacher
-from tsgd_ray.tracking import Tracker
+from tsgd_ray.tracking import Tracker, compare_runs
 
 from conftest import tiny_config
 from stage_helpers import imported_config, teacher_file
@@ -142,3 +142,12 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     assert {"tsgd/top1_mean", "tsgd/top5_mean"} <= set(by_flag["True"].data.metrics) & set(by_flag["False"].data.metrics)
     off_children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker_off.run_id}'")
     assert "teacher" not in {r.data.tags["stage"] for r in off_children}  # reused, not retrained
+
+    table = compare_runs(off).splitlines()  # `tsgd-ray compare`: newest first, only what differs
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["run", "evaluate.baselines", "tsgf.enabled"] and "tsgd top-1 %" in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(row[0][-9:-1], row[2]) for row in rows] == [(tracker_off.run_id[:8], "False"), (tracker.run_id[:8], "True")]
+    top1 = header.index("tsgd top-1 %")
+    for row, run in zip(rows, (by_flag["False"], by_flag["True"])):
+        assert row[top1] == f"{100 * run.data.metrics['tsgd/top1_mean']:.1f} +- {100 * run.data.metrics['tsgd/top1_std']:.1f}"

@@ -60,6 +60,14 @@ def command_run(cfg: DictConfig) -> int:
     return _stages(cfg, STAGES, "run")
 
 
+def command_compare(cfg: DictConfig) -> int:
+    """Compare the finished runs of the config's MLflow experiment: differing params, top-1/top-5."""
+    from tsgd_ray.tracking import compare_runs
+
+    print(compare_runs(cfg))
+    return 0
+
+
 def _stage_command(stage: str) -> Callable[[DictConfig], int]:
     def command(cfg: DictConfig) -> int:
         return _stages(cfg, (stage,), stage)
@@ -73,6 +81,7 @@ COMMANDS: dict[str, Callable[[DictConfig], int]] = {
     "prepare": command_prepare,
     "run": command_run,
     **{stage: _stage_command(stage) for stage in ("teacher", "stats", "distill", "merge", "evaluate")},
+    "compare": command_compare,
 }
 
 
