@@ -30,8 +30,8 @@ _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def shell_blocks(markdown: str) -> Iterator[str]:
-    """The bodies of ```bash / ```sh / ```shell / ```console blocks."""
-    for match in re.finditer(r"^```(bash|sh|shell|console)\n(.*?)^```", markdown, re.S | re.M):
+    """The bodies of ```bash / ```sh / ```shell / ```console blocks (indented ones too, in lists)."""
+    for match in re.finditer(r"^[ \t]*```(bash|sh|shell|console)\n(.*?)^[ \t]*```", markdown, re.S | re.M):
         yield match.group(2)
 
 
@@ -162,6 +162,15 @@ def _check_docker(argv: Sequence[str]) -> None:
         assert (REPO / args[-1]).is_dir(), f"docker build: the context {args[-1]} is not a folder"
     else:
         assert argv[0] in ("push", "run", "tag", "login"), f"docker {argv[0]}: no check in tests/commands.py"
+
+
+def expand(argv: Sequence[str], env: dict[str, str]) -> list[str]:
+    """Replace each word `$NAME` by the words of `env[NAME]`, as an unquoted shell expansion does."""
+    out: list[str] = []
+    for word in argv:
+        name = word[1:] if word.startswith("$") else ""
+        out.extend(shlex.split(env[name]) if name in env else [word])
+    return out
 
 
 def check_command(argv: Sequence[str]) -> None:
