@@ -89,3 +89,14 @@ def test_cli_reports_config_errors_in_one_line_and_exit_2(capsys, monkeypatch):
     assert main(["prepare", "default", "data.num_frames=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "tsgd-ray prepare: error: data.num_frames: must be >= 2, got 0"
+
+
+def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory: a relative path must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    cfg = load_config(None, ["storage.output_root=outputs/run", "data.shards=s3://bucket/shards",
+                             "teacher.checkpoint=ckpt/teacher.pt"])
+    assert cfg.storage.output_root == str(tmp_path / "outputs" / "run")
+    assert cfg.teacher.checkpoint == str(tmp_path / "ckpt" / "teacher.pt")
+    assert cfg.data.shards == "s3://bucket/shards" and cfg.storage.cache_root == ""

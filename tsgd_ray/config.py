@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -412,9 +413,23 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {name_or_path} (looked at {', '.join(map(str, candidates))})")
 
 
+# Keys holding a local path or URI. A relative local path is made absolute at load time: Ray Train
+# workers run in their own working directory and would resolve it elsewhere.
+PATH_KEYS = ("data.root", "data.annotations", "data.shards", "teacher.checkpoint", "storage.output_root",
+             "storage.cache_root", "ray.temp_dir")
+
+
+def _absolute_local_paths(cfg: DictConfig) -> None:
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value and "://" not in value and not os.path.isabs(value):
+            OmegaConf.update(cfg, key, os.path.abspath(value))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Build, merge and validate a config: schema <- YAML at `path` <- ``key=value`` overrides.
 
+    Relative local paths (PATH_KEYS) become absolute against the current directory.
     Returns a read-only structured DictConfig.
 
     Raises:
@@ -432,6 +447,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as exc:
         raise _as_config_error(exc) from None
     validate(cfg)
+    _absolute_local_paths(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
