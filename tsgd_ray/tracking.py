@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import to_dict, to_yaml
+from tsgd_ray.config import ConfigError, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,6 @@ def compare_runs(cfg: DictConfig, limit: int = 10) -> str:
         ConfigError: when the experiment does not exist at the tracking URI.
     """
     from mlflow.tracking import MlflowClient
-
-    from tsgd_ray.config import ConfigError
 
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
