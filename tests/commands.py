@@ -10,7 +10,8 @@ here fails, so a new kind of command in the docs needs a check added.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
 import re
 import shlex
 import subprocess
@@ -72,12 +73,8 @@ def _check_tsgd_ray(argv: Sequence[str]) -> None:
         args = build_parser().parse_args(list(argv))
     except SystemExit as exc:
         raise AssertionError(f"tsgd-ray {shlex.join(argv)}: does not parse") from exc
-    cwd = os.getcwd()
-    os.chdir(REPO)  # config names resolve in ./configs
-    try:
+    with contextlib.chdir(REPO):  # config names resolve in ./configs
         load_config(args.config, args.overrides)
-    finally:
-        os.chdir(cwd)
 
 
 def _click_parse(command: click.Command, argv: Sequence[str], name: str) -> click.Context:
@@ -110,14 +107,11 @@ def check_runtime_env(path: str | None = None, json_text: str | None = None, wor
     from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
     from ray.runtime_env import RuntimeEnv
 
-    cwd = os.getcwd()
-    os.chdir(REPO)
     try:
-        env = parse_runtime_env_args(runtime_env=path, runtime_env_json=json_text, working_dir=working_dir) or {}
+        with contextlib.chdir(REPO):
+            env = parse_runtime_env_args(runtime_env=path, runtime_env_json=json_text, working_dir=working_dir) or {}
     except ValueError as exc:
         raise AssertionError(f"ray job submit: {exc}") from exc
-    finally:
-        os.chdir(cwd)
     unknown = set(env) - RuntimeEnv.known_fields
     assert not unknown, f"runtime env {path}: unknown fields {sorted(unknown)}"
     RuntimeEnv(**env)
@@ -148,10 +142,16 @@ def _check_python(argv: Sequence[str]) -> None:
         return
     script = argv[0]
     assert (REPO / script).is_file(), f"python {script}: no such file"
-    help_text = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
-                               timeout=120, check=True).stdout
+    help_text = _help_of(script)
     for option in (a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")):
         assert re.search(rf"{re.escape(option)}(?![\w-])", help_text), f"python {script}: no option {option}"
+
+
+@functools.lru_cache(maxsize=None)
+def _help_of(script: str) -> str:
+    """`python script --help` (run once per script: it imports torch)."""
+    return subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=True).stdout
 
 
 def _check_docker(argv: Sequence[str]) -> None:

@@ -5,6 +5,7 @@ fields KubeRay requires; the image, the manifests and pyproject.toml agree with 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 import tomllib
@@ -12,7 +13,7 @@ import tomllib
 import pytest
 import yaml
 
-from commands import REPO, check_command, check_runtime_env
+from commands import REPO, check_command, check_runtime_env, commands_in
 
 INFRA = REPO / "infra"
 IMAGE_HOME = "/home/ray/tsgd-ray"  # where the Dockerfile puts the repository
@@ -28,6 +29,10 @@ def _pyproject():
 
 def _dockerfile():
     return (INFRA / "docker" / "Dockerfile").read_text()
+
+
+def _project_image() -> str:
+    return f"registry.example.com/tsgd-ray:{_pyproject()['project']['version']}"
 
 
 def _ray_version_of_image() -> str:
@@ -64,14 +69,8 @@ def test_aws_cluster_passes_rays_validation():
     for name, node_type in config["available_node_types"].items():
         _validate_run_instances(node_type["node_config"])
     for command in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]:
-        for argv in _shell_commands(command):
+        for argv in commands_in(command):
             check_command(argv)
-
-
-def _shell_commands(command: str):
-    from commands import commands_in
-
-    return list(commands_in(command))
 
 
 def test_aws_cluster_has_cpu_head_spot_gpus_with_on_demand_fallback_and_cpu_decoders():
@@ -162,7 +161,7 @@ def test_kuberay_rayjob_runs_the_pipeline_from_the_image():
     entrypoint = job["spec"]["entrypoint"].replace(IMAGE_HOME + "/", "")
     assert job["spec"]["entrypoint"].split()[3].startswith(IMAGE_HOME) and IMAGE_HOME in _dockerfile()
     check_command(shlex.split(entrypoint))
-    check_runtime_env(json_text=__import__("json").dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"])))
+    check_runtime_env(json_text=json.dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"])))
     # every ConfigMap the pods read is defined
     names = {ref["configMapRef"]["name"] for g in [job["spec"]["rayClusterSpec"]["headGroupSpec"],
                                                    *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
@@ -172,10 +171,6 @@ def test_kuberay_rayjob_runs_the_pipeline_from_the_image():
 
 
 # ---------------------------------------------------------------- image and runtime envs
-
-
-def _project_image() -> str:
-    return f"registry.example.com/tsgd-ray:{_pyproject()['project']['version']}"
 
 
 def test_dockerfile_installs_the_project_on_a_ray_image():

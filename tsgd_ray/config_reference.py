@@ -16,6 +16,7 @@ import enum
 import inspect
 import io
 import json
+import re
 import sys
 import tokenize
 import typing
@@ -113,6 +114,12 @@ def _sentence(text: str) -> str:
     return text if text.endswith(".") else text + "."
 
 
+def _description(cls: type) -> str:
+    """The class docstring; '' for the signature dataclasses write when there is none."""
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(cls.__name__ + "(") else inspect.cleandoc(doc)
+
+
 def key_docs() -> Iterator[tuple[str, str, list[KeyDoc]]]:
     """Yield (section, section description, keys) for every dataclass of the schema, depth first.
 
@@ -136,7 +143,7 @@ def key_docs() -> Iterator[tuple[str, str, list[KeyDoc]]]:
                 parts.append(f"Must be {ranges[key]}")
             meaning = " ".join(_sentence(part) for part in parts if part)
             leaves.append(KeyDoc(key, _type_name(tp), _default_text(default), meaning))
-        yield prefix.rstrip("."), inspect.cleandoc(cls.__doc__ or "") if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else "", leaves
+        yield prefix.rstrip("."), _description(cls), leaves
         for tp, sub in nested:
             yield from walk(tp, sub)
 
@@ -144,12 +151,11 @@ def key_docs() -> Iterator[tuple[str, str, list[KeyDoc]]]:
 
 
 def _cell(text: str) -> str:
-    """Escape | and, outside code spans, < (Markdown would take <name> for an HTML tag)."""
+    """Escape unescaped | and, outside code spans, < (Markdown would take <name> for an HTML tag)."""
     parts = text.split("`")
     for i in range(0, len(parts), 2):
         parts[i] = parts[i].replace("<", "\\<")
-    text = "`".join(parts)
-    return text if "\\|" in text else text.replace("|", "\\|")
+    return re.sub(r"(?<!\\)\|", r"\\|", "`".join(parts))
 
 
 def render() -> str:
