@@ -6,5 +6,5 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.13.0 is the CPU build on this project's machines; a range would pull a multi-GB CUDA build.
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt torch
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[test]"

@@ -10,7 +10,7 @@ from tsgd_ray.config import Method
 from tsgd_ray.core.models import checkpoint_bytes
 from tsgd_ray.core.training import train_teacher
 from tsgd_ray.data.in_memory import load_split
-from tsgd_ray.distributed.layout import method_config
+from tsgd_ray.distributed.artifacts import method_config
 
 from conftest import tiny_config
 

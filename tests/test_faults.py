@@ -20,8 +20,9 @@ import torch
 from tsgd_ray import storage
 from tsgd_ray.config import to_yaml
 from tsgd_ray.data.prepare import run_prepare
-from tsgd_ray.distributed.distill import partition_uri, run_distill
-from tsgd_ray.distributed.merge import load_synthetic, run_merge
+from tsgd_ray.distributed.artifacts import partition_marker_uri, read_synthetic, synthetic_dir, partition_file
+from tsgd_ray.distributed.distill import run_distill
+from tsgd_ray.distributed.merge import run_merge
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
 
@@ -69,7 +70,7 @@ def _kill_started_by(temp_dir: Path) -> None:
 
 
 def _markers(cfg, partitions: int) -> list[dict]:
-    return [storage.read_json(partition_uri(cfg, p, ".json")) for p in range(partitions)]
+    return [storage.read_json(partition_marker_uri(cfg, p)) for p in range(partitions)]
 
 
 def test_actor_killed_mid_partition(ray_session, tmp_path, teacher_path):
@@ -80,7 +81,7 @@ def test_actor_killed_mid_partition(ray_session, tmp_path, teacher_path):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_distill(cfg, actor_prefix="kill-test")))
     thread.start()
-    _wait_for(partition_uri(cfg, 0, ".json"), thread)
+    _wait_for(partition_marker_uri(cfg, 0), thread)
     time.sleep(0.5)  # the actor is now inside partition 1
     ray.kill(ray.get_actor("kill-test-0"), no_restart=False)
     thread.join(timeout=240)
@@ -91,9 +92,8 @@ def test_actor_killed_mid_partition(ray_session, tmp_path, teacher_path):
     assert markers[0]["pid"] != markers[1]["pid"] == markers[3]["pid"]  # restarted actor, new process
     assert result["recovered"] == 4 and result["skipped"] == 0
     run_merge(cfg)
-    videos, labels, _ = load_synthetic(cfg)
-    assert torch.bincount(labels).tolist() == [1] * 8
-    assert videos.shape[0] == 8 and torch.isfinite(videos).all()
+    synthetic, _ = read_synthetic(cfg)
+    assert torch.bincount(synthetic["labels"]).tolist() == [1] * 8 and synthetic["clips"].shape[0] == 8
 
 
 def test_node_removed_and_added_back(ray_session, tmp_path, teacher_path):
@@ -109,8 +109,8 @@ def test_node_removed_and_added_back(ray_session, tmp_path, teacher_path):
     assert report["summary"]["actor_failures"] + report["restarted_in_place"] >= 1
     assert len(report["pids"]) >= 3  # two actors, and the lost one came back in a new process
     disturbed = imported_config(out, teacher_path, "distill.actors=2", "distill.cpus_per_actor=1.5", "distill.iterations=150")
-    videos, labels, _ = load_synthetic(disturbed)
-    assert torch.bincount(labels).tolist() == [1] * 8 and torch.isfinite(videos).all()
+    synthetic, _ = read_synthetic(disturbed)
+    assert torch.bincount(synthetic["labels"]).tolist() == [1] * 8
 
 
 def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_path):
@@ -125,7 +125,7 @@ def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_pa
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(partition_uri(cfg, 0, ".json"), driver, timeout=180)
+        _wait_for(partition_marker_uri(cfg, 0), driver, timeout=180)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and every process of its session
@@ -134,21 +134,21 @@ def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_pa
     # an actor of the dead driver may still finish the partition it holds: wait until none appears
     finished, stable_since = [], time.time()
     while time.time() - stable_since < 5:
-        now = [p for p in range(4) if storage.exists(partition_uri(cfg, p, ".json"))]
+        now = [p for p in range(4) if storage.exists(partition_marker_uri(cfg, p))]
         if now != finished:
             finished, stable_since = now, time.time()
         time.sleep(0.2)
     assert 1 <= len(finished) < 4
-    before = {p: (os.stat(partition_uri(cfg, p, ".pt")).st_mtime_ns, storage.read_bytes(partition_uri(cfg, p, ".json")))
+    before = {p: (os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns, storage.read_bytes(partition_marker_uri(cfg, p)))
               for p in finished}
 
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = re.search(r"distill: 4 partitions, (\d) finished, (\d) to do", rerun.stderr)
     assert resumed and resumed.groups() == (str(len(finished)), str(4 - len(finished))), rerun.stderr[-2000:]
-    after = {p: (os.stat(partition_uri(cfg, p, ".pt")).st_mtime_ns, storage.read_bytes(partition_uri(cfg, p, ".json")))
+    after = {p: (os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns, storage.read_bytes(partition_marker_uri(cfg, p)))
              for p in finished}
     assert after == before  # not recomputed, not rewritten
     assert [m["partition"] for m in _markers(cfg, 4)] == [0, 1, 2, 3]
     run_merge(cfg)
-    assert torch.bincount(load_synthetic(cfg)[1]).tolist() == [1] * 8
+    assert torch.bincount(read_synthetic(cfg)[0]["labels"]).tolist() == [1] * 8

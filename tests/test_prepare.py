@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tsgd_ray import storage
-from tsgd_ray.data.prepare import run_prepare, shards_root
+from tsgd_ray.data.prepare import run_prepare
+from tsgd_ray.data.shards import shards_root
 from tsgd_ray.data.shards import MANIFEST, ManifestError, read_manifest
 from tsgd_ray.data.video import probe
 from conftest import REPO, UCF_CLASSES, make_ucf101_tree, tiny_config, upload_tree, write_video

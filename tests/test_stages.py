@@ -3,6 +3,7 @@ clear errors, and the whole pipeline with MLflow (Ray Train teacher and students
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -11,17 +12,20 @@ import torch
 from tsgd_ray import storage
 from tsgd_ray.core.bn_stats import accumulate_statistics
 from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.config import ConfigError
 from tsgd_ray.core.models import ModelError
+from tsgd_ray.core.selection import seeded_priority
+from tsgd_ray.data.catalog import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.video import probe
-from tsgd_ray.distributed import layout
-from tsgd_ray.distributed.layout import read_tensors
-from tsgd_ray.distributed.distill import partition_uri, run_distill
-from tsgd_ray.distributed.merge import MergeError, load_synthetic, run_merge
+from tsgd_ray.distributed import artifacts
+from tsgd_ray.distributed.artifacts import load_teacher, partition_marker_uri, read_init, read_statistics, read_synthetic
+from tsgd_ray.distributed.distill import run_distill
+from tsgd_ray.distributed.merge import MergeError, run_merge
 from tsgd_ray.distributed.run import results_table, run_stages
-from tsgd_ray.distributed.stats import load_init, load_statistics, run_stats
-from tsgd_ray.distributed.teacher import load_teacher, run_teacher
+from tsgd_ray.distributed.stats import run_stats
+from tsgd_ray.distributed.teacher import run_teacher
 from tsgd_ray.tracking import Tracker, compare_runs
 
 from conftest import tiny_config
@@ -30,33 +34,74 @@ from stage_helpers import imported_config, teacher_file
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
+def load_split_ids(cfg) -> list[str]:
+    """The video ids of the train split, in the order `load_split` decodes them."""
+    return [r.video_id for r in build_catalog(cfg).records if r.split == "train"]
+
+
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
     return teacher_file(tmp_path_factory.mktemp("teacher"))
 
 
 def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teacher_path):
-    cfg = imported_config(tmp_path / "out", teacher_path, "distill.actors=2", "distill.ipc=2")
+    cfg = imported_config(tmp_path / "out", teacher_path, "distill.actors=2", "distill.ipc=2", "stats.actors=2",
+                          "stats.cpus_per_actor=0.5", "stats.batch_size=3")
     run_prepare(cfg)
     assert run_teacher(cfg)["source"] == "imported"
-    run_stats(cfg)
+    marker = run_stats(cfg)
     clips, labels, classes = load_split(cfg, "train")
     teacher = load_teacher(cfg, classes)
     x = to_model_input(clips, cfg.data.mean, cfg.data.std)
     expected = accumulate_statistics(teacher, [(x[i : i + 5], labels[i : i + 5]) for i in range(0, len(x), 5)], len(classes))
-    assert load_statistics(cfg) == expected  # integer sums: bit-identical whatever the block order
+    assert read_statistics(cfg) == expected  # integer sums: bit-identical whatever the shard order or actor count
+    assert marker["clips"] == len(labels) and marker["bad_videos"] == []
 
-    init = load_init(cfg)
-    assert torch.bincount(init["labels"]).tolist() == [2] * len(classes)
+    init = read_init(cfg, range(len(classes)))
+    assert init["labels"].tolist() == sorted([c for c in range(len(classes))] * 2)
     assert init["indices"].tolist() == [0, 1] * len(classes)
+    # the chosen clips are the seeded-priority picks, decoded again by (shard, row): the same pixels
+    # as decoding those videos in-process
+    ids = load_split_ids(cfg)
+    for clip, label, vid in zip(init["clips"], init["labels"], init["video_ids"]):
+        row = ids.index(vid)
+        assert int(labels[row]) == int(label) and torch.equal(clip, clips[row])
+    priorities = {c: sorted((seeded_priority(cfg.seed, v), v) for v, l in zip(ids, labels.tolist()) if l == c)
+                  for c in range(len(classes))}
+    assert [v for c in range(len(classes)) for _, v in priorities[c][:2]] == init["video_ids"]
+    one = read_init(cfg, [3])  # an actor of one class reads that class only
+    assert one["labels"].tolist() == [3, 3] and torch.equal(one["clips"], init["clips"][init["labels"] == 3])
 
     summary = run_distill(cfg)
     assert summary["recovered"] == 4 and summary["actor_failures"] == 0
-    run_merge(cfg)
-    videos, merged_labels, merged_classes = load_synthetic(cfg)
-    assert merged_classes == classes and merged_labels.tolist() == init["labels"].tolist()
-    parts = [read_tensors(partition_uri(cfg, p, ".pt")) for p in range(4)]
-    assert torch.equal(videos, torch.cat([p["videos"] for p in parts]))  # merge keeps every bit, in order
+    manifest = run_merge(cfg)
+    synthetic, merged_classes = read_synthetic(cfg)
+    assert merged_classes == classes and synthetic["labels"].tolist() == init["labels"].tolist()
+    assert synthetic["clips"].dtype == torch.uint8 and synthetic["clips"].shape[1:] == init["clips"].shape[1:]
+    folder = artifacts.synthetic_dir(cfg)
+    for f in manifest["files"]:  # the manifest's hash is the hash of the file the actor wrote
+        assert hashlib.sha256(storage.read_bytes(storage.join(folder, f["path"]))).hexdigest() == f["sha256"]
+    halves = [read_synthetic(cfg, rank=r, world=2)[0] for r in (0, 1)]  # an evaluate worker reads its rows only
+    assert sorted(halves[0]["video_ids"] + halves[1]["video_ids"]) == sorted(synthetic["video_ids"])
+    assert len(halves[0]["labels"]) == len(halves[1]["labels"]) == len(synthetic["labels"]) // 2
+
+
+def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_path):
+    one = imported_config(tmp_path / "out", teacher_path, "distill.ipc=1")
+    three = imported_config(tmp_path / "out", teacher_path, "distill.ipc=3", "distill.init=lowest_loss")
+    run_prepare(one)
+    run_teacher(one)
+    assert artifacts.stats_dir(one) == artifacts.stats_dir(three) and artifacts.init_dir(one) != artifacts.init_dir(three)
+    first = run_stats(one)
+    second = run_stats(three)
+    assert second["skipped"] and not first.get("skipped")  # the pass ran once; only the init set was added
+    candidates = artifacts.read_candidates(three)["lowest_loss"]
+    init = read_init(three, range(8))
+    for c in range(8):
+        assert [e["video_id"] for e in candidates[c][:3]] == [v for v, l in zip(init["video_ids"], init["labels"]) if l == c]
+        assert [e["loss"] for e in candidates[c]] == sorted(e["loss"] for e in candidates[c])
+    with pytest.raises(ConfigError, match="distill.ipc=5: these classes have fewer"):
+        run_stats(imported_config(tmp_path / "out", teacher_path, "distill.ipc=5"))
 
 
 def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, tmp_path, teacher_path):
@@ -67,18 +112,18 @@ def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, 
     assert run_stats(cfg)["skipped"] and run_teacher(cfg)["skipped"]
     run_distill(cfg)
     # lose one partition (as if its actor died before writing): merge names its classes
-    for suffix in (".json", ".pt"):
-        os.unlink(partition_uri(cfg, 2, suffix))
+    os.unlink(partition_marker_uri(cfg, 2))
+    os.unlink(storage.join(artifacts.synthetic_dir(cfg), artifacts.partition_file(2)))
     classes = load_split(cfg, "test")[2]
     with pytest.raises(MergeError, match=rf"{classes[4]} \(0\), {classes[5]} \(0\)"):
         run_merge(cfg)
-    before = {p: os.stat(partition_uri(cfg, p, ".json")).st_mtime_ns for p in (0, 1, 3)}
+    before = {p: os.stat(partition_marker_uri(cfg, p)).st_mtime_ns for p in (0, 1, 3)}
     summary = run_distill(cfg)
     assert (summary["skipped"], summary["recovered"]) == (3, 1)
-    assert {p: os.stat(partition_uri(cfg, p, ".json")).st_mtime_ns for p in (0, 1, 3)} == before
+    assert {p: os.stat(partition_marker_uri(cfg, p)).st_mtime_ns for p in (0, 1, 3)} == before
     manifest = run_merge(cfg)
     assert manifest["num_videos"] == 8 and run_merge(cfg)["skipped"]
-    frames = probe(storage.read_bytes(storage.join(layout.synthetic_dir(cfg), manifest["preview"])))
+    frames = probe(storage.read_bytes(storage.join(artifacts.synthetic_dir(cfg), manifest["preview"])))
     assert frames.num_frames == cfg.data.num_frames and frames.width >= 2 * 64
 
 
@@ -122,7 +167,7 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     assert parent.data.tags["dataset_manifest_sha256"] and parent.data.tags["teacher_sha256"]
     children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
-    assert stages == sorted(["teacher", "stats", "distill", "merge", "distill", "merge",
+    assert stages == sorted(["teacher", "stats", "init", "distill", "merge", "distill", "merge",
                              "evaluate/tsgd", "evaluate/random_real", "evaluate/full"])
     teacher_run = next(r for r in children if r.data.tags["stage"] == "teacher")
     assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "loss")] == [0, 1]
@@ -133,7 +178,7 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     assert {"synthetic/manifest.json", "synthetic/previews"} <= artifacts
 
     off = tiny_config(tmp_path / "out", *common, "tsgf.enabled=false")
-    assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
+    assert artifacts.teacher_dir(off) == artifacts.teacher_dir(cfg) and artifacts.stats_dir(off) == artifacts.stats_dir(cfg)
     with Tracker(off, "run") as tracker_off:
         run_stages(off, tracker=tracker_off)
     runs = client.search_runs([tracker.experiment_id], "tags.command = 'run' and attributes.status = 'FINISHED'")

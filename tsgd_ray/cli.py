@@ -28,7 +28,8 @@ def command_config(cfg: DictConfig) -> int:
 
 def command_prepare(cfg: DictConfig) -> int:
     """Catalog the dataset and write its shards and manifest."""
-    from tsgd_ray.data.prepare import run_prepare, shards_root
+    from tsgd_ray.data.prepare import run_prepare
+    from tsgd_ray.data.shards import shards_root
     from tsgd_ray.distributed.cluster import init_ray
 
     init_ray(cfg)
@@ -90,12 +91,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tsgd_ray.data.catalog import CatalogError
     from tsgd_ray.data.pipeline import TooManyBadVideos
     from tsgd_ray.data.shards import ManifestError
-    from tsgd_ray.distributed.distill import DistillError
     from tsgd_ray.distributed.merge import MergeError
+    from tsgd_ray.distributed.pool import PoolError
     from tsgd_ray.storage import StorageError
 
     return (ConfigError, CatalogError, ManifestError, TooManyBadVideos, StorageError, FileNotFoundError, ModelError,
-            MergeError, DistillError)
+            MergeError, PoolError)
 
 
 def run_command(name: str, config: str, overrides: Sequence[str]) -> int:

@@ -20,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+MAX_IPC = 50  # the most synthetic videos per class; the statistics pass keeps this many init candidates
+
+
 class ConfigError(ValueError):
     """A user error in the configuration; the message names the full key."""
 
@@ -133,6 +136,9 @@ class DataConfig:
     # Keep decoded clips in Ray's object store between passes (teacher epochs, evaluation seeds):
     # right for small datasets, wrong for Kinetics (it would not fit).
     cache_clips: bool = False
+    # The split students are tested on; empty: `test` where the dataset has one, else `val`
+    # (Kinetics and SSv2 have train and val only).
+    eval_split: str = ""
     # Undecodable videos are skipped and counted; a pass fails once more than this fraction fail.
     max_bad_fraction: float = 0.01
     # Per-channel normalisation of RGB in [0, 1] into the model's input space (Kinetics values).
@@ -185,6 +191,16 @@ class TSGFConfig:
 
 
 @dataclass
+class StatsConfig:
+    """The statistics pass: probe actors, each holding the frozen teacher, over the training shards."""
+
+    actors: int = 1  # probe actors; each reads and decodes whole shards and keeps its own sums
+    cpus_per_actor: float = 1.0  # CPUs Ray reserves per probe actor (its decode threads)
+    gpus_per_actor: float = 0.0  # GPUs per probe actor (1 on a GPU cluster)
+    batch_size: int = 32  # clips per teacher forward pass
+
+
+@dataclass
 class DistillConfig:
     method: Method = Method.tsgd  # what the run distils (baselines go in evaluate.baselines)
     ipc: int = 1  # synthetic videos per class
@@ -197,6 +213,9 @@ class DistillConfig:
     chunk_size: int = 50  # most synthetic videos in one forward pass (whole classes are packed)
     log_every: int = 10  # recovery metrics are read back from the device every this many steps
     partitions: int = 0  # class partitions handed out to the actors; 0 = 4 per actor
+    # At most this many synthetic videos in one partition (more partitions are planned when
+    # needed), so a partition fits one actor's memory; 0 = no limit. See docs/sizing.md.
+    max_videos_per_partition: int = 0
     actors: int = 1  # recovery actors, each holding the frozen teacher
     gpus_per_actor: float = 0.0  # GPUs per recovery actor (1 on a GPU cluster)
     cpus_per_actor: float = 0.5  # CPUs Ray reserves per recovery actor
@@ -262,6 +281,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     tsgf: TSGFConfig = field(default_factory=TSGFConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -320,7 +340,13 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("tsgf.w_min", _fraction, "in [0, 1]"),
     ("tsgf.every", lambda v: v >= 1, ">= 1"),
     ("tsgf.crop_delta", _non_negative, ">= 0"),
-    ("distill.ipc", lambda v: 1 <= v <= 50, "in [1, 50]"),
+    ("data.eval_split", lambda v: v in ("", "val", "test"), "empty (auto), val or test"),
+    ("stats.actors", lambda v: v >= 1, ">= 1"),
+    ("stats.cpus_per_actor", _positive, "> 0"),
+    ("stats.gpus_per_actor", _non_negative, ">= 0"),
+    ("stats.batch_size", lambda v: v >= 1, ">= 1"),
+    ("distill.max_videos_per_partition", _non_negative, ">= 0"),
+    ("distill.ipc", lambda v: 1 <= v <= MAX_IPC, f"in [1, {MAX_IPC}]"),
     ("distill.iterations", _non_negative, ">= 0"),
     ("distill.lr", _positive, "> 0"),
     ("distill.lambda_bn", _non_negative, ">= 0"),

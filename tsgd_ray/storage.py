@@ -187,32 +187,24 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
-@with_retries
 def list_files(uri: str, extensions: Iterable[str] | None = None) -> list[str]:
     """Every file under `uri` (recursive), sorted, as URIs; optionally only these extensions.
 
     A missing folder gives an empty list.
     """
-    fs, path = filesystem(uri)
-    if not fs.exists(path):
-        return []
-    exts = None if extensions is None else {"." + e.lower().lstrip(".") for e in extensions}
-    found = fs.find(path)
-    out = [
-        _to_uri(fs, p)
-        for p in found
-        if (exts is None or os.path.splitext(p)[1].lower() in exts) and ".tmp-" not in p
-    ]
-    return sorted(out)
+    return sorted(file_sizes(uri, extensions))
 
 
 @with_retries
-def file_sizes(uri: str) -> dict[str, int]:
-    """Size in bytes of every file under `uri` (recursive), keyed by URI; one listing call."""
+def file_sizes(uri: str, extensions: Iterable[str] | None = None) -> dict[str, int]:
+    """Size in bytes of every file under `uri` (recursive), keyed by URI, optionally only these
+    extensions; one listing call. A missing folder gives an empty dict."""
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return {}
-    return {_to_uri(fs, p): int(info["size"]) for p, info in fs.find(path, detail=True).items()}
+    exts = None if extensions is None else {"." + e.lower().lstrip(".") for e in extensions}
+    return {_to_uri(fs, p): int(info["size"]) for p, info in sorted(fs.find(path, detail=True).items())
+            if (exts is None or os.path.splitext(p)[1].lower() in exts) and ".tmp-" not in p}
 
 
 def open_input(uri: str):

@@ -77,7 +77,7 @@ def _to_fixed(values: torch.Tensor) -> torch.Tensor:
 
 def _add_checked(total: torch.Tensor, labels: torch.Tensor, values: torch.Tensor) -> None:
     total.index_add_(0, labels, _to_fixed(values))
-    if total.abs().max() > _SUM_LIMIT:
+    if len(labels) and total[labels.unique()].abs().max() > _SUM_LIMIT:  # only the rows just touched
         raise OverflowError("per-class BN sums exceed the int64 fixed-point range")
 
 

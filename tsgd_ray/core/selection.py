@@ -8,6 +8,8 @@ Raises ValueError when a class has fewer than `ipc` clips.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -64,3 +66,42 @@ def flatten(choice: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor, t
             classes.append(c)
             indices.append(i)
     return torch.tensor(rows), torch.tensor(classes), torch.tensor(indices)
+
+
+def seeded_priority(seed: int, video_id: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, video id): the `ipc` smallest of a class are a
+    seeded random sample without replacement that does not depend on the order clips are seen in."""
+    digest = hashlib.blake2b(f"{seed}:{video_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+class BestPerClass:
+    """The `cap` entries of smallest key per class, from entries seen in any order, in any number
+    of mergeable pieces. Keys are compared as (key, video_id) so ties break the same way everywhere.
+
+    Memory: at most 2 * cap entries per class seen.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.entries: dict[int, list[tuple]] = {}
+
+    def add(self, label: int, key: float, entry: dict) -> None:
+        rows = self.entries.setdefault(int(label), [])
+        rows.append((float(key), str(entry["video_id"]), entry))
+        if len(rows) >= 2 * self.cap:
+            self._trim(int(label))
+
+    def _trim(self, label: int) -> None:
+        self.entries[label] = sorted(self.entries[label], key=lambda r: r[:2])[: self.cap]
+
+    def merge(self, other: "BestPerClass") -> None:
+        for label, rows in other.entries.items():
+            self.entries.setdefault(label, []).extend(rows)
+            self._trim(label)
+
+    def best(self, num_classes: int) -> list[list[dict]]:
+        """Per class 0..K-1, its entries in key order (at most `cap`; a class never seen: [])."""
+        for label in list(self.entries):
+            self._trim(label)
+        return [[r[2] for r in self.entries.get(c, [])] for c in range(num_classes)]

@@ -56,6 +56,7 @@ class Catalog:
     classes: list[str]
     records: list[VideoRecord]
     skipped: list[dict] = field(default_factory=list)  # {"uri": ..., "reason": ...}
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes per video URI, from the one listing
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Number of records per split and class name."""
@@ -79,7 +80,8 @@ class FileIndex:
 
     def __init__(self, root: str, extensions: Iterable[str]):
         self.root = storage.absolute(root).rstrip("/")
-        self.files = storage.list_files(self.root, extensions)
+        self.sizes = storage.file_sizes(self.root, extensions)  # the one listing of the dataset
+        self.files = sorted(self.sizes)
         self._by_stem: dict[str, list[str]] = defaultdict(list)
         for uri in self.files:
             self._by_stem[_stem(uri).lower()].append(uri)
@@ -145,7 +147,9 @@ class _Builder:
                 f"{len(self.problems)} catalog problem(s) under {self.index.root}, e.g.:\n{shown}\n"
                 "Fix the dataset, or set data.on_catalog_error=skip to skip and count them."
             )
-        catalog = Catalog(self.index.root, self.classes, sorted(self.records, key=lambda r: (r.split, r.label, r.uri)), self.problems)
+        records = sorted(self.records, key=lambda r: (r.split, r.label, r.uri))
+        sizes = {r.uri: self.index.sizes.get(r.uri, 0) for r in records}
+        catalog = Catalog(self.index.root, self.classes, records, self.problems, sizes)
         return restrict_classes(catalog, list(data_cfg.classes))
 
 
@@ -172,7 +176,7 @@ def restrict_classes(catalog: Catalog, names: list[str]) -> Catalog:
         for r in catalog.records
         if r.class_name in wanted
     ]
-    return Catalog(catalog.root, kept, records, catalog.skipped)
+    return Catalog(catalog.root, kept, records, catalog.skipped, {r.uri: catalog.sizes.get(r.uri, 0) for r in records})
 
 
 def _read_text(uri: str) -> str:

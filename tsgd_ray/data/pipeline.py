@@ -12,6 +12,7 @@ DataIterator a Ray Train worker gets from ``ray.train.get_dataset_shard``.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -20,8 +21,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
-from tsgd_ray.data.prepare import shards_root
-from tsgd_ray.data.shards import read_manifest, shard_uris
+from tsgd_ray.data.shards import read_manifest, shard_uris, shards_root
 from tsgd_ray.data.video import VideoDecodeError, clip_rng, decode_clip
 
 log = logging.getLogger(__name__)
@@ -42,25 +42,35 @@ class ClipDecoder:
     """
 
     def __init__(self, num_frames: int, height: int, width: int, interval: int, sampling: str,
-                 seed: int = 0, epoch: int = 0):
+                 seed: int = 0, epoch: int = 0, threads: int = 1):
         torch.set_num_threads(1)
         self.shape = (num_frames, height, width, 3)
         self.interval = interval
         self.sampling = TemporalSampling(sampling)
         self.seed, self.epoch = seed, epoch
+        # decord and PyAV release the GIL while decoding: threads decode videos side by side
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, epoch: int = 0, threads: int = 1) -> "ClipDecoder":
+        d = cfg.data
+        return cls(d.num_frames, d.height, d.width, d.frame_interval, d.sampling.value, cfg.seed, epoch, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["video_id"])
         clips = np.zeros((n, *self.shape), dtype=np.uint8)
         ok = np.ones(n, dtype=bool)
         errors = np.full(n, "", dtype=object)
-        for i in range(n):
+
+        def decode(i: int) -> None:
             video_id = str(batch["video_id"][i])
             rng = clip_rng(self.seed, video_id, self.epoch) if self.sampling == TemporalSampling.random else None
             try:
                 clips[i] = decode_clip(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.sampling, rng)
             except VideoDecodeError as exc:
                 ok[i], errors[i] = False, f"{video_id}: {exc}"
+
+        list(self.pool.map(decode, range(n)) if self.pool else map(decode, range(n)))
         return {"clip": clips, "label": batch["label"].astype(np.int64), "video_id": batch["video_id"],
                 "ok": ok, "error": errors}
 

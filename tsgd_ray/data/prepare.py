@@ -1,13 +1,16 @@
 """`prepare`: a Ray Data job from raw videos to Parquet shards plus a manifest.
 
-The driver builds the catalog and plans shards by source size; a Ray Data map writes each shard in
-one task (read, probe, optionally transcode, write once), so only small summaries pass through the
-object store and memory stays bounded by one shard per task. Rerunning with the same output skips
-finished shards (their completion records exist); the manifest is written last.
+The driver builds the catalog (one listing of the dataset root, which also gives the sizes) and
+plans shards by source size; a Ray Data map writes each shard in one task (read, probe, optionally
+transcode, write once), so only small summaries pass through the object store and memory stays
+bounded by one shard per task. Rerunning with the same output skips finished shards (their
+completion records exist); the manifest is written last, and once it exists `run_prepare` returns
+it without listing the dataset again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -26,8 +29,10 @@ from tsgd_ray.data.shards import (
     SHARD_SCHEMA,
     ManifestError,
     ShardPlan,
+    eval_split,
     plan_hash,
     plan_shards,
+    shards_root,
 )
 from tsgd_ray.data.video import VideoDecodeError, probe, transcode
 
@@ -36,11 +41,16 @@ log = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 32 * 2**20
 
 
-def shards_root(cfg: DictConfig) -> str:
-    """Where this config's shards live: data.shards, else <storage.output_root>/shards."""
-    if cfg.data.shards:
-        return storage.absolute(cfg.data.shards)
-    return storage.OutputRoot(cfg.storage.output_root).uri("shards")
+# The settings a shard set is made from (the rest of `data` only changes how clips are decoded).
+_SHARD_SETTINGS = ("dataset", "root", "annotations", "split_id", "classes", "on_catalog_error", "extensions",
+                   "builtin", "shard_target_mb", "transcode_short_side")
+
+
+def source_hash(cfg: DictConfig) -> str:
+    """Identifies the dataset and settings a shard set was prepared from (without listing it)."""
+    data = to_dict(cfg)["data"]
+    text = json.dumps({"schema": SCHEMA_VERSION, "seed": cfg.seed, **{k: data[k] for k in _SHARD_SETTINGS}}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _load_video(record_uri: str, transcode_short_side: int) -> tuple[bytes, dict]:
@@ -107,6 +117,7 @@ def build_manifest(cfg: DictConfig, catalog: Catalog, summaries: list[dict], dig
     return {
         "schema_version": SCHEMA_VERSION,
         "plan_hash": digest,
+        "source_hash": source_hash(cfg),
         "dataset": to_dict(cfg)["data"]["dataset"],
         "classes": catalog.classes,
         "counts": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())},
@@ -117,33 +128,48 @@ def build_manifest(cfg: DictConfig, catalog: Catalog, summaries: list[dict], dig
     }
 
 
-def run_prepare(cfg: DictConfig) -> dict:
+def finished_manifest(cfg: DictConfig) -> dict | None:
+    """The manifest of this config's finished shard set, or None; nothing is listed.
+
+    Raises:
+        ManifestError: the shards root holds a set prepared from another dataset or setting.
+    """
+    uri = storage.join(shards_root(cfg), MANIFEST)
+    if not storage.exists(uri):
+        return None
+    manifest = storage.read_json(uri)
+    if manifest.get("source_hash") != source_hash(cfg):
+        raise ManifestError(f"{uri} describes another dataset or setting; use a new data.shards")
+    return manifest
+
+
+def run_prepare(cfg: DictConfig, for_evaluation: bool = False) -> dict:
     """Catalog the dataset, write its shards with Ray Data, and write the manifest once.
 
     Needs Ray to be initialised (or lets Ray Data start a local instance). Idempotent: a finished
-    shard set is returned as is, and finished shards are not rewritten.
+    shard set is returned as is (without listing the dataset), and finished shards are not
+    rewritten. With `for_evaluation`, a dataset without the evaluation split (data.eval_split)
+    stops before any shard is written.
 
     Returns:
         The manifest.
     Raises:
-        CatalogError, ManifestError: with a message naming the file or URI at fault.
+        CatalogError, ManifestError, ConfigError: with a message naming the file, URI or key at fault.
     """
     import ray
 
+    manifest = finished_manifest(cfg)
+    if manifest is not None:
+        log.info("shards already prepared at %s", shards_root(cfg))
+        return manifest
     root = shards_root(cfg)
     catalog = build_catalog(cfg)
     if not catalog.records:
         raise ManifestError("the catalog holds no videos: nothing to prepare")
-    sizes = storage.file_sizes(catalog.root)
-    plans = plan_shards(catalog, sizes, int(cfg.data.shard_target_mb * 2**20), cfg.seed)
+    if for_evaluation:
+        eval_split(cfg, {r.split for r in catalog.records})
+    plans = plan_shards(catalog, catalog.sizes, int(cfg.data.shard_target_mb * 2**20), cfg.seed)
     digest = plan_hash(plans, cfg.data.transcode_short_side)
-    manifest_uri = storage.join(root, MANIFEST)
-    if storage.exists(manifest_uri):
-        manifest = storage.read_json(manifest_uri)
-        if manifest.get("plan_hash") != digest:
-            raise ManifestError(f"{manifest_uri} describes another dataset or setting; use a new data.shards")
-        log.info("shards already prepared at %s", root)
-        return manifest
     log.info("preparing %d videos into %d shards at %s", len(catalog.records), len(plans), root)
     ds = ray.data.from_items([{"plan": p.to_json()} for p in plans], override_num_blocks=len(plans))
     ds = ds.map(
@@ -154,7 +180,7 @@ def run_prepare(cfg: DictConfig) -> dict:
     )
     summaries = sorted((json.loads(r["summary"]) for r in ds.take_all()), key=lambda s: s["path"])
     manifest = build_manifest(cfg, catalog, summaries, digest)
-    storage.write_json_once(manifest_uri, manifest)
+    storage.write_json_once(storage.join(root, MANIFEST), manifest)
     if manifest["skipped"]:
-        log.warning("%d video(s) skipped; see 'skipped' in %s", len(manifest["skipped"]), manifest_uri)
+        log.warning("%d video(s) skipped; see 'skipped' in %s", len(manifest["skipped"]), storage.join(root, MANIFEST))
     return manifest

@@ -17,9 +17,13 @@ import json
 import zlib
 from dataclasses import asdict, dataclass
 
+from typing import Iterable
+
 import pyarrow as pa
+from omegaconf import DictConfig
 
 from tsgd_ray import storage
+from tsgd_ray.config import ConfigError
 from tsgd_ray.data.catalog import Catalog, VideoRecord
 
 SCHEMA_VERSION = 1
@@ -100,6 +104,27 @@ def plan_hash(plans: list[ShardPlan], transcode_short_side: int) -> str:
     for plan in plans:
         h.update(plan.to_json().encode())
     return h.hexdigest()
+
+
+def shards_root(cfg: DictConfig) -> str:
+    """Where this config's shards live: data.shards, else <storage.output_root>/shards."""
+    if cfg.data.shards:
+        return storage.absolute(cfg.data.shards)
+    return storage.OutputRoot(cfg.storage.output_root).uri("shards")
+
+
+def eval_split(cfg: DictConfig, splits: Iterable[str]) -> str:
+    """The split students are tested on: data.eval_split, else `test` if the dataset has one, else `val`.
+
+    Raises:
+        ConfigError: when that split is not among `splits` (the dataset's splits).
+    """
+    present = sorted(set(splits))
+    wanted = cfg.data.eval_split or ("test" if "test" in present else "val")
+    if wanted not in present:
+        raise ConfigError(f"data.eval_split: the dataset has no {wanted!r} split to test students on "
+                          f"(it has {', '.join(present) or 'none'}); set data.eval_split to one of them")
+    return wanted
 
 
 def read_manifest(shards_root: str) -> dict:

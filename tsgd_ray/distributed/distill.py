@@ -1,22 +1,29 @@
 """Distill stage: a pool of actors, each holding the frozen teacher, recovers class partitions.
 
-The driver plans partitions (contiguous class ranges of near-equal size, `distill.partitions` or
-4 per actor, so a slow actor does not hold the rest) and hands them out one at a time to
-whichever actor is free. Each partition is written once::
+The driver plans partitions (contiguous class ranges of near-equal size: `distill.partitions`, or
+4 per actor, and more when `distill.max_videos_per_partition` asks for it) and hands them out one
+at a time through an `ElasticPool`: a partition whose actor dies goes back to the queue for any
+free actor, and once the queue is empty a straggler may be run again on an idle actor. Each actor
+reads the init clips of its partition's classes only and writes its synthetic videos directly in
+the final format (a clip table: uint8 clips, one row group per class)::
 
-    <distill_dir>/plan.json                 the partition plan (a rerun keeps the first plan)
-    <distill_dir>/partitions/p00003.pt      videos (n, 3, F, H, W) float32, labels, indices
-    <distill_dir>/partitions/p00003.json    the completion marker: classes, seconds, loss curve
+    <distill_dir>/plan.json                    the partition plan (a rerun keeps the first plan)
+    <distill_dir>/synthetic/p00003.parquet     the partition's synthetic videos
+    <distill_dir>/partitions/p00003.json       the completion marker: classes, per-class counts,
+                                               the file's sha256 and size, seconds, loss curve
 
-A partition with a marker is never recomputed. An actor that dies is restarted by Ray (its
-`__init__` reloads the teacher) and its partition retried, up to `ray.max_failures` times; after
-that the driver starts a fresh actor and retries. Because recovery draws every video's random
-numbers from its own (seed, class, index) stream, a retried partition gives the same videos.
+A partition with a marker is never recomputed. Recovery draws every video's random numbers from
+its own (seed, class, index) stream, so a partition recomputed elsewhere gives the same videos up
+to the last float bits of that machine's kernels; write-once keeps the first copy and its hash.
+
+Why uint8: the synthetic clips live in [0, 1] RGB (recovery clamps them to the valid range), so
+rounding to 8 bits moves a pixel by at most 0.5/255 (0.009 in normalised units), far below the
+crop, flip and resampling noise a student sees every step; it makes the set 4x smaller than
+float32 and the same format as decoded real clips (docs/sizing.md has the measured effect).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import os
@@ -28,73 +35,67 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import InitKind
-from tsgd_ray.core.clips import to_model_input, valid_range
+from tsgd_ray.config import ConfigError, InitKind
+from tsgd_ray.core.clips import to_model_input, to_uint8_clips, valid_range
 from tsgd_ray.core.device import resolve_device
 from tsgd_ray.core.recovery import noise_init, recover
-from tsgd_ray.data.prepare import shards_root
-from tsgd_ray.data.shards import read_manifest
-from tsgd_ray.distributed.layout import distill_dir, write_tensors
-from tsgd_ray.distributed.stats import load_init, load_statistics
-from tsgd_ray.distributed.teacher import load_teacher
+from tsgd_ray.data.shards import read_manifest, shards_root
+from tsgd_ray.distributed import artifacts
+from tsgd_ray.distributed.pool import ElasticPool
 
 log = logging.getLogger(__name__)
 
-PLAN = "plan.json"
 
+def plan_partitions(num_classes: int, num_partitions: int, ipc: int = 1, max_videos: int = 0) -> list[list[int]]:
+    """Classes 0..K-1 in contiguous ranges whose sizes differ by at most one: `num_partitions` of
+    them, or more so that none holds more than `max_videos` videos (0: no limit); at most K.
 
-class DistillError(RuntimeError):
-    """A partition failed on every retry; the message names it."""
-
-
-def plan_partitions(num_classes: int, num_partitions: int) -> list[list[int]]:
-    """Classes 0..K-1 split into min(P, K) contiguous ranges whose sizes differ by at most one."""
-    parts = np.array_split(np.arange(num_classes), min(num_partitions, num_classes))
+    Raises:
+        ConfigError: when one class alone (ipc videos) is more than `max_videos`.
+    """
+    if max_videos and ipc > max_videos:
+        raise ConfigError(f"distill.max_videos_per_partition={max_videos} is less than distill.ipc={ipc}: "
+                          "a partition holds whole classes")
+    wanted = max(num_partitions, math.ceil(num_classes * ipc / max_videos) if max_videos else 0)
+    parts = np.array_split(np.arange(num_classes), min(wanted, num_classes))
     return [p.tolist() for p in parts]
-
-
-def partition_name(partition_id: int) -> str:
-    return f"p{partition_id:05d}"
-
-
-def partition_uri(cfg: DictConfig, partition_id: int, suffix: str) -> str:
-    return storage.join(distill_dir(cfg), "partitions", partition_name(partition_id) + suffix)
-
-
-def plan_uri(cfg: DictConfig) -> str:
-    return storage.join(distill_dir(cfg), PLAN)
 
 
 def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
     """The partition plan of this run: the one already written, else a new one (written now)."""
-    uri = plan_uri(cfg)
-    wanted = cfg.distill.partitions or 4 * cfg.distill.actors
-    storage.write_json_once(uri, {"partitions": plan_partitions(num_classes, wanted)})
+    d = cfg.distill
+    uri = artifacts.plan_uri(cfg)
+    storage.write_json_once(uri, {"partitions": plan_partitions(num_classes, d.partitions or 4 * d.actors, d.ipc,
+                                                                d.max_videos_per_partition)})
     return storage.read_json(uri)["partitions"]
 
 
-def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, init: dict, stats, partition_id: int, classes: list[int]) -> dict:
-    """Recover the videos of `classes` and write them and their marker (write-once); return the
-    marker. A partition whose marker exists is returned as is, marked "skipped"."""
-    marker_uri = partition_uri(cfg, partition_id, ".json")
+def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partition_id: int, classes: list[int]) -> dict:
+    """Recover the videos of `classes`, write them and their marker (write-once); return the marker.
+    A partition whose marker exists is returned as is, marked "skipped"."""
+    marker_uri = artifacts.partition_marker_uri(cfg, partition_id)
     if storage.exists(marker_uri):
         return {**storage.read_json(marker_uri), "skipped": True}
     started = time.time()
-    rows = torch.isin(init["labels"], torch.tensor(classes))
-    labels, indices = init["labels"][rows], init["indices"][rows]
+    init = artifacts.read_init(cfg, classes)
+    labels, indices = init["labels"], init["indices"]
     device = next(teacher.parameters()).device
     if cfg.distill.init == InitKind.noise:
         low, high = valid_range(cfg.data.mean, cfg.data.std, torch.zeros(1))
-        x0 = noise_init((3, *init["clips"].shape[1:4]), labels, indices, cfg.seed, low, high)
+        x0 = noise_init((3, *artifacts.clip_size(cfg)), labels, indices, cfg.seed, low, high)
+        video_ids = [""] * len(labels)
     else:
-        x0 = to_model_input(init["clips"][rows], cfg.data.mean, cfg.data.std)
+        x0 = to_model_input(init["clips"], cfg.data.mean, cfg.data.std)
+        video_ids = init["video_ids"]
     history: list[dict] = []
     videos = recover(teacher, x0.to(device), labels, indices, cfg, stats,
                      callback=lambda step, metrics: history.append({"step": step, **metrics}))
-    write_tensors(partition_uri(cfg, partition_id, ".pt"), {"videos": videos, "labels": labels, "indices": indices})
-    marker = {"partition": partition_id, "classes": classes, "videos": len(labels), "iterations": cfg.distill.iterations,
-              "seconds": round(time.time() - started, 3), "history": history,
-              "pid": os.getpid(), "node_id": _node_id()}
+    clips = to_uint8_clips(videos, cfg.data.mean, cfg.data.std).numpy()
+    file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids)
+    counts = torch.bincount(labels, minlength=max(classes) + 1)
+    marker = {"partition": partition_id, "classes": classes, "counts": {str(c): int(counts[c]) for c in classes},
+              "videos": len(labels), "iterations": cfg.distill.iterations, "file": file,
+              "seconds": round(time.time() - started, 3), "history": history, "pid": os.getpid(), "node_id": _node_id()}
     storage.write_json_once(marker_uri, marker)
     return marker
 
@@ -106,30 +107,31 @@ def _node_id() -> str:
 
 
 class PartitionWorker:
-    """A Ray actor: loads the frozen teacher, the statistics and the init clips once, then
-    recovers one partition per call."""
+    """A Ray actor: loads the frozen teacher and the statistics once, then recovers one partition
+    per call (reading only that partition's init clips)."""
 
     def __init__(self, cfg: DictConfig, classes: list[str], threads: int):
         torch.set_num_threads(threads)
         self.cfg = cfg
-        self.teacher = load_teacher(cfg, classes, resolve_device(cfg.device))
-        self.init = load_init(cfg)
-        self.stats = load_statistics(cfg)
+        self.teacher = artifacts.load_teacher(cfg, classes, resolve_device(cfg.device))
+        self.stats = artifacts.read_statistics(cfg)
+
+    def ready(self) -> bool:
+        return True
 
     def recover(self, partition_id: int, classes: list[int]) -> dict:
-        return recover_partition(self.cfg, self.teacher, self.init, self.stats, partition_id, classes)
+        return recover_partition(self.cfg, self.teacher, self.stats, partition_id, classes)
 
 
-def _start_actor(cfg: DictConfig, classes: list[str], name: str):
+def _actor_factory(cfg: DictConfig, classes: list[str]):
     import ray
 
     d = cfg.distill
     threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
-    options = {"num_cpus": d.cpus_per_actor, "max_restarts": cfg.ray.max_failures,
-               "max_task_retries": cfg.ray.max_failures, "name": name, "get_if_exists": False}
+    options = {"num_cpus": d.cpus_per_actor, "max_restarts": 0, "max_task_retries": 0}
     if d.gpus_per_actor:
         options["num_gpus"] = d.gpus_per_actor
-    return ray.remote(PartitionWorker).options(**options).remote(cfg, classes, threads)
+    return lambda name: ray.remote(PartitionWorker).options(name=name, **options).remote(cfg, classes, threads)
 
 
 class _Progress:
@@ -152,59 +154,35 @@ class _Progress:
 def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = None) -> dict:
     """Recover every unfinished partition with the actor pool; returns a summary.
 
-    `actor_prefix` names the actors (`<prefix>-<i>`) so that a test or an operator can find them.
+    `actor_prefix` names the actors (`<prefix>-<i>`, replacements `<prefix>-<i>-r<n>`) so that a
+    test or an operator can find them.
     Raises:
-        DistillError: a partition failed on every retry.
+        PoolError: a partition lost more than ray.max_failures actors.
     """
-    import ray
-    from ray.exceptions import RayActorError
-
     classes = read_manifest(shards_root(cfg))["classes"]
     plan = load_plan(cfg, len(classes))
-    finished = [p for p in range(len(plan)) if storage.exists(partition_uri(cfg, p, ".json"))]
-    pending = collections.deque(p for p in range(len(plan)) if p not in finished)
+    finished = [p for p in range(len(plan)) if storage.exists(artifacts.partition_marker_uri(cfg, p))]
+    pending = [p for p in range(len(plan)) if p not in finished]
     progress = _Progress(len(plan), len(finished))
-    summary = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "actor_failures": 0, "markers": []}
-    log.info("distill: %d partitions, %d finished, %d to do -> %s", len(plan), len(finished), len(pending), distill_dir(cfg))
+    log.info("distill: %d partitions, %d finished, %d to do -> %s", len(plan), len(finished), len(pending),
+             artifacts.distill_dir(cfg))
     run_id = tracker.child("distill", tags={"method": cfg.distill.method.value}) if tracker else None
-    prefix = actor_prefix or f"tsgd-distill-{os.getpid()}"
-    actors = [_start_actor(cfg, classes, f"{prefix}-{i}") for i in range(min(cfg.distill.actors, len(pending)))]
-    idle = list(range(len(actors)))
-    in_flight: dict = {}
-    failures: collections.Counter = collections.Counter()
-    generation = collections.Counter()
-    try:
-        while pending or in_flight:
-            while pending and idle:
-                slot, partition = idle.pop(), pending.popleft()
-                in_flight[actors[slot].recover.remote(partition, plan[partition])] = (slot, partition)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, partition = in_flight.pop(ready[0])
-            try:
-                marker = ray.get(ready[0])
-            except RayActorError as exc:
-                failures[partition] += 1
-                summary["actor_failures"] += 1
-                if failures[partition] > cfg.ray.max_failures:
-                    raise DistillError(f"partition {partition} (classes {plan[partition]}) failed "
-                                       f"{failures[partition]} times; last error: {exc}") from exc
-                log.warning("distill: actor %d lost on partition %d (%s); starting a new one", slot, partition, type(exc).__name__)
-                generation[slot] += 1
-                actors[slot] = _start_actor(cfg, classes, f"{prefix}-{slot}-r{generation[slot]}")
-                pending.appendleft(partition)
-                idle.append(slot)
-                continue
-            idle.append(slot)
-            summary["recovered" if not marker.get("skipped") else "skipped"] += 1
-            summary["markers"].append(marker)
-            progress.update(marker)
-            if tracker:
-                tracker.log_history(run_id, marker["history"], prefix=f"{partition_name(partition)}/")
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    summary = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "markers": []}
+
+    def on_result(partition: int, marker: dict) -> None:
+        summary["recovered" if not marker.get("skipped") else "skipped"] += 1
+        summary["markers"].append(marker)
+        progress.update(marker)
+        if tracker:
+            tracker.log_history(run_id, marker["history"], prefix=f"{artifacts.partition_name(partition)}/")
+
+    pool = ElasticPool(_actor_factory(cfg, classes), min(cfg.distill.actors, max(1, len(pending))),
+                       actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures)
+    if pending:
+        pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
+    summary.update(actor_failures=pool.lost, speculated=pool.speculated)
     if tracker:
         tracker.log_metrics(run_id, {"partitions": len(plan), "recovered": summary["recovered"],
-                                     "actor_failures": summary["actor_failures"]})
+                                     "actor_failures": pool.lost, "speculated": pool.speculated})
         tracker.finish(run_id)
     return summary

@@ -1,9 +1,11 @@
 """Evaluate stage: Ray Train students on a training set, tested on the real test shards.
 
-The training set is the merged synthetic set of a method (tsgd, sre2l_video, random_real), or,
+The training set is the merged synthetic set of a method (tsgd, sre2l_video, random_real), of
+which each Ray Train worker reads only its own rows (every world-th, one row group at a time), or,
 for `full`, every real training clip streamed by Ray Data. Students learn with online teacher
 soft labels and TSGFA (`evaluate.*`), one student per seed in `evaluate.seeds`, all in one Ray
-Train run; the test split is streamed by Ray Data and never seen by teacher or distiller::
+Train run; the evaluation split (`data.eval_split`: test, or val for Kinetics and SSv2) is
+streamed by Ray Data and never seen by teacher or distiller::
 
     <evaluate_dir>/seed-00000.json   one seed's top-1/top-5 and loss curve (written when it ends;
                                      a restarted run skips finished seeds)
@@ -25,20 +27,11 @@ from tsgd_ray.core import training
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
-from tsgd_ray.data.prepare import shards_root
-from tsgd_ray.data.shards import read_manifest
-from tsgd_ray.distributed import train_workers
-from tsgd_ray.distributed.layout import evaluate_dir
-from tsgd_ray.distributed.merge import load_synthetic
-from tsgd_ray.distributed.teacher import clip_size, load_teacher
+from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
+from tsgd_ray.distributed import artifacts, train_workers
+from tsgd_ray.distributed.artifacts import clip_size, load_teacher, seed_uri
 
 log = logging.getLogger(__name__)
-
-RESULTS = "results.json"
-
-
-def seed_uri(cfg: DictConfig, method: Method, seed: int) -> str:
-    return storage.join(evaluate_dir(cfg, method), f"seed-{seed:05d}.json")
 
 
 def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module:
@@ -94,8 +87,10 @@ def _student_worker(loop_config: dict) -> None:
     rank, world, device = train_workers.worker_setup(cfg.evaluate.cpus_per_worker)
     teacher = load_teacher(cfg, classes, device)
     if method != Method.full:
-        x, y, _ = load_synthetic(cfg)
-        x, y = x[rank::world], y[rank::world]
+        mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows
+        x = to_model_input(mine["clips"], cfg.data.mean, cfg.data.std)
+        y = mine["labels"]
+        del mine
     for seed in cfg.evaluate.seeds:
         if storage.exists(seed_uri(cfg, method, seed)):
             continue
@@ -110,7 +105,7 @@ def _student_worker(loop_config: dict) -> None:
             with train_workers.uneven_inputs(student):
                 training.train_student(student, teacher, x, y, cfg, worker_seed,
                                        callback=lambda epoch, m: history.append({"step": epoch, **m}))
-        top1, top5, n = _test(student, ray.train.get_dataset_shard("test"), loop_config["expected_test"], world, cfg, device)
+        top1, top5, n = _test(student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device)
         if rank == 0:
             storage.write_json_once(seed_uri(cfg, method, seed), {
                 "seed": seed, "top1": top1, "top5": top5, "test_clips": n, "history": history,
@@ -131,41 +126,45 @@ def summarise(method: Method, ipc: int, per_seed: list[dict]) -> dict:
 
 
 def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
-    """Train and test students of `method` (cfg: `layout.method_config(cfg, method)`) unless
-    finished; returns the results (see `summarise`)."""
-    from ray.train.torch import TorchTrainer
+    """Train and test students of `method` (cfg: `artifacts.method_config(cfg, method)`) unless
+    finished; returns the results (see `summarise`).
 
-    folder = evaluate_dir(cfg, method)
-    results_uri = storage.join(folder, RESULTS)
-    if storage.exists(results_uri):
-        log.info("evaluate %s: finished at %s, skipped", method.value, folder)
-        return {**storage.read_json(results_uri), "skipped": True}
-    classes = read_manifest(shards_root(cfg))["classes"]
-    datasets = {"test": clip_dataset(cfg, "test")}
-    if method == Method.full:
-        datasets["train"] = clip_dataset(cfg, "train")
-    if cfg.data.cache_clips:
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    trainer = TorchTrainer(
-        _student_worker,
-        train_loop_config={"cfg": cfg, "classes": classes, "method": method.value,
-                           "expected_test": expected_rows(cfg, "test"), "expected_train": expected_rows(cfg, "train")},
-        scaling_config=train_workers.scaling_config(cfg.evaluate, cfg.device),
-        run_config=train_workers.run_config(storage.join(folder, "ray_train"), "students", cfg.ray.max_failures),
-        datasets=datasets,
-    )
-    trainer.fit()
-    per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
-    results = summarise(method, cfg.distill.ipc, per_seed)
-    storage.write_json_once(results_uri, results)
-    if tracker:
-        run_id = tracker.child(f"evaluate/{method.value}", tags={"method": method.value})
-        for r in per_seed:
-            seed_run = tracker.child(f"evaluate/{method.value}/seed-{r['seed']}", parent=run_id)
-            tracker.log_history(seed_run, r["history"])
-            tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
-            tracker.finish(seed_run)
-        tracker.log_metrics(run_id, {k: results[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
-        tracker.finish(run_id)
-    log.info("evaluate %s: top-1 %.3f +- %.3f over %d seeds", method.value, results["top1_mean"], results["top1_std"], len(per_seed))
-    return results
+    Raises:
+        ConfigError: the dataset has no data.eval_split split.
+    """
+    manifest = read_manifest(shards_root(cfg))
+    classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
+
+    def work(run_id) -> dict:
+        from ray.train.torch import TorchTrainer
+
+        datasets = {"eval": clip_dataset(cfg, split)}
+        if method == Method.full:
+            datasets["train"] = clip_dataset(cfg, "train")
+        if cfg.data.cache_clips:
+            datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        trainer = TorchTrainer(
+            _student_worker,
+            train_loop_config={"cfg": cfg, "classes": classes, "method": method.value,
+                               "expected_eval": expected_rows(cfg, split), "expected_train": expected_rows(cfg, "train")},
+            scaling_config=train_workers.scaling_config(cfg.evaluate, cfg.device),
+            run_config=train_workers.run_config(storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"), "students",
+                                                cfg.ray.max_failures),
+            datasets=datasets,
+        )
+        trainer.fit()
+        per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
+        results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split}
+        if tracker:
+            for r in per_seed:
+                seed_run = tracker.child(f"evaluate/{method.value}/seed-{r['seed']}", parent=run_id)
+                tracker.log_history(seed_run, r["history"])
+                tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
+                tracker.finish(seed_run)
+            tracker.log_metrics(run_id, {k: results[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+        log.info("evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s", method.value, results["top1_mean"],
+                 results["top1_std"], len(per_seed), split)
+        return results
+
+    return artifacts.run_stage(f"evaluate/{method.value}", artifacts.results_uri(cfg, method), work, tracker,
+                               {"method": method.value})

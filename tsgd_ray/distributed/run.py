@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import Method
-from tsgd_ray.data.prepare import run_prepare, shards_root
-from tsgd_ray.data.shards import MANIFEST
+from tsgd_ray.data.prepare import run_prepare
+from tsgd_ray.data.shards import MANIFEST, eval_split, read_manifest, shards_root
+from tsgd_ray.distributed.artifacts import method_config
 from tsgd_ray.distributed.distill import run_distill
 from tsgd_ray.distributed.evaluate import run_evaluate
-from tsgd_ray.distributed.layout import method_config
 from tsgd_ray.distributed.merge import run_merge
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
@@ -33,9 +33,16 @@ def methods(cfg: DictConfig) -> list[Method]:
 
 
 def run_stages(cfg: DictConfig, stages=STAGES, tracker=None) -> list[dict]:
-    """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run)."""
+    """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run).
+
+    Raises:
+        ConfigError: when evaluate is asked for and the dataset has no data.eval_split split; this
+            is found before the teacher (or, with prepare, before any shard is written).
+    """
     if "prepare" in stages:
-        run_prepare(cfg)
+        run_prepare(cfg, for_evaluation="evaluate" in stages)
+    if "evaluate" in stages:
+        eval_split(cfg, read_manifest(shards_root(cfg))["counts"])
     if tracker:
         manifest = storage.read_bytes(storage.join(shards_root(cfg), MANIFEST))
         tracker.set_tags(tracker.run_id, {"dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest()})

@@ -1,182 +1,250 @@
-"""Statistics stage: one streaming pass of the frozen teacher over the training shards.
+"""Statistics stage: one pass of the frozen teacher over the training shards, then the init clips.
 
-``clips (Ray Data) -> TeacherProbe actors -> per clip: CE loss + per-sample BN input moments``
+Probe actors (`stats.actors`, each holding the teacher) take whole training shards from an
+`ElasticPool`, read them one row group at a time, decode, and keep per actor:
 
-The driver folds the moments into a `ClassStatistics` (integer fixed point: the result is
-bit-identical whatever the block order or actor count), picks the IPC init clips per class
-(distill.init: seeded random, or lowest teacher loss), decodes just those clips, and writes, once::
+- a `ClassStatistics` of exact integer per-class sums of every BN layer's input moments, so the
+  result is bit-identical whatever the shard order or actor count;
+- per class, the MAX_IPC best init candidates by seeded random priority and by teacher loss, each
+  named by (video id, shard, row).
 
-    <stats_dir>/statistics.pt   ClassStatistics.state_dict()
-    <stats_dir>/init.pt         clips (N, F, H, W, 3) uint8, labels, indices (N,), video_ids
-    <stats_dir>/stats.json      the completion marker (counts, bad videos, mean loss)
+Each actor hands both over once at the end: what reaches the driver grows with actors x classes,
+not with clips. Then, for the run's (ipc, init kind), Ray tasks decode just the chosen rows (by
+shard and row, no second pass over the data) and write the init clips as clip tables whose row
+groups hold one class each, so a distill actor reads only its partition's classes::
+
+    <stats_dir>/statistics.pt, candidates.json, stats.json (marker: clips, bad videos, mean loss)
+    <stats_dir>/init/<ipc>-<kind>/part-00000.parquet ..., init.json (marker: parts and class ranges)
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import math
+import os
+from collections import defaultdict
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import InitKind
-from tsgd_ray.core import selection
-from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics
+from tsgd_ray.config import MAX_IPC, ConfigError, InitKind
+from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.device import autocast, resolve_device
-from tsgd_ray.data.pipeline import TooManyBadVideos, clip_dataset, expected_rows
-from tsgd_ray.data.prepare import shards_root
-from tsgd_ray.data.shards import read_manifest
-from tsgd_ray.distributed.layout import read_tensors, stats_dir, write_tensors
-from tsgd_ray.distributed.teacher import load_teacher
+from tsgd_ray.core.selection import BestPerClass, seeded_priority
+from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
+from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root
+from tsgd_ray.distributed import artifacts
+from tsgd_ray.distributed.pool import ElasticPool
 
 log = logging.getLogger(__name__)
 
-STATISTICS = "statistics.pt"
-INIT = "init.pt"
-MARKER = "stats.json"
+INIT_PART_BYTES = 64 * 2**20  # about this many bytes of init clips per part file (whole classes)
+CRITERIA = {"real": "priority", "lowest_loss": "loss"}  # init kind -> the key its candidates are ranked by
 
 
-class TeacherProbe:
-    """A Ray Data callable class holding the frozen teacher: clip rows -> loss and BN moments.
+def train_shards(cfg: DictConfig) -> list[dict]:
+    """The non-empty training shards of the manifest, each {"uri", "rows"}, in manifest order."""
+    root = shards_root(cfg)
+    return [{"uri": storage.join(root, s["path"]), "rows": s["rows"]}
+            for s in read_manifest(root)["shards"] if s["split"] == "train" and s["rows"] > 0]
 
-    Output columns: video_id, label, ok, error (passed through), loss (N,) float64 (CE of the
-    un-augmented clip), means and squares (N, sum_l C_l) float32 (per-sample channel moments of
-    every BN layer's input, layers concatenated). Bad rows get zeros.
+
+class StatsWorker:
+    """A Ray actor holding the frozen teacher: whole shards in, per-class sums and candidates kept.
+
+    `probe(shard, uri)` returns a small summary {clips, loss_sum, bad}; `collect()` hands over
+    {"statistics": state dict, "candidates": {kind: BestPerClass}} and resets them.
     """
 
-    def __init__(self, cfg: DictConfig, classes: list[str]):
-        torch.set_num_threads(1)
+    def __init__(self, cfg: DictConfig, classes: list[str], threads: int):
+        torch.set_num_threads(threads)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.teacher = load_teacher(cfg, classes, self.device)
+        self.teacher = artifacts.load_teacher(cfg, classes, self.device)
+        self.num_classes = len(classes)
+        self.decoder = ClipDecoder.from_config(cfg, threads=threads)
+        self.channels = [m.num_features for m in batchnorm_layers(self.teacher)]
+        self._reset()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["ok"].astype(bool)
-        n = len(ok)
-        out = {k: batch[k] for k in ("video_id", "label", "ok", "error")}
-        loss = np.zeros(n, dtype=np.float64)
-        means = squares = None
-        if ok.any():
-            clips = torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])).to(self.device)
-            labels = torch.from_numpy(batch["label"][ok]).long().to(self.device)
-            x = to_model_input(clips, self.cfg.data.mean, self.cfg.data.std)
-            with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.cfg.amp):
-                logits = self.teacher(x).float()
-            loss[ok] = F.cross_entropy(logits, labels, reduction="none").double().cpu().numpy()
-            good_means = torch.cat(taps.means, dim=1).cpu().numpy()
-            good_squares = torch.cat(taps.squares, dim=1).cpu().numpy()
-            means = np.zeros((n, good_means.shape[1]), dtype=np.float32)
-            squares = np.zeros_like(means)
-            means[ok], squares[ok] = good_means, good_squares
-        out["loss"] = loss
-        out["means"] = means if means is not None else np.zeros((n, 0), dtype=np.float32)
-        out["squares"] = squares if squares is not None else np.zeros((n, 0), dtype=np.float32)
+    def _reset(self) -> None:
+        self.stats = ClassStatistics.empty(self.num_classes, self.channels)
+        self.best = {kind: BestPerClass(MAX_IPC) for kind in CRITERIA}
+
+    def ready(self) -> bool:
+        return True
+
+    def probe(self, shard: int, uri: str) -> dict:
+        clips = bad = 0
+        loss_sum = 0.0
+        errors: list[str] = []
+        row = 0
+        with storage.open_input(uri) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.cfg.stats.batch_size,
+                                                        columns=["video_id", "label", "video"]):
+                columns = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in ("video_id", "label", "video")}
+                decoded = self.decoder(columns)
+                ok = decoded["ok"]
+                errors.extend(str(e) for e in decoded["error"][~ok])
+                if ok.any():
+                    losses = self._forward(decoded["clip"][ok], decoded["label"][ok])
+                    rows = row + np.flatnonzero(ok)
+                    for r, vid, label, loss in zip(rows, decoded["video_id"][ok], decoded["label"][ok], losses):
+                        entry = {"video_id": str(vid), "shard": shard, "row": int(r), "loss": float(loss)}
+                        self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
+                        self.best["lowest_loss"].add(label, float(loss), entry)
+                    clips += int(ok.sum())
+                    loss_sum += float(losses.sum())
+                bad += int((~ok).sum())
+                row += len(ok)
+        return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
+
+    def _forward(self, clips: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device), self.cfg.data.mean, self.cfg.data.std)
+        y = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.cfg.amp):
+            logits = self.teacher(x).float()
+            self.stats.add(taps, y)
+        return F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
+
+    def collect(self) -> dict:
+        out = {"statistics": self.stats.state_dict(), "candidates": self.best}
+        self._reset()
         return out
 
 
-def _probe_pass(cfg: DictConfig, classes: list[str]) -> tuple[ClassStatistics, list[str], np.ndarray, np.ndarray, list[str]]:
-    """Run the teacher over every training clip. Returns (statistics, video ids, labels, losses, bad)."""
+def _start_probe(cfg: DictConfig, classes: list[str]):
     import ray
 
-    stats = ClassStatistics.for_model(load_teacher(cfg, classes), len(classes))
-    splits = np.cumsum([s.shape[1] for s in stats.sums])[:-1]
-    probes = clip_dataset(cfg, "train").map_batches(
-        TeacherProbe, fn_constructor_kwargs={"cfg": cfg, "classes": classes}, batch_size=cfg.data.decode_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.distill.actors), num_cpus=cfg.distill.cpus_per_actor,
-        num_gpus=cfg.distill.gpus_per_actor or None)
-    expected = expected_rows(cfg, "train")
+    s = cfg.stats
+    threads = max(1, math.floor(s.cpus_per_actor))
+    options = {"num_cpus": s.cpus_per_actor, "max_restarts": 0, "max_task_retries": 0}
+    if s.gpus_per_actor:
+        options["num_gpus"] = s.gpus_per_actor
+    return lambda name: ray.remote(StatsWorker).options(name=name, **options).remote(cfg, classes, threads)
+
+
+def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
+    shards = train_shards(cfg)
+    if not shards:
+        raise ManifestError(f"no training videos in the shards under {shards_root(cfg)}")
+    expected = sum(s["rows"] for s in shards)
     max_bad = int(cfg.data.max_bad_fraction * expected)
-    video_ids, labels, losses, bad = [], [], [], []
-    for batch in probes.iter_batches(batch_size=256, batch_format="numpy"):
-        ok = batch["ok"].astype(bool)
-        bad.extend(str(e) for e in batch["error"][~ok])
-        if len(bad) > max_bad:
-            raise TooManyBadVideos(f"{len(bad)} of {expected} training videos failed to decode, more than "
-                                   f"data.max_bad_fraction allows ({max_bad}); e.g. {bad[:3]}")
-        if not ok.any():
-            continue
-        good_labels = torch.from_numpy(batch["label"][ok].astype(np.int64))
-        means = np.split(batch["means"][ok], splits, axis=1)
-        squares = np.split(batch["squares"][ok], splits, axis=1)
-        stats.add_moments([torch.from_numpy(m) for m in means], [torch.from_numpy(s) for s in squares], good_labels)
-        video_ids.extend(str(v) for v in batch["video_id"][ok])
-        labels.append(batch["label"][ok].astype(np.int64))
-        losses.append(batch["loss"][ok])
-    return stats, video_ids, np.concatenate(labels), np.concatenate(losses), bad
+    bad: dict[int, list[str]] = {}
 
+    def on_result(shard: int, result: dict) -> None:
+        bad[shard] = result["bad"]
+        total = sum(map(len, bad.values()))
+        if total > max_bad:
+            examples = [e for errors in bad.values() for e in errors][:3]
+            raise TooManyBadVideos(f"{total} of {expected} training videos failed to decode, more than "
+                                   f"data.max_bad_fraction allows ({max_bad}); e.g. {examples}")
 
-def choose_init(cfg: DictConfig, video_ids: list[str], labels: np.ndarray, losses: np.ndarray, num_classes: int) -> dict[int, list[str]]:
-    """Per class, the video ids of its `distill.ipc` init clips, in index order.
-
-    Rows are put in video-id order first, so the choice does not depend on the stream's order.
-    `noise` init still records seeded real clips (they are the random_real baseline's set).
-    """
-    order = np.argsort(np.asarray(video_ids), kind="stable")
-    ids = [video_ids[i] for i in order]
-    labels_t = torch.from_numpy(labels[order])
-    if cfg.distill.init == InitKind.lowest_loss:
-        choice = selection.lowest_loss(torch.from_numpy(losses[order]), labels_t, num_classes, cfg.distill.ipc)
-    else:
-        choice = selection.random_real(labels_t, num_classes, cfg.distill.ipc, cfg.seed)
-    return {c: [ids[row] for row in rows] for c, rows in choice.items()}
-
-
-def _decode_chosen(cfg: DictConfig, chosen: dict[int, list[str]]) -> dict:
-    wanted = {vid: (c, i) for c, ids in chosen.items() for i, vid in enumerate(ids)}
-    rows = clip_dataset(cfg, "train", video_ids=list(wanted)).take_all()
-    found = {str(r["video_id"]): r for r in rows if r["ok"]}
-    order = sorted(wanted, key=lambda v: wanted[v])
-    missing = [v for v in order if v not in found]
+    pool = ElasticPool(_start_probe(cfg, classes), cfg.stats.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
+    done, states = pool.run(range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result,
+                            collect="collect")
+    stats = ClassStatistics.from_state_dict(states[0]["statistics"])
+    best = states[0]["candidates"]
+    for state in states[1:]:
+        stats = stats.merge(ClassStatistics.from_state_dict(state["statistics"]))
+        for kind in CRITERIA:
+            best[kind].merge(state["candidates"][kind])
+    missing = stats.missing_classes()
     if missing:
-        raise TooManyBadVideos(f"init clips could not be decoded again: {missing[:5]}")
-    return {"clips": torch.from_numpy(np.stack([found[v]["clip"] for v in order])),
-            "labels": torch.tensor([wanted[v][0] for v in order]),
-            "indices": torch.tensor([wanted[v][1] for v in order]),
-            "video_ids": order}
+        raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
+    artifacts.write_statistics(cfg, stats)
+    candidates = {kind: best[kind].best(len(classes)) for kind in CRITERIA}
+    artifacts.write_candidates(cfg, candidates)
+    clips = sum(r["clips"] for r in done.values())
+    all_bad = [e for s in sorted(done) for e in done[s]["bad"]]
+    marker = {"clips": clips, "bad_videos": all_bad, "classes": len(classes), "shards": len(shards),
+              "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
+              "actors_lost": pool.lost}
+    if tracker:
+        tracker.log_metrics(run_id, {"clips": clips, "bad_videos": len(all_bad), "actors_lost": pool.lost,
+                                     "mean_teacher_loss": marker["mean_teacher_loss"]})
+    log.info("stats: %d clips in %d shards, %d bad", clips, len(shards), len(all_bad))
+    return marker
 
 
-def load_statistics(cfg: DictConfig) -> ClassStatistics:
-    return ClassStatistics.from_state_dict(read_tensors(storage.join(stats_dir(cfg), STATISTICS)))
+def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
+    """Decode the clips at (shard uri, row) of `rows` (dicts with uri, row, video_id), reading only
+    the row groups that hold them. Returns {video_id: (F, H, W, 3) uint8}.
+
+    Raises:
+        TooManyBadVideos: a chosen clip is no longer there or no longer decodes.
+    """
+    decoder = ClipDecoder.from_config(cfg)
+    out: dict[str, np.ndarray] = {}
+    by_shard: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_shard[r["uri"]].append(r)
+    for uri, wanted in by_shard.items():
+        with storage.open_input(uri) as f:
+            parquet = pq.ParquetFile(f)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            for g in sorted({int(np.searchsorted(starts, r["row"], side="right") - 1) for r in wanted}):
+                here = [r for r in wanted if starts[g] <= r["row"] < starts[g + 1]]
+                table = parquet.read_row_group(g, columns=["video_id", "label", "video"])
+                take = [r["row"] - int(starts[g]) for r in here]
+                columns = {k: table.column(k).to_numpy(zero_copy_only=False)[take] for k in ("video_id", "label", "video")}
+                decoded = decoder(columns)
+                for r, vid, ok, clip, error in zip(here, decoded["video_id"], decoded["ok"], decoded["clip"], decoded["error"]):
+                    if str(vid) != r["video_id"] or not ok:
+                        raise TooManyBadVideos(f"init clip {r['video_id']} at {uri} row {r['row']} could not be "
+                                               f"decoded again: {error or 'another video is there now'}")
+                    out[r["video_id"]] = clip
+    return out
 
 
-def load_init(cfg: DictConfig) -> dict:
-    """{"clips": (N, F, H, W, 3) uint8, "labels": (N,), "indices": (N,), "video_ids": [N]}."""
-    return read_tensors(storage.join(stats_dir(cfg), INIT))
+def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
+    """A Ray task: decode the chosen rows of some whole classes and write their clip table."""
+    clips = decode_rows(cfg, chosen)
+    table = artifacts.clip_table_bytes(np.stack([clips[c["video_id"]] for c in chosen]),
+                                       np.array([c["label"] for c in chosen]), np.array([c["index"] for c in chosen]),
+                                       [c["video_id"] for c in chosen])
+    storage.write_once(artifacts.init_part_uri(cfg, part), table)
+    return {"path": f"part-{part:05d}.parquet", "first_class": chosen[0]["label"], "last_class": chosen[-1]["label"],
+            "rows": len(chosen), "bytes": len(table)}
+
+
+def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
+    kind = artifacts.init_name(cfg).split("-", 1)[1]
+    candidates = artifacts.read_candidates(cfg)[kind]
+    ipc = cfg.distill.ipc
+    short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
+    if short:
+        raise ConfigError(f"distill.ipc={ipc}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
+                          f"{' ...' if len(short) > 10 else ''}")
+    shards = train_shards(cfg)
+    chosen = [{**entry, "uri": shards[entry["shard"]]["uri"], "label": c, "index": i}
+              for c, rows in enumerate(candidates) for i, entry in enumerate(rows[:ipc])]
+    clip_bytes = int(np.prod(artifacts.clip_shape(cfg)))
+    per_part = max(1, INIT_PART_BYTES // (clip_bytes * ipc)) * ipc
+    import ray
+
+    task = ray.remote(_write_init_part).options(num_cpus=0.5, max_retries=cfg.ray.max_failures)
+    parts = ray.get([task.remote(cfg, p, chosen[start : start + per_part])
+                     for p, start in enumerate(range(0, len(chosen), per_part))])
+    return {"ipc": ipc, "init": kind, "parts": parts, "videos": len(chosen)}
 
 
 def run_stats(cfg: DictConfig, tracker=None) -> dict:
-    """Compute and write the class statistics and init clips unless finished; returns the marker.
+    """The statistics pass (unless finished) and the init clips of this (ipc, init) (unless written);
+    returns the init marker merged over the statistics marker.
 
     Raises:
-        FileNotFoundError: no teacher yet. TooManyBadVideos: as the data pipeline.
-        ValueError: a class with fewer than distill.ipc clips.
+        FileNotFoundError: no teacher yet. TooManyBadVideos: as the data pipeline, or a class with no
+        decodable clip. ConfigError: a class with fewer than distill.ipc clips.
     """
-    folder = stats_dir(cfg)
-    marker_uri = storage.join(folder, MARKER)
-    if storage.exists(marker_uri):
-        log.info("stats: finished at %s, skipped", folder)
-        return {**storage.read_json(marker_uri), "skipped": True}
-    started = time.time()
     classes = read_manifest(shards_root(cfg))["classes"]
-    stats, video_ids, labels, losses, bad = _probe_pass(cfg, classes)
-    missing = stats.missing_classes()
-    if missing:
-        raise ValueError(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
-    init = _decode_chosen(cfg, choose_init(cfg, video_ids, labels, losses, len(classes)))
-    write_tensors(storage.join(folder, STATISTICS), stats.state_dict())
-    write_tensors(storage.join(folder, INIT), init)
-    marker = {"clips": len(video_ids), "bad_videos": bad, "classes": len(classes), "init": cfg.distill.init.value,
-              "ipc": cfg.distill.ipc, "mean_teacher_loss": float(losses.mean()),
-              "init_video_ids": init["video_ids"], "seconds": round(time.time() - started, 1)}
-    storage.write_json_once(marker_uri, marker)
-    if tracker:
-        run_id = tracker.child("stats", tags={"method": cfg.distill.method.value})
-        tracker.log_metrics(run_id, {"clips": len(video_ids), "bad_videos": len(bad),
-                                     "mean_teacher_loss": marker["mean_teacher_loss"], "seconds": marker["seconds"]})
-        tracker.finish(run_id)
-    log.info("stats: %d clips, %d bad, %.0f s -> %s", len(video_ids), len(bad), marker["seconds"], folder)
-    return marker
+    tags = {"method": cfg.distill.method.value}
+    marker = artifacts.run_stage("stats", storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER),
+                                 lambda run_id: _probe_pass(cfg, classes, run_id, tracker), tracker, tags)
+    init = artifacts.run_stage("init", storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER),
+                               lambda run_id: _write_init(cfg, classes, run_id, tracker), tracker, tags)
+    return {**marker, **init}

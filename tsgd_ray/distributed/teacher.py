@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -20,42 +19,13 @@ from omegaconf import DictConfig
 from tsgd_ray import storage
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import to_model_input
-from tsgd_ray.core.models import build_model, checkpoint_bytes, load_checkpoint
+from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
-from tsgd_ray.data.prepare import shards_root
-from tsgd_ray.data.shards import read_manifest
+from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import train_workers
-from tsgd_ray.distributed.layout import teacher_dir
+from tsgd_ray.distributed.artifacts import TEACHER_MARKER, new_teacher, run_stage, teacher_dir, teacher_uri
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "teacher.pt"
-MARKER = "teacher.json"
-
-
-def teacher_uri(cfg: DictConfig) -> str:
-    return storage.join(teacher_dir(cfg), CHECKPOINT)
-
-
-def clip_size(cfg: DictConfig) -> tuple[int, int, int]:
-    return cfg.data.num_frames, cfg.data.height, cfg.data.width
-
-
-def new_teacher(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    """The teacher architecture with its seeded initial weights."""
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.teacher.model, num_classes, clip_size(cfg), cfg.teacher.width, cfg.teacher.depth)
-
-
-def load_teacher(cfg: DictConfig, classes: list[str], device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The finished teacher of this config, frozen, in eval mode on `device`.
-
-    Raises:
-        FileNotFoundError: when the teacher stage has not finished.
-    """
-    model = build_model(cfg.teacher.model, len(classes), clip_size(cfg), cfg.teacher.width, cfg.teacher.depth)
-    load_checkpoint(model, storage.read_bytes(teacher_uri(cfg)), classes)
-    return model.to(device).eval().requires_grad_(False)
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -134,27 +104,20 @@ def run_teacher(cfg: DictConfig, tracker=None) -> dict:
     Raises:
         ManifestError: shards not prepared. ModelError: an imported checkpoint that does not fit.
     """
-    marker_uri = storage.join(teacher_dir(cfg), MARKER)
-    if storage.exists(marker_uri):
-        log.info("teacher: finished at %s, skipped", teacher_dir(cfg))
-        return {**storage.read_json(marker_uri), "skipped": True}
-    started = time.time()
     classes = read_manifest(shards_root(cfg))["classes"]
-    run_id = tracker.child("teacher") if tracker else None
-    if cfg.teacher.checkpoint:
-        model = load_checkpoint(new_teacher(cfg, len(classes)), storage.read_bytes(cfg.teacher.checkpoint), classes)
-        history, source = [], "imported"
-    else:
-        model, history = _train(cfg, classes)
-        source = "trained"
-    data = checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
-    storage.write_once(teacher_uri(cfg), data)
-    marker = {"uri": teacher_uri(cfg), "sha256": hashlib.sha256(storage.read_bytes(teacher_uri(cfg))).hexdigest(),
-              "source": source, "classes": len(classes), "history": history, "seconds": round(time.time() - started, 1)}
-    storage.write_json_once(marker_uri, marker)
-    if tracker:
-        tracker.log_history(run_id, history)
-        tracker.set_tags(run_id, {"teacher_sha256": marker["sha256"], "source": source})
-        tracker.finish(run_id)
-    log.info("teacher: %s in %.0f s -> %s", source, marker["seconds"], teacher_uri(cfg))
-    return marker
+
+    def work(run_id) -> dict:
+        if cfg.teacher.checkpoint:
+            model = load_checkpoint(new_teacher(cfg, len(classes)), storage.read_bytes(cfg.teacher.checkpoint), classes)
+            history, source = [], "imported"
+        else:
+            model, history = _train(cfg, classes)
+            source = "trained"
+        storage.write_once(teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source}))
+        digest = hashlib.sha256(storage.read_bytes(teacher_uri(cfg))).hexdigest()  # of what is stored
+        if tracker:
+            tracker.log_history(run_id, history)
+            tracker.set_tags(run_id, {"teacher_sha256": digest, "source": source})
+        return {"uri": teacher_uri(cfg), "sha256": digest, "source": source, "classes": len(classes), "history": history}
+
+    return run_stage("teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, tracker)

@@ -1,0 +1,168 @@
+"""A pool of Ray actors that takes work items one at a time and survives losing actors and nodes.
+
+- An item whose actor dies goes back to the front of the queue at once, for whichever actor is free
+  next; a replacement actor is requested but never waited for (it joins when Ray can place it, so
+  losing a node that the autoscaler does not replace only shrinks the pool).
+- Actors are started with no Ray-level restarts or task retries: a retry on a dead actor would hold
+  its item until the actor came back.
+- `speculate`: once the queue is empty, an idle actor re-runs the item that has been running longest,
+  if it has run more than SLOW_FACTOR x the median item time; the first result wins (items must be
+  idempotent and write-once, so the loser is harmless).
+- `collect`: for actors that accumulate state over their items (the statistics probes), each actor
+  is asked once at the end for its state, which it hands over and resets; if it dies before, every
+  item it did goes back to the queue, and nothing it held is used.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import time
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+SLOW_FACTOR = 2.0
+MIN_SPECULATE_SECONDS = 1.0
+
+
+class PoolError(RuntimeError):
+    """An item failed on more actors than allowed; the message names it and the last error."""
+
+
+class ElasticPool:
+    """Actors made by `start(name)` (an ActorHandle with a `ready()` method), `size` at a time.
+
+    `max_failures`: how many lost actors one item may cost before the pool gives up.
+    """
+
+    def __init__(self, start: Callable[[str], Any], size: int, name: str, max_failures: int):
+        self._start, self.size, self.name, self.max_failures = start, size, name, max_failures
+        self.actors: dict[int, Any] = {}
+        self.generation: collections.Counter = collections.Counter()
+        self.lost = 0
+        self.speculated = 0
+
+    def _launch(self, slot: int, starting: dict) -> None:
+        name = f"{self.name}-{slot}" + (f"-r{self.generation[slot]}" if self.generation[slot] else "")
+        self.actors[slot] = self._start(name)
+        starting[self.actors[slot].ready.remote()] = slot
+
+    def run(self, items: Sequence[Hashable], call: Callable[[Any, Hashable], Any],
+            on_result: Optional[Callable[[Hashable, Any], None]] = None, speculate: bool = False,
+            collect: Optional[str] = None) -> tuple[dict, list]:
+        """Run `call(actor, item)` (returns an ObjectRef) for every item; returns ({item: result},
+        [collected states]) where states come from `actor.<collect>()` of every actor that did items.
+
+        Raises:
+            PoolError: an item lost more than max_failures actors.
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        pending = collections.deque(items)
+        done: dict = {}
+        done_by: dict[int, list] = collections.defaultdict(list)  # slot -> items whose result it holds
+        in_flight: dict = {}  # ref -> (slot, item, started)
+        starting: dict = {}  # ready ref -> slot
+        idle: list[int] = []
+        failures: collections.Counter = collections.Counter()
+        durations: list[float] = []
+        states: list = []
+        for slot in range(min(self.size, len(items)) or 1):
+            self._launch(slot, starting)
+
+        def lose(slot: int, item: Optional[Hashable], exc: BaseException) -> None:
+            self.lost += 1
+            redo = done_by.pop(slot, []) if collect else []
+            for it in redo:
+                done.pop(it, None)
+            if item is not None and item not in done:
+                failures[item] += 1
+                if failures[item] > self.max_failures:
+                    raise PoolError(f"{self.name}: item {item} lost {failures[item]} actors; last error: {exc}") from exc
+                redo.append(item)
+            pending.extendleft(reversed([it for it in redo if it not in pending]))
+            log.warning("%s: actor %d lost (%s); %d item(s) back in the queue, a replacement requested",
+                        self.name, slot, type(exc).__name__, len(redo))
+            self.generation[slot] += 1
+            self._launch(slot, starting)
+
+        try:
+            while True:
+                while len(done) < len(items):
+                    while idle and pending:
+                        item = pending.popleft()
+                        if item in done or any(i == item for _, i, _ in in_flight.values()):
+                            continue
+                        slot = idle.pop()
+                        in_flight[call(self.actors[slot], item)] = (slot, item, time.time())
+                    if speculate and idle and not pending and durations:
+                        self._speculate(idle, in_flight, durations, call)
+                    if not in_flight and not starting:
+                        raise PoolError(f"{self.name}: no actor left and {len(items) - len(done)} item(s) to do")
+                    ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
+                    ref = ready[0]
+                    if ref in starting:
+                        slot = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                            idle.append(slot)
+                        except RayActorError as exc:
+                            lose(slot, None, exc)
+                        continue
+                    slot, item, started = in_flight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except RayActorError as exc:
+                        if any(i == item for _, i, _ in in_flight.values()):
+                            failures[item] += 1  # a speculative twin still runs it
+                            item = None
+                        lose(slot, item, exc)
+                        continue
+                    idle.append(slot)
+                    if item in done:
+                        continue  # the twin of a speculated item: the first result won
+                    done[item] = result
+                    done_by[slot].append(item)
+                    durations.append(time.time() - started)
+                    if on_result:
+                        on_result(item, result)
+                if not collect:
+                    return done, states
+                states += self._collect(collect, done_by, lose)
+                if len(done) == len(items):
+                    return done, states
+        finally:
+            for actor in self.actors.values():
+                ray.kill(actor)
+
+    def _speculate(self, idle: list, in_flight: dict, durations: list, call) -> None:
+        threshold = max(MIN_SPECULATE_SECONDS, SLOW_FACTOR * statistics.median(durations))
+        running = collections.Counter(item for _, item, _ in in_flight.values())
+        now = time.time()
+        slow = sorted((started, item) for _, item, started in in_flight.values()
+                      if running[item] == 1 and now - started > threshold)
+        if slow:
+            item = slow[0][1]
+            slot = idle.pop()
+            in_flight[call(self.actors[slot], item)] = (slot, item, now)
+            self.speculated += 1
+            log.info("%s: item %s runs %.0f s (median %.1f s); started again on actor %d",
+                     self.name, item, now - slow[0][0], statistics.median(durations), slot)
+
+    def _collect(self, method: str, done_by: dict, lose) -> list:
+        """Each actor's state, once; an actor lost now has its items put back (by `lose`)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        states = []
+        refs = {getattr(self.actors[slot], method).remote(): slot for slot in list(done_by) if done_by[slot]}
+        for ref, slot in refs.items():
+            try:
+                states.append(ray.get(ref))
+                done_by[slot] = []  # handed over: losing this actor later costs none of them
+            except RayActorError as exc:
+                lose(slot, None, exc)
+        return states
