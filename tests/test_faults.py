@@ -96,8 +96,9 @@ def test_actor_killed_mid_partition(ray_session, tmp_path, teacher_path):
     assert torch.bincount(synthetic["labels"]).tolist() == [1] * 8 and synthetic["clips"].shape[0] == 8
 
 
-def test_node_removed_and_added_back(ray_session, tmp_path, teacher_path):
-    """On a 3-node ray.cluster_utils.Cluster (its own process: one Ray per process)."""
+def test_node_removed_and_not_replaced(ray_session, tmp_path, teacher_path):
+    """On a 3-node ray.cluster_utils.Cluster (its own process: one Ray per process), a node is
+    removed mid-stage and never comes back: its partition goes to the actor that is left."""
     temp_dir = REPO / ".cache" / f"ray-nodes-{os.getpid()}"
     out = tmp_path / "cluster"
     proc = subprocess.run([PYTHON, str(REPO / "tests" / "node_loss.py"), str(out), str(teacher_path), str(temp_dir)],
@@ -106,11 +107,14 @@ def test_node_removed_and_added_back(ray_session, tmp_path, teacher_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["summary"]["recovered"] == 4 and report["summary"]["partitions"] == 4
-    assert report["summary"]["actor_failures"] + report["restarted_in_place"] >= 1
-    assert len(report["pids"]) >= 3  # two actors, and the lost one came back in a new process
+    assert report["summary"]["actor_failures"] >= 1
     disturbed = imported_config(out, teacher_path, "distill.actors=2", "distill.cpus_per_actor=1.5", "distill.iterations=150")
+    markers = _markers(disturbed, 4)
+    survivor = {m["node_id"] for m in markers if m["partition"] >= 2} - {report["removed_node"]}
+    assert len(survivor) == 1  # everything after the loss ran on the node that was left
+    assert [m["partition"] for m in markers] == [0, 1, 2, 3]
     synthetic, _ = read_synthetic(disturbed)
-    assert torch.bincount(synthetic["labels"]).tolist() == [1] * 8
+    assert torch.bincount(synthetic["labels"]).tolist() == [1] * 8  # nothing lost, nothing twice
 
 
 def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_path):
