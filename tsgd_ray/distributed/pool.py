@@ -70,6 +70,7 @@ class ElasticPool:
         failures: collections.Counter = collections.Counter()
         durations: list[float] = []
         states: list = []
+        failed_starts = 0
         for slot in range(min(self.size, len(items)) or 1):
             self._launch(slot, starting)
 
@@ -102,7 +103,11 @@ class ElasticPool:
                         self._speculate(idle, in_flight, durations, call)
                     if not in_flight and not starting:
                         raise PoolError(f"{self.name}: no actor left and {len(items) - len(done)} item(s) to do")
-                    ready, _ = ray.wait([*in_flight, *starting], num_returns=1)
+                    # poll while an idle actor may take a straggler; block otherwise
+                    poll = 1.0 if speculate and idle and not pending and durations else None
+                    ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=poll)
+                    if not ready:
+                        continue
                     ref = ready[0]
                     if ref in starting:
                         slot = starting.pop(ref)
@@ -110,6 +115,10 @@ class ElasticPool:
                             ray.get(ref)
                             idle.append(slot)
                         except RayActorError as exc:
+                            failed_starts += 1
+                            if failed_starts > self.max_failures * self.size:
+                                raise PoolError(f"{self.name}: {failed_starts} actors died while starting; "
+                                                f"last error: {exc}") from exc
                             lose(slot, None, exc)
                         continue
                     slot, item, started = in_flight.pop(ref)
