@@ -42,12 +42,13 @@ def command_prepare(cfg: DictConfig) -> int:
 
 def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str) -> int:
     from tsgd_ray.distributed.cluster import init_ray
-    from tsgd_ray.distributed.run import results_table, run_stages
+    from tsgd_ray.distributed.run import preflight, results_table, run_stages
     from tsgd_ray.tracking import Tracker
 
+    catalog = preflight(cfg, stages)
     init_ray(cfg)
     with Tracker(cfg, command) as tracker:
-        results = run_stages(cfg, stages, tracker)
+        results = run_stages(cfg, stages, tracker, catalog)
     if results:
         print(results_table(results))
     print(f"MLflow: {tracker.location}")

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
@@ -75,35 +76,49 @@ class ClipDecoder:
                 "ok": ok, "error": errors}
 
 
-def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = None, epoch: int = 0,
-                 video_ids: Optional[Sequence[str]] = None):
-    """A lazy Ray Dataset of decoded clips of `split`, optionally only the given labels or videos.
+def read_shard_rows(batch: dict[str, np.ndarray], rows_per_block: int, labels: Optional[list[int]] = None) -> Iterator[dict]:
+    """A Ray Data generator UDF: shard URIs in, their rows (video_id, label, video) out, one
+    Parquet row group slice of at most `rows_per_block` rows at a time, optionally only `labels`."""
+    wanted = None if labels is None else np.asarray(labels, dtype=np.int64)
+    for uri in batch["uri"]:
+        with storage.open_input(str(uri)) as f:
+            for part in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=["video_id", "label", "video"]):
+                out = {k: part.column(k).to_numpy(zero_copy_only=False) for k in ("video_id", "label", "video")}
+                if wanted is not None:
+                    keep = np.isin(out["label"].astype(np.int64), wanted)
+                    out = {k: v[keep] for k, v in out.items()}
+                if len(out["label"]):
+                    yield out
+
+
+def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = None, epoch: int = 0):
+    """A lazy Ray Dataset of decoded clips of `split`, optionally only the given labels.
+
+    The shards are read by our own tasks (a quarter CPU each, from the manifest's file list), not by
+    `ray.data.read_parquet`: Ray 2.60's reader lists the files in a task that needs a whole CPU,
+    which a Ray Train worker and the decoders can leave unavailable on a small machine (a silent
+    deadlock).
 
     Raises:
         ManifestError: if the shards are not prepared.
         ValueError: if the split has no shards.
     """
     import ray
-    from ray.data.expressions import col
 
     root = shards_root(cfg)
     manifest = read_manifest(root)
     paths = shard_uris(root, manifest, split)
     if not paths:
         raise ValueError(f"no shards for split {split!r} under {root} (splits: {sorted(manifest['counts'])})")
-    fs, _ = storage.arrow_filesystem(root)
-    paths = [storage.filesystem(p)[1] for p in paths]
-    # Reading Parquet is I/O: a quarter CPU per read task, so that actor pools downstream never
-    # take the last whole CPU a read task would wait for (a silent deadlock on small machines).
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["video_id", "label", "video"], num_cpus=READ_CPUS)
-    if labels is not None:
-        ds = ds.filter(expr=col("label").is_in([int(x) for x in labels]))
-    if video_ids is not None:
-        ds = ds.filter(expr=col("video_id").is_in([str(v) for v in video_ids]))
     d = cfg.data
-    # Ray's Parquet reader packs small shards into one block, and one block feeds one decoder
-    # actor: split the stream into decode-batch-sized blocks (streaming, no shuffle).
-    ds = ds.repartition(target_num_rows_per_block=d.decode_batch_size)
+    ds = ray.data.from_items([{"uri": p} for p in paths], override_num_blocks=len(paths)).map_batches(
+        read_shard_rows, batch_size=1, num_cpus=READ_CPUS,
+        fn_kwargs={"rows_per_block": d.decode_batch_size, "labels": None if labels is None else [int(x) for x in labels]})
+    # One block feeds one decoder actor: blocks of about decode_batch_size rows keep every actor
+    # busy (Ray would otherwise pack a shard into one block; `repartition` would need a whole CPU).
+    shards = [s for s in manifest["shards"] if s["split"] == split and s["rows"] > 0]
+    row_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["rows"] for s in shards))
+    ds.context.target_max_block_size = max(2**16, int(d.decode_batch_size * row_bytes))
     return ds.map_batches(
         ClipDecoder,
         fn_constructor_kwargs={"num_frames": d.num_frames, "height": d.height, "width": d.width,

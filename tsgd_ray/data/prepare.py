@@ -29,7 +29,6 @@ from tsgd_ray.data.shards import (
     SHARD_SCHEMA,
     ManifestError,
     ShardPlan,
-    eval_split,
     plan_hash,
     plan_shards,
     shards_root,
@@ -143,13 +142,13 @@ def finished_manifest(cfg: DictConfig) -> dict | None:
     return manifest
 
 
-def run_prepare(cfg: DictConfig, for_evaluation: bool = False) -> dict:
-    """Catalog the dataset, write its shards with Ray Data, and write the manifest once.
+def run_prepare(cfg: DictConfig, catalog: Catalog | None = None) -> dict:
+    """Catalog the dataset (unless `catalog` is given), write its shards with Ray Data, and write
+    the manifest once.
 
     Needs Ray to be initialised (or lets Ray Data start a local instance). Idempotent: a finished
     shard set is returned as is (without listing the dataset), and finished shards are not
-    rewritten. With `for_evaluation`, a dataset without the evaluation split (data.eval_split)
-    stops before any shard is written.
+    rewritten.
 
     Returns:
         The manifest.
@@ -163,11 +162,9 @@ def run_prepare(cfg: DictConfig, for_evaluation: bool = False) -> dict:
         log.info("shards already prepared at %s", shards_root(cfg))
         return manifest
     root = shards_root(cfg)
-    catalog = build_catalog(cfg)
+    catalog = catalog or build_catalog(cfg)
     if not catalog.records:
         raise ManifestError("the catalog holds no videos: nothing to prepare")
-    if for_evaluation:
-        eval_split(cfg, {r.split for r in catalog.records})
     plans = plan_shards(catalog, catalog.sizes, int(cfg.data.shard_target_mb * 2**20), cfg.seed)
     digest = plan_hash(plans, cfg.data.transcode_short_side)
     log.info("preparing %d videos into %d shards at %s", len(catalog.records), len(plans), root)

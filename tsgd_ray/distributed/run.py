@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Optional
 
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import Method
-from tsgd_ray.data.prepare import run_prepare
+from tsgd_ray.data.catalog import Catalog, build_catalog
+from tsgd_ray.data.prepare import finished_manifest, run_prepare
 from tsgd_ray.data.shards import MANIFEST, eval_split, read_manifest, shards_root
 from tsgd_ray.distributed.artifacts import method_config
 from tsgd_ray.distributed.distill import run_distill
@@ -32,15 +34,35 @@ def methods(cfg: DictConfig) -> list[Method]:
     return list(dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines]))
 
 
-def run_stages(cfg: DictConfig, stages=STAGES, tracker=None) -> list[dict]:
-    """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run).
+def preflight(cfg: DictConfig, stages=STAGES) -> Optional[Catalog]:
+    """Checks that need no Ray, before any: with evaluate among `stages`, that the dataset has the
+    evaluation split (from the finished shard manifest, else from the catalog, which is returned
+    so that prepare does not list the dataset again).
 
     Raises:
-        ConfigError: when evaluate is asked for and the dataset has no data.eval_split split; this
-            is found before the teacher (or, with prepare, before any shard is written).
+        ConfigError: no data.eval_split split. CatalogError, ManifestError: as prepare.
+    """
+    manifest = finished_manifest(cfg)
+    catalog = None
+    if manifest is None and "prepare" in stages:
+        catalog = build_catalog(cfg)
+        splits = {r.split for r in catalog.records}
+    else:
+        splits = set(read_manifest(shards_root(cfg))["counts"]) if manifest is None else set(manifest["counts"])
+    if "evaluate" in stages:
+        eval_split(cfg, splits)
+    return catalog
+
+
+def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[Catalog] = None) -> list[dict]:
+    """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run).
+    `catalog`: the dataset's catalog when the caller has built it (see `preflight`).
+
+    Raises:
+        ConfigError: when evaluate is asked for and the dataset has no data.eval_split split.
     """
     if "prepare" in stages:
-        run_prepare(cfg, for_evaluation="evaluate" in stages)
+        run_prepare(cfg, catalog)
     if "evaluate" in stages:
         eval_split(cfg, read_manifest(shards_root(cfg))["counts"])
     if tracker:

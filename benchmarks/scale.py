@@ -1,0 +1,239 @@
+"""Cost curves of every stage against the size of the data (N clips) and of the synthetic set
+(K classes x IPC), on generated Kinetics-layout data (tests/kinetics_layout.py: tiny real H.264
+clips, hard-linked so that 16k clips cost 64 encodes), measured in one run.
+
+For each configuration, every stage runs in this driver with a local Ray (tiny teacher: 1 epoch;
+recovery: 2 iterations; one student seed of 1 epoch), and per stage this records:
+
+- wall seconds;
+- driver peak RSS (this process, sampled every 0.1 s);
+- the largest RSS of any Ray worker process (actors and tasks, sampled the same way);
+- the largest file the stage wrote;
+- bytes through the driver: what `ray.get` returned to this process (pickled size) plus what it
+  read from storage.
+
+Then it prints the log-log slope of each against N (K fixed) and against K x IPC (N fixed; the
+distill partitions grow with K x IPC through distill.max_videos_per_partition, so an actor's share
+stays the same), and one line per target.
+
+    python benchmarks/scale.py                      # N = 1k, 4k, 16k at K=50; K = 50, 200, 800 at N=8k, IPC 10
+    python benchmarks/scale.py --n 500 2000 --k 20 80 --ipc 5 --k-n 1000     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from kinetics_layout import make_kinetics_layout  # noqa: E402
+
+STAGES = ("prepare", "teacher", "stats", "distill", "merge", "evaluate")
+
+
+class Sampler:
+    """Peak RSS of this process and of Ray's worker processes, per stage (a background thread)."""
+
+    def __init__(self):
+        self.stage = None
+        self.driver: dict[str, int] = {}
+        self.worker: dict[str, int] = {}
+        self._me = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            stage = self.stage
+            if stage is None:
+                continue
+            self.driver[stage] = max(self.driver.get(stage, 0), self._me.memory_info().rss)
+            for p in psutil.process_iter(["name", "memory_info"]):
+                name = p.info["name"] or ""
+                if name.startswith("ray::") and p.info["memory_info"] is not None:
+                    self.worker[stage] = max(self.worker.get(stage, 0), p.info["memory_info"].rss)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class DriverBytes:
+    """Counts what this process pulls through ray.get (pickled size) and storage reads."""
+
+    def __init__(self):
+        import ray
+
+        from tsgd_ray import storage
+
+        self.total = 0
+        original_get, original_read = ray.get, storage.read_bytes
+
+        def get(*args, **kwargs):
+            out = original_get(*args, **kwargs)
+            try:
+                self.total += len(pickle.dumps(out, protocol=5))
+            except Exception:  # noqa: BLE001 - unpicklable results are Ray's own handles
+                pass
+            return out
+
+        def read_bytes(uri):
+            data = original_read(uri)
+            self.total += len(data)
+            return data
+
+        ray.get, storage.read_bytes = get, read_bytes
+
+
+def largest_file(folder: Path, since: float) -> int:
+    sizes = [p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime >= since]
+    return max(sizes, default=0)
+
+
+def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: Sampler, counter: DriverBytes) -> dict:
+    from tsgd_ray.config import Method, load_config
+    from tsgd_ray.data.prepare import run_prepare
+    from tsgd_ray.distributed.artifacts import method_config
+    from tsgd_ray.distributed.distill import run_distill
+    from tsgd_ray.distributed.evaluate import run_evaluate
+    from tsgd_ray.distributed.merge import run_merge
+    from tsgd_ray.distributed.stats import run_stats
+    from tsgd_ray.distributed.teacher import run_teacher
+
+    cfg = load_config("kinetics400", [
+        f"data.root={data_root}/videos", f"data.annotations={data_root}/annotations", "data.on_catalog_error=skip",
+        "data.num_frames=8", "data.height=32", "data.width=32", "data.transcode_short_side=0", "data.shard_target_mb=2",
+        "data.decode_actors=1", "data.decode_cpus_per_actor=0.5", "data.decode_batch_size=64",
+        "teacher.width=8", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=64", "teacher.num_workers=1",
+        "teacher.cpus_per_worker=1", "stats.actors=1", "stats.cpus_per_actor=1", "stats.batch_size=64",
+        f"distill.ipc={ipc}", "distill.iterations=2", "distill.actors=1", "distill.gpus_per_actor=0",
+        "distill.cpus_per_actor=1", f"distill.max_videos_per_partition={max_videos}", "distill.partitions=1",
+        "evaluate.epochs=1", "evaluate.seeds=[0]", "evaluate.baselines=[]", "evaluate.cpus_per_worker=1",
+        "evaluate.batch_size=64", f"storage.output_root={out}",
+    ])
+    cfg = method_config(cfg, Method.tsgd)
+    work = {"prepare": lambda: run_prepare(cfg), "teacher": lambda: run_teacher(cfg), "stats": lambda: run_stats(cfg),
+            "distill": lambda: run_distill(cfg), "merge": lambda: run_merge(cfg),
+            "evaluate": lambda: run_evaluate(cfg, Method.tsgd)}
+    row = {}
+    for stage in STAGES:
+        before, started = counter.total, time.time()
+        sampler.stage = stage
+        work[stage]()
+        sampler.stage = None
+        time.sleep(0.15)
+        row[stage] = {"seconds": time.time() - started, "driver_rss": sampler.driver.get(stage, 0),
+                      "worker_rss": sampler.worker.get(stage, 0), "largest_file": largest_file(out, started),
+                      "driver_bytes": counter.total - before}
+    return row
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log y against log x."""
+    lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def table(title: str, xs: list[int], rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'stage':9} {'x':>6} {'seconds':>8} {'driver MB':>10} {'worker MB':>10} {'largest file MB':>16} {'driver MB in':>13}")
+    for stage in STAGES:
+        for x, row in zip(xs, rows):
+            r = row[stage]
+            print(f"{stage:9} {x:6d} {r['seconds']:8.1f} {r['driver_rss'] / 2**20:10.0f} {r['worker_rss'] / 2**20:10.0f} "
+                  f"{r['largest_file'] / 2**20:16.2f} {r['driver_bytes'] / 2**20:13.2f}")
+
+
+def slopes(title: str, xs: list[int], rows: list[dict]) -> dict:
+    print(f"\nlog-log slopes against {title}")
+    print(f"{'stage':9} {'seconds':>8} {'driver RSS':>11} {'worker RSS':>11} {'largest file':>13} {'driver bytes':>13}")
+    out = {}
+    for stage in STAGES:
+        out[stage] = {k: slope(xs, [r[stage][k] for r in rows])
+                      for k in ("seconds", "driver_rss", "worker_rss", "largest_file", "driver_bytes")}
+        s = out[stage]
+        print(f"{stage:9} {s['seconds']:8.2f} {s['driver_rss']:11.2f} {s['worker_rss']:11.2f} {s['largest_file']:13.2f} "
+              f"{s['driver_bytes']:13.2f}")
+    return out
+
+
+def target(name: str, value: float, op: str, threshold: float) -> None:
+    met = value <= threshold if op == "<=" else value >= threshold
+    print(f"target {name}: {value:.2f} (goal {op} {threshold}) {'met' if met else 'NOT met'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[1000, 4000, 16000], help="training clips, at --n-k classes")
+    parser.add_argument("--n-k", type=int, default=50, help="classes of the N sweep")
+    parser.add_argument("--k", type=int, nargs="+", default=[50, 200, 800], help="classes of the K x IPC sweep")
+    parser.add_argument("--k-n", type=int, default=8000, help="training clips of the K x IPC sweep")
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--max-videos", type=int, default=500, help="distill.max_videos_per_partition")
+    parser.add_argument("--workdir", default="", help="default: a temporary folder, removed at the end")
+    args = parser.parse_args()
+
+    import ray
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tsgd-scale-"))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=2, object_store_memory=1024 * 2**20, include_dashboard=False,
+             log_to_driver=False, _temp_dir=str(REPO / ".cache" / "ray-scale"))
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    sampler, counter = Sampler(), DriverBytes()
+    try:
+        def sweep(points: list[tuple[int, int]], ipc: int) -> list[dict]:
+            rows = []
+            for k, n in points:
+                data = workdir / f"data-k{k}-n{n}"
+                make_kinetics_layout(data, k, n // k, 2, missing=3, distinct=64)
+                out = workdir / f"out-k{k}-n{n}-ipc{ipc}"
+                shutil.rmtree(out, ignore_errors=True)
+                started = time.time()
+                rows.append(run_config(data, out, ipc, args.max_videos, sampler, counter))
+                print(f"K={k} N={n} IPC={ipc}: {time.time() - started:.0f} s", flush=True)
+            return rows
+
+        n_rows = sweep([(args.n_k, n) for n in args.n], 1)
+        k_rows = sweep([(k, args.k_n) for k in args.k], args.ipc)
+    finally:
+        sampler.close()
+        ray.shutdown()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    table(f"against N (K={args.n_k}, IPC 1)", args.n, n_rows)
+    kipc = [k * args.ipc for k in args.k]
+    table(f"against K x IPC (N={args.k_n}, IPC {args.ipc}, partitions of <= {args.max_videos} videos)", kipc, k_rows)
+    by_n = slopes("N", args.n, n_rows)
+    by_k = slopes("K x IPC", kipc, k_rows)
+    print()
+    target("driver_peak_rss_slope_vs_N", max(s["driver_rss"] for s in by_n.values()), "<=", 0.1)
+    target("driver_peak_rss_slope_vs_KxIPC", max(s["driver_rss"] for s in by_k.values()), "<=", 0.1)
+    target("distill_actor_rss_slope_vs_KxIPC_at_fixed_share", by_k["distill"]["worker_rss"], "<=", 0.1)
+    target("stats_time_slope_vs_N", by_n["stats"]["seconds"], "<=", 1.1)
+    target("stats_time_slope_vs_K", by_k["stats"]["seconds"], "<=", 0.1)
+    target("merge_driver_rss_slope_vs_KxIPC", by_k["merge"]["driver_rss"], "<=", 0.1)
+    target("stats_driver_bytes_slope_vs_N", by_n["stats"]["driver_bytes"], "<=", 0.1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
