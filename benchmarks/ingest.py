@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from report import target  # noqa: E402
 
 
 def _decode_shards(args) -> int:
@@ -121,7 +124,8 @@ def main() -> int:
 
         from tsgd_ray import storage
         from tsgd_ray.config import load_config
-        from tsgd_ray.data.prepare import run_prepare, shards_root
+        from tsgd_ray.data.prepare import run_prepare
+        from tsgd_ray.data.shards import shards_root
 
         args.workdir.mkdir(parents=True, exist_ok=True)
         root, source = _source_tree(args.workdir, args.copies)
@@ -169,8 +173,8 @@ def main() -> int:
             assert n == videos, f"{name} decoded {n} of {videos} clips"
             rate = n / seconds
             print(f"{name:8} {n:6d} {seconds:8.2f} {rate:8.1f} {rate * args.frames:9.0f} {rate / limit_rate:6.2f}")
-        print(f"ratio local/limit = {results['local'][0] / results['local'][1] / limit_rate:.2f} (target >= 0.80); "
-              f"s3/limit = {results['s3'][0] / results['s3'][1] / limit_rate:.2f}")
+        target("ingest_local_over_limit", results["local"][0] / results["local"][1] / limit_rate, ">=", 0.8)
+        target("ingest_s3_over_limit", results["s3"][0] / results["s3"][1] / limit_rate, ">=", 0.7)
         ray.shutdown()
     finally:
         moto.terminate()

@@ -31,7 +31,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from report import target_line  # noqa: E402
 from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import bn_stats, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.clips import to_model_input  # noqa: E402
@@ -125,6 +127,9 @@ def main(argv=None) -> int:
 
     report = render(args, cfg, teacher_scores, results, ablation, time.time() - started)
     print(report)
+    for line in report.splitlines():  # end with the target lines alone
+        if line.strip().startswith("target "):
+            print(line.strip())
     if args.out:
         Path(args.out).write_text(report)
     return 0
@@ -169,13 +174,11 @@ def render(args, cfg, teacher_scores, results, ablation, seconds: float) -> str:
     for i in ipcs:
         margin = mean[("tsgd", i)] - mean[("random_real", i)]
         limit = max(std[("tsgd", i)], std[("random_real", i)])
-        lines.append(f"- IPC {i}: tsgd - random_real = {100 * margin:+.1f} points, largest seed std {100 * limit:.1f}: "
-                     f"{'met' if margin > limit else 'NOT met'}; tsgd - sre2l_video = "
-                     f"{100 * (mean[('tsgd', i)] - mean[('sre2l_video', i)]):+.1f}: "
-                     f"{'met' if mean[('tsgd', i)] >= mean[('sre2l_video', i)] else 'NOT met'}")
+        lines.append("    " + target_line(f"ipc{i}_tsgd_minus_random_real_over_largest_std", margin / max(limit, 1e-9), ">=", 1.0))
+        lines.append("    " + target_line(f"ipc{i}_tsgd_minus_sre2l_video_points",
+                                            100 * (mean[("tsgd", i)] - mean[("sre2l_video", i)]), ">=", 0.0, 1))
     top = max(ipcs)
-    ratio = mean[("tsgd", top)] / mean[("full", 0)]
-    lines.append(f"- tsgd at IPC {top} / full = {100 * ratio:.0f}% (target >= 80%): {'met' if ratio >= 0.8 else 'NOT met'}")
+    lines.append("    " + target_line(f"ipc{top}_tsgd_over_full", mean[("tsgd", top)] / mean[("full", 0)], ">=", 0.8))
     if ablation:
         windows = sorted({w for w, _ in ablation})
         w_mins = sorted({m for _, m in ablation})

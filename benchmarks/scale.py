@@ -38,8 +38,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from kinetics_layout import make_kinetics_layout  # noqa: E402
+from report import target  # noqa: E402
 
 STAGES = ("prepare", "teacher", "stats", "distill", "merge", "evaluate")
 
@@ -170,11 +172,6 @@ def slopes(title: str, xs: list[int], rows: list[dict]) -> dict:
         print(f"{stage:9} {s['seconds']:8.2f} {s['driver_rss']:11.2f} {s['worker_rss']:11.2f} {s['largest_file']:13.2f} "
               f"{s['driver_bytes']:13.2f}")
     return out
-
-
-def target(name: str, value: float, op: str, threshold: float) -> None:
-    met = value <= threshold if op == "<=" else value >= threshold
-    print(f"target {name}: {value:.2f} (goal {op} {threshold}) {'met' if met else 'NOT met'}")
 
 
 def main() -> int:

@@ -28,16 +28,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from report import target  # noqa: E402
 from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core.models import checkpoint_bytes  # noqa: E402
-from tsgd_ray.data.prepare import run_prepare, shards_root  # noqa: E402
-from tsgd_ray.data.shards import read_manifest  # noqa: E402
+from tsgd_ray.data.prepare import run_prepare  # noqa: E402
+from tsgd_ray.data.shards import read_manifest, shards_root  # noqa: E402
+from tsgd_ray.distributed.artifacts import distill_dir, load_teacher, new_teacher, read_statistics  # noqa: E402
 from tsgd_ray.distributed.cluster import init_ray  # noqa: E402
 from tsgd_ray.distributed.distill import PartitionWorker, load_plan, recover_partition, run_distill  # noqa: E402
-from tsgd_ray.distributed.layout import distill_dir  # noqa: E402
-from tsgd_ray.distributed.stats import load_init, load_statistics, run_stats  # noqa: E402
-from tsgd_ray.distributed.teacher import load_teacher, new_teacher, run_teacher  # noqa: E402
+from tsgd_ray.distributed.stats import run_stats  # noqa: E402
+from tsgd_ray.distributed.teacher import run_teacher  # noqa: E402
 
 
 def prepared_config(root: Path, overrides: list[str]):
@@ -66,11 +68,11 @@ def ray_overhead(cfg, classes, repeats: int) -> tuple[float, float]:
 
     torch.set_num_threads(1)
     plan = load_plan(cfg, len(classes))
-    teacher, init, stats = load_teacher(cfg, classes), load_init(cfg), load_statistics(cfg)
+    teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)
     actor = ray.remote(PartitionWorker).options(num_cpus=1).remote(cfg, classes, 1)
     plain, remote = [], []
     for _ in range(repeats):
-        for measure, out in ((lambda: recover_partition(cfg, teacher, init, stats, 0, plan[0]), plain),
+        for measure, out in ((lambda: recover_partition(cfg, teacher, stats, 0, plan[0]), plain),
                              (lambda: ray.get(actor.recover.remote(0, plan[0])), remote)):
             fresh_distill(cfg)
             load_plan(cfg, len(classes))
@@ -127,8 +129,7 @@ def main(argv=None) -> int:
           f"width {base.teacher.width}, torch threads 1 per worker")
 
     plain, actor = ray_overhead(base, classes, args.repeats)
-    print(f"(a) one partition: plain process {plain:.2f} s, one actor {actor:.2f} s -> "
-          f"ratio {actor / plain:.3f} (target <= 1.10)")
+    print(f"(a) one partition: plain process {plain:.2f} s, one actor {actor:.2f} s -> ratio {actor / plain:.3f}")
 
     def cfg_for(actors: int):
         return load_config("default", [f"storage.output_root={args.root}", f"teacher.checkpoint={base.teacher.checkpoint}",
@@ -136,14 +137,15 @@ def main(argv=None) -> int:
 
     one = statistics.median(pool_seconds(cfg_for, 1) for _ in range(args.repeats))
     two = statistics.median(pool_seconds(cfg_for, 2) for _ in range(args.repeats))
-    print(f"(b) whole stage, {len(classes)} partitions: 1 actor {one:.1f} s, 2 actors {two:.1f} s -> "
-          f"speedup {one / two:.2f} (target >= 1.7)")
+    print(f"(b) whole stage, {len(classes)} partitions: 1 actor {one:.1f} s, 2 actors {two:.1f} s -> speedup {one / two:.2f}")
     if torch.cuda.is_available():
         rate = gpu_rate(args)
         print(f"(c) {torch.cuda.get_device_name()}: {rate:.0f} video-iterations/s per GPU at "
               f"{'x'.join(map(str, args.gpu_size))}, {args.gpu_videos} videos")
     else:
         print("(c) no CUDA device here: GPU iterations/s not measured")
+    target("actor_over_plain_process", actor / plain, "<=", 1.10, 3)
+    target("two_actors_speedup", one / two, ">=", 1.7)
     return 0
 
 

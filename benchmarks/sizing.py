@@ -11,6 +11,13 @@
    backward (torch's FlopCounterMode), and the measured seconds per video-iteration on this
    machine's device (CUDA when present, else CPU), with `--videos` videos in one chunk.
 
+3. recovery memory per synthetic video, counted on torch's meta device (no GPU needed): the bytes
+   the teacher's forward saves for the backward pass (activations, BN taps included; float32, so
+   an upper bound under bf16 autocast) and the optimiser state (pixels, gradient, Adam's two
+   moments: 16 bytes per value), for mini_c3d and r2plus1d_18 (when torchvision is installed) at
+   8x64x64 and 16x112x112. A partition's GPU memory is about
+   videos x state + distill.chunk_size x activations + the teacher.
+
 These are measured here. docs/sizing.md scales them to Kinetics-400 and says which numbers are
 assumptions.
 """
@@ -94,6 +101,47 @@ def measure_recovery(cfg, videos: int, iterations: int) -> None:
           f"{videos} videos per chunk; forward/backward only, without augmentation and TSGF)")
 
 
+def activation_bytes_per_video(name: str, width: int, depth: int, size: tuple[int, int, int], classes: int = 400) -> int:
+    """Bytes saved for backward by one more video in the teacher's forward (with BN taps), on meta."""
+    import torch
+
+    from tsgd_ray.core.bn_stats import BatchNormTaps
+    from tsgd_ray.core.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(name, classes, size, width, depth)
+    model.eval().requires_grad_(False)
+    saved = []
+    for n in (1, 2):
+        total = [0]
+
+        def pack(t, total=total):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        x = torch.empty(n, 3, *size, device="meta", requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), BatchNormTaps(model):
+            model(x)
+        saved.append(total[0])
+    return saved[1] - saved[0]
+
+
+def measure_memory(width: int, depth: int) -> None:
+    from tsgd_ray.core.models import ModelError
+
+    for name in ("mini_c3d", "r2plus1d_18"):
+        for size in ((8, 64, 64), (16, 112, 112)):
+            state = 16 * 3 * size[0] * size[1] * size[2]
+            try:
+                act = activation_bytes_per_video(name, width, depth, size)
+            except ModelError as exc:
+                print(f"memory   {name} {'x'.join(map(str, size))}: not measured ({exc})")
+                continue
+            label = f"{name} width {width} depth {depth}" if name == "mini_c3d" else name
+            print(f"memory   {label} {'x'.join(map(str, size))}: {act / 2**20:.1f} MiB activations and "
+                  f"{state / 2**20:.2f} MiB optimiser state per synthetic video (float32)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="kinetics400")
@@ -111,6 +159,7 @@ def main() -> None:
     else:
         print(f"prepare  skipped: no bikes.mp4 in {footage} (run scripts/fetch_footage.py)")
     measure_recovery(cfg, args.videos, args.iterations)
+    measure_memory(cfg.teacher.width, cfg.teacher.depth)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from report import target  # noqa: E402
 from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import bn_stats, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         print(f"| {ipc} | {change:.2f} | {100 * statistics.fmean(a):.1f} | {100 * statistics.fmean(b):.1f} | "
               f"{mean:+.1f} +- {se:.1f} |", flush=True)
     print(f"[{time.time() - started:5.0f}s] done")
-    print(f"target uint8_vs_float32_gap_beyond_2se_points: {worst:.2f} (goal <= 0) {'met' if worst <= 0 else 'NOT met'}")
+    target("uint8_vs_float32_gap_beyond_2se_points", worst, "<=", 0)
     return 0
 
 

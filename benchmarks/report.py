@@ -1,0 +1,17 @@
+"""The one line per target that every benchmark ends with, in a form a script can read:
+
+    target <name>: <value> (goal <op> <threshold>) met
+    target <name>: <value> (goal <op> <threshold>) NOT met
+"""
+
+from __future__ import annotations
+
+
+def target_line(name: str, value: float, op: str, threshold: float, digits: int = 2) -> str:
+    """`op` is "<=" or ">="."""
+    met = value <= threshold if op == "<=" else value >= threshold
+    return f"target {name}: {value:.{digits}f} (goal {op} {threshold}) {'met' if met else 'NOT met'}"
+
+
+def target(name: str, value: float, op: str, threshold: float, digits: int = 2) -> None:
+    print(target_line(name, value, op, threshold, digits), flush=True)
