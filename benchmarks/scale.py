@@ -9,6 +9,8 @@ recovery: 2 iterations; one student seed of 1 epoch), and per stage this records
 - driver peak RSS (this process, sampled every 0.1 s);
 - the largest RSS of any Ray worker process (actors and tasks, sampled the same way);
 - the largest file the stage wrote;
+- (stats and init run in one call, `run_stats`: their seconds come from their markers, and the
+  other figures, sampled over both, are shown for both);
 - bytes through the driver: what `ray.get` returned to this process (pickled size) plus what it
   read from storage.
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from kinetics_layout import make_kinetics_layout  # noqa: E402
 from report import target  # noqa: E402
 
-STAGES = ("prepare", "teacher", "stats", "distill", "merge", "evaluate")
+STAGES = ("prepare", "teacher", "stats", "init", "distill", "merge", "evaluate")
 
 
 class Sampler:
@@ -107,7 +109,9 @@ def largest_file(folder: Path, since: float) -> int:
 
 
 def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: Sampler, counter: DriverBytes) -> dict:
+    from tsgd_ray import storage
     from tsgd_ray.config import Method, load_config
+    from tsgd_ray.distributed import artifacts
     from tsgd_ray.data.prepare import run_prepare
     from tsgd_ray.distributed.artifacts import method_config
     from tsgd_ray.distributed.distill import run_distill
@@ -121,7 +125,7 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
         "data.num_frames=8", "data.height=32", "data.width=32", "data.transcode_short_side=0", "data.shard_target_mb=2",
         "data.decode_actors=1", "data.decode_cpus_per_actor=0.5", "data.decode_batch_size=64",
         "teacher.width=8", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=64", "teacher.num_workers=1",
-        "teacher.cpus_per_worker=1", "stats.actors=1", "stats.cpus_per_actor=1", "stats.batch_size=64",
+        "teacher.cpus_per_worker=1", "stats.actors=1", "stats.cpus_per_actor=1", "stats.gpus_per_actor=0", "stats.batch_size=64",
         f"distill.ipc={ipc}", "distill.iterations=2", "distill.actors=1", "distill.gpus_per_actor=0",
         "distill.cpus_per_actor=1", f"distill.max_videos_per_partition={max_videos}", "distill.partitions=1",
         "evaluate.epochs=1", "evaluate.seeds=[0]", "evaluate.baselines=[]", "evaluate.cpus_per_worker=1",
@@ -133,6 +137,11 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
             "evaluate": lambda: run_evaluate(cfg, Method.tsgd)}
     row = {}
     for stage in STAGES:
+        if stage == "init":  # run_stats did both: split its time by the two markers' own seconds
+            marker = storage.read_json(storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER))
+            row["init"] = {**row["stats"], "seconds": marker["seconds"]}
+            row["stats"]["seconds"] -= marker["seconds"]
+            continue
         before, started = counter.total, time.time()
         sampler.stage = stage
         work[stage]()

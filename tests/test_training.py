@@ -92,6 +92,19 @@ def test_students_learn_from_a_few_clips(motion_teacher, labels_kind, tsgfa):
     assert after >= 0.75 and after > before
 
 
+def test_a_student_trained_on_uint8_clips_is_the_one_trained_on_their_model_input(motion_teacher):
+    """Evaluate workers keep their synthetic rows as uint8 and normalise per batch: same weights."""
+    cfg = motion_config("evaluate.epochs=3")
+    clips, labels = direction_clips(70, seed=4)  # more than one 64-clip saliency chunk
+    students = []
+    for x in (clips, to_model_input(clips, cfg.data.mean, cfg.data.std)):
+        torch.manual_seed(0)
+        student = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
+        students.append(training.train_student(student, motion_teacher, x, labels, cfg, seed=0))
+    for a, b in zip(students[0].state_dict().values(), students[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_cutmix_with_hard_labels_is_a_config_error():
     from tsgd_ray.config import ConfigError
 

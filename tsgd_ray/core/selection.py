@@ -95,6 +95,12 @@ class BestPerClass:
     def _trim(self, label: int) -> None:
         self.entries[label] = sorted(self.entries[label], key=lambda r: r[:2])[: self.cap]
 
+    def trim(self) -> "BestPerClass":
+        """Keep at most `cap` entries per class (before handing it over); returns self."""
+        for label in list(self.entries):
+            self._trim(label)
+        return self
+
     def merge(self, other: "BestPerClass") -> None:
         for label, rows in other.entries.items():
             self.entries.setdefault(label, []).extend(rows)
@@ -102,6 +108,5 @@ class BestPerClass:
 
     def best(self, num_classes: int) -> list[list[dict]]:
         """Per class 0..K-1, its entries in key order (at most `cap`; a class never seen: [])."""
-        for label in list(self.entries):
-            self._trim(label)
+        self.trim()
         return [[r[2] for r in self.entries.get(c, [])] for c in range(num_classes)]

@@ -132,18 +132,28 @@ def student_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.
     return loss.detach()
 
 
+def _normalised(x: torch.Tensor, cfg) -> torch.Tensor:
+    """uint8 clips (N, F, H, W, 3) -> model input; model input is returned as it is."""
+    return to_model_input(x, cfg.data.mean, cfg.data.std) if x.dtype == torch.uint8 else x
+
+
 def train_student(student: nn.Module, teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg, seed: int, callback: Optional[EpochCallback] = None) -> nn.Module:
-    """Train `student` from its current weights on normalised clips x (N, 3, F, H, W) (the synthetic
-    set, or real clips for `full`) for evaluate.epochs with AdamW + cosine, teacher in eval mode.
-    Randomness comes from `seed` only. Returns the student in eval mode."""
+    """Train `student` from its current weights on clips x (the synthetic set, or real clips for
+    `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
+    are normalised per batch (4x less memory, the same numbers). evaluate.epochs with AdamW +
+    cosine, teacher in eval mode. Randomness comes from `seed` only. Returns the student in eval mode."""
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     teacher.eval().requires_grad_(False)
-    heat = tsgf.saliency(x, cfg.tsgf).mean(dim=(1, 2)) if cfg.evaluate.tsgfa else None  # (N, H, W)
+    heat = None  # (N, H, W); saliency is normalised per clip, so chunks give the same maps
+    if cfg.evaluate.tsgfa:
+        heat = torch.cat([tsgf.saliency(_normalised(x[i : i + 64], cfg), cfg.tsgf).mean(dim=(1, 2))
+                          for i in range(0, len(x), 64)])
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         batch_heat = heat[rows].to(device) if heat is not None else None
-        return student_step(student, teacher, optimizer, x[rows].to(device), labels[rows].to(device), cfg, generator, batch_heat)
+        return student_step(student, teacher, optimizer, _normalised(x[rows], cfg).to(device), labels[rows].to(device),
+                            cfg, generator, batch_heat)
 
     return _fit(student, len(x), cfg.evaluate, generator, step, callback)
 

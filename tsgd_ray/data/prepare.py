@@ -137,7 +137,9 @@ def finished_manifest(cfg: DictConfig) -> dict | None:
     if not storage.exists(uri):
         return None
     manifest = storage.read_json(uri)
-    if manifest.get("source_hash") != source_hash(cfg):
+    if "source_hash" not in manifest:
+        raise ManifestError(f"{uri} was written by an older tsgd-ray; prepare again into a new data.shards")
+    if manifest["source_hash"] != source_hash(cfg):
         raise ManifestError(f"{uri} describes another dataset or setting; use a new data.shards")
     return manifest
 
@@ -153,7 +155,7 @@ def run_prepare(cfg: DictConfig, catalog: Catalog | None = None) -> dict:
     Returns:
         The manifest.
     Raises:
-        CatalogError, ManifestError, ConfigError: with a message naming the file, URI or key at fault.
+        CatalogError, ManifestError: with a message naming the file or URI at fault.
     """
     import ray
 

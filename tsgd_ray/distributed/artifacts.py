@@ -93,10 +93,14 @@ def stats_key(cfg: DictConfig) -> str:
     return _key(teacher_key(cfg), cfg, ("seed",))
 
 
+def init_kind(cfg: DictConfig) -> InitKind:
+    """Which real clips this config starts from: `noise` init records the seeded real clips
+    (random_real's set), so it shares them with `real`."""
+    return InitKind.lowest_loss if cfg.distill.init == InitKind.lowest_loss else InitKind.real
+
+
 def init_name(cfg: DictConfig) -> str:
-    """The init set of this config: `noise` init records the seeded real clips (random_real's set)."""
-    kind = InitKind.lowest_loss if cfg.distill.init == InitKind.lowest_loss else InitKind.real
-    return f"{cfg.distill.ipc}-{kind.value}"
+    return f"{cfg.distill.ipc}-{init_kind(cfg).value}"
 
 
 def distill_key(cfg: DictConfig) -> str:

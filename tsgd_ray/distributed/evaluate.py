@@ -1,4 +1,4 @@
-"""Evaluate stage: Ray Train students on a training set, tested on the real test shards.
+"""Evaluate stage: Ray Train students on a training set, tested on the real evaluation shards.
 
 The training set is the merged synthetic set of a method (tsgd, sre2l_video, random_real), of
 which each Ray Train worker reads only its own rows (every world-th, one row group at a time), or,
@@ -87,10 +87,8 @@ def _student_worker(loop_config: dict) -> None:
     rank, world, device = train_workers.worker_setup(cfg.evaluate.cpus_per_worker)
     teacher = load_teacher(cfg, classes, device)
     if method != Method.full:
-        mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows
-        x = to_model_input(mine["clips"], cfg.data.mean, cfg.data.std)
-        y = mine["labels"]
-        del mine
+        mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
+        x, y = mine["clips"], mine["labels"]
     for seed in cfg.evaluate.seeds:
         if storage.exists(seed_uri(cfg, method, seed)):
             continue

@@ -24,6 +24,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 log = logging.getLogger(__name__)
 
 SLOW_FACTOR = 2.0
+WAIT_WARNING_SECONDS = 60.0
 MIN_SPECULATE_SECONDS = 1.0
 
 
@@ -103,10 +104,15 @@ class ElasticPool:
                         self._speculate(idle, in_flight, durations, call)
                     if not in_flight and not starting:
                         raise PoolError(f"{self.name}: no actor left and {len(items) - len(done)} item(s) to do")
-                    # poll while an idle actor may take a straggler; block otherwise
-                    poll = 1.0 if speculate and idle and not pending and durations else None
+                    # poll while an idle actor may take a straggler; else wake up now and then to say
+                    # that no actor can be placed (e.g. it asks for a GPU no node has)
+                    poll = 1.0 if speculate and idle and not pending and durations else WAIT_WARNING_SECONDS
                     ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=poll)
                     if not ready:
+                        if not in_flight:
+                            log.warning("%s: waiting for Ray to place %d actor(s) (no node has the resources they "
+                                        "ask for yet: check the stage's gpus_per_actor / cpus_per_actor)",
+                                        self.name, len(starting))
                         continue
                     ref = ready[0]
                     if ref in starting:

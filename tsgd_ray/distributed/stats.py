@@ -112,7 +112,7 @@ class StatsWorker:
         return F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
 
     def collect(self) -> dict:
-        out = {"statistics": self.stats.state_dict(), "candidates": self.best}
+        out = {"statistics": self.stats.state_dict(), "candidates": {k: b.trim() for k, b in self.best.items()}}
         self._reset()
         return out
 
@@ -213,7 +213,7 @@ def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
 
 
 def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
-    kind = artifacts.init_name(cfg).split("-", 1)[1]
+    kind = artifacts.init_kind(cfg).value
     candidates = artifacts.read_candidates(cfg)[kind]
     ipc = cfg.distill.ipc
     short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
