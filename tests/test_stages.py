@@ -174,8 +174,8 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
     assert client.get_metric_history(distill_run.info.run_id, "p00000/loss")
     merge_run = next(r for r in children if r.data.tags["stage"] == "merge")
-    artifacts = {a.path for a in client.list_artifacts(merge_run.info.run_id, "synthetic")}
-    assert {"synthetic/manifest.json", "synthetic/previews"} <= artifacts
+    logged = {a.path for a in client.list_artifacts(merge_run.info.run_id, "synthetic")}
+    assert {"synthetic/manifest.json", "synthetic/previews"} <= logged
 
     off = tiny_config(tmp_path / "out", *common, "tsgf.enabled=false")
     assert artifacts.teacher_dir(off) == artifacts.teacher_dir(cfg) and artifacts.stats_dir(off) == artifacts.stats_dir(cfg)
