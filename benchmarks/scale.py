@@ -19,6 +19,7 @@ distill partitions grow with K x IPC through distill.max_videos_per_partition, s
 stays the same), and one line per target.
 
     python benchmarks/scale.py                      # N = 1k, 4k, 16k at K=50; K = 50, 200, 800 at N=8k, IPC 10
+                                                    # (about 30 minutes on 2 idle cores)
     python benchmarks/scale.py --n 500 2000 --k 20 80 --ipc 5 --k-n 1000     # a quick look
 """
 
