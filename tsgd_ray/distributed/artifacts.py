@@ -306,7 +306,7 @@ def read_clip_tables(uris: Sequence[str], shape: Sequence[int], classes: Optiona
                 yield {"clips": torch.from_numpy(np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in blobs])),
                        "labels": torch.from_numpy(labels[take]),
                        "indices": torch.from_numpy(np.asarray(table.column("index").to_numpy(), dtype=np.int64)[take]),
-                       "video_ids": [table.column("video_id")[int(i)].as_py() for i in take]}
+                       "video_ids": table.column("video_id").take(pa.array(take)).to_pylist()}
 
 
 def concat_clips(parts: Sequence[dict[str, Any]], shape: Sequence[int]) -> dict[str, Any]:

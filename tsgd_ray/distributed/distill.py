@@ -41,7 +41,7 @@ from tsgd_ray.core.device import resolve_device
 from tsgd_ray.core.recovery import noise_init, recover
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import artifacts
-from tsgd_ray.distributed.pool import ElasticPool
+from tsgd_ray.distributed.pool import ElasticPool, actor_starter
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +123,6 @@ class PartitionWorker:
         return recover_partition(self.cfg, self.teacher, self.stats, partition_id, classes)
 
 
-def _actor_factory(cfg: DictConfig, classes: list[str]):
-    import ray
-
-    d = cfg.distill
-    threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
-    options = {"num_cpus": d.cpus_per_actor, "max_restarts": 0, "max_task_retries": 0}
-    if d.gpus_per_actor:
-        options["num_gpus"] = d.gpus_per_actor
-    return lambda name: ray.remote(PartitionWorker).options(name=name, **options).remote(cfg, classes, threads)
-
-
 class _Progress:
     """Partitions done, synthetic video-iterations per second, and ETA, on the driver's log."""
 
@@ -176,7 +165,10 @@ def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = Non
         if tracker:
             tracker.log_history(run_id, marker["history"], prefix=f"{artifacts.partition_name(partition)}/")
 
-    pool = ElasticPool(_actor_factory(cfg, classes), min(cfg.distill.actors, max(1, len(pending))),
+    d = cfg.distill
+    threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
+    start = actor_starter(PartitionWorker, d.cpus_per_actor, d.gpus_per_actor, cfg, classes, threads)
+    pool = ElasticPool(start, min(d.actors, max(1, len(pending))),
                        actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures)
     if pending:
         pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)

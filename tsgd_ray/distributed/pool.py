@@ -28,6 +28,17 @@ WAIT_WARNING_SECONDS = 60.0
 MIN_SPECULATE_SECONDS = 1.0
 
 
+def actor_starter(actor_class: type, cpus: float, gpus: float, *args) -> Callable[[str], Any]:
+    """A `start(name)` for ElasticPool: `actor_class(*args)` with these resources and no Ray-level
+    restarts or task retries (the pool replaces lost actors itself)."""
+    import ray
+
+    options: dict = {"num_cpus": cpus, "max_restarts": 0, "max_task_retries": 0}
+    if gpus:
+        options["num_gpus"] = gpus
+    return lambda name: ray.remote(actor_class).options(name=name, **options).remote(*args)
+
+
 class PoolError(RuntimeError):
     """An item failed on more actors than allowed; the message names it and the last error."""
 

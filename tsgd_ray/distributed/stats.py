@@ -39,12 +39,12 @@ from tsgd_ray.core.selection import BestPerClass, seeded_priority
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root
 from tsgd_ray.distributed import artifacts
-from tsgd_ray.distributed.pool import ElasticPool
+from tsgd_ray.distributed.pool import ElasticPool, actor_starter
 
 log = logging.getLogger(__name__)
 
 INIT_PART_BYTES = 64 * 2**20  # about this many bytes of init clips per part file (whole classes)
-CRITERIA = {"real": "priority", "lowest_loss": "loss"}  # init kind -> the key its candidates are ranked by
+INIT_KINDS = ("real", "lowest_loss")  # candidates ranked by seeded priority, and by teacher loss
 
 
 def train_shards(cfg: DictConfig) -> list[dict]:
@@ -73,13 +73,13 @@ class StatsWorker:
 
     def _reset(self) -> None:
         self.stats = ClassStatistics.empty(self.num_classes, self.channels)
-        self.best = {kind: BestPerClass(MAX_IPC) for kind in CRITERIA}
+        self.best = {kind: BestPerClass(MAX_IPC) for kind in INIT_KINDS}
 
     def ready(self) -> bool:
         return True
 
     def probe(self, shard: int, uri: str) -> dict:
-        clips = bad = 0
+        clips = 0
         loss_sum = 0.0
         errors: list[str] = []
         row = 0
@@ -99,7 +99,6 @@ class StatsWorker:
                         self.best["lowest_loss"].add(label, float(loss), entry)
                     clips += int(ok.sum())
                     loss_sum += float(losses.sum())
-                bad += int((~ok).sum())
                 row += len(ok)
         return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
 
@@ -115,17 +114,6 @@ class StatsWorker:
         out = {"statistics": self.stats.state_dict(), "candidates": {k: b.trim() for k, b in self.best.items()}}
         self._reset()
         return out
-
-
-def _start_probe(cfg: DictConfig, classes: list[str]):
-    import ray
-
-    s = cfg.stats
-    threads = max(1, math.floor(s.cpus_per_actor))
-    options = {"num_cpus": s.cpus_per_actor, "max_restarts": 0, "max_task_retries": 0}
-    if s.gpus_per_actor:
-        options["num_gpus"] = s.gpus_per_actor
-    return lambda name: ray.remote(StatsWorker).options(name=name, **options).remote(cfg, classes, threads)
 
 
 def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
@@ -144,20 +132,22 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
             raise TooManyBadVideos(f"{total} of {expected} training videos failed to decode, more than "
                                    f"data.max_bad_fraction allows ({max_bad}); e.g. {examples}")
 
-    pool = ElasticPool(_start_probe(cfg, classes), cfg.stats.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
+    s = cfg.stats
+    start = actor_starter(StatsWorker, s.cpus_per_actor, s.gpus_per_actor, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
+    pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
     done, states = pool.run(range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result,
                             collect="collect")
     stats = ClassStatistics.from_state_dict(states[0]["statistics"])
     best = states[0]["candidates"]
     for state in states[1:]:
         stats = stats.merge(ClassStatistics.from_state_dict(state["statistics"]))
-        for kind in CRITERIA:
+        for kind in INIT_KINDS:
             best[kind].merge(state["candidates"][kind])
     missing = stats.missing_classes()
     if missing:
         raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
     artifacts.write_statistics(cfg, stats)
-    candidates = {kind: best[kind].best(len(classes)) for kind in CRITERIA}
+    candidates = {kind: best[kind].best(len(classes)) for kind in INIT_KINDS}
     artifacts.write_candidates(cfg, candidates)
     clips = sum(r["clips"] for r in done.values())
     all_bad = [e for s in sorted(done) for e in done[s]["bad"]]
