@@ -35,13 +35,14 @@ def test_a_clip_table_has_a_row_group_per_class_and_reads_back_exactly(tmp_path,
     indices = np.array([0, 1, 0, 0, 1, 1, 2])
     clips = _clips(len(labels))
     uri = str(tmp_path / "t.parquet")
-    (tmp_path / "t.parquet").write_bytes(artifacts.clip_table_bytes(clips, labels, indices, [f"v{i}" for i in range(7)]))
+    heats = clips[:, 0, :, :, 0]  # any uint8 (N, H, W)
+    (tmp_path / "t.parquet").write_bytes(artifacts.clip_table_bytes(clips, labels, indices, [f"v{i}" for i in range(7)], heats))
     parquet = pq.ParquetFile(uri)
     assert parquet.num_row_groups == 3  # one per class
     every = artifacts.concat_clips(list(artifacts.read_clip_tables([uri], clips.shape[1:])), clips.shape[1:])
     order = np.lexsort((indices, labels))
     assert every["labels"].tolist() == labels[order].tolist() and every["indices"].tolist() == indices[order].tolist()
-    assert np.array_equal(every["clips"].numpy(), clips[order])
+    assert np.array_equal(every["clips"].numpy(), clips[order]) and np.array_equal(every["heat"].numpy(), heats[order])
     one = artifacts.concat_clips(list(artifacts.read_clip_tables([uri], clips.shape[1:], {1})), clips.shape[1:])
     assert one["video_ids"] == ["v2", "v5"]
     halves = [artifacts.concat_clips(list(artifacts.read_clip_tables([uri], clips.shape[1:], rank=r, world=2)),

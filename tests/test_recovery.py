@@ -75,7 +75,8 @@ def test_recovery_lowers_the_loss_and_stays_in_the_valid_range():
     history = []
     out = recovery.recover(teacher, init, labels, indices, cfg, stats, callback=lambda step, m: history.append((step, m)))
     assert [s for s, _ in history] == list(range(30))
-    assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "saliency"}
+    assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "edit_static", "edit_moving", "motion_share"}
+    assert history[0][1]["edit_moving"] == 0 and history[-1][1]["edit_moving"] > 0  # noise init: every pixel moves
     assert history[-1][1]["ce"] < 0.5 * history[0][1]["ce"]
     assert history[0][1]["lr"] == pytest.approx(0.1) and history[-1][1]["lr"] < 0.01
     low, high = valid_range(cfg.data.mean, cfg.data.std, out)
@@ -118,3 +119,64 @@ def test_a_bn_term_without_bn_layers_is_refused():
         recovery.recover(teacher, init, labels, indices, config())
     out = recovery.recover(teacher, init, labels, indices, config("distill.lambda_bn=0"))
     assert out.shape == init.shape
+
+
+def builtin_clips(per_class: int = 2):
+    """Real built-in videos (moving digits on static textures) through the H.264 codec and back:
+    uint8 (8 * per_class, 8, 32, 32, 3), labels (8 * per_class,), with the codec's noise."""
+    import numpy as np
+
+    from tsgd_ray.data import builtin
+    from tsgd_ray.data.video import clip_rng, decode_clip, encode_mp4
+
+    digits = builtin._digits("train")
+    clips, labels = [], []
+    for pair in range(len(builtin.CLASS_PAIRS)):
+        for index in range(per_class):
+            forward = builtin.generate_pair(pair, np.random.default_rng([5, pair, index]), digits, 8, 32)
+            for offset, frames in enumerate((forward, forward[::-1])):
+                data = encode_mp4(frames, 8)
+                clips.append(decode_clip(data, 8, 32, 32, 1, "uniform", clip_rng(0, f"{pair}-{index}")))
+                labels.append(2 * pair + offset)
+    return torch.from_numpy(np.stack(clips)), torch.tensor(labels)
+
+
+def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
+    """A real recovery run (teacher trained on encoded built-in videos, real init clips): with
+    w_min 0 the update is scaled by the init map, so pixels the init does not move barely change
+    while moving ones do. The same weight on the gradient (the paper's wording) changes nothing
+    under Adam: Adam divides each pixel's step by its own running gradient scale, and a fixed
+    per-pixel factor cancels in that ratio."""
+    from tsgd_ray.core import tsgf
+    from tsgd_ray.core.clips import to_model_input
+
+    clips, labels = builtin_clips()
+    base = ["data.num_frames=8", "data.height=32", "data.width=32", "augment.hflip=false",
+            "distill.iterations=40", "distill.lr=0.1", "tsgf.w_min=0"]
+    cfg = load_config(None, base)
+    x = to_model_input(clips, cfg.data.mean, cfg.data.std)
+    torch.manual_seed(0)
+    teacher = build_model("mini_c3d", 8, (8, 32, 32), width=8, depth=2)
+    optimizer = torch.optim.Adam(teacher.parameters(), 0.01)
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(teacher(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    teacher.eval()
+    stats = accumulate_statistics(teacher, [(x, labels)], 8)
+    indices = torch.zeros_like(labels)
+    m0 = tsgf.saliency(x, cfg.tsgf)
+
+    def edits(*overrides):
+        out = recovery.recover(teacher, x, labels, indices, load_config(None, [*base, *overrides]), stats)
+        return tsgf.motion_diagnostics(tsgf.motion_sums(out, x, m0, cfg.tsgf))
+
+    off = edits("tsgf.enabled=false")
+    update = edits("tsgf.apply=update")
+    gradient = edits("tsgf.apply=gradient")
+    assert off["edit_static"] > 0.05  # recovery does edit the static background when left alone
+    assert update["edit_static"] < 0.1 * off["edit_static"]  # W < 0.1 there, mostly 0
+    assert update["edit_moving"] > 0.25 * off["edit_moving"]
+    assert gradient["edit_static"] > 0.5 * off["edit_static"]  # Adam cancels the weight
+    print({name: arm for name, arm in (("off", off), ("update", update), ("gradient", gradient))})

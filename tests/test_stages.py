@@ -11,6 +11,7 @@ import torch
 
 from tsgd_ray import storage
 from tsgd_ray.core.bn_stats import accumulate_statistics
+from tsgd_ray.core import training
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.config import ConfigError
 from tsgd_ray.core.models import ModelError
@@ -78,6 +79,9 @@ def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teac
     synthetic, merged_classes = read_synthetic(cfg)
     assert merged_classes == classes and synthetic["labels"].tolist() == init["labels"].tolist()
     assert synthetic["clips"].dtype == torch.uint8 and synthetic["clips"].shape[1:] == init["clips"].shape[1:]
+    # each synthetic video carries TSGFA's map of the clip it started from, not of itself
+    init_heat = (255 * training.clip_heat(init["clips"], cfg)).round().to(torch.uint8)
+    assert torch.equal(synthetic["heat"], init_heat) and init["heat"] is None
     folder = artifacts.synthetic_dir(cfg)
     for f in manifest["files"]:  # the manifest's hash is the hash of the file the actor wrote
         assert hashlib.sha256(storage.read_bytes(storage.join(folder, f["path"]))).hexdigest() == f["sha256"]

@@ -74,11 +74,19 @@ def test_a_teacher_learns_direction_of_motion(motion_teacher):
     assert training.topk_accuracy(training.predict(motion_teacher, reversed_clips, cfg), 1 - labels) >= 0.9
 
 
-@pytest.mark.parametrize("labels_kind, tsgfa", [("soft_kl", "crop"), ("soft_kl", "cutmix"), ("soft_kl", "off"),
-                                                ("soft_mse", "crop"), ("hard", "crop")])
-def test_students_learn_from_a_few_clips(motion_teacher, labels_kind, tsgfa):
-    cfg = motion_config(f"evaluate.labels={labels_kind}", f"evaluate.tsgfa={tsgfa != 'off'}",
-                        f"evaluate.tsgfa_mode={'crop' if tsgfa == 'off' else tsgfa}")
+STUDENT_PROTOCOLS = {
+    "soft_kl tsgfa": ["evaluate.labels=soft_kl"],
+    "soft_kl uniform crops": ["evaluate.labels=soft_kl", "evaluate.tsgfa=false"],
+    "soft_kl every transform": ["evaluate.labels=soft_kl", "evaluate.augment.time_reverse=true", "evaluate.augment.cutmix=0.3",
+                                "evaluate.augment.mixup=0.3", "evaluate.ema=0.9"],
+    "soft_mse": ["evaluate.labels=soft_mse"],
+    "hard": ["evaluate.labels=hard", "evaluate.augment.hflip=false"],  # a flip would swap right and left
+}
+
+
+@pytest.mark.parametrize("protocol", list(STUDENT_PROTOCOLS))
+def test_students_learn_from_a_few_clips(motion_teacher, protocol):
+    cfg = motion_config(*STUDENT_PROTOCOLS[protocol])
     clips, labels = direction_clips(16, seed=2)
     test, test_labels = direction_clips(64, seed=3)
     torch.manual_seed(0)
@@ -105,11 +113,40 @@ def test_a_student_trained_on_uint8_clips_is_the_one_trained_on_their_model_inpu
         assert torch.equal(a, b)
 
 
-def test_cutmix_with_hard_labels_is_a_config_error():
+@pytest.mark.parametrize("key", ["time_reverse=true", "cutmix=0.5", "mixup=0.5"])
+def test_class_changing_student_transforms_with_hard_labels_are_a_config_error(key):
     from tsgd_ray.config import ConfigError
 
-    with pytest.raises(ConfigError, match="evaluate.tsgfa_mode"):
-        load_config(None, ["evaluate.tsgfa_mode=cutmix", "evaluate.labels=hard"])
+    with pytest.raises(ConfigError, match=f"evaluate.augment.{key.split('=')[0]}: .*teacher labels"):
+        load_config(None, [f"evaluate.augment.{key}", "evaluate.labels=hard"])
+
+
+def test_student_views_reverse_time_and_centre_crops_on_the_heat():
+    cfg = load_config(None, ["evaluate.augment.hflip=false", "evaluate.augment.roll=0", "evaluate.augment.time_reverse=true",
+                             "evaluate.augment.crop_scale=[0.1,0.1]", "tsgf.crop_delta=0"])
+    ramp = torch.arange(4.0).view(1, 1, 4, 1, 1).expand(64, 3, 4, 16, 16).contiguous()
+    heat = torch.zeros(64, 16, 16)
+    heat[:, 12, 3] = 1.0  # all the heat at row 12, column 3
+    ramp[:, :, :, 12, 3] += 100  # mark that pixel
+    view = training.student_view(ramp, heat, cfg, torch.Generator().manual_seed(0))
+    first = view[:, 0, 0].amin(dim=(1, 2))  # frame 0 reads 0 forwards, 3 reversed (+ the mark, whatever)
+    reversed_share = (first >= 2.5).float().mean()
+    assert 0.3 < reversed_share < 0.7
+    assert (view[:, 0, 0].amax(dim=(1, 2)) > 50).all()  # every crop holds the marked pixel
+    flat = load_config(None, ["evaluate.augment.roll=0", "evaluate.augment.crop_scale=[0.1,0.1]", "evaluate.tsgfa=false"])
+    uniform = training.student_view(ramp, heat, flat, torch.Generator().manual_seed(0))
+    assert (uniform[:, 0, 0].amax(dim=(1, 2)) > 50).float().mean() < 0.5  # uniform crops mostly miss it
+
+
+def test_a_student_ema_is_the_average_of_its_weights():
+    model = torch.nn.Linear(2, 1)
+    ema = training.WeightEMA(model, 0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model)
+    ema.copy_to(model)
+    torch.testing.assert_close(model.weight, start + 1.0)
 
 
 def test_distillation_losses():

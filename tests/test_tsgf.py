@@ -114,16 +114,21 @@ def test_estimate_shift_recovers_integer_translations():
     assert list(zip(dy.tolist(), dx.tolist())) == shifts
 
 
-def test_the_gradient_filter_leaves_static_pixels_at_w_min():
+def test_the_filter_weights_static_pixels_by_w_min_on_the_gradient_and_on_the_update():
     x = square_clip()
     m = tsgf.saliency(x, tsgf_cfg())
+    w = tsgf.filter_weight(m, 0.1)
     grad = torch.randn_like(x)
-    filtered = tsgf.filter_gradient(grad, m, w_min=0.1)
+    filtered = tsgf.filter_gradient(grad, w)
     static = (m == 0).expand_as(x)
     torch.testing.assert_close(filtered[static], 0.1 * grad[static])
     peak = (m == m.max()).expand_as(x)
     torch.testing.assert_close(filtered[peak], grad[peak] * (0.1 + 0.9 * m.max()))
-    assert torch.equal(tsgf.filter_gradient(grad, m, w_min=1.0), grad)
+    assert torch.equal(tsgf.filter_gradient(grad, tsgf.filter_weight(m, 1.0)), grad)
+    new = x + grad
+    stepped = tsgf.filter_update(x, new, w)
+    torch.testing.assert_close((stepped - x)[static], 0.1 * grad[static])
+    torch.testing.assert_close(tsgf.filter_update(x, new, tsgf.filter_weight(m, 1.0)), new)
 
 
 def test_saliency_is_batched_and_per_clip():

@@ -76,9 +76,14 @@ class LabelKind(str, enum.Enum):
     hard = "hard"  # cross-entropy with the class labels (the older protocol)
 
 
-class TSGFAMode(str, enum.Enum):
-    crop = "crop"  # a random resized crop centred on a salient point
-    cutmix = "cutmix"  # a box of another clip, centred on that clip's salient point, pasted in
+class TSGFApply(str, enum.Enum):
+    update = "update"  # x <- x_prev + W * (x_new - x_prev) after each optimiser step (METHOD.md)
+    gradient = "gradient"  # grad <- grad * W before the step: the paper's words, cancelled by Adam
+
+
+class SaliencySource(str, enum.Enum):
+    init = "init"  # the map of the real clip recovery started from, fixed
+    current = "current"  # the map of the synthetic clip, recomputed every tsgf.every steps
 
 
 class Method(str, enum.Enum):
@@ -160,6 +165,26 @@ class AugmentConfig:
 
 
 @dataclass
+class StudentAugmentConfig:
+    """The student's own augmentation (evaluate.augment), apart from the teacher's.
+
+    Under teacher relabelling (evaluate.labels soft_kl or soft_mse) the teacher labels every
+    augmented clip, so transforms that change the class (a flipped "move left", a reversed
+    "open") are safe; time_reverse, cutmix and mixup need it.
+    """
+
+    hflip: bool = True  # mirror half the clips
+    time_reverse: bool = False  # play half the clips backwards
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area fraction range
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # aspect ratio range
+    roll: float = 0.1  # horizontal roll jitter, at most this fraction of the width
+    # Share of clips that get a box of another clip of the batch pasted into every frame (CutMix;
+    # box sizes drawn like the crop's).
+    cutmix: float = 0.0
+    mixup: float = 0.0  # share of clips blended with another clip of the batch, weight ~ U(0, 1)
+
+
+@dataclass
 class TeacherConfig:
     model: str = "mini_c3d"  # a registered model: mini_c3d, or r3d_18, mc3_18, r2plus1d_18 (vision extra)
     width: int = 32  # channels of the first mini_c3d block (doubling per block)
@@ -176,7 +201,9 @@ class TeacherConfig:
 
 @dataclass
 class TSGFConfig:
-    enabled: bool = True  # filter recovery gradients by saliency (false: the sre2l_video baseline)
+    enabled: bool = True  # TSGFO: weight recovery by saliency (false: the sre2l_video baseline)
+    apply: TSGFApply = TSGFApply.update  # what the weight W = w_min + (1 - w_min) * M scales
+    source: SaliencySource = SaliencySource.init  # which clip the map M is computed from
     compensate: Compensation = Compensation.none  # camera-motion compensation of the frame differences
     spatial_kernel: int = 3  # average-pool kernel over the difference maps, pixels (1 = off)
     window: int = 1  # temporal smoothing reaches k frames either side
@@ -184,8 +211,8 @@ class TSGFConfig:
     alpha: list[float] = field(default_factory=list)
     eps: float = 1e-6  # added to the clip's maximum before normalising the map to [0, 1]
     granularity: Granularity = Granularity.pixel  # what one saliency weight covers
-    w_min: float = 0.1  # TSGFO keeps this share of the gradient where nothing moves
-    every: int = 1  # recompute the saliency map every this many recovery steps
+    w_min: float = 0.1  # TSGFO keeps this share of the update where nothing moves
+    every: int = 1  # source=current: recompute the saliency map every this many recovery steps
     # TSGFA: crop centres are drawn from h / sum(h) + crop_delta / (H*W), h = time-mean saliency.
     crop_delta: float = 0.05
 
@@ -225,6 +252,7 @@ class DistillConfig:
 class EvaluateConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one student per seed; results are mean +- std
     epochs: int = 300  # student epochs over the synthetic set
+    full_epochs: int = 0  # epochs of the `full` baseline over every real clip; 0: evaluate.epochs
     batch_size: int = 32  # synthetic clips per student step
     lr: float = 1e-3  # AdamW learning rate (cosine schedule)
     weight_decay: float = 0.01  # AdamW weight decay
@@ -234,8 +262,10 @@ class EvaluateConfig:
     labels: LabelKind = LabelKind.soft_kl  # what the student learns from
     temperature: float = 4.0  # softmax temperature T of labels=soft_kl
     mse_ce_weight: float = 0.1  # labels=soft_mse: MSE to the teacher logits + this * CE
-    tsgfa: bool = True  # saliency-guided augmentation of the student's clips
-    tsgfa_mode: TSGFAMode = TSGFAMode.crop  # the TSGFA operation
+    # TSGFA: draw crop (and CutMix box) centres from each clip's init saliency; false: uniformly.
+    tsgfa: bool = True
+    augment: StudentAugmentConfig = field(default_factory=StudentAugmentConfig)
+    ema: float = 0.0  # decay of an EMA of the student's weights, tested in its place; 0: off
     # Also evaluate these methods (each distilled with the same teacher, ipc and seed): e.g.
     # [random_real, sre2l_video, full]. The run's own method is distill.method.
     baselines: list[Method] = field(default_factory=list)
@@ -301,6 +331,9 @@ def _fraction(v: Any) -> bool:
     return 0.0 <= v <= 1.0
 
 
+_CROP_SCALE = (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1")
+_CROP_RATIO = (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max")
+
 # (full key, predicate, what the value must be)
 _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.split_id", lambda v: v in (1, 2, 3), "one of 1, 2, 3"),
@@ -317,8 +350,8 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.max_bad_fraction", _fraction, "in [0, 1]"),
     ("data.mean", lambda v: len(v) == 3, "3 values (R, G, B)"),
     ("data.std", lambda v: len(v) == 3 and min(v) > 0, "3 positive values (R, G, B)"),
-    ("augment.crop_scale", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[min, max] with 0 < min <= max <= 1"),
-    ("augment.crop_ratio", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[min, max] with 0 < min <= max"),
+    ("augment.crop_scale", *_CROP_SCALE),
+    ("augment.crop_ratio", *_CROP_RATIO),
     ("augment.roll", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.builtin.train_per_class", lambda v: v >= 1, ">= 1"),
     ("data.builtin.test_per_class", lambda v: v >= 1, ">= 1"),
@@ -359,6 +392,13 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("distill.cpus_per_actor", _non_negative, ">= 0"),
     ("evaluate.seeds", lambda v: len(v) >= 1, "a non-empty list"),
     ("evaluate.epochs", _non_negative, ">= 0"),
+    ("evaluate.full_epochs", _non_negative, ">= 0"),
+    ("evaluate.ema", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("evaluate.augment.crop_scale", *_CROP_SCALE),
+    ("evaluate.augment.crop_ratio", *_CROP_RATIO),
+    ("evaluate.augment.roll", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("evaluate.augment.cutmix", _fraction, "in [0, 1]"),
+    ("evaluate.augment.mixup", _fraction, "in [0, 1]"),
     ("evaluate.batch_size", lambda v: v >= 1, ">= 1"),
     ("evaluate.width", _non_negative, ">= 0"),
     ("evaluate.depth", _non_negative, ">= 0"),
@@ -402,9 +442,12 @@ def validate(cfg: DictConfig) -> None:
             f"tsgf.alpha: must hold 2*tsgf.window+1 = {2 * cfg.tsgf.window + 1} non-negative "
             f"weights with a positive sum (or be empty for uniform), got {alpha}"
         )
-    if cfg.evaluate.tsgfa and cfg.evaluate.tsgfa_mode == TSGFAMode.cutmix and cfg.evaluate.labels == LabelKind.hard:
-        raise ConfigError("evaluate.tsgfa_mode: cutmix mixes two clips and needs teacher labels; "
-                          "use evaluate.labels=soft_kl or soft_mse, or tsgfa_mode=crop")
+    student_aug = cfg.evaluate.augment
+    for key, on in (("time_reverse", student_aug.time_reverse), ("cutmix", student_aug.cutmix > 0),
+                    ("mixup", student_aug.mixup > 0)):
+        if on and cfg.evaluate.labels == LabelKind.hard:
+            raise ConfigError(f"evaluate.augment.{key}: changes or mixes classes and needs teacher labels; "
+                              "use evaluate.labels=soft_kl or soft_mse, or turn it off")
     if Method.herding in (cfg.distill.method, *cfg.evaluate.baselines):
         raise ConfigError("distill.method / evaluate.baselines: herding is available in "
                           "benchmarks/quality.py only, not yet in the pipeline")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsgd_ray.config import BNTarget
+from tsgd_ray.config import BNTarget, SaliencySource, TSGFApply
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_moments
 from tsgd_ray.core.clips import valid_range
@@ -98,7 +98,8 @@ def recover(
     stats: per-class BN statistics; with distill.bn_target=class_mixture each group is matched to
         its class's statistics, otherwise (or without stats) to the layers' running statistics.
     callback: called every distill.log_every steps and at the last with (step, metrics) where
-        metrics = {loss, ce, bn, lr, saliency}; ce and bn are means over BN groups.
+        metrics = {loss, ce, bn, lr, edit_static, edit_moving, motion_share}: ce and bn are means
+        over BN groups, the rest is `tsgf.motion_diagnostics` of the clips before that step.
     Returns the synthetic videos (N, 3, F, H, W) float32 on the CPU, in the order of `init`.
 
     Raises:
@@ -124,12 +125,16 @@ def recover(
     group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
     optimizer = torch.optim.Adam(params, lr=d.lr, betas=(0.5, 0.9))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(d.iterations, 1))))
-    saliency_maps: list[Optional[torch.Tensor]] = [None] * len(chunks)
+    ts = cfg.tsgf
+    x0 = [x.detach().clone() for x in params]
+    init_maps = [tsgf.saliency(x, ts) for x in x0]  # (n, 1, F, H, W) per chunk
+    weights = [tsgf.filter_weight(m, ts.w_min) for m in init_maps]  # TSGFO's W per chunk
+    on_update = ts.enabled and TSGFApply(ts.apply) == TSGFApply.update
     n_groups = sum(len(c.group_classes) for c in chunks)
 
     with BatchNormTaps(teacher) as taps:  # hooks stay on for the whole optimisation
         for step in range(d.iterations):
-            totals = torch.zeros(4, device=device)  # loss, ce, bn, saliency: sums over groups
+            totals = torch.zeros(3, device=device)  # loss, ce, bn: sums over groups
             optimizer.zero_grad(set_to_none=True)
             for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
                 u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(device, non_blocking=True)
@@ -146,22 +151,27 @@ def recover(
                         bn = bn + w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
                 loss = ce + d.lambda_bn * bn
                 loss.backward()
-                saliency_mean = torch.zeros((), device=device)
-                if cfg.tsgf.enabled:
-                    if step % cfg.tsgf.every == 0:
-                        saliency_maps[k] = tsgf.saliency(x, cfg.tsgf)
-                    x.grad = tsgf.filter_gradient(x.grad, saliency_maps[k], cfg.tsgf.w_min)
-                    saliency_mean = saliency_maps[k].mean() * num_groups
-                totals += torch.stack([loss.detach(), ce.detach(), bn.detach(), saliency_mean])
+                if ts.enabled:
+                    if SaliencySource(ts.source) == SaliencySource.current and step % ts.every == 0:
+                        weights[k] = tsgf.filter_weight(tsgf.saliency(x, ts), ts.w_min)
+                    if not on_update:
+                        x.grad = tsgf.filter_gradient(x.grad, weights[k])
+                totals += torch.stack([loss.detach(), ce.detach(), bn.detach()])
+            logging = callback is not None and (step % d.log_every == 0 or step == d.iterations - 1)
+            if logging:
+                motion = sum(tsgf.motion_sums(x, a, m, ts) for x, a, m in zip(params, x0, init_maps))
             lr = schedule.get_last_lr()[0]
+            previous = [x.detach().clone() for x in params] if on_update else None
             optimizer.step()
             schedule.step()
             with torch.no_grad():
-                for x in params:
+                for k, x in enumerate(params):
+                    if previous is not None:
+                        x.copy_(tsgf.filter_update(previous[k], x, weights[k]))
                     torch.maximum(torch.minimum(x, high, out=x), low, out=x)
-            if callback is not None and (step % d.log_every == 0 or step == d.iterations - 1):
-                loss_v, ce_v, bn_v, sal_v = (totals / n_groups).tolist()
-                callback(step, {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, "saliency": sal_v})
+            if logging:
+                loss_v, ce_v, bn_v = (totals / n_groups).tolist()
+                callback(step, {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, **tsgf.motion_diagnostics(motion)})
 
     out = torch.empty_like(init, dtype=torch.float32, device="cpu")
     for chunk, x in zip(chunks, params):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsgd_ray.config import LabelKind, TSGFAMode
+from tsgd_ray.config import LabelKind
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.device import autocast
@@ -29,22 +29,58 @@ def random_augment(x: torch.Tensor, aug, generator: torch.Generator) -> torch.Te
     return augment.apply_params(x, augment.random_params(u, tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip, aug.roll))
 
 
-def tsgfa_augment(x: torch.Tensor, heat: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
-    """TSGFA (evaluate.tsgfa_mode): a crop centred on a salient point, or a CutMix box centred on the
-    salient point of another clip of the batch; one box for all frames. heat (N, H, W) is the
-    time-mean of each clip's saliency map."""
-    aug = cfg.augment
+def student_view(x: torch.Tensor, heat: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """The student's augmented view of x (N, 3, F, H, W) under evaluate.augment: time reversal,
+    CutMix, MixUp (each per clip, partners from a shuffle of the batch), then a random resized
+    crop, flip and roll; one box per clip, the same on every frame. CutMix and MixUp share one
+    uniform, so no clip gets both while cutmix + mixup <= 1.
+
+    Crop and CutMix box centres are drawn from heat (N, H, W) >= 0, the time-mean of each clip's
+    init saliency, when evaluate.tsgfa (TSGFA), else from a flat map: the two arms differ only in
+    where the centres land. A CutMix box is centred on a salient point of the clip it comes from.
+    """
+    aug, delta = cfg.evaluate.augment, cfg.tsgf.crop_delta
     scale, ratio = tuple(aug.crop_scale), tuple(aug.crop_ratio)
-    n = x.shape[0]
-    u = torch.rand(n, augment.UNIFORMS_PER_CLIP, generator=generator).to(x.device)
-    params = augment.random_params(u, scale, ratio, aug.hflip, aug.roll)
-    sample_gen = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    if cfg.evaluate.tsgfa_mode == TSGFAMode.crop:
-        params[:, :4] = tsgf.saliency_boxes(heat, u[:, :2], scale, ratio, cfg.tsgf.crop_delta, sample_gen)
-        return augment.apply_params(x, params)
-    permutation = torch.randperm(n, generator=generator).to(x.device)
-    boxes = tsgf.saliency_boxes(heat[permutation], u[:, :2], scale, ratio, cfg.tsgf.crop_delta, sample_gen)
-    return augment.apply_params(tsgf.saliency_cutmix(x, boxes, permutation), params)
+    n, device = x.shape[0], x.device
+    u = torch.rand(n, augment.UNIFORMS_PER_CLIP + 5, generator=generator).to(device)
+    partner = torch.randperm(n, generator=generator).to(device)
+    sample_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    heat = heat if cfg.evaluate.tsgfa else torch.ones_like(heat)
+    per_clip = (n, 1, 1, 1, 1)
+    if aug.time_reverse:
+        x = torch.where((u[:, 6] < 0.5).view(per_clip), x.flip(2), x)
+    if aug.cutmix > 0:
+        boxes = tsgf.saliency_boxes(heat[partner], u[:, 7:9], scale, ratio, delta, sample_gen)
+        pasted = tsgf.saliency_cutmix(x, boxes, partner)
+        x = torch.where((u[:, 9] < aug.cutmix).view(per_clip), pasted, x)
+    if aug.mixup > 0:
+        weight = u[:, 10].view(per_clip)
+        x = torch.where((u[:, 9] >= 1 - aug.mixup).view(per_clip), weight * x + (1 - weight) * x[partner], x)
+    params = augment.random_params(u[:, :6], scale, ratio, aug.hflip, aug.roll)
+    params[:, :4] = tsgf.saliency_boxes(heat, u[:, :2], scale, ratio, delta, sample_gen)
+    return augment.apply_params(x, params)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's floating-point state (parameters and BN
+    statistics): shadow <- decay * shadow + (1 - decay) * current after every `update`."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            v.copy_(self.shadow[k])
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
@@ -68,9 +104,12 @@ def teacher_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     return loss.detach()
 
 
-def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generator, step: BatchStep, callback: Optional[EpochCallback]) -> nn.Module:
+def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generator, step: BatchStep,
+         callback: Optional[EpochCallback], ema: float = 0.0) -> nn.Module:
     """AdamW + cosine over `section.epochs` shuffled passes (section: teacher or evaluate config);
-    step(rows, optimizer) trains on one batch and returns its detached loss."""
+    step(rows, optimizer) trains on one batch and returns its detached loss. ema > 0: the model
+    ends with the EMA of its weights (decay `ema`, updated every step)."""
+    average = WeightEMA(model, ema) if ema > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
     schedule = cosine_schedule(optimizer, section.epochs * math.ceil(num_examples / section.batch_size))
     model.train()
@@ -79,8 +118,12 @@ def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generato
         for rows in _batches(num_examples, section.batch_size, generator):
             losses.append(step(rows, optimizer))
             schedule.step()
+            if average is not None:
+                average.update(model)
         if callback is not None:
             callback(epoch, {"loss": torch.stack(losses).mean().item()})
+    if average is not None:
+        average.copy_to(model)
     return model.eval()
 
 
@@ -111,16 +154,21 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
     return F.mse_loss(s, t) + e.mse_ce_weight * F.cross_entropy(s, y)
 
 
-def student_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, cfg, generator: torch.Generator, heat: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One student step on normalised clips x (N, 3, F, H, W): augment (TSGFA when evaluate.tsgfa,
-    using heat (N, H, W) or the clips' own saliency), let the frozen teacher label the augmented
-    clips, and fit the student. Returns the detached loss."""
-    if cfg.evaluate.tsgfa:
-        if heat is None:
-            heat = tsgf.saliency(x, cfg.tsgf).mean(dim=(1, 2))
-        view = tsgfa_augment(x, heat, cfg, generator)
-    else:
-        view = random_augment(x, cfg.augment, generator)
+def clip_heat(x: torch.Tensor, cfg, chunk: int = 64) -> torch.Tensor:
+    """The TSGFA heat map (N, H, W) in [0, 1] of clips x (uint8 or model input): the time-mean of
+    their saliency, computed in chunks (the map is normalised per clip, so chunks do not matter)."""
+    return torch.cat([tsgf.saliency(_normalised(x[i : i + chunk], cfg), cfg.tsgf).mean(dim=(1, 2))
+                      for i in range(0, len(x), chunk)])
+
+
+def student_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 cfg, generator: torch.Generator, heat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One student step on normalised clips x (N, 3, F, H, W): augment (`student_view`, heat (N, H, W)
+    or, when None, the clips' own), let the frozen teacher label the augmented clips, and fit the
+    student. Returns the detached loss."""
+    if heat is None:
+        heat = clip_heat(x, cfg)
+    view = student_view(x, heat, cfg, generator)
     with autocast(x.device, cfg.amp):
         with torch.no_grad():
             teacher_logits = teacher(view) if cfg.evaluate.labels != LabelKind.hard else None
@@ -137,25 +185,25 @@ def _normalised(x: torch.Tensor, cfg) -> torch.Tensor:
     return to_model_input(x, cfg.data.mean, cfg.data.std) if x.dtype == torch.uint8 else x
 
 
-def train_student(student: nn.Module, teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg, seed: int, callback: Optional[EpochCallback] = None) -> nn.Module:
+def train_student(student: nn.Module, teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg, seed: int,
+                  callback: Optional[EpochCallback] = None, heat: Optional[torch.Tensor] = None) -> nn.Module:
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
     are normalised per batch (4x less memory, the same numbers). evaluate.epochs with AdamW +
-    cosine, teacher in eval mode. Randomness comes from `seed` only. Returns the student in eval mode."""
+    cosine (and evaluate.ema), teacher in eval mode. heat (N, H, W): the TSGFA map of each clip,
+    carried from its init clip (synthetic sets); None: the clips' own (real clips).
+    Randomness comes from `seed` only. Returns the student in eval mode."""
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     teacher.eval().requires_grad_(False)
-    heat = None  # (N, H, W); saliency is normalised per clip, so chunks give the same maps
-    if cfg.evaluate.tsgfa:
-        heat = torch.cat([tsgf.saliency(_normalised(x[i : i + 64], cfg), cfg.tsgf).mean(dim=(1, 2))
-                          for i in range(0, len(x), 64)])
+    if heat is None:
+        heat = clip_heat(x, cfg)
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        batch_heat = heat[rows].to(device) if heat is not None else None
         return student_step(student, teacher, optimizer, _normalised(x[rows], cfg).to(device), labels[rows].to(device),
-                            cfg, generator, batch_heat)
+                            cfg, generator, heat[rows].to(device))
 
-    return _fit(student, len(x), cfg.evaluate, generator, step, callback)
+    return _fit(student, len(x), cfg.evaluate, generator, step, callback, cfg.evaluate.ema)
 
 
 @torch.no_grad()

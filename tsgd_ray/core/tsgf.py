@@ -1,6 +1,7 @@
 """The temporal saliency-guided filter (TSGF), as METHOD.md specifies it.
 
-`saliency` turns clips into motion maps M in [0, 1]; `filter_gradient` is TSGFO (recovery);
+`saliency` turns clips into motion maps M in [0, 1]; `filter_weight`, `filter_update` and
+`filter_gradient` are TSGFO (recovery); `motion_diagnostics` says which pixels recovery edited;
 `saliency_boxes`, `saliency_crop` and `saliency_cutmix` are TSGFA (student training).
 Clips are (N, 3, F, H, W) float tensors on any device; maps are (N, 1, F, H, W).
 """
@@ -117,9 +118,48 @@ def saliency(x: torch.Tensor, cfg) -> torch.Tensor:
         return m.unsqueeze(1)
 
 
-def filter_gradient(grad: torch.Tensor, m: torch.Tensor, w_min: float) -> torch.Tensor:
-    """TSGFO: grad * (w_min + (1 - w_min) * M); M (N, 1, F, H, W) broadcasts over channels."""
-    return grad * (w_min + (1.0 - w_min) * m.to(grad.dtype))
+#: diagnostics only: a pixel "really moves" where its init clip's map M is at least this
+MOVING = 0.1
+
+
+def filter_weight(m: torch.Tensor, w_min: float) -> torch.Tensor:
+    """TSGFO's weight W = w_min + (1 - w_min) * M, (N, 1, F, H, W): 1 where M = 1, w_min where M = 0."""
+    return w_min + (1.0 - w_min) * m
+
+
+def filter_update(previous: torch.Tensor, new: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """TSGFO on the update (tsgf.apply=update): previous + W * (new - previous), W over channels.
+
+    This is the form that survives Adam: a per-pixel factor on the gradient is divided out again
+    by Adam's per-pixel gradient scale, a factor on the step is not."""
+    return previous + weight.to(new.dtype) * (new - previous)
+
+
+def filter_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """TSGFO on the gradient (tsgf.apply=gradient, the paper's words): grad * W."""
+    return grad * weight.to(grad.dtype)
+
+
+@torch.no_grad()
+def motion_sums(x: torch.Tensor, x0: torch.Tensor, m0: torch.Tensor, cfg) -> torch.Tensor:
+    """Sums for `motion_diagnostics` over clips x (N, 3, F, H, W) that started as x0 with init map
+    m0 (N, 1, F, H, W); add the sums of several batches, then call `motion_diagnostics`. (6,) tensor."""
+    moving = (m0 >= MOVING).to(x.dtype)
+    static = 1 - moving
+    edit = (x - x0).abs().mean(dim=1, keepdim=True)
+    m = saliency(x, cfg)
+    return torch.stack([(edit * static).sum(), static.sum(), (edit * moving).sum(), moving.sum(),
+                        (m * moving).sum(), m.sum()])
+
+
+def motion_diagnostics(sums: torch.Tensor) -> dict[str, float]:
+    """What recovery did, from `motion_sums`: edit_static / edit_moving = mean |x - x0| (normalised
+    units) over pixels whose init map is below / at least MOVING; motion_share = the share of the
+    synthetic clips' own saliency mass on those moving pixels (the init map's share at step 0; it
+    falls as recovery invents motion elsewhere)."""
+    s = sums.tolist()
+    return {"edit_static": s[0] / max(s[1], 1.0), "edit_moving": s[2] / max(s[3], 1.0),
+            "motion_share": s[4] / max(s[5], 1e-12)}
 
 
 def saliency_boxes(

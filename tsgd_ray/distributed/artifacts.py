@@ -140,7 +140,8 @@ def method_config(cfg: DictConfig, method: Method) -> DictConfig:
     """The run's config as it distils (or, for `full`, evaluates) with `method`.
 
     tsgd: the config as it is; sre2l_video: TSGF off; random_real: the seeded real init clips themselves
-    (init=real, 0 iterations, TSGF off); full: no distillation. Returns a read-only config.
+    (init=real, 0 iterations, TSGF off); full: no distillation, evaluate.full_epochs epochs.
+    Returns a read-only config.
     """
     overrides: dict[str, Any] = {"distill": {"method": method.value}}
     if method in (Method.sre2l_video, Method.random_real):
@@ -148,7 +149,7 @@ def method_config(cfg: DictConfig, method: Method) -> DictConfig:
     if method == Method.random_real:
         overrides["distill"].update(init="real", iterations=0)
     if method == Method.full:
-        overrides = {}
+        overrides = {"evaluate": {"epochs": cfg.evaluate.full_epochs or cfg.evaluate.epochs}}
     out = OmegaConf.merge(cfg, overrides)
     validate(out)
     OmegaConf.set_readonly(out, True)
@@ -254,12 +255,17 @@ CLIP_SCHEMA = pa.schema([
     ("index", pa.int32()),  # the video's index within its class (its random stream)
     ("video_id", pa.string()),  # the real clip it started from ("" for noise init)
     ("clip", pa.binary()),  # uint8 (F, H, W, 3), RGB, frames first: the layout of decoded clips
+    # synthetic videos: uint8 (H, W), 255 * the time-mean of the init clip's saliency (TSGFA's map);
+    # empty in init tables
+    ("heat", pa.binary()),
 ])
 
 
-def clip_table_bytes(clips: np.ndarray, labels: np.ndarray, indices: np.ndarray, video_ids: Sequence[str]) -> bytes:
-    """A Parquet clip table of uint8 clips (N, F, H, W, 3): rows in (label, index) order, row groups
-    of one class each (split further to stay under ROW_GROUP_BYTES)."""
+def clip_table_bytes(clips: np.ndarray, labels: np.ndarray, indices: np.ndarray, video_ids: Sequence[str],
+                     heats: Optional[np.ndarray] = None) -> bytes:
+    """A Parquet clip table of uint8 clips (N, F, H, W, 3) (and uint8 heat maps (N, H, W), if
+    given): rows in (label, index) order, row groups of one class each (split further to stay under
+    ROW_GROUP_BYTES)."""
     order = np.lexsort((indices, labels))
     per_group = max(1, ROW_GROUP_BYTES // max(1, clips[0].nbytes)) if len(clips) else 1
     buf = io.BytesIO()
@@ -272,6 +278,7 @@ def clip_table_bytes(clips: np.ndarray, labels: np.ndarray, indices: np.ndarray,
                     "label": pa.array(labels[part], pa.int32()), "index": pa.array(indices[part], pa.int32()),
                     "video_id": pa.array([str(video_ids[i]) for i in part], pa.string()),
                     "clip": pa.array([clips[i].tobytes() for i in part], pa.binary()),
+                    "heat": pa.array([heats[i].tobytes() if heats is not None else b"" for i in part], pa.binary()),
                 }, schema=CLIP_SCHEMA), row_group_size=len(part))
     return buf.getvalue()
 
@@ -281,7 +288,8 @@ def read_clip_tables(uris: Sequence[str], shape: Sequence[int], classes: Optiona
     """Rows of clip tables, one row group at a time: only the row groups of `classes` (all when
     None), and of those rows only every `world`-th from `rank` (counted over all rows read).
 
-    Yields {"clips": (n, F, H, W, 3) uint8 tensor, "labels": (n,), "indices": (n,), "video_ids": [n]}.
+    Yields {"clips": (n, F, H, W, 3) uint8 tensor, "labels": (n,), "indices": (n,), "video_ids": [n],
+    "heat": (n, H, W) uint8 tensor, or None where the table holds no heat maps}.
     """
     seen = 0
     for uri in uris:
@@ -303,7 +311,10 @@ def read_clip_tables(uris: Sequence[str], shape: Sequence[int], classes: Optiona
                 if not len(take):
                     continue
                 blobs = table.column("clip").take(pa.array(take)).to_pylist()
+                heat = table.column("heat").take(pa.array(take)).to_pylist() if "heat" in table.column_names else []
                 yield {"clips": torch.from_numpy(np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in blobs])),
+                       "heat": torch.from_numpy(np.stack([np.frombuffer(h, np.uint8).reshape(shape[1:3]) for h in heat]))
+                       if heat and all(heat) else None,
                        "labels": torch.from_numpy(labels[take]),
                        "indices": torch.from_numpy(np.asarray(table.column("index").to_numpy(), dtype=np.int64)[take]),
                        "video_ids": table.column("video_id").take(pa.array(take)).to_pylist()}
@@ -313,9 +324,11 @@ def concat_clips(parts: Sequence[dict[str, Any]], shape: Sequence[int]) -> dict[
     """The batches of `read_clip_tables` as one (possibly empty) batch."""
     if not parts:
         return {"clips": torch.empty((0, *shape), dtype=torch.uint8), "labels": torch.empty(0, dtype=torch.int64),
-                "indices": torch.empty(0, dtype=torch.int64), "video_ids": []}
+                "indices": torch.empty(0, dtype=torch.int64), "video_ids": [], "heat": None}
+    heats = [p["heat"] for p in parts]
     return {"clips": torch.cat([p["clips"] for p in parts]), "labels": torch.cat([p["labels"] for p in parts]),
-            "indices": torch.cat([p["indices"] for p in parts]), "video_ids": [v for p in parts for v in p["video_ids"]]}
+            "indices": torch.cat([p["indices"] for p in parts]), "video_ids": [v for p in parts for v in p["video_ids"]],
+            "heat": torch.cat(heats) if all(h is not None for h in heats) else None}
 
 
 def clip_shape(cfg: DictConfig) -> tuple[int, int, int, int]:
@@ -360,10 +373,11 @@ def partition_file(partition_id: int) -> str:
 
 
 def write_synthetic_part(cfg: DictConfig, partition_id: int, clips: np.ndarray, labels: np.ndarray,
-                         indices: np.ndarray, video_ids: Sequence[str]) -> dict:
-    """Write a partition's synthetic clips (write-once); returns {path, sha256, bytes, rows} of the
-    file that is in storage (another writer's, if it won the race: then its hash)."""
-    data = clip_table_bytes(clips, labels, indices, video_ids)
+                         indices: np.ndarray, video_ids: Sequence[str], heats: np.ndarray) -> dict:
+    """Write a partition's synthetic clips and their init heat maps (uint8 (N, H, W)), write-once;
+    returns {path, sha256, bytes, rows} of the file that is in storage (another writer's, if it won
+    the race: then its hash)."""
+    data = clip_table_bytes(clips, labels, indices, video_ids, heats)
     uri = storage.join(synthetic_dir(cfg), partition_file(partition_id))
     if not storage.write_once(uri, data):
         data = storage.read_bytes(uri)

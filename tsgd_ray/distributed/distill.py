@@ -39,6 +39,7 @@ from tsgd_ray.config import ConfigError, InitKind
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips, valid_range
 from tsgd_ray.core.device import resolve_device
 from tsgd_ray.core.recovery import noise_init, recover
+from tsgd_ray.core.training import clip_heat
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import artifacts
 from tsgd_ray.distributed.pool import ElasticPool, actor_starter
@@ -91,7 +92,8 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
     videos = recover(teacher, x0.to(device), labels, indices, cfg, stats,
                      callback=lambda step, metrics: history.append({"step": step, **metrics}))
     clips = to_uint8_clips(videos, cfg.data.mean, cfg.data.std).numpy()
-    file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids)
+    heats = (255 * clip_heat(x0, cfg)).round().to(torch.uint8).numpy()  # TSGFA's map, from the init clip
+    file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids, heats)
     counts = torch.bincount(labels, minlength=max(classes) + 1)
     marker = {"partition": partition_id, "classes": classes, "counts": {str(c): int(counts[c]) for c in classes},
               "videos": len(labels), "iterations": cfg.distill.iterations, "file": file,

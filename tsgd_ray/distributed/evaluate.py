@@ -42,8 +42,10 @@ def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module
 
 
 def _fit_on_stream(student, teacher, shard, expected: int, world: int, cfg: DictConfig, seed: int, device) -> list[dict]:
-    """`full`: AdamW + cosine over evaluate.epochs passes of this worker's stream of real clips."""
+    """`full`: AdamW + cosine over evaluate.epochs passes of this worker's stream of real clips (the
+    EMA of the weights in the end when evaluate.ema > 0)."""
     e = cfg.evaluate
+    average = training.WeightEMA(student, e.ema) if e.ema > 0 else None
     optimizer = torch.optim.AdamW(student.parameters(), lr=e.lr, weight_decay=e.weight_decay)
     schedule = training.cosine_schedule(optimizer, e.epochs * train_workers.steps_per_epoch(expected, world, e.batch_size))
     generator = torch.Generator().manual_seed(seed)
@@ -56,7 +58,11 @@ def _fit_on_stream(student, teacher, shard, expected: int, world: int, cfg: Dict
                 x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
                 losses.append(training.student_step(student, teacher, optimizer, x, batch["label"].to(device), cfg, generator))
                 schedule.step()
+                if average is not None:
+                    average.update(student)
         history.append({"step": epoch, "loss": torch.stack(losses).mean().item()})
+    if average is not None:
+        average.copy_to(student)
     return history
 
 
@@ -89,6 +95,7 @@ def _student_worker(loop_config: dict) -> None:
     if method != Method.full:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
         x, y = mine["clips"], mine["labels"]
+        heat = mine["heat"].float() / 255 if mine["heat"] is not None else None  # TSGFA's init maps
     for seed in cfg.evaluate.seeds:
         if storage.exists(seed_uri(cfg, method, seed)):
             continue
@@ -102,7 +109,7 @@ def _student_worker(loop_config: dict) -> None:
         else:
             with train_workers.uneven_inputs(student):
                 training.train_student(student, teacher, x, y, cfg, worker_seed,
-                                       callback=lambda epoch, m: history.append({"step": epoch, **m}))
+                                       callback=lambda epoch, m: history.append({"step": epoch, **m}), heat=heat)
         top1, top5, n = _test(student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device)
         if rank == 0:
             storage.write_json_once(seed_uri(cfg, method, seed), {
