@@ -94,9 +94,18 @@ class Method(str, enum.Enum):
     full = "full"  # the student trained on every real training clip (the ceiling)
 
 
+class BuiltinVariant(str, enum.Enum):
+    plain = "plain"  # one moving digit over a static texture, a still camera
+    # plus static distractor digits, a panning and shaking camera, and flicker: motion saliency
+    # must be told apart from camera motion (tsgf.compensate)
+    cluttered = "cluttered"
+
+
 @dataclass
 class BuiltinDatasetConfig:
     """The built-in motion-digits dataset: only the order of frames tells classes apart."""
+
+    variant: BuiltinVariant = BuiltinVariant.plain  # how hard the scene is
 
     train_per_class: int = 60  # training videos per class
     test_per_class: int = 20  # test videos per class

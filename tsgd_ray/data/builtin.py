@@ -6,6 +6,12 @@ reverse order, so only the ORDER of frames tells the classes of a pair apart:
     translate_right / translate_left, translate_down / translate_up,
     rotate_ccw / rotate_cw, zoom_in / zoom_out
 
+The `cluttered` variant adds static distractor digits to the background, a camera that pans
+(whole pixels per frame, random direction) and shakes (+-1 pixel), and per-frame flicker of the
+brightness: raw frame differences then fire everywhere, and only the digit moves relative to the
+scene. Reversing a clip reverses the pan, which has no preferred direction, so the pair property
+and the single-frame control hold for it too.
+
 Every frame of every class is drawn from the same distribution (position uniform on a torus with
 wrap-around, angle uniform, scale from one shared law; digit, colour and background texture
 random), so a single-frame classifier stays at chance. Digits are scikit-learn's 1797 real 8x8
@@ -43,6 +49,11 @@ ROTATION = math.pi  # radians over the clip
 ZOOM = math.log(2.0)  # log-scale over the clip
 LOG_SCALE_RANGE = (math.log(0.8), math.log(1.25))
 DIGIT_SIZE = 0.4  # of the frame size, at scale 1
+# the cluttered variant
+DISTRACTORS = (2, 4)  # static distractor digits per clip, [low, high)
+PAN = 0.25  # most camera travel over the clip, of the frame size
+SHAKE = 1  # camera shake, pixels either way
+FLICKER = 0.12  # brightness factor in 1 +- this, per frame
 
 
 def _digits(split: str) -> np.ndarray:
@@ -103,11 +114,39 @@ def render_sequence(
     return (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def generate_pair(pair: int, rng: np.random.Generator, digits: np.ndarray, frames: int, size: int) -> np.ndarray:
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    colour = rng.uniform(0.6, 1.0, 3) * rng.choice([0.0, 1.0], 3, p=[0.25, 0.75])
+    return np.where(colour.max() < 0.5, np.ones(3), colour).astype(np.float32)
+
+
+def _clutter(rng: np.random.Generator, background: torch.Tensor, digits: np.ndarray) -> torch.Tensor:
+    """The background with static distractor digits drawn in, (3, S, S) in [0, 1]."""
+    size = background.shape[-1]
+    for _ in range(rng.integers(*DISTRACTORS)):
+        frame = render_sequence(digits[rng.integers(len(digits))], background, _colour(rng), rng.uniform(0, size, (1, 2)),
+                                np.array([rng.uniform(0, 2 * math.pi)]), np.array([rng.uniform(*LOG_SCALE_RANGE)]))
+        background = torch.from_numpy(frame[0]).permute(2, 0, 1).float() / 255
+    return background
+
+
+def _camera(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
+    """Pan and shake (whole pixels, wrapping around the torus) and flicker: (T, S, S, 3) uint8."""
+    t, size = len(frames), frames.shape[1]
+    direction = rng.uniform(0, 2 * math.pi)
+    travel = rng.uniform(0, PAN) * size * np.linspace(-0.5, 0.5, t)[:, None] * [math.cos(direction), math.sin(direction)]
+    offsets = np.round(travel + rng.integers(-SHAKE, SHAKE + 1, (t, 2))).astype(int)
+    gain = 1 + rng.uniform(-FLICKER, FLICKER, t)
+    out = np.stack([np.roll(f, (dy, dx), axis=(0, 1)) for f, (dx, dy) in zip(frames, offsets)]).astype(np.float32)
+    return (out * gain[:, None, None, None]).round().clip(0, 255).astype(np.uint8)
+
+
+def generate_pair(pair: int, rng: np.random.Generator, digits: np.ndarray, frames: int, size: int,
+                  variant: str = "plain") -> np.ndarray:
     """The forward clip of class pair `pair`: (frames, size, size, 3) uint8.
 
     The pair's second class is this clip reversed in time. Every state variable that a class does
     not move is drawn from the law its moving counterpart has at a uniformly random frame.
+    variant="cluttered" adds distractors, camera motion and flicker (the module's docstring).
     """
     progress = np.linspace(-0.5, 0.5, frames)  # symmetric: reversing flips the sign
     centre = rng.uniform(0, size, 2)[None].repeat(frames, 0)
@@ -122,10 +161,13 @@ def generate_pair(pair: int, rng: np.random.Generator, digits: np.ndarray, frame
         angle = angle + ROTATION * progress
     else:
         log_scale = base_log_scale + ZOOM * progress
-    colour = rng.uniform(0.6, 1.0, 3) * rng.choice([0.0, 1.0], 3, p=[0.25, 0.75])
-    colour = np.where(colour.max() < 0.5, np.ones(3), colour)
+    colour = _colour(rng)
     digit = digits[rng.integers(len(digits))]
-    return render_sequence(digit, _texture(rng, size), colour.astype(np.float32), centre % size, angle, log_scale)
+    background = _texture(rng, size)
+    if variant != "cluttered":
+        return render_sequence(digit, background, colour, centre % size, angle, log_scale)
+    clip = render_sequence(digit, _clutter(rng, background, digits), colour, centre % size, angle, log_scale)
+    return _camera(rng, clip)
 
 
 def builtin_root(cfg: DictConfig) -> str:
@@ -156,7 +198,7 @@ def ensure_builtin_dataset(cfg: DictConfig) -> str:
                 uri_b = storage.join(root, split, backward_name, f"{backward_name}_{index:05d}.mp4")
                 if storage.exists(uri_f) and storage.exists(uri_b):
                     continue
-                clip = generate_pair(pair, rng, digits, b.frames, b.size)
+                clip = generate_pair(pair, rng, digits, b.frames, b.size, b.variant)
                 storage.write_once(uri_f, encode_mp4(clip, b.fps))
                 storage.write_once(uri_b, encode_mp4(clip[::-1], b.fps))
     storage.write_json_once(marker, {"classes": CLASSES, "counts": counts, "settings": OmegaConf.to_container(b)})
