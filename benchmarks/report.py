@@ -8,8 +8,8 @@ from __future__ import annotations
 
 
 def target_line(name: str, value: float, op: str, threshold: float, digits: int = 2) -> str:
-    """`op` is "<=" or ">="."""
-    met = value <= threshold if op == "<=" else value >= threshold
+    """`op` is one of <=, >=, <, >."""
+    met = {"<=": value <= threshold, ">=": value >= threshold, "<": value < threshold, ">": value > threshold}[op]
     return f"target {name}: {value:.{digits}f} (goal {op} {threshold}) {'met' if met else 'NOT met'}"
 
 

@@ -55,6 +55,17 @@ def test_random_offsets_are_reproducible_per_seed_and_epoch(prepared):
     assert any(not np.array_equal(a[k][0], c[k][0]) for k in a)
 
 
+def test_two_decoders_deliver_clips_in_the_same_order_every_pass(prepared):
+    """Reproducible runs: the order in which clips reach a teacher or a student does not depend on
+    which decoder finishes first (data.preserve_order)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(prepared, OmegaConf.from_dotlist(["data.decode_actors=2", "data.decode_batch_size=2"]))
+    orders = [[v for b in ClipStream(clip_dataset(cfg, "train"), expected_rows(cfg, "train"), 0.0, 4) for v in b["video_id"]]
+              for _ in range(2)]
+    assert orders[0] == orders[1] and len(orders[0]) == 32
+
+
 def _shard_set_with_bad_videos(root, tmp_path, good, bad):
     rows = []
     for i in range(good):

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from tsgd_ray.config import load_config
-from tsgd_ray.core import recovery
+from tsgd_ray.core import recovery, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
 from tsgd_ray.core.clips import valid_range
 from tsgd_ray.core.models import build_model
@@ -99,12 +99,13 @@ def test_tsgfo_with_w_min_zero_leaves_static_regions_untouched():
     assert not torch.equal(off[0, :, :, 8:], init[0, :, :, 8:])  # the SRe2L baseline changes everything
 
 
-def test_global_and_class_targets_differ_and_noise_init_is_per_video():
+def test_bn_targets_and_the_ema_of_group_statistics_each_change_the_videos_and_noise_init_is_per_video():
     teacher, stats = teacher_and_stats()
     init, labels, indices = synthetic_set(range(2), ipc=1)
-    a = recovery.recover(teacher, init, labels, indices, config("distill.bn_target=global", "distill.lambda_bn=1"), stats)
-    b = recovery.recover(teacher, init, labels, indices, config("distill.bn_target=class_mixture", "distill.lambda_bn=1"), stats)
-    assert not torch.equal(a, b)
+    outs = [recovery.recover(teacher, init, labels, indices, config(*keys, "distill.lambda_bn=1"), stats)
+            for keys in (["distill.bn_target=global"], ["distill.bn_target=class_mixture"], ["distill.bn_target=mixed"],
+                         ["distill.bn_target=mixed", "distill.bn_ema=0.9"])]
+    assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1 :])
     low, high = valid_range(config().data.mean, config().data.std, init)
     n1 = recovery.noise_init((3, *SIZE), torch.tensor([0, 1]), torch.tensor([0, 0]), 7, low, high)
     n2 = recovery.noise_init((3, *SIZE), torch.tensor([1]), torch.tensor([0]), 7, low, high)
@@ -180,3 +181,17 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
     assert update["edit_moving"] > 0.25 * off["edit_moving"]
     assert gradient["edit_static"] > 0.5 * off["edit_static"]  # Adam cancels the weight
     print({name: arm for name, arm in (("off", off), ("update", update), ("gradient", gradient))})
+
+
+def test_the_diversity_term_spreads_the_videos_of_a_class_apart_in_feature_space():
+    teacher, stats = teacher_and_stats()
+    init, labels, indices = synthetic_set(range(2), ipc=4)
+    init = init[labels * 4].clone() + 0.05 * init  # near copies: four videos per class start alike
+
+    def similarity(x):
+        features = training.embeddings(teacher, x)
+        return recovery._similarity(features, labels, 2).item() / 2
+
+    plain = recovery.recover(teacher, init, labels, indices, config("distill.iterations=20"), stats)
+    spread = recovery.recover(teacher, init, labels, indices, config("distill.iterations=20", "distill.diversity=5"), stats)
+    assert similarity(spread) < similarity(plain) - 0.05

@@ -11,7 +11,7 @@ import torch
 
 from tsgd_ray import storage
 from tsgd_ray.core.bn_stats import accumulate_statistics
-from tsgd_ray.core import training
+from tsgd_ray.core import augment, training
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.config import ConfigError
 from tsgd_ray.core.models import ModelError
@@ -106,6 +106,17 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
         assert [e["loss"] for e in candidates[c]] == sorted(e["loss"] for e in candidates[c])
     with pytest.raises(ConfigError, match="distill.ipc=5: these classes have fewer"):
         run_stats(imported_config(tmp_path / "out", teacher_path, "distill.ipc=5"))
+
+    # stats.augment: a pass of its own, on one fixed recovery view per clip, whatever the batching
+    viewed = imported_config(tmp_path / "out", teacher_path, "stats.augment=true", "stats.batch_size=5")
+    assert artifacts.stats_dir(viewed) != artifacts.stats_dir(one)
+    assert not run_stats(viewed).get("skipped")
+    clips, labels, classes = load_split(viewed, "train")
+    teacher = load_teacher(viewed, classes)
+    x = augment.keyed_views(to_model_input(clips, viewed.data.mean, viewed.data.std), load_split_ids(viewed), viewed.seed,
+                            viewed.augment)
+    assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
+    assert read_statistics(viewed) != read_statistics(one)
 
 
 def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, tmp_path, teacher_path):

@@ -51,6 +51,7 @@ class TemporalSampling(str, enum.Enum):
 class BNTarget(str, enum.Enum):
     global_ = "global"  # the teacher's running statistics (the paper, SRe2L)
     class_mixture = "class_mixture"  # the real statistics of the classes in the batch, weighted by their share
+    mixed = "mixed"  # half each (EDC): the class's statistics and the teacher's running statistics
 
 
 class InitKind(str, enum.Enum):
@@ -150,6 +151,9 @@ class DataConfig:
     # Keep decoded clips in Ray's object store between passes (teacher epochs, evaluation seeds):
     # right for small datasets, wrong for Kinetics (it would not fit).
     cache_clips: bool = False
+    # Deliver clips in shard order whatever decoder finishes first, so that a run is reproducible
+    # from its config and seed; false: as decoded (a little faster on large clusters).
+    preserve_order: bool = True
     # The split students are tested on; empty: `test` where the dataset has one, else `val`
     # (Kinetics and SSv2 have train and val only).
     eval_split: str = ""
@@ -234,6 +238,9 @@ class StatsConfig:
     cpus_per_actor: float = 1.0  # CPUs Ray reserves per probe actor (its decode threads)
     gpus_per_actor: float = 0.0  # GPUs per probe actor (1 on a GPU cluster)
     batch_size: int = 32  # clips per teacher forward pass
+    # Accumulate the class statistics on views drawn with the recovery augmentation (the augment
+    # section), one fixed view per clip, since recovery matches augmented views; false: as decoded.
+    augment: bool = False
 
 
 @dataclass
@@ -245,6 +252,12 @@ class DistillConfig:
     lambda_bn: float = 0.01  # weight of the BN-statistics term against the cross-entropy
     first_bn_weight: float = 10.0  # weight of the first BN layer in that term (the rest: 1)
     bn_target: BNTarget = BNTarget.class_mixture  # which statistics a batch is matched to
+    # Match an EMA of each BN group's statistics over steps (this weight on the past; EDC) rather
+    # than one step's, which is noisy for a group of one or a few clips; 0: the current step's.
+    bn_ema: float = 0.0
+    # Weight of a within-class diversity term: the mean cosine similarity between the teacher's
+    # penultimate features of the videos of one class (only where a class has >= 2 videos).
+    diversity: float = 0.0
     init: InitKind = InitKind.real  # how synthetic videos start
     chunk_size: int = 50  # most synthetic videos in one forward pass (whole classes are packed)
     log_every: int = 10  # recovery metrics are read back from the device every this many steps
@@ -393,6 +406,8 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("distill.lr", _positive, "> 0"),
     ("distill.lambda_bn", _non_negative, ">= 0"),
     ("distill.first_bn_weight", _non_negative, ">= 0"),
+    ("distill.bn_ema", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("distill.diversity", _non_negative, ">= 0"),
     ("distill.chunk_size", lambda v: v >= 1, ">= 1"),
     ("distill.log_every", lambda v: v >= 1, ">= 1"),
     ("distill.partitions", _non_negative, ">= 0"),

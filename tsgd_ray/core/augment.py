@@ -9,6 +9,7 @@ The random numbers come in as a tensor of uniforms so that callers choose where 
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -57,6 +58,23 @@ def apply_params(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     frames = x.reshape(n, c * f, height, width)
     out = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.view(n, c, f, height, width)
+
+
+def keyed_uniforms(seed: int, keys: list[str]) -> torch.Tensor:
+    """(N, UNIFORMS_PER_CLIP) uniforms in [0, 1), each row fixed by (seed, key): a clip's view that
+    does not depend on the batch, shard or order it is seen in."""
+    rows = []
+    for key in keys:
+        digest = hashlib.blake2b(f"{seed}:view:{key}".encode(), digest_size=8 * UNIFORMS_PER_CLIP).digest()
+        rows.append([int.from_bytes(digest[8 * i : 8 * i + 8], "big") / 2.0**64 for i in range(UNIFORMS_PER_CLIP)])
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(keys), UNIFORMS_PER_CLIP)
+
+
+def keyed_views(x: torch.Tensor, keys: list[str], seed: int, aug) -> torch.Tensor:
+    """Each clip of x (N, C, F, H, W) under the `augment` section's transform drawn from its own
+    (seed, key) stream (stats.augment: class statistics as recovery sees clips)."""
+    u = keyed_uniforms(seed, keys).to(x.device)
+    return apply_params(x, random_params(u, tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip, aug.roll))
 
 
 def identity_params(n: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -9,6 +9,7 @@ does not depend on which other classes were recovered with it, nor on retries.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -80,6 +81,29 @@ def _targets(layers: list[nn.BatchNorm3d], per_class: Optional[list[tuple[torch.
     return [(layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1)) for layer in layers]
 
 
+@contextlib.contextmanager
+def _penultimate(head: list[nn.Linear]):
+    """Collect the input of `head` (none or the teacher's last nn.Linear) during the forward pass."""
+    captured: list[torch.Tensor] = []
+    handles = [h.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0])) for h in head]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _similarity(features: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Sum over BN groups of >= 2 videos of the mean pairwise cosine similarity of their features (N, D)."""
+    unit = F.normalize(features.flatten(1), dim=1)
+    same = groups.view(-1, 1) == groups.view(1, -1)
+    pairs = same & ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
+    sims = (unit @ unit.T) * pairs
+    per_group = torch.zeros(num_groups, device=features.device).index_add_(0, groups, sims.sum(dim=1))
+    counts = torch.zeros(num_groups, device=features.device).index_add_(0, groups, pairs.sum(dim=1).float())
+    return (per_group / counts.clamp(min=1)).sum()
+
+
 def recover(
     teacher: nn.Module,
     init: torch.Tensor,
@@ -96,7 +120,10 @@ def recover(
     labels, indices: (N,) class id and per-class index of each video (its random stream).
     cfg: the run config (seed, amp, data.mean/std, augment, tsgf, distill).
     stats: per-class BN statistics; with distill.bn_target=class_mixture each group is matched to
-        its class's statistics, otherwise (or without stats) to the layers' running statistics.
+        its class's statistics, with `mixed` half to those and half to the layers' running
+        statistics, with `global` (or without stats) to the running statistics alone;
+        distill.bn_ema matches an EMA of each group's statistics over steps; distill.diversity
+        adds the within-group feature similarity.
     callback: called every distill.log_every steps and at the last with (step, metrics) where
         metrics = {loss, ce, bn, lr, edit_static, edit_moving, motion_share}: ce and bn are means
         over BN groups, the rest is `tsgf.motion_diagnostics` of the clips before that step.
@@ -116,8 +143,13 @@ def recover(
     params = [nn.Parameter(init[c.positions].detach().float().clone().to(device)) for c in chunks]
     streams = [[video_generator(cfg.seed, int(labels[p]), int(indices[p])) for p in c.positions] for c in chunks]
     layers = batchnorm_layers(teacher)
-    per_class = stats.moments() if stats is not None and BNTarget(d.bn_target) == BNTarget.class_mixture else None
-    targets = [_targets(layers, per_class, c.group_classes, device) for c in chunks]
+    target = BNTarget(d.bn_target)
+    per_class = stats.moments() if stats is not None and target != BNTarget.global_ else None
+    # per chunk: [(share, per-layer (mean, var) targets)]: one target, or half global half class (EDC)
+    kinds = [(1.0, per_class)] if target != BNTarget.mixed or per_class is None else [(0.5, None), (0.5, per_class)]
+    targets = [[(share, _targets(layers, source, c.group_classes, device)) for share, source in kinds] for c in chunks]
+    ema: list[list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = [[None] * len(layers) for _ in chunks]
+    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if d.diversity > 0 else []
     layer_weights = [d.first_bn_weight] + [1.0] * (len(layers) - 1)
     # per chunk, on the device once: BN group of each video, its label, the size of its group
     groups = [c.groups.to(device) for c in chunks]
@@ -140,16 +172,25 @@ def recover(
                 u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(device, non_blocking=True)
                 view = augment.apply_params(x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll))
                 num_groups = len(chunk.group_classes)
-                with autocast(device, cfg.amp):
+                with autocast(device, cfg.amp), _penultimate(head) as features:
                     logits = teacher(view)
                 # sum over groups of each group's mean CE
                 ce = (F.cross_entropy(logits.float(), targets_y[k], reduction="none") / group_sizes[k]).sum()
                 bn = torch.zeros((), device=device)
                 if d.lambda_bn > 0:
-                    for w, means, squares, (mu_t, var_t) in zip(layer_weights, taps.means, taps.squares, targets[k]):
+                    for layer, (w, means, squares) in enumerate(zip(layer_weights, taps.means, taps.squares)):
                         mu, var = group_moments(means, squares, groups[k], num_groups)
-                        bn = bn + w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
+                        if d.bn_ema > 0:
+                            if ema[k][layer] is not None:
+                                mu = d.bn_ema * ema[k][layer][0] + (1 - d.bn_ema) * mu
+                                var = d.bn_ema * ema[k][layer][1] + (1 - d.bn_ema) * var
+                            ema[k][layer] = (mu.detach(), var.detach())
+                        for share, layer_targets in targets[k]:
+                            mu_t, var_t = layer_targets[layer]
+                            bn = bn + share * w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
                 loss = ce + d.lambda_bn * bn
+                if features:
+                    loss = loss + d.diversity * _similarity(features[0].float(), groups[k], num_groups)
                 loss.backward()
                 if ts.enabled:
                     if SaliencySource(ts.source) == SaliencySource.current and step % ts.every == 0:

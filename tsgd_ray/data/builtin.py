@@ -51,9 +51,9 @@ LOG_SCALE_RANGE = (math.log(0.8), math.log(1.25))
 DIGIT_SIZE = 0.4  # of the frame size, at scale 1
 # the cluttered variant
 DISTRACTORS = (2, 4)  # static distractor digits per clip, [low, high)
-PAN = 0.25  # most camera travel over the clip, of the frame size
+PAN = 0.15  # most camera travel over the clip, of the frame size
 SHAKE = 1  # camera shake, pixels either way
-FLICKER = 0.12  # brightness factor in 1 +- this, per frame
+FLICKER = 0.08  # brightness factor in 1 +- this, per frame
 
 
 def _digits(split: str) -> np.ndarray:
@@ -173,6 +173,7 @@ def generate_pair(pair: int, rng: np.random.Generator, digits: np.ndarray, frame
 def builtin_root(cfg: DictConfig) -> str:
     """Where the built-in videos of this config live: under the cache root, keyed by their settings."""
     settings = OmegaConf.to_container(cfg.data.builtin, resolve=True)
+    settings["generator"] = [TRANSLATION, ROTATION, ZOOM, LOG_SCALE_RANGE, DIGIT_SIZE, DISTRACTORS, PAN, SHAKE, FLICKER]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = cfg.storage.cache_root or storage.join(cfg.storage.output_root, "cache")
     return storage.join(storage.absolute(cache), f"motion_digits-{digest}")

@@ -119,6 +119,7 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     shards = [s for s in manifest["shards"] if s["split"] == split and s["rows"] > 0]
     row_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["rows"] for s in shards))
     ds.context.target_max_block_size = max(2**16, int(d.decode_batch_size * row_bytes))
+    ds.context.execution_options.preserve_order = d.preserve_order  # a seed fixes the order students see
     return ds.map_batches(
         ClipDecoder,
         fn_constructor_kwargs={"num_frames": d.num_frames, "height": d.height, "width": d.width,

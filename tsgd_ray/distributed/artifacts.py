@@ -61,6 +61,7 @@ _EXECUTION_ONLY = {
     "teacher": ("cpus_per_worker", "gpus_per_worker"),
     "distill": ("actors", "partitions", "max_videos_per_partition", "cpus_per_actor", "gpus_per_actor", "log_every"),
     "evaluate": ("cpus_per_worker", "gpus_per_worker", "baselines"),
+    "stats": ("actors", "cpus_per_actor", "gpus_per_actor", "batch_size"),  # integer sums: exact in any batching
 }
 
 
@@ -90,7 +91,7 @@ def teacher_key(cfg: DictConfig) -> str:
 
 
 def stats_key(cfg: DictConfig) -> str:
-    return _key(teacher_key(cfg), cfg, ("seed",))
+    return _key(teacher_key(cfg), cfg, ("seed", "stats"))
 
 
 def init_kind(cfg: DictConfig) -> InitKind:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import MAX_IPC, ConfigError, InitKind
+from tsgd_ray.core.augment import keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.device import autocast, resolve_device
@@ -91,7 +92,7 @@ class StatsWorker:
                 ok = decoded["ok"]
                 errors.extend(str(e) for e in decoded["error"][~ok])
                 if ok.any():
-                    losses = self._forward(decoded["clip"][ok], decoded["label"][ok])
+                    losses = self._forward(decoded["clip"][ok], decoded["label"][ok], decoded["video_id"][ok])
                     rows = row + np.flatnonzero(ok)
                     for r, vid, label, loss in zip(rows, decoded["video_id"][ok], decoded["label"][ok], losses):
                         entry = {"video_id": str(vid), "shard": shard, "row": int(r), "loss": float(loss)}
@@ -102,8 +103,10 @@ class StatsWorker:
                 row += len(ok)
         return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
 
-    def _forward(self, clips: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
         x = to_model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device), self.cfg.data.mean, self.cfg.data.std)
+        if self.cfg.stats.augment:
+            x = keyed_views(x, [str(v) for v in video_ids], self.cfg.seed, self.cfg.augment)
         y = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.cfg.amp):
             logits = self.teacher(x).float()
