@@ -11,7 +11,8 @@ per class, is never seen by the teacher or the distiller), in one process on the
    on moving pixels, the share of saliency left on the init's motion); where TSGFA's crops land
    (the share of the init heat inside a crop, TSGFA against the same crops drawn uniformly);
 3. students, one per (draw, seed), per protocol (`soft`: online teacher labels with the config's
-   evaluate.augment; `hard`: class labels, label-preserving crops only) for each method:
+   evaluate.augment; `soft_forward` / `soft_reversed`: the same without / with time reversal; `hard`: class labels,
+   label-preserving crops only) for each method:
        random_real  the init clips, uniform crops
        sre2l_video  recovery without TSGFO, uniform crops
        tsgfo_only   recovery with TSGFO, uniform crops
@@ -23,14 +24,18 @@ per class, is never seen by the teacher or the distiller), in one process on the
 Students train for about --steps optimiser steps whatever the set size, so that small and large
 sets get the same budget. The table is reproducible: the same command gives the same numbers.
 
-    python benchmarks/quality.py --out docs/QUALITY.md            # the main table (about 45 min)
-    python benchmarks/quality.py --methods sre2l_video tsgfo_only tsgfa_only tsgd --protocols soft hard \\
-        --variants cluttered --ipc 1 --out docs/QUALITY-arms.md  # the arms
+    python benchmarks/quality.py --steps 120 --out docs/QUALITY.md   # the main table (about 50 min)
+    python benchmarks/quality.py --variants plain --ipc 10 --methods random_real sre2l_video tsgfo_only tsgfa_only tsgd \\
+        --protocols soft soft_reversed hard --seeds 0 1 2 --full-steps 0 --steps 120 --out docs/QUALITY-arms.md  # ~25 min
+
+(docs/QUALITY*.md say which overrides reproduce the committed tables exactly.)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import statistics
 import sys
@@ -44,7 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target_line  # noqa: E402
-from tsgd_ray.config import load_config  # noqa: E402
+from tsgd_ray.config import load_config, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, recovery, selection, training, tsgf  # noqa: E402
 from tsgd_ray.core.clips import to_model_input  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
@@ -64,6 +69,8 @@ METHODS = {
 #: protocol -> student overrides
 PROTOCOLS = {
     "soft": [],
+    "soft_forward": ["evaluate.augment.time_reverse=false"],  # the same, never playing a clip backwards
+    "soft_reversed": ["evaluate.augment.time_reverse=true"],  # the same, half the clips played backwards
     "hard": ["evaluate.labels=hard", "evaluate.augment.hflip=false", "evaluate.augment.time_reverse=false",
              "evaluate.augment.cutmix=0", "evaluate.augment.mixup=0"],
 }
@@ -113,7 +120,15 @@ def run_variant(variant: str, args, log) -> dict:
     log(f"{variant}: {len(x_train)} train / {len(x_test)} test clips of {tuple(x_train.shape[1:])}, {k} classes")
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
-    training.train_teacher(teacher, x_train, y_train, cfg)
+    settings = json.dumps({key: to_dict(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, sort_keys=True)
+    cached = REPO / ".cache" / "quality" / f"teacher-{hashlib.sha256(settings.encode()).hexdigest()[:16]}.pt"
+    if cached.exists():  # the same settings train the same teacher: reuse it across invocations
+        teacher.load_state_dict(torch.load(cached, weights_only=True))
+    else:
+        training.train_teacher(teacher, x_train, y_train, cfg)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), cached)
+    teacher.eval()
     out: dict = {"cfg": cfg, "controls": controls(teacher, x_test, y_test, cfg, cfg.seed), "scores": {}, "edits": {}, "crops": {}}
     log(f"{variant} teacher: {out['controls']}")
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)

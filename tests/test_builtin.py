@@ -46,7 +46,7 @@ def test_each_pair_holds_the_same_frames_reversed():
     assert (moved > 0).all()
     cluttered = generate_pair(2, np.random.default_rng([0, 0, 2, 5]), digits, 16, 64, "cluttered")
     shaken = np.abs(cluttered[1:].astype(int) - cluttered[:-1].astype(int)).mean(axis=(1, 2, 3))
-    assert (shaken > 3 * moved).all()  # the camera and the flicker move every pixel
+    assert shaken.mean() > 3 * moved.mean()  # the camera and the flicker move the whole scene
 
 
 def _load(cfg, split):
