@@ -17,6 +17,18 @@ def config(*overrides):
     return load_config(None, ["distill.iterations=6", "distill.lr=0.05", "distill.log_every=1", *overrides])
 
 
+def fit_full_batch(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """Adam(0.01) on cross-entropy over the whole of (x, y) for `steps` steps; ends in eval mode."""
+    optimizer = torch.optim.Adam(teacher.parameters(), 0.01)
+    teacher.train()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(teacher(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    teacher.eval()
+
+
 def teacher_and_stats(classes=6):
     """A tiny teacher trained to tell apart noisy copies of one random prototype clip per class."""
     torch.manual_seed(0)
@@ -25,14 +37,7 @@ def teacher_and_stats(classes=6):
     prototypes = torch.randn(classes, 3, *SIZE, generator=g)
     y = torch.arange(48) % classes
     x = prototypes[y] + torch.randn(48, 3, *SIZE, generator=g)
-    optimizer = torch.optim.Adam(teacher.parameters(), 0.01)
-    teacher.train()
-    for _ in range(30):
-        loss = nn.functional.cross_entropy(teacher(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    teacher.eval()
+    fit_full_batch(teacher, x, y, steps=30)
     return teacher, accumulate_statistics(teacher, [(x[:24], y[:24]), (x[24:], y[24:])], classes)
 
 
@@ -158,13 +163,7 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
     x = to_model_input(clips, cfg.data.mean, cfg.data.std)
     torch.manual_seed(0)
     teacher = build_model("mini_c3d", 8, (8, 32, 32), width=8, depth=2)
-    optimizer = torch.optim.Adam(teacher.parameters(), 0.01)
-    for _ in range(20):
-        loss = nn.functional.cross_entropy(teacher(x), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    teacher.eval()
+    fit_full_batch(teacher, x, labels, steps=20)
     stats = accumulate_statistics(teacher, [(x, labels)], 8)
     indices = torch.zeros_like(labels)
     m0 = tsgf.saliency(x, cfg.tsgf)
