@@ -166,8 +166,8 @@ def student_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.
     """One student step on normalised clips x (N, 3, F, H, W): augment (`student_view`, heat (N, H, W)
     or, when None, the clips' own), let the frozen teacher label the augmented clips, and fit the
     student. Returns the detached loss."""
-    if heat is None:
-        heat = clip_heat(x, cfg)
+    if heat is None:  # only TSGFA reads it: no saliency per batch for uniform crops
+        heat = clip_heat(x, cfg) if cfg.evaluate.tsgfa else x.new_ones(x.shape[0], *x.shape[-2:])
     view = student_view(x, heat, cfg, generator)
     with autocast(x.device, cfg.amp):
         with torch.no_grad():
