@@ -11,6 +11,7 @@ from tsgd_ray import storage
 from tsgd_ray.data.pipeline import ClipStream, TooManyBadVideos, clip_dataset, expected_rows
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.shards import SCHEMA_VERSION, SHARD_SCHEMA
+from tsgd_ray.distributed import train_workers
 from conftest import tiny_config, write_video
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -106,6 +107,7 @@ def test_ray_train_workers_stream_clips(prepared, tmp_path):
     import tempfile
 
     import ray.train
+    from omegaconf import OmegaConf
     from ray.train import Checkpoint, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -122,10 +124,12 @@ def test_ray_train_workers_stream_clips(prepared, tmp_path):
                 json.dump({"ids": ids, "shapes": sorted(shapes)}, f)
             ray.train.report({"clips": len(ids)}, checkpoint=Checkpoint.from_directory(d))
 
+    cfg = OmegaConf.merge(prepared, OmegaConf.from_dotlist(["data.decode_actors=2", "data.decode_batch_size=2"]))
+    datasets = {"train": clip_dataset(cfg, "train")}
     trainer = TorchTrainer(
         loop, train_loop_config={"expected": expected},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": clip_dataset(prepared, "train")},
+        datasets=datasets, dataset_config=train_workers.data_config(datasets),
         run_config=RunConfig(storage_path=str(tmp_path / "train"), name="feed"),
     )
     result = trainer.fit()
@@ -133,3 +137,17 @@ def test_ray_train_workers_stream_clips(prepared, tmp_path):
         seen = json.load(open(os.path.join(d, "seen.json")))
     assert len(seen["ids"]) == len(set(seen["ids"])) == expected
     assert seen["shapes"] == [[8, 32, 32, 3]]
+    # the worker sees shard order, as a direct pass does (reproducible teachers and students)
+    assert seen["ids"] == [v for b in ClipStream(clip_dataset(cfg, "train"), expected, 0.0, 8) for v in b["video_id"]]
+
+
+def test_ray_train_keeps_the_datasets_own_order_option(prepared):
+    """Ray Train would replace a dataset's execution options with the driver's global ones (where
+    preserve_order is off); `data_config` hands each dataset's own options through."""
+    from ray.data import DataContext
+    from ray.train import DataConfig
+
+    ds = clip_dataset(prepared, "train")
+    assert ds.context.execution_options.preserve_order and not DataContext.get_current().execution_options.preserve_order
+    assert not DataConfig()._resolve_execution_options("train").preserve_order  # what Ray Train does unless told
+    assert train_workers.data_config({"train": ds})._resolve_execution_options("train").preserve_order

@@ -156,6 +156,7 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
             run_config=train_workers.run_config(storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"), "students",
                                                 cfg.ray.max_failures),
             datasets=datasets,
+            dataset_config=train_workers.data_config(datasets),
         )
         trainer.fit()
         per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]

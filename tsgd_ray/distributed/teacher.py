@@ -88,6 +88,7 @@ def _train(cfg: DictConfig, classes: list[str]) -> tuple[torch.nn.Module, list[d
         scaling_config=train_workers.scaling_config(cfg.teacher, cfg.device),
         run_config=train_workers.run_config(storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures),
         datasets={"train": dataset},
+        dataset_config=train_workers.data_config({"train": dataset}),
     )
     result = trainer.fit()
     if result.checkpoint is None:

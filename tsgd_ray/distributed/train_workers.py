@@ -38,6 +38,18 @@ def run_config(storage_uri: str, name: str, max_failures: int):
                      checkpoint_config=CheckpointConfig(num_to_keep=2))
 
 
+def data_config(datasets: dict):
+    """A DataConfig that keeps each dataset's own execution options.
+
+    Ray Train otherwise replaces them with the driver's global DataContext options, which drops
+    `data.preserve_order`: blocks would reach the workers in whichever order the decoders finish
+    (and, with several workers, `streaming_split` would deal them out differently run to run).
+    """
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options={name: ds.context.execution_options for name, ds in datasets.items()})
+
+
 def worker_setup(cpus_per_worker: float) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this Ray Train worker; torch threads = its CPU share."""
     import ray.train
