@@ -12,7 +12,7 @@ CLASSES = ["a", "b", "c"]
 
 
 def needs(name):
-    if name != "mini_c3d" and importlib.util.find_spec("torchvision") is None:
+    if not name.startswith("mini_") and importlib.util.find_spec("torchvision") is None:
         pytest.skip(f"{name} needs torchvision (the 'vision' extra)")
 
 
@@ -26,11 +26,18 @@ def test_every_registered_model_maps_clips_to_logits(name):
     assert has_batchnorm(model)
 
 
+@pytest.mark.parametrize("name", ["mini_c3d", "mini_r2plus1d"])
 @pytest.mark.parametrize("size", [(1, 16, 16), (16, 112, 112), (8, 64, 48)])
-def test_mini_c3d_takes_any_input_size(size):
-    model = build_model("mini_c3d", 5, size, width=2, depth=5).eval()
+def test_mini_models_take_any_input_size(name, size):
+    model = build_model(name, 5, size, width=2, depth=5).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, *size)).shape == (1, 5)
+
+
+def test_mini_r2plus1d_is_the_factorised_architecture():
+    kernels = {m.kernel_size for m in build_model("mini_r2plus1d", 3, (8, 32, 32), width=4, depth=3).modules()
+               if isinstance(m, torch.nn.Conv3d)}
+    assert kernels == {(1, 3, 3), (3, 1, 1)}
 
 
 def test_unknown_model_names_list_the_registry():

@@ -35,10 +35,13 @@ class MiniC3D(nn.Module):
     `depth` blocks of Conv3d(3x3x3) -> BatchNorm3d -> ReLU -> AvgPool3d, then a global average
     pool and a linear layer. Channels are width, 2*width, 4*width, 4*width, ... The first pool is
     spatial only (C3D's pool1); later ones also halve time. A dimension stops being pooled once it
-    is 1, so any input of `input_size` = (F, H, W) works.
+    is 1, so any input of `input_size` = (F, H, W) works. `factorized`: each 3x3x3 convolution is
+    (2+1)D instead (R(2+1)D: a 1x3x3 spatial convolution, BatchNorm3d, ReLU, a 3x1x1 temporal one),
+    a student of another architecture than the teacher at the same size.
     """
 
-    def __init__(self, num_classes: int, input_size: Sequence[int] = (16, 112, 112), width: int = 32, depth: int = 4):
+    def __init__(self, num_classes: int, input_size: Sequence[int] = (16, 112, 112), width: int = 32, depth: int = 4,
+                 factorized: bool = False):
         super().__init__()
         frames, height, width_px = input_size
         layers: list[nn.Module] = []
@@ -47,8 +50,13 @@ class MiniC3D(nn.Module):
             channels = width * min(2**i, 4)
             pool_t = 2 if i > 0 and frames >= 2 else 1
             pool_h, pool_w = (2 if height >= 2 else 1), (2 if width_px >= 2 else 1)
-            layers += [nn.Conv3d(channels_in, channels, 3, padding=1, bias=False), nn.BatchNorm3d(channels),
-                       nn.ReLU(inplace=True)]
+            if factorized:
+                layers += [nn.Conv3d(channels_in, channels, (1, 3, 3), padding=(0, 1, 1), bias=False),
+                           nn.BatchNorm3d(channels), nn.ReLU(inplace=True),
+                           nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0), bias=False)]
+            else:
+                layers.append(nn.Conv3d(channels_in, channels, 3, padding=1, bias=False))
+            layers += [nn.BatchNorm3d(channels), nn.ReLU(inplace=True)]
             if (pool_t, pool_h, pool_w) != (1, 1, 1):
                 layers.append(nn.AvgPool3d((pool_t, pool_h, pool_w)))
             frames, height, width_px = frames // pool_t, height // pool_h, width_px // pool_w
@@ -63,6 +71,11 @@ class MiniC3D(nn.Module):
 @register("mini_c3d")
 def mini_c3d(num_classes: int, input_size: Sequence[int], width: int = 32, depth: int = 4) -> nn.Module:
     return MiniC3D(num_classes, input_size, width, depth)
+
+
+@register("mini_r2plus1d")
+def mini_r2plus1d(num_classes: int, input_size: Sequence[int], width: int = 32, depth: int = 4) -> nn.Module:
+    return MiniC3D(num_classes, input_size, width, depth, factorized=True)
 
 
 def _torchvision_video(name: str) -> ModelBuilder:
@@ -81,7 +94,7 @@ for _name in ("r3d_18", "mc3_18", "r2plus1d_18"):
 
 
 def build_model(name: str, num_classes: int, input_size: Sequence[int], width: int = 32, depth: int = 4) -> nn.Module:
-    """Build a registered model; `width` and `depth` apply to mini_c3d only.
+    """Build a registered model; `width` and `depth` apply to the mini_* models only.
 
     Raises:
         ModelError: for an unknown name, or a torchvision model without torchvision installed.
