@@ -18,6 +18,8 @@ per class, is never seen by the teacher or the distiller), in one process on the
        tsgfo_only   recovery with TSGFO, uniform crops
        tsgfa_only   recovery without TSGFO, TSGFA crops
        tsgd         recovery with TSGFO, TSGFA crops
+       views_real   each class's lowest-loss clips at their easiest of --init-views views (RDED-style)
+       views_tsgd   tsgd from those clips
    top-1 on the test split at the last step; paired differences (same draw, same seed) +- SE;
 4. full: students on every real training clip, for --full-steps steps (the ceiling).
 
@@ -43,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,13 +61,16 @@ from tsgd_ray.data.in_memory import load_split  # noqa: E402
 #: the benchmark's data and teacher: 800 test clips (one clip is worth 0.125 points); a teacher of
 #: width 16 (84% on plain, half the cost of 32) trained 40 epochs (the cluttered variant needs them)
 DATA = ["storage.output_root=.cache/quality", "data.builtin.test_per_class=100", "teacher.width=16", "teacher.epochs=40"]
-#: method -> (recovery with TSGFO? None: no recovery, TSGFA crops?)
+#: method -> (recovery with TSGFO? None: no recovery, TSGFA crops?, init: the draw's random real
+#: clips, or each class's lowest-loss clips at their easiest of --init-views views)
 METHODS = {
-    "random_real": (None, False),
-    "sre2l_video": (False, False),
-    "tsgfo_only": (True, False),
-    "tsgfa_only": (False, True),
-    "tsgd": (True, True),
+    "random_real": (None, False, "draw"),
+    "sre2l_video": (False, False, "draw"),
+    "tsgfo_only": (True, False, "draw"),
+    "tsgfa_only": (False, True, "draw"),
+    "tsgd": (True, True, "draw"),
+    "views_real": (None, False, "views"),
+    "views_tsgd": (True, True, "views"),
 }
 #: protocol -> student overrides
 PROTOCOLS = {
@@ -147,28 +153,46 @@ def run_variant(variant: str, args, log) -> dict:
         training.train_student(student, teacher, x, y, run_cfg, seed, heat=heat)
         return training.topk_accuracy(training.predict(student, x_test, run_cfg), y_test)
 
-    arms = sorted({METHODS[m][0] for m in args.methods} - {None}, key=int)
+    inits = {METHODS[m][2] for m in args.methods}
+    if "views" in inits:  # every clip's easiest view: the teacher's loss on each candidate view
+        views = torch.stack([real] + [to_model_input(load_split(cfg, "train", view=v)[0], cfg.data.mean, cfg.data.std)
+                                      for v in range(1, args.init_views)])
+        with torch.no_grad():
+            view_losses = torch.stack([torch.cat([F.cross_entropy(teacher(v[i : i + 64]), y_train[i : i + 64], reduction="none")
+                                                  for i in range(0, len(v), 64)]) for v in views])
+        best_loss, best_view = view_losses.min(0)
+        out["views"] = {"picked_view": (best_view > 0).float().mean().item(), "loss_view0": view_losses[0].mean().item(),
+                        "loss_best": best_loss.mean().item()}
+        log(f"{variant} init views: {out['views']}")
     for ipc in args.ipc:
         for draw in args.draws:
-            rows, labels, indices = selection.flatten(selection.random_real(y_train, k, ipc, draw))
-            x0 = real[rows]
-            heat = training.clip_heat(x0, cfg)
-            sets = {None: x0}
-            for tsgfo in arms:
-                history: list[dict] = []
-                run_cfg = load_config(args.config, [*base, f"tsgf.enabled={tsgfo}"])
-                sets[tsgfo] = recovery.recover(teacher, x0, labels, indices, run_cfg, stats, callback=lambda s, m: history.append(m))
-                out["edits"].setdefault((tsgfo, ipc), []).append(history[-1] if history else {})
-            for tsgfa in (False, True):
-                out["crops"].setdefault((tsgfa, ipc), []).append(crop_heat_share(heat, student_cfg("soft", tsgfa, 1, 1), tsgfa))
-            for protocol in args.protocols:
-                for method in args.methods:
-                    tsgfo, tsgfa = METHODS[method]
-                    for seed in args.seeds:
-                        acc = score(sets[tsgfo], labels, heat, student_cfg(protocol, tsgfa, len(labels), args.steps), seed)
-                        out["scores"].setdefault((protocol, method, ipc), []).append(acc)
-                    log(f"{variant} ipc={ipc} draw={draw} {protocol} {method}: "
-                        f"{[round(100 * a, 1) for a in out['scores'][(protocol, method, ipc)][-len(args.seeds):]]}")
+            for init in sorted(inits):
+                if init == "draw":
+                    rows, labels, indices = selection.flatten(selection.random_real(y_train, k, ipc, draw))
+                    x0 = real[rows]
+                else:  # the same clips for every draw: lowest loss is not random
+                    rows, labels, indices = selection.flatten(selection.lowest_loss(best_loss, y_train, k, ipc))
+                    x0 = views[best_view[rows], rows]
+                heat = training.clip_heat(x0, cfg)
+                mine = [m for m in args.methods if METHODS[m][2] == init]
+                sets = {None: x0}
+                for tsgfo in sorted({METHODS[m][0] for m in mine} - {None}, key=int):
+                    history: list[dict] = []
+                    run_cfg = load_config(args.config, [*base, f"tsgf.enabled={tsgfo}"])
+                    sets[tsgfo] = recovery.recover(teacher, x0, labels, indices, run_cfg, stats, callback=lambda s, m: history.append(m))
+                    if init == "draw":
+                        out["edits"].setdefault((tsgfo, ipc), []).append(history[-1] if history else {})
+                if init == "draw":
+                    for tsgfa in (False, True):
+                        out["crops"].setdefault((tsgfa, ipc), []).append(crop_heat_share(heat, student_cfg("soft", tsgfa, 1, 1), tsgfa))
+                for protocol in args.protocols:
+                    for method in mine:
+                        tsgfo, tsgfa, _ = METHODS[method]
+                        for seed in args.seeds:
+                            acc = score(sets[tsgfo], labels, heat, student_cfg(protocol, tsgfa, len(labels), args.steps), seed)
+                            out["scores"].setdefault((protocol, method, ipc), []).append(acc)
+                        log(f"{variant} ipc={ipc} draw={draw} {protocol} {method}: "
+                            f"{[round(100 * a, 1) for a in out['scores'][(protocol, method, ipc)][-len(args.seeds):]]}")
     if args.full_steps:
         for protocol in args.protocols:
             out["scores"][(protocol, "full", 0)] = [score(x_train, y_train, None, student_cfg(protocol, False, len(x_train), args.full_steps), seed)
@@ -189,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=160, help="student optimiser steps per run")
     parser.add_argument("--full-steps", type=int, default=600, help="optimiser steps of a `full` student; 0: skip")
     parser.add_argument("--full-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--init-views", type=int, default=4, help="candidate views per clip for the views_* methods")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="", help="write the Markdown report here (e.g. docs/QUALITY.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -250,6 +275,11 @@ def render(args, results: dict, seconds: float) -> str:
             mean = {key: statistics.fmean(h[key] for h in hist) for key in ("edit_static", "edit_moving", "motion_share")}
             lines.append(f"| {ipc} | {'TSGFO' if tsgfo else 'no TSGFO'} | {mean['edit_static']:.3f} | "
                          f"{mean['edit_moving']:.3f} | {100 * mean['motion_share']:.0f}% |")
+        if "views" in r:
+            v = r["views"]
+            lines.append(f"\nInit views ({args.init_views} per clip): the easiest view is not the sampled clip for "
+                         f"{100 * v['picked_view']:.0f}% of clips; mean teacher loss {v['loss_view0']:.3f} on the sampled "
+                         f"clips, {v['loss_best']:.3f} on each clip's easiest view.")
         for ipc in args.ipc:
             if (True, ipc) in r["crops"]:
                 lines.append(f"\nIPC {ipc}: share of the init heat inside a student crop: TSGFA "
@@ -265,8 +295,9 @@ def render(args, results: dict, seconds: float) -> str:
                 lines.append(f"| full ({len(args.full_seeds)} seeds) | " + " | ".join(_cell(s[(protocol, 'full', 0)]) for _ in args.ipc) + " |")
             lines += ["", "Paired differences (points, mean +- SE over the same draws and seeds):", "",
                       "| difference | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |", "|---|" + "---|" * len(args.ipc)]
-            for method, base in [(m, b) for m in args.methods for b in ("sre2l_video", "random_real")
-                                 if b in args.methods and m not in (b, "random_real")]:
+            for method, base in [(m, b) for m in args.methods for b in ("sre2l_video", "random_real", "tsgd")
+                                 if b in args.methods and m not in (b, "random_real")
+                                 and (b != "tsgd" or METHODS[m][2] == "views")]:
                 lines.append(f"| {method} - {base} | " + " | ".join(
                             _diff_cell(paired(s[(protocol, method, i)], s[(protocol, base, i)])) for i in args.ipc) + " |")
         if "tsgd" in args.methods:

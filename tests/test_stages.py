@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from tsgd_ray.core.selection import seeded_priority
 from tsgd_ray.data.catalog import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.prepare import run_prepare
-from tsgd_ray.data.video import probe
+from tsgd_ray.data.video import decode_view, probe
 from tsgd_ray.distributed import artifacts
 from tsgd_ray.distributed.artifacts import load_teacher, partition_marker_uri, read_init, read_statistics, read_synthetic
 from tsgd_ray.distributed.distill import run_distill
@@ -117,6 +118,37 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
                             viewed.augment)
     assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
     assert read_statistics(viewed) != read_statistics(one)
+
+
+def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_path, teacher_path):
+    """stats.init_views (RDED-style): a clip's loss is its best view's, the ranking follows it, and
+    the init clip is that view decoded again."""
+    import torch.nn.functional as F
+
+    cfg = imported_config(tmp_path / "out", teacher_path, "distill.ipc=2", "distill.init=lowest_loss", "stats.init_views=4")
+    run_prepare(cfg)
+    run_teacher(cfg)
+    run_stats(cfg)
+    clips, labels, classes = load_split(cfg, "train")
+    teacher = load_teacher(cfg, classes)
+    records = [r for r in build_catalog(cfg).records if r.split == "train"]
+    d = cfg.data
+    views = torch.stack([clips] + [torch.from_numpy(np.stack([
+        decode_view(storage.read_bytes(r.uri), d.num_frames, d.height, d.width, d.frame_interval, cfg.seed, r.video_id, v)
+        for r in records])) for v in range(1, 4)])  # (4, N, F, H, W, 3)
+    with torch.no_grad():
+        losses = torch.stack([F.cross_entropy(teacher(to_model_input(v, d.mean, d.std)), labels, reduction="none") for v in views])
+    best, best_view = losses.min(0)
+    assert (best_view > 0).float().mean() > 0.5  # with four views, the sampled clip is rarely the easiest
+    candidates = artifacts.read_candidates(cfg)["lowest_loss"]
+    init = read_init(cfg, range(len(classes)))
+    for c in range(len(classes)):
+        rows = sorted((l for l in range(len(records)) if labels[l] == c), key=lambda l: (float(best[l]), records[l].video_id))[:2]
+        assert [e["video_id"] for e in candidates[c][:2]] == [records[l].video_id for l in rows]
+        assert [e["view"] for e in candidates[c][:2]] == [int(best_view[l]) for l in rows]
+        assert [e["loss"] for e in candidates[c][:2]] == pytest.approx([float(best[l]) for l in rows], rel=1e-4, abs=1e-5)
+        chosen = init["clips"][init["labels"] == c]
+        assert all(torch.equal(chosen[i], views[best_view[l], l]) for i, l in enumerate(rows))
 
 
 def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, tmp_path, teacher_path):

@@ -241,6 +241,10 @@ class StatsConfig:
     # Accumulate the class statistics on views drawn with the recovery augmentation (the augment
     # section), one fixed view per clip, since recovery matches augmented views; false: as decoded.
     augment: bool = False
+    # Views scored per clip for distill.init=lowest_loss (RDED / Video-DC): the clip as sampled plus
+    # init_views - 1 random temporal windows and crops (`decode_view`); a clip's loss is its best
+    # view's, and recovery starts from that view. Costs init_views decodes and forwards per clip.
+    init_views: int = 1
 
 
 @dataclass
@@ -400,6 +404,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("stats.cpus_per_actor", _positive, "> 0"),
     ("stats.gpus_per_actor", _non_negative, ">= 0"),
     ("stats.batch_size", lambda v: v >= 1, ">= 1"),
+    ("stats.init_views", lambda v: v >= 1, ">= 1"),
     ("distill.max_videos_per_partition", _non_negative, ">= 0"),
     ("distill.ipc", lambda v: 1 <= v <= MAX_IPC, f"in [1, {MAX_IPC}]"),
     ("distill.iterations", _non_negative, ">= 0"),

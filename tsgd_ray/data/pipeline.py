@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
 from tsgd_ray.data.shards import read_manifest, shard_uris, shards_root
-from tsgd_ray.data.video import VideoDecodeError, clip_rng, decode_clip
+from tsgd_ray.data.video import VideoDecodeError, clip_rng, decode_clip, decode_view
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,10 @@ class ClipDecoder:
         return cls(d.num_frames, d.height, d.width, d.frame_interval, d.sampling.value, cfg.seed, epoch, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An optional `view` column (int) asks for `decode_view`'s candidate views instead of the
+        configured clip where it is >= 1."""
         n = len(batch["video_id"])
+        views = batch.get("view")
         clips = np.zeros((n, *self.shape), dtype=np.uint8)
         ok = np.ones(n, dtype=bool)
         errors = np.full(n, "", dtype=object)
@@ -66,8 +69,12 @@ class ClipDecoder:
         def decode(i: int) -> None:
             video_id = str(batch["video_id"][i])
             rng = clip_rng(self.seed, video_id, self.epoch) if self.sampling == TemporalSampling.random else None
+            view = 0 if views is None else int(views[i])
             try:
-                clips[i] = decode_clip(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.sampling, rng)
+                if view:
+                    clips[i] = decode_view(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.seed, video_id, view)
+                else:
+                    clips[i] = decode_clip(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.sampling, rng)
             except VideoDecodeError as exc:
                 ok[i], errors[i] = False, f"{video_id}: {exc}"
 

@@ -169,6 +169,33 @@ def decode_clip(
     return resize_frames(frames, height, width)
 
 
+#: the random streams of the extra views start here, far from any epoch number
+VIEW_STREAM = 2**20
+VIEW_SCALE = (0.5, 1.0)  # the area share of a view's spatial crop
+
+
+def decode_view(data: bytes, num_frames: int, height: int, width: int, interval: int, seed: int,
+                video_id: str, view: int) -> np.ndarray:
+    """Candidate view `view` >= 1 of one video for init selection (RDED-style): a temporal window
+    at a random offset and a crop of VIEW_SCALE of the frame's area (its aspect kept), both drawn
+    from (seed, video id, view), resized to (num_frames, height, width, 3) uint8. View 0 is the
+    clip as the data config samples it (`decode_clip`).
+
+    Raises:
+        VideoDecodeError: as `decode_clip`.
+    """
+    rng = clip_rng(seed, video_id, VIEW_STREAM + view)
+    video = _Video(data)
+    indices = clip_indices(video.num_frames, num_frames, interval, TemporalSampling.random, rng)
+    unique = sorted(set(indices))
+    frames = video.frames(unique)[[unique.index(i) for i in indices]]
+    _, h, w, _ = frames.shape
+    side = math.sqrt(rng.uniform(*VIEW_SCALE))
+    ch, cw = max(1, round(h * side)), max(1, round(w * side))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return resize_frames(np.ascontiguousarray(frames[:, top : top + ch, left : left + cw]), height, width)
+
+
 def clip_rng(seed: int, video_id: str, epoch: int = 0) -> np.random.Generator:
     """The random stream of one video's temporal offset: a pure function of (seed, id, epoch)."""
     return np.random.default_rng([seed, zlib.crc32(video_id.encode()), epoch])

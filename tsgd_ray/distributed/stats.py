@@ -6,7 +6,8 @@ Probe actors (`stats.actors`, each holding the teacher) take whole training shar
 - a `ClassStatistics` of exact integer per-class sums of every BN layer's input moments, so the
   result is bit-identical whatever the shard order or actor count;
 - per class, the MAX_IPC best init candidates by seeded random priority and by teacher loss, each
-  named by (video id, shard, row).
+  named by (video id, shard, row); with `stats.init_views` > 1 the loss is the best of that many
+  candidate views per clip, and the candidate names its view.
 
 Each actor hands both over once at the end: what reaches the driver grows with actors x classes,
 not with clips. Then, for the run's (ipc, init kind), Ray tasks decode just the chosen rows (by
@@ -93,11 +94,13 @@ class StatsWorker:
                 errors.extend(str(e) for e in decoded["error"][~ok])
                 if ok.any():
                     losses = self._forward(decoded["clip"][ok], decoded["label"][ok], decoded["video_id"][ok])
+                    view_losses, views = self._best_views({k: v[ok] for k, v in columns.items()}, losses)
                     rows = row + np.flatnonzero(ok)
-                    for r, vid, label, loss in zip(rows, decoded["video_id"][ok], decoded["label"][ok], losses):
+                    for r, vid, label, loss, view_loss, view in zip(rows, decoded["video_id"][ok], decoded["label"][ok],
+                                                                   losses, view_losses, views):
                         entry = {"video_id": str(vid), "shard": shard, "row": int(r), "loss": float(loss)}
                         self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
-                        self.best["lowest_loss"].add(label, float(loss), entry)
+                        self.best["lowest_loss"].add(label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)})
                     clips += int(ok.sum())
                     loss_sum += float(losses.sum())
                 row += len(ok)
@@ -112,6 +115,26 @@ class StatsWorker:
             logits = self.teacher(x).float()
             self.stats.add(taps, y)
         return F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
+
+    def _best_views(self, columns: dict, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lowest teacher loss over the stats.init_views candidate views, that view) per clip;
+        view 0 is the clip as sampled, whose loss is `losses`. A view that fails to decode is not
+        a candidate (the clip itself did decode)."""
+        best, views = losses.copy(), np.zeros(len(losses), dtype=np.int64)
+        for view in range(1, self.cfg.stats.init_views):
+            decoded = self.decoder({**columns, "view": np.full(len(losses), view)})
+            ok = decoded["ok"]
+            if not ok.any():
+                continue
+            x = to_model_input(torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device),
+                               self.cfg.data.mean, self.cfg.data.std)
+            y = torch.from_numpy(columns["label"][ok].astype(np.int64)).to(self.device)
+            with torch.no_grad(), autocast(self.device, self.cfg.amp):
+                loss = F.cross_entropy(self.teacher(x).float(), y, reduction="none").double().cpu().numpy()
+            improved = loss < best[ok]
+            rows = np.flatnonzero(ok)[improved]
+            best[rows], views[rows] = loss[improved], view
+        return best, views
 
     def collect(self) -> dict:
         out = {"statistics": self.stats.state_dict(), "candidates": {k: b.trim() for k, b in self.best.items()}}
@@ -165,8 +188,8 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
 
 
 def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
-    """Decode the clips at (shard uri, row) of `rows` (dicts with uri, row, video_id), reading only
-    the row groups that hold them. Returns {video_id: (F, H, W, 3) uint8}.
+    """Decode the clips at (shard uri, row) of `rows` (dicts with uri, row, video_id and optionally
+    view, see `decode_view`), reading only the row groups that hold them. Returns {video_id: (F, H, W, 3) uint8}.
 
     Raises:
         TooManyBadVideos: a chosen clip is no longer there or no longer decodes.
@@ -185,7 +208,7 @@ def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
                 table = parquet.read_row_group(g, columns=["video_id", "label", "video"])
                 take = [r["row"] - int(starts[g]) for r in here]
                 columns = {k: table.column(k).to_numpy(zero_copy_only=False)[take] for k in ("video_id", "label", "video")}
-                decoded = decoder(columns)
+                decoded = decoder({**columns, "view": np.array([r.get("view", 0) for r in here], dtype=np.int64)})
                 for r, vid, ok, clip, error in zip(here, decoded["video_id"], decoded["ok"], decoded["clip"], decoded["error"]):
                     if str(vid) != r["video_id"] or not ok:
                         raise TooManyBadVideos(f"init clip {r['video_id']} at {uri} row {r['row']} could not be "
