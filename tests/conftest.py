@@ -70,12 +70,13 @@ def s3_root(s3_server, request) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One small local Ray for the whole session (started after the S3 variables are set)."""
+    """One small local Ray for the whole session (started after the S3 variables are set). It
+    declares one GPU that torch here cannot use, as a GPU node with a CPU-only torch would be."""
     import ray
 
     temp_dir = REPO / ".cache" / "ray"
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=1, object_store_memory=512 * 2**20, include_dashboard=False,
              _temp_dir=str(temp_dir), log_to_driver=False)
     from ray.data import DataContext
 

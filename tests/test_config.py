@@ -6,7 +6,7 @@ from tsgd_ray.cli import main
 from tsgd_ray.config import ConfigError, config_hash, load_config, to_dict
 from conftest import REPO
 
-SHIPPED = ["default", "ucf101", "hmdb51", "kinetics400", "ssv2"]
+SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -16,6 +16,18 @@ def test_shipped_configs_load(name, monkeypatch):
     assert cfg.data.num_frames >= 2
     expected = {"default": (8, 32), "ucf101": (16, 112), "hmdb51": (16, 112), "kinetics400": (8, 64), "ssv2": (8, 64)}
     assert (cfg.data.num_frames, cfg.data.height) == expected[name]
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "default"])
+def test_cluster_configs_put_every_model_stage_on_gpus(name, monkeypatch):
+    """The teacher, the statistics probes, recovery and the students all compute on the model:
+    a cluster config that leaves one at 0 GPUs trains it on CPU while the budget pays for GPUs."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config(name)
+    assert cfg.data.dataset != "builtin" and cfg.device != "cpu"
+    requested = {"teacher.gpus_per_worker": cfg.teacher.gpus_per_worker, "stats.gpus_per_actor": cfg.stats.gpus_per_actor,
+                 "distill.gpus_per_actor": cfg.distill.gpus_per_actor, "evaluate.gpus_per_worker": cfg.evaluate.gpus_per_worker}
+    assert {k: v for k, v in requested.items() if v <= 0} == {}
 
 
 def test_overrides_merge_over_yaml(monkeypatch):

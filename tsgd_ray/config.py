@@ -331,7 +331,9 @@ class TrackingConfig:
 @dataclass
 class Config:
     seed: int = 0  # seeds every random stream (splits, init, augmentation, students)
-    device: str = "auto"  # cpu, cuda, cuda:N, or auto (CUDA when the worker has a GPU)
+    # cpu, cuda, cuda:N, or auto (CUDA when the worker has one). A stage given GPUs (its gpus_per_*
+    # key > 0) whose torch sees no CUDA stops with an error naming the key: no silent CPU fallback.
+    device: str = "auto"
     amp: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

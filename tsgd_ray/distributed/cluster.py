@@ -37,3 +37,22 @@ def init_ray(cfg: DictConfig) -> None:
             kwargs["_temp_dir"] = os.path.abspath(r.temp_dir)
     ray.init(**kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def check_gpus(cfg: DictConfig, key: str, gpus: float) -> None:
+    """Before a stage starts its workers: when it asks for `gpus` (config key `key`) and the device
+    is not cpu, run one task with that GPU share and check that torch there sees CUDA.
+
+    Raises:
+        DeviceError: torch on the GPU node cannot use CUDA (e.g. a CPU-only wheel), naming `key`.
+    """
+    import ray
+
+    from tsgd_ray.core.device import cuda_report, require_cuda
+
+    if gpus <= 0 or cfg.device == "cpu":
+        return
+    ref = ray.remote(cuda_report).options(num_cpus=0, num_gpus=gpus).remote()
+    while not ray.wait([ref], timeout=60)[0]:
+        log.warning("waiting for a node with %s GPU(s) for %s (Ray cannot place it yet)", gpus, key)
+    require_cuda(ray.get(ref), key, gpus)

@@ -41,6 +41,7 @@ from tsgd_ray.core.device import resolve_device
 from tsgd_ray.core.recovery import noise_init, recover
 from tsgd_ray.core.training import clip_heat
 from tsgd_ray.data.shards import read_manifest, shards_root
+from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts
 from tsgd_ray.distributed.pool import ElasticPool, actor_starter
 
@@ -115,7 +116,8 @@ class PartitionWorker:
     def __init__(self, cfg: DictConfig, classes: list[str], threads: int):
         torch.set_num_threads(threads)
         self.cfg = cfg
-        self.teacher = artifacts.load_teacher(cfg, classes, resolve_device(cfg.device))
+        device = resolve_device(cfg.device, cfg.distill.gpus_per_actor, "distill.gpus_per_actor")
+        self.teacher = artifacts.load_teacher(cfg, classes, device)
         self.stats = artifacts.read_statistics(cfg)
 
     def ready(self) -> bool:
@@ -168,6 +170,8 @@ def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = Non
             tracker.log_history(run_id, marker["history"], prefix=f"{artifacts.partition_name(partition)}/")
 
     d = cfg.distill
+    if pending:
+        check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
     threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
     start = actor_starter(PartitionWorker, d.cpus_per_actor, d.gpus_per_actor, cfg, classes, threads)
     pool = ElasticPool(start, min(d.actors, max(1, len(pending))),

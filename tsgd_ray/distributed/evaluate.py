@@ -28,6 +28,7 @@ from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
+from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts, train_workers
 from tsgd_ray.distributed.artifacts import clip_size, load_teacher, seed_uri
 
@@ -90,7 +91,7 @@ def _student_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg, classes, method = loop_config["cfg"], loop_config["classes"], Method(loop_config["method"])
-    rank, world, device = train_workers.worker_setup(cfg.evaluate.cpus_per_worker)
+    rank, world, device = train_workers.worker_setup(cfg.evaluate, "evaluate", cfg.device)
     teacher = load_teacher(cfg, classes, device)
     if method != Method.full:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
@@ -143,6 +144,7 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
     def work(run_id) -> dict:
         from ray.train.torch import TorchTrainer
 
+        check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
         datasets = {"eval": clip_dataset(cfg, split)}
         if method == Method.full:
             datasets["train"] = clip_dataset(cfg, "train")

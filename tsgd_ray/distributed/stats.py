@@ -40,6 +40,7 @@ from tsgd_ray.core.device import autocast, resolve_device
 from tsgd_ray.core.selection import BestPerClass, seeded_priority
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root
+from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts
 from tsgd_ray.distributed.pool import ElasticPool, actor_starter
 
@@ -66,7 +67,7 @@ class StatsWorker:
     def __init__(self, cfg: DictConfig, classes: list[str], threads: int):
         torch.set_num_threads(threads)
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
         self.teacher = artifacts.load_teacher(cfg, classes, self.device)
         self.num_classes = len(classes)
         self.decoder = ClipDecoder.from_config(cfg, threads=threads)
@@ -159,6 +160,7 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
                                    f"data.max_bad_fraction allows ({max_bad}); e.g. {examples}")
 
     s = cfg.stats
+    check_gpus(cfg, "stats.gpus_per_actor", s.gpus_per_actor)
     start = actor_starter(StatsWorker, s.cpus_per_actor, s.gpus_per_actor, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
     pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
     done, states = pool.run(range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result,

@@ -23,6 +23,7 @@ from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import train_workers
+from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed.artifacts import TEACHER_MARKER, new_teacher, run_stage, teacher_dir, teacher_uri
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _train_worker(loop_config: dict) -> None:
 
     cfg, classes, expected = loop_config["cfg"], loop_config["classes"], loop_config["expected"]
     t = cfg.teacher
-    rank, world, device = train_workers.worker_setup(t.cpus_per_worker)
+    rank, world, device = train_workers.worker_setup(t, "teacher", cfg.device)
     import ray.train.torch
 
     model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
@@ -79,6 +80,7 @@ def _train(cfg: DictConfig, classes: list[str]) -> tuple[torch.nn.Module, list[d
     model = new_teacher(cfg, len(classes))
     if cfg.teacher.epochs == 0:
         return model, []
+    check_gpus(cfg, "teacher.gpus_per_worker", cfg.teacher.gpus_per_worker)
     dataset = clip_dataset(cfg, "train")
     if cfg.data.cache_clips:
         dataset = dataset.materialize()

@@ -50,12 +50,20 @@ def data_config(datasets: dict):
     return DataConfig(execution_options={name: ds.context.execution_options for name, ds in datasets.items()})
 
 
-def worker_setup(cpus_per_worker: float) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this Ray Train worker; torch threads = its CPU share."""
+def worker_setup(section, key: str, device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this Ray Train worker of config section `section` (named
+    `key`); torch threads = its CPU share.
+
+    Raises:
+        DeviceError: the section asks for GPUs and torch here sees no CUDA.
+    """
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(max(1, math.ceil(cpus_per_worker)))
+    from tsgd_ray.core.device import resolve_device
+
+    resolve_device(device, section.gpus_per_worker, f"{key}.gpus_per_worker")
+    torch.set_num_threads(max(1, math.ceil(section.cpus_per_worker)))
     context = ray.train.get_context()
     return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
 
