@@ -42,18 +42,35 @@ def test_missing_object_raises_file_not_found(root):
         storage.read_bytes(storage.join(root, "missing.bin"))
 
 
-def test_concurrent_writers_leave_exactly_one_whole_object(tmp_path):
-    uri = str(tmp_path / "race.bin")
+def test_concurrent_writers_leave_exactly_one_whole_object(root, monkeypatch):
+    """Eight writers race for one object; on S3 each also misses the others' objects in its
+    existence check (as a zombie actor and its replacement can), so only the conditional create
+    (If-None-Match) can keep the first write. The winner's bytes stay."""
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "exists", lambda self, path, **kw: False)
+    uri = storage.join(root, "race.bin")
     payloads = [bytes([i]) * 100_000 for i in range(8)]
-    results = []
-    threads = [threading.Thread(target=lambda p=p: results.append(storage.write_once(uri, p))) for p in payloads]
+    results = {}
+    barrier = threading.Barrier(len(payloads))
+
+    def write(i: int) -> None:
+        barrier.wait()
+        results[i] = storage.write_once(uri, payloads[i])
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(payloads))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results.count(True) == 1
-    assert storage.read_bytes(uri) in payloads
-    assert os.listdir(tmp_path) == ["race.bin"]  # no temporary file left behind
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == len(payloads) and len(winners) == 1
+    assert storage.read_bytes(uri) == payloads[winners[0]]
+    for i in range(len(payloads)):  # later writers, the check missing the object too, change nothing
+        assert storage.write_once(uri, payloads[i]) is False
+    assert storage.read_bytes(uri) == payloads[winners[0]]
+    monkeypatch.undo()
+    assert storage.list_files(root) == [storage.absolute(uri)]  # no temporary object left behind
 
 
 def test_output_root_refuses_to_leave_the_root(tmp_path):

@@ -6,8 +6,9 @@ from the standard AWS environment and config files (``AWS_ENDPOINT_URL``, ``AWS_
 nothing here reads, prints or logs them.
 
 Writes are write-once: an object appears whole or not at all (local files are written to a
-temporary name and linked into place; an S3 PUT is atomic), and an object that exists is never
-overwritten, so a crash never leaves a half object that a later stage trusts.
+temporary name and linked into place; on S3 a conditional PUT), and an object that exists is never
+overwritten, so a crash never leaves a half object that a later stage trusts, and of two writers
+racing for one object (a zombie actor and its replacement, two runs of one config) one wins.
 """
 
 from __future__ import annotations
@@ -169,9 +170,14 @@ def write_once(uri: str, data: bytes) -> bool:
         finally:
             os.unlink(tmp)
         return True
-    if fs.exists(path):
+    if fs.exists(path):  # cheap, and spares uploading what is there; the create below decides races
         return False
-    fs.pipe_file(path, data)  # one PUT (or a multipart upload): visible whole or not at all
+    try:
+        # a conditional create (on S3 a PUT with If-None-Match: *, or a multipart upload completed
+        # with it): visible whole or not at all, and of two concurrent writers exactly one wins
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
     return True
 
 
