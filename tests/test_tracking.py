@@ -14,7 +14,7 @@ import pytest
 
 from tsgd_ray.tracking import Tracker, flatten, redact
 
-from conftest import BUCKET, free_port, tiny_config
+from conftest import BUCKET, REPO, free_port, tiny_config
 
 pytestmark = pytest.mark.timeout(180)
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
@@ -72,6 +72,25 @@ def test_failed_invocation_marks_runs_failed(tmp_path):
 
 
 
+def _readme_flag(flag: str) -> str:
+    """The value infra/mlflow/README.md gives `flag` in its server command."""
+    import re
+
+    return re.search(rf'{flag} "([^"]+)"', (REPO / "infra" / "mlflow" / "README.md").read_text()).group(1)
+
+
+def _status_with_host(url: str, host: str) -> int:
+    """HTTP status of the server's experiment search when the client sends Host: `host`."""
+    import urllib.error
+
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 @pytest.fixture
 def mlflow_server(tmp_path, s3_server):
     """`mlflow server` as infra/mlflow/README.md runs it: a database backend (sqlite here) and an
@@ -80,7 +99,8 @@ def mlflow_server(tmp_path, s3_server):
     artifacts = f"s3://{BUCKET}/mlflow-server-{os.urandom(3).hex()}"
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+         "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--allowed-hosts", _readme_flag("--allowed-hosts"), "--cors-allowed-origins", _readme_flag("--cors-allowed-origins")],
         env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -117,6 +137,12 @@ def test_shared_mlflow_server_with_s3_artifacts(tmp_path, mlflow_server, monkeyp
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     assert any(k.endswith(f"{tracker.run_id}/artifacts/config.yaml") for k in fs.find(artifacts.removeprefix("s3://")))
+    # the names the docs and manifests give the server are accepted as Host headers; others are not
+    configmap = (REPO / "infra" / "k8s" / "configmap.yaml").read_text()
+    in_cluster = configmap.split("MLFLOW_TRACKING_URI:", 1)[1].split()[0].removeprefix("http://")
+    for host in ("mlflow.internal:5000", in_cluster, "localhost:5000"):
+        assert _status_with_host(url, host) == 200, host
+    assert _status_with_host(url, "attacker.example.com:5000") == 403
 
 
 def test_artifacts_on_s3(tmp_path, s3_server, monkeypatch):
