@@ -202,7 +202,8 @@ def clip_rng(seed: int, video_id: str, epoch: int = 0) -> np.random.Generator:
 
 
 def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes:
-    """Encode RGB uint8 frames, each (H, W, 3) with H and W even, as H.264 in an MP4 container.
+    """Encode RGB uint8 frames, each (H, W, 3) with H and W even, as H.264 in an MP4 container;
+    the same frames give the same bytes.
 
     `frames` may be a (T, H, W, 3) array or any iterable of frames (streamed, bounded memory).
     """
@@ -219,7 +220,9 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes
                 stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
                 stream.options = {"crf": str(crf), "preset": "medium"}
-            av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            # converted to the encoder's format here: left to `encode`, the conversion made the
+            # same frames encode to different bytes from call to call (PyAV 18, libx264)
+            av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
             for packet in stream.encode(av_frame):
                 container.mux(packet)
         if stream is None:
