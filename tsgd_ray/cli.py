@@ -94,10 +94,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tsgd_ray.data.shards import ManifestError
     from tsgd_ray.distributed.merge import MergeError
     from tsgd_ray.distributed.pool import PoolError
+    from tsgd_ray.lease import LeaseHeld
     from tsgd_ray.storage import StorageError
 
     return (ConfigError, CatalogError, ManifestError, TooManyBadVideos, StorageError, FileNotFoundError, ModelError,
-            MergeError, PoolError)
+            MergeError, PoolError, LeaseHeld)
 
 
 def run_command(name: str, config: str, overrides: Sequence[str]) -> int:

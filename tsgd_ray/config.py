@@ -317,6 +317,11 @@ class StorageConfig:
     output_root: str = "outputs"
     # Where fetched or generated inputs are cached (the built-in dataset's videos); empty:
     cache_root: str = ""  # <output_root>/cache
+    # Two runs of one stage at once (e.g. two `run`s of a config): the second waits for the first
+    # (true) or stops with an error (false). A run's lease on a stage folder expires this many
+    # seconds after its last renewal (every quarter of it), so a dead run's stage is freed.
+    wait_for_lease: bool = True
+    lease_seconds: float = 120.0
 
 
 @dataclass
@@ -407,6 +412,7 @@ _RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("stats.gpus_per_actor", _non_negative, ">= 0"),
     ("stats.batch_size", lambda v: v >= 1, ">= 1"),
     ("stats.init_views", lambda v: v >= 1, ">= 1"),
+    ("storage.lease_seconds", lambda v: v >= 1, ">= 1"),
     ("distill.max_videos_per_partition", _non_negative, ">= 0"),
     ("distill.ipc", lambda v: 1 <= v <= MAX_IPC, f"in [1, {MAX_IPC}]"),
     ("distill.iterations", _non_negative, ">= 0"),

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from tsgd_ray import storage
+from tsgd_ray import lease, storage
 from tsgd_ray.config import to_dict
 from tsgd_ray.data.catalog import Catalog, build_catalog
 from tsgd_ray.data.shards import (
@@ -155,14 +155,20 @@ def run_prepare(cfg: DictConfig, catalog: Catalog | None = None) -> dict:
     Returns:
         The manifest.
     Raises:
-        CatalogError, ManifestError: with a message naming the file or URI at fault.
+        CatalogError, ManifestError: with a message naming the file or URI at fault. LeaseHeld:
+        another run prepares these shards and storage.wait_for_lease is false.
     """
-    import ray
-
     manifest = finished_manifest(cfg)
     if manifest is not None:
         log.info("shards already prepared at %s", shards_root(cfg))
         return manifest
+    with lease.hold(shards_root(cfg), cfg.storage.lease_seconds, cfg.storage.wait_for_lease, "prepare"):
+        return finished_manifest(cfg) or _prepare(cfg, catalog)
+
+
+def _prepare(cfg: DictConfig, catalog: Catalog | None) -> dict:
+    import ray
+
     root = shards_root(cfg)
     catalog = catalog or build_catalog(cfg)
     if not catalog.records:

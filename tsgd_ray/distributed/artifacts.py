@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tsgd_ray import storage
+from tsgd_ray import lease, storage
 from tsgd_ray.config import InitKind, Method, to_dict, validate
 from tsgd_ray.core.bn_stats import ClassStatistics
 from tsgd_ray.core.models import build_model, load_checkpoint
@@ -160,14 +160,25 @@ def method_config(cfg: DictConfig, method: Method) -> DictConfig:
 # --- the stage skeleton ----------------------------------------------------------------------
 
 
-def run_stage(name: str, marker_uri: str, work: Callable[[Optional[str]], dict], tracker=None,
+def run_stage(cfg: DictConfig, name: str, marker_uri: str, work: Callable[[Optional[str]], dict], tracker=None,
               tags: Optional[dict[str, str]] = None) -> dict:
-    """Skip if `marker_uri` exists (returning it, marked "skipped"); else open the stage's MLflow
-    child run, call `work(run_id)` (which writes the outputs and returns the marker's content),
-    add the seconds, write the marker once, close the run and return the marker."""
+    """Skip if `marker_uri` exists (returning it, marked "skipped"); else take the stage folder's
+    lease (`tsgd_ray.lease`: another run of the same stage is waited for, or refused with
+    storage.wait_for_lease=false), look again, open the stage's MLflow child run, call
+    `work(run_id)` (which writes the outputs and returns the marker's content), add the seconds,
+    write the marker once, close the run and return the marker."""
+    folder = marker_uri.rsplit("/", 1)[0]
     if storage.exists(marker_uri):
-        log.info("%s: finished at %s, skipped", name, marker_uri.rsplit("/", 1)[0])
+        log.info("%s: finished at %s, skipped", name, folder)
         return {**storage.read_json(marker_uri), "skipped": True}
+    with lease.hold(folder, cfg.storage.lease_seconds, cfg.storage.wait_for_lease, name):
+        if storage.exists(marker_uri):  # the run we waited for finished it
+            log.info("%s: finished by another run at %s, skipped", name, folder)
+            return {**storage.read_json(marker_uri), "skipped": True}
+        return _run_work(name, marker_uri, work, tracker, tags)
+
+
+def _run_work(name: str, marker_uri: str, work: Callable[[Optional[str]], dict], tracker, tags) -> dict:
     started = time.time()
     run_id = tracker.child(name, tags=tags) if tracker else None
     try:

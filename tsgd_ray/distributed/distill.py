@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from tsgd_ray import storage
+from tsgd_ray import lease, storage
 from tsgd_ray.config import ConfigError, InitKind
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips, valid_range
 from tsgd_ray.core.device import resolve_device
@@ -150,9 +150,15 @@ def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = Non
     `actor_prefix` names the actors (`<prefix>-<i>`, replacements `<prefix>-<i>-r<n>`) so that a
     test or an operator can find them.
     Raises:
-        PoolError: a partition lost more than ray.max_failures actors.
+        PoolError: a partition lost more than ray.max_failures actors. LeaseHeld: another run
+        distils this config and storage.wait_for_lease is false.
     """
     classes = read_manifest(shards_root(cfg))["classes"]
+    with lease.hold(artifacts.distill_dir(cfg), cfg.storage.lease_seconds, cfg.storage.wait_for_lease, "distill"):
+        return _distill(cfg, classes, tracker, actor_prefix)
+
+
+def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optional[str]) -> dict:
     plan = load_plan(cfg, len(classes))
     finished = [p for p in range(len(plan)) if storage.exists(artifacts.partition_marker_uri(cfg, p))]
     pending = [p for p in range(len(plan)) if p not in finished]

@@ -174,5 +174,5 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
                  results["top1_std"], len(per_seed), split)
         return results
 
-    return artifacts.run_stage(f"evaluate/{method.value}", artifacts.results_uri(cfg, method), work, tracker,
+    return artifacts.run_stage(cfg, f"evaluate/{method.value}", artifacts.results_uri(cfg, method), work, tracker,
                                {"method": method.value})

@@ -119,5 +119,5 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
         log.info("merge: %d videos of %d classes in %d files -> %s", manifest["num_videos"], len(classes), len(files), folder)
         return manifest
 
-    return artifacts.run_stage("merge", storage.join(folder, artifacts.SYNTHETIC_MANIFEST), work, tracker,
+    return artifacts.run_stage(cfg, "merge", storage.join(folder, artifacts.SYNTHETIC_MANIFEST), work, tracker,
                                {"method": cfg.distill.method.value})

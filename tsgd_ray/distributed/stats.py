@@ -261,8 +261,8 @@ def run_stats(cfg: DictConfig, tracker=None) -> dict:
     """
     classes = read_manifest(shards_root(cfg))["classes"]
     tags = {"method": cfg.distill.method.value}
-    marker = artifacts.run_stage("stats", storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER),
+    marker = artifacts.run_stage(cfg, "stats", storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER),
                                  lambda run_id: _probe_pass(cfg, classes, run_id, tracker), tracker, tags)
-    init = artifacts.run_stage("init", storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER),
+    init = artifacts.run_stage(cfg, "init", storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER),
                                lambda run_id: _write_init(cfg, classes, run_id, tracker), tracker, tags)
     return {**marker, **init}

@@ -123,4 +123,4 @@ def run_teacher(cfg: DictConfig, tracker=None) -> dict:
             tracker.set_tags(run_id, {"teacher_sha256": digest, "source": source})
         return {"uri": teacher_uri(cfg), "sha256": digest, "source": source, "classes": len(classes), "history": history}
 
-    return run_stage("teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, tracker)
+    return run_stage(cfg, "teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, tracker)
