@@ -44,6 +44,8 @@ def test_missing_files_stop_with_examples_or_are_skipped_and_counted(tmp_path):
     catalog = build_catalog(cfg_for(tmp_path, "ucf101", tmp_path / "ucf", "data.on_catalog_error=skip"))
     assert len(catalog.records) == 15 - 2
     assert [s["reason"] for s in catalog.skipped] == ["missing file", "missing file"]
+    # reported where the file was expected: in UCF-101/, beside its class's other videos
+    assert sorted(s["uri"] for s in catalog.skipped) == sorted(str(tmp_path / "ucf" / "UCF-101" / r) for r in lists["train"][:2])
 
 
 def test_unknown_label_is_reported(tmp_path):

@@ -40,7 +40,10 @@ def test_prepare_ucf101_from_s3_lists_the_corrupt_files(tmp_path, s3_root, ray_s
     assert root == f"{s3_root}/out/shards"
     assert storage.read_json(storage.join(root, MANIFEST)) == manifest == read_manifest(root)
     assert sorted(s["uri"] for s in manifest["skipped"]) == sorted(f"{s3_root}/ucf/UCF-101/{r}" for r in corrupt)
-    assert all(s["stage"] == "probe" and s["reason"] for s in manifest["skipped"])
+    reasons = {s["uri"].split("/UCF-101/")[1]: s["reason"] for s in manifest["skipped"]}
+    assert reasons == {"Archery/v_Archery_g11_c01.avi": "not a video file",
+                       "ApplyEyeMakeup/v_ApplyEyeMakeup_g12_c01.avi": "truncated file"}
+    assert all(s["stage"] == "probe" and s["detail"] for s in manifest["skipped"])  # the decoders' words
     assert manifest["classes"] == UCF_CLASSES
     assert manifest["counts"] == {"test": {c: 2 for c in UCF_CLASSES}, "train": {c: 3 for c in UCF_CLASSES}}
     assert len(manifest["shards"]) > 2 and manifest["num_videos"] == 15

@@ -54,14 +54,69 @@ def test_resize_covers_and_centre_crops():
     assert out[:, :, 5:15].min() > 200  # the centre crop is inside the band
 
 
-@pytest.mark.parametrize("bad", [b"", b"not a video at all" * 50, "truncated"])
-def test_corrupt_videos_raise_video_decode_error(tmp_path, bad):
+def _encoded(container: str, codec: str, frames: int = 30, pix_fmt: str = "yuv420p") -> bytes:
+    """A bright bar moving right over `frames` frames (64x48), in `container` with `codec`."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, pix_fmt
+        for i in range(frames):
+            f = np.zeros((48, 64, 3), np.uint8)
+            f[:, i : i + 4] = 255
+            for packet in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format=pix_fmt)):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return buf.getvalue()
+
+
+def _audio_only() -> bytes:
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as c:
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*s.encode(frame), *s.encode()]:
+            c.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("container,codec", [("h264", "libx264"), ("ogg", "libvpx"), ("m4v", "mpeg4"), ("mpegts", "libx264")])
+def test_valid_files_decord_cannot_read_are_decoded_by_pyav(container, codec):
+    """decord cannot measure raw H.264, Ogg or MPEG-4 part 2 streams ("broken metadata") and fails
+    on the last frames of an MPEG-TS; PyAV decodes them, so the videos are kept."""
+    data = _encoded(container, codec)
+    assert probe(data).num_frames == 30
+    clip = decode_clip(data, 30, 48, 64, sampling=TemporalSampling.uniform)
+    bar = clip[..., 0].mean(axis=1).argmax(axis=1)  # the bright column of each frame
+    assert clip.shape == (30, 48, 64, 3) and np.all(np.abs(bar - (np.arange(30) + 1.5)) <= 2)
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (b"", "empty file"),
+    (b"not a video at all" * 50, "not a video file"),
+    ("truncated", "truncated file"),
+    ("audio", "no video stream"),
+])
+def test_corrupt_videos_raise_video_decode_error_with_a_reason(tmp_path, bad, reason):
     if bad == "truncated":
         data = write_video(tmp_path / "t.mp4", num_frames=30)
-        bad = data[: len(data) // 3]
-    with pytest.raises(VideoDecodeError):
+        bad = data[: len(data) // 3]  # cut before the index an MP4 writes last
+    elif bad == "audio":
+        bad = _audio_only()
+    with pytest.raises(VideoDecodeError) as caught:
         probe(bad)
-    with pytest.raises(VideoDecodeError):
+    assert caught.value.reason == reason and str(caught.value).startswith(reason)
+    assert "video_reader.cc" not in str(caught.value)  # the decoders' text is kept, their source paths are not
+    with pytest.raises(VideoDecodeError, match=reason):
         decode_clip(bad, 4, 16, 16)
 
 

@@ -85,6 +85,20 @@ class FileIndex:
         self._by_stem: dict[str, list[str]] = defaultdict(list)
         for uri in self.files:
             self._by_stem[_stem(uri).lower()].append(uri)
+        self._parents: Optional[dict[str, str]] = None
+
+    def expected(self, name: str) -> str:
+        """Where the missing file `name` (relative, e.g. ``Class/v_x.avi``) would be: under the
+        folder that holds its sibling folders' files (``<root>/UCF-101/Class/v_x.avi`` when the
+        others live there), else under the root."""
+        if self._parents is None:  # built on the first miss: one pass over the listing
+            self._parents = {}
+            for uri in self.files:
+                parent, folder = posixpath.split(posixpath.dirname(uri))
+                self._parents.setdefault(folder.lower(), parent)
+        parts = name.strip("/").split("/")
+        parent = self._parents.get(parts[0].lower()) if len(parts) > 1 else None
+        return storage.join(parent or self.root, *parts)
 
     def find(self, name: str) -> Optional[str]:
         """The URI of the file called `name` (a relative path or a bare name), or None.
@@ -131,7 +145,7 @@ class _Builder:
         if uri is None:
             uri = self.index.find(name)
         if uri is None:
-            self.problems.append({"uri": storage.join(self.index.root, name), "reason": "missing file"})
+            self.problems.append({"uri": self.index.expected(name), "reason": "missing file"})
             return
         if uri in self._seen:
             return

@@ -78,8 +78,12 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
     for record in plan.records:
         try:
             data, info = _load_video(record.uri, transcode_short_side)
-        except (VideoDecodeError, OSError) as exc:
-            skipped.append({"uri": record.uri, "reason": f"{type(exc).__name__}: {exc}"[:300], "stage": "probe"})
+        except VideoDecodeError as exc:
+            skipped.append({"uri": record.uri, "reason": exc.reason, "detail": exc.detail[:300], "stage": "probe"})
+            continue
+        except OSError as exc:
+            skipped.append({"uri": record.uri, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"[:300],
+                            "stage": "read"})
             continue
         rows.append({"video_id": record.video_id, "label": record.label, "class_name": record.class_name,
                      "split": record.split, "source_uri": record.uri, "video": data, **info})

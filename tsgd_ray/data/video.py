@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import zlib
 from dataclasses import dataclass
 from fractions import Fraction
@@ -23,7 +24,27 @@ from tsgd_ray.config import TemporalSampling
 
 
 class VideoDecodeError(RuntimeError):
-    """A video could not be opened or decoded; the message holds the decoder's reason."""
+    """A video could not be opened or decoded.
+
+    `reason` is one of REASONS, short and actionable; `detail` keeps the decoders' own text.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
+EMPTY = "empty file"
+NOT_A_VIDEO = "not a video file"  # no container format recognised
+TRUNCATED = "truncated file"  # e.g. an MP4 cut off before its index (moov) was written
+NO_VIDEO_STREAM = "no video stream"  # e.g. audio only
+UNSUPPORTED_CODEC = "unsupported video codec"
+NO_FRAMES = "no decodable frames"
+BAD_FRAMES = "frames fail to decode"
+REASONS = (EMPTY, NOT_A_VIDEO, TRUNCATED, NO_VIDEO_STREAM, UNSUPPORTED_CODEC, NO_FRAMES, BAD_FRAMES)
 
 
 @dataclass(frozen=True)
@@ -37,40 +58,75 @@ class VideoInfo:
 class _Video:
     """An opened video: `num_frames`, `fps` and `frames(indices)`.
 
-    decord decodes; for the frame widths where decord's copy fails (16, 24, 32, 48, 96, 144
-    pixels among others: "DECORDArrayCopyFromTo: The size must exactly match") the frames are
-    decoded with PyAV instead.
+    decord decodes. PyAV takes over where decord cannot: files whose duration or frame count decord
+    cannot measure ("broken metadata": raw H.264 streams, Ogg, MPEG-4 part 2 elementary streams,
+    ...; PyAV then counts the frames it can decode), frames decord fails on (e.g. at the end of an
+    MPEG-TS), and the frame widths where decord's copy fails (16, 24, 32, 48, 96, 144 pixels
+    among others: "DECORDArrayCopyFromTo: The size must exactly match"). A file neither can read
+    raises VideoDecodeError with a reason from REASONS.
     """
 
     def __init__(self, data: bytes):
         import decord
 
+        if not data:
+            raise VideoDecodeError(EMPTY)
         self._data = data
+        self._reader = None
         try:
             self._reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
             self.num_frames = len(self._reader)
             self.fps = float(self._reader.get_avg_fps())
         except Exception as exc:  # noqa: BLE001 - decord raises RuntimeError and DECORDError (not one)
-            raise VideoDecodeError(_reason("cannot open", exc)) from None
+            self._reader = None
+            self._open_pyav(_text(exc))
         if self.num_frames < 1:
-            raise VideoDecodeError("no frames")
+            self._reader = None
+            self._open_pyav("decord found no frames")
+
+    def _open_pyav(self, decord_text: str) -> None:
+        """Measure the video with PyAV (decord could not): num_frames = frames it decodes."""
+        import av
+
+        try:
+            container = av.open(io.BytesIO(self._data))
+        except Exception as exc:  # noqa: BLE001
+            reason = TRUNCATED if _cut_off(self._data) else NOT_A_VIDEO
+            raise VideoDecodeError(reason, f"decord: {decord_text}; pyav: {_text(exc)}") from None
+        with container:
+            if not container.streams.video:
+                raise VideoDecodeError(NO_VIDEO_STREAM, f"decord: {decord_text}")
+            stream = container.streams.video[0]
+            if stream.codec_context is None:
+                raise VideoDecodeError(UNSUPPORTED_CODEC, f"decord: {decord_text}")
+            count, error = 0, ""
+            try:
+                for _ in container.decode(stream):
+                    count += 1
+            except Exception as exc:  # noqa: BLE001 - keep the frames before a damaged one
+                error = _text(exc)
+            if count == 0:
+                raise VideoDecodeError(NO_FRAMES, f"decord: {decord_text}; pyav: {error or 'no frames'}")
+            self.num_frames = count
+            self.fps = float(stream.average_rate or stream.guessed_rate or 0.0)
 
     def frames(self, indices: list[int]) -> np.ndarray:
         """Frames at `indices` (each < num_frames) as (len(indices), H, W, 3) uint8."""
-        try:
-            frames = self._reader.get_batch(indices).asnumpy()
-        except Exception as exc:  # noqa: BLE001
-            if "DECORDArrayCopyFromTo" not in str(exc):
-                raise VideoDecodeError(_reason("cannot decode frames", exc)) from None
+        if self._reader is None:
             frames = self._pyav_frames(indices)
+        else:
+            try:
+                frames = self._reader.get_batch(indices).asnumpy()
+            except Exception as exc:  # noqa: BLE001 - PyAV tries before the video is given up
+                frames = self._pyav_frames(indices, f"decord: {_text(exc)}")
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise VideoDecodeError(f"decoder returned frames of shape {frames.shape}, expected (T, H, W, 3)")
+            raise VideoDecodeError(BAD_FRAMES, f"decoder returned frames of shape {frames.shape}, expected (T, H, W, 3)")
         return frames
 
-    def _pyav_frames(self, indices: list[int]) -> np.ndarray:
+    def _pyav_frames(self, indices: list[int], decord_text: str = "") -> np.ndarray:
         import av
 
-        wanted, found = set(indices), {}
+        wanted, found, error = set(indices), {}, ""
         try:
             with av.open(io.BytesIO(self._data)) as container:
                 for i, frame in enumerate(container.decode(video=0)):
@@ -79,16 +135,28 @@ class _Video:
                     if i >= max(wanted):
                         break
         except Exception as exc:  # noqa: BLE001
-            raise VideoDecodeError(_reason("cannot decode frames", exc)) from None
+            error = _text(exc)
         if not found:
-            raise VideoDecodeError("no decodable frames")
-        last = found[max(found)]  # decord counted frames PyAV does not reach: repeat the last
+            raise VideoDecodeError(BAD_FRAMES, "; ".join(t for t in (decord_text, f"pyav: {error or 'no frames'}") if t))
+        last = found[max(found)]  # frames counted but not reached (a damaged tail): repeat the last
         return np.stack([found.get(i, last) for i in indices])
 
 
-def _reason(what: str, exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{what}: {type(exc).__name__}: {text[-1] if text else ''}"[:300]
+def _cut_off(data: bytes) -> bool:
+    """Whether a file that starts as a video container ends early: an MP4/MOV without its index
+    (moov, written last), or an AVI shorter than its RIFF header says."""
+    if data[4:8] == b"ftyp":
+        return b"moov" not in data
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    return False
+
+
+def _text(exc: BaseException) -> str:
+    """The last line of a decoder's message, without decord's source location prefix."""
+    lines = str(exc).strip().splitlines()
+    text = lines[-1] if lines else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*(\[[^\]]*\]\s*)?", "", text).strip()[:200]
 
 
 def probe(data: bytes) -> VideoInfo:
