@@ -5,6 +5,7 @@ fields KubeRay requires; the image, the manifests and pyproject.toml agree with 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -116,28 +117,83 @@ def test_ec2_model_catches_a_broken_node_config():
 # ---------------------------------------------------------------- KubeRay
 
 
-def _manifests():
-    docs = {}
-    for path in sorted((INFRA / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            docs[doc["kind"]] = doc
-    return docs
+CRDS = REPO.parent / "shared" / "kuberay-crds"  # KubeRay's published CRDs, read in place (never copied)
+CRD_VERSIONS = ("1.4.0", "1.7.0")
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+def _manifests() -> dict[str, dict]:
+    """file name -> its one document"""
+    return {path.name: yaml.safe_load(path.read_text()) for path in sorted((INFRA / "k8s").glob("*.yaml"))}
+
+
+def _groups(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+
+
+def _containers(spec: dict) -> list[dict]:
+    return [c for g in _groups(spec) for c in g["template"]["spec"]["containers"]]
+
+
+def _without_token_env(spec: dict) -> dict:
+    """The cluster spec with the manual token-auth variables taken out of every container."""
+    spec = copy.deepcopy(spec)
+    for c in _containers(spec):
+        c["env"] = [e for e in c.get("env", []) if e["name"] not in AUTH_ENV]
+        if not c["env"]:
+            del c["env"]
+    return spec
+
+
+def _strict(schema: dict) -> dict:
+    """A CRD's openAPIV3Schema as JSON Schema, checked as `kubectl apply --validate=strict` does:
+    unknown properties are refused on every object with `properties` unless it preserves unknown
+    fields; `x-kubernetes-int-or-string` takes an integer or a string; `nullable` allows null."""
+    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    elif schema.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in out:
+        out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(out["additionalProperties"])
+    if "items" in out:
+        out["items"] = _strict(out["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out and not schema.get("x-kubernetes-int-or-string"):
+            out[key] = [_strict(s) for s in out[key]]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_validator(kind: str, version: str):
+    import jsonschema
+
+    crd = yaml.safe_load((CRDS / f"{kind.lower()}s-v{version}.yaml").read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def _crd_errors(doc: dict, version: str) -> list[str]:
+    if not CRDS.is_dir():
+        pytest.skip(f"the KubeRay CRDs are not at {CRDS}")
+    validator = _crd_validator(doc["kind"], version)
+    return sorted(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc))
 
 
 def _check_cluster_spec(spec: dict) -> None:
-    """The fields KubeRay's RayCluster CRD requires, and what this project needs of them."""
+    """What this project needs of a cluster spec (the CRD checks the rest)."""
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     assert spec["rayVersion"] == _ray_version_of_image()
-    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-    for group in groups:
-        # the CRD types rayStartParams as map[string]string: a bare number is rejected
-        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
-        containers = group["template"]["spec"]["containers"]
-        assert containers and all(c["name"] and c["image"] == _project_image() for c in containers)
-        for c in containers:
-            assert c["resources"]["requests"] == c["resources"]["limits"], "Ray sizes itself from the limits"
+    for c in _containers(spec):
+        assert c["image"] == _project_image()
+        assert c["resources"]["requests"] == c["resources"]["limits"], "Ray sizes itself from the limits"
     for group in spec["workerGroupSpecs"]:
-        assert group["groupName"] and 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     gpu_groups = [g for g in spec["workerGroupSpecs"]
                   if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
     cpu_groups = [g for g in spec["workerGroupSpecs"] if g not in gpu_groups]
@@ -145,29 +201,71 @@ def _check_cluster_spec(spec: dict) -> None:
     assert {"gcs", "dashboard"} <= {p["name"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
 
 
-def test_kuberay_raycluster():
-    cluster = _manifests()["RayCluster"]
-    assert cluster["apiVersion"] == "ray.io/v1" and cluster["metadata"]["name"]
+@pytest.mark.parametrize("version", CRD_VERSIONS)
+def test_kuberay_manifests_pass_the_crds_strict_validation(version):
+    """Every ray.io manifest against KubeRay's own schema, unknown fields refused; rayjob-auth.yaml
+    needs KubeRay >= 1.5.1 (authOptions), and 1.4.0's schema refuses it."""
+    for name, doc in _manifests().items():
+        if not doc["apiVersion"].startswith("ray.io/"):
+            continue
+        errors = _crd_errors(doc, version)
+        if name == "rayjob-auth.yaml" and version == "1.4.0":
+            assert errors == ["spec/rayClusterSpec: Additional properties are not allowed ('authOptions' was unexpected)"]
+        else:
+            assert errors == [], (name, errors)
+
+
+@pytest.mark.parametrize("damage,error", [
+    (lambda d: d["spec"].update(workerGroupSpec=[]), "'workerGroupSpec' was unexpected"),  # a misspelt field
+    (lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "0 is not of type 'string'"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="16"), "'16' is not of type 'integer'"),
+    (lambda d: d["spec"]["autoscalerOptions"].update(idleTimeout=60), "'idleTimeout' was unexpected"),
+])
+def test_the_strict_crd_check_refuses_a_broken_manifest(damage, error):
+    doc = copy.deepcopy(_manifests()["raycluster.yaml"])
+    damage(doc)
+    assert any(error in e for e in _crd_errors(doc, CRD_VERSIONS[-1]))
+
+
+def test_kuberay_raycluster_with_token_auth():
+    cluster = _manifests()["raycluster.yaml"]
+    assert cluster["kind"] == "RayCluster" and cluster["metadata"]["name"]
     _check_cluster_spec(cluster["spec"])
+    for c in _containers(cluster["spec"]):  # every Ray container enforces the token from one Secret
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tsgd-ray-auth", "key": "auth_token"}
 
 
-def test_kuberay_rayjob_runs_the_pipeline_from_the_image():
+def test_kuberay_rayjobs_run_the_pipeline_from_the_image():
     manifests = _manifests()
-    job = manifests["RayJob"]
-    assert job["apiVersion"] == "ray.io/v1" and job["spec"]["shutdownAfterJobFinishes"] is True
-    _check_cluster_spec(job["spec"]["rayClusterSpec"])
-    assert job["spec"]["rayClusterSpec"] == manifests["RayCluster"]["spec"], "rayjob.yaml and raycluster.yaml drifted"
-    # the entrypoint runs in the image, where the repository is at IMAGE_HOME
-    entrypoint = job["spec"]["entrypoint"].replace(IMAGE_HOME + "/", "")
-    assert job["spec"]["entrypoint"].split()[3].startswith(IMAGE_HOME) and IMAGE_HOME in _dockerfile()
-    check_command(shlex.split(entrypoint))
-    check_runtime_env(json_text=json.dumps(yaml.safe_load(job["spec"]["runtimeEnvYAML"])))
+    job, auth = manifests["rayjob.yaml"], manifests["rayjob-auth.yaml"]
+    for doc in (job, auth):
+        spec = doc["spec"]
+        assert doc["kind"] == "RayJob" and spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
+        _check_cluster_spec(spec["rayClusterSpec"])
+        # the entrypoint runs in the image, where the repository is at IMAGE_HOME
+        entrypoint = spec["entrypoint"].replace(IMAGE_HOME + "/", "")
+        assert spec["entrypoint"].split()[3].startswith(IMAGE_HOME) and IMAGE_HOME in _dockerfile()
+        check_command(shlex.split(entrypoint))
+        check_runtime_env(json_text=json.dumps(yaml.safe_load(spec["runtimeEnvYAML"])))
+    assert job["spec"]["rayClusterSpec"] == _without_token_env(manifests["raycluster.yaml"]["spec"]), \
+        "rayjob.yaml and raycluster.yaml drifted"
+    # the submitter pulls a small CPU image of the same Ray version, not the GPU image
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    assert submitter["image"].startswith(f"rayproject/ray:{_ray_version_of_image()}-") and submitter["image"].endswith("-cpu")
+    assert "nvidia.com/gpu" not in submitter["resources"]["limits"]
+    # rayjob-auth.yaml: the same job with the operator's token auth and the submitter as a sidecar
+    expected = copy.deepcopy(job)
+    del expected["spec"]["submitterPodTemplate"]
+    expected["spec"].update(submissionMode="SidecarMode")
+    expected["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token"}
+    expected["metadata"]["name"] += "-auth"
+    assert auth == expected
     # every ConfigMap the pods read is defined
-    names = {ref["configMapRef"]["name"] for g in [job["spec"]["rayClusterSpec"]["headGroupSpec"],
-                                                   *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
-             for c in g["template"]["spec"]["containers"] for ref in c.get("envFrom", [])}
-    assert names == {manifests["ConfigMap"]["metadata"]["name"]}
-    assert "MLFLOW_TRACKING_URI" in manifests["ConfigMap"]["data"]
+    names = {ref["configMapRef"]["name"] for c in _containers(job["spec"]["rayClusterSpec"]) for ref in c.get("envFrom", [])}
+    assert names == {manifests["configmap.yaml"]["metadata"]["name"]}
+    assert "MLFLOW_TRACKING_URI" in manifests["configmap.yaml"]["data"]
 
 
 # ---------------------------------------------------------------- image and runtime envs

@@ -318,10 +318,9 @@ class StorageConfig:
     # Where fetched or generated inputs are cached (the built-in dataset's videos); empty:
     cache_root: str = ""  # <output_root>/cache
     # Two runs of one stage at once (e.g. two `run`s of a config): the second waits for the first
-    # (true) or stops with an error (false). A run's lease on a stage folder expires this many
-    # seconds after its last renewal (every quarter of it), so a dead run's stage is freed.
+    # (true) or stops with an error (false).
     wait_for_lease: bool = True
-    lease_seconds: float = 120.0
+    lease_seconds: float = 120.0  # a dead run's stage lease expires this long after its last renewal
 
 
 @dataclass
