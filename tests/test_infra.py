@@ -92,6 +92,27 @@ def test_aws_cluster_has_cpu_head_spot_gpus_with_on_demand_fallback_and_cpu_deco
     cpu_workers = [t for n, t in types.items() if n != config["head_node_type"] and "GPU" not in t["resources"]]
     assert cpu_workers and all(t["min_workers"] == 0 and t["max_workers"] > 0 for t in cpu_workers)
     assert config["docker"]["image"] == _project_image()
+    # two GPU families on spot: one family's missing capacity does not stall the run
+    assert len({gpu[n]["node_config"]["InstanceType"].split(".")[0] for n in spot}) >= 2
+
+
+def test_aws_nodes_boot_a_current_gpu_ami_pull_the_image_from_ecr_and_have_a_role():
+    config = _load("aws/cluster.yaml")
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type["node_config"]
+        # resolved per region at launch (not Ray's fallback Ubuntu 18.04 / CUDA 11 Deep Learning AMI)
+        assert node_config["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"), name
+        assert "nvidia-driver" in node_config["ImageId"] and "ubuntu-22.04" in node_config["ImageId"]
+        assert node_config["IamInstanceProfile"]["Name"].startswith("tsgd-ray-"), name
+    head_profile = config["available_node_types"][config["head_node_type"]]["node_config"]["IamInstanceProfile"]
+    assert head_profile["Name"] == "tsgd-ray-head"
+    registry = config["docker"]["image"].split("/")[0]
+    login = [c for c in config["initialization_commands"] if "docker login" in c]
+    assert len(login) == 1 and "aws ecr get-login-password" in login[0] and login[0].endswith(registry)
+    assert f"--region {config['provider']['region']}" in login[0]
+    # the profiles' policies are documented
+    readme = (INFRA / "aws" / "README.md").read_text()
+    assert "tsgd-ray-head" in readme and "tsgd-ray-worker" in readme and "ecr:BatchGetImage" in readme
 
 
 @pytest.mark.parametrize("damage, error", [

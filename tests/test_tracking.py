@@ -159,3 +159,22 @@ def test_artifacts_on_s3(tmp_path, s3_server, monkeypatch):
     keys = fs.find(location.removeprefix("s3://"))
     assert any(k.endswith(f"{tracker.run_id}/artifacts/config.yaml") for k in keys)
     assert any(k.endswith("synthetic/previews/grid.mp4") for k in keys)
+
+
+def test_git_commit_baked_into_the_image_stands_in_where_there_is_no_git(monkeypatch):
+    """The image has no .git and perhaps no git: MLflow's git_commit tag is the build's commit."""
+    import subprocess
+
+    from tsgd_ray import tracking
+
+    checkout = tracking._git_commit()
+    assert len(checkout) == 40  # this checkout's commit
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.setenv("TSGD_RAY_GIT_COMMIT", "0123abcd")
+    assert tracking._git_commit() == "0123abcd"
+    monkeypatch.delenv("TSGD_RAY_GIT_COMMIT")
+    assert tracking._git_commit() == "unknown"

@@ -6,7 +6,7 @@ released or expired lease means writing the next generation, and `storage.write_
 one writer create it, so two runs never both hold a stage. The holder renews by writing the next
 generation every `seconds / 4` from a background thread; a holder that dies stops renewing, and
 its lease expires `seconds` after the last renewal. On release it writes a released generation and
-removes the older ones.
+removes the older ones where storage allows deletes (the only deletes the pipeline makes).
 
 Expiry compares wall clocks of the holder and the waiter: hosts should be NTP-synchronised (a skew
 well under `seconds`).
@@ -107,9 +107,12 @@ class _Holder:
         if self.lost or self.generation < 0:
             return
         if self._write(self.generation + 1, released=True):
-            for uri in storage.list_files(storage.join(self.folder, FOLDER), ["json"]):
-                if _generation(uri) < self.generation:
-                    storage.remove(uri)
+            try:  # tidy the older generations; without delete rights they stay (a few hundred bytes each)
+                for uri in storage.list_files(storage.join(self.folder, FOLDER), ["json"]):
+                    if _generation(uri) < self.generation:
+                        storage.remove(uri)
+            except OSError as exc:
+                log.info("old lease generations under %s stay (%s)", self.folder, exc)
 
 
 @contextmanager

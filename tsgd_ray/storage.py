@@ -187,7 +187,7 @@ def write_json_once(uri: str, obj: Any) -> bool:
 
 @with_retries
 def remove(uri: str) -> None:
-    """Remove one object if present (used only for stale temporary outputs)."""
+    """Remove one object if present (used only for a stage lease's old generations)."""
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm_file(path)

@@ -79,12 +79,14 @@ def _artifact_location(cfg: DictConfig, uri: str) -> Optional[str]:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; where there is no .git (the image), the one baked in at build time."""
+    baked = os.environ.get("TSGD_RAY_GIT_COMMIT", "") or "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return out.stdout.strip() if out.returncode == 0 else baked
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return baked
 
 
 def _versions() -> dict[str, str]:
