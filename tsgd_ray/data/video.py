@@ -287,7 +287,9 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes
                     raise ValueError(f"H.264 with yuv420p needs even sizes, got {h}x{w}")
                 stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                stream.options = {"crf": str(crf), "preset": "medium"}
+                # one encoder thread: x264's frame threads made the bytes depend on the machine's load
+                # (prepare runs one task per CPU anyway)
+                stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
             # converted to the encoder's format here: left to `encode`, the conversion made the
             # same frames encode to different bytes from call to call (PyAV 18, libx264)
             av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
