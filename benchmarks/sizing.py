@@ -101,39 +101,15 @@ def measure_recovery(cfg, videos: int, iterations: int) -> None:
           f"{videos} videos per chunk; forward/backward only, without augmentation and TSGF)")
 
 
-def activation_bytes_per_video(name: str, width: int, depth: int, size: tuple[int, int, int], classes: int = 400) -> int:
-    """Bytes saved for backward by one more video in the teacher's forward (with BN taps), on meta."""
-    import torch
-
-    from tsgd_ray.core.bn_stats import BatchNormTaps
-    from tsgd_ray.core.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(name, classes, size, width, depth)
-    model.eval().requires_grad_(False)
-    saved = []
-    for n in (1, 2):
-        total = [0]
-
-        def pack(t, total=total):
-            total[0] += t.numel() * t.element_size()
-            return t
-
-        x = torch.empty(n, 3, *size, device="meta", requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), BatchNormTaps(model):
-            model(x)
-        saved.append(total[0])
-    return saved[1] - saved[0]
-
-
 def measure_memory(width: int, depth: int) -> None:
     from tsgd_ray.core.models import ModelError
+    from tsgd_ray.plan import model_cost
 
     for name in ("mini_c3d", "r2plus1d_18"):
         for size in ((8, 64, 64), (16, 112, 112)):
             state = 16 * 3 * size[0] * size[1] * size[2]
             try:
-                act = activation_bytes_per_video(name, width, depth, size)
+                act = model_cost(name, width, depth, size, classes=400).activation_bytes
             except ModelError as exc:
                 print(f"memory   {name} {'x'.join(map(str, size))}: not measured ({exc})")
                 continue

@@ -212,6 +212,8 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     parent = client.get_run(tracker.run_id)
     assert parent.data.params["tsgf.enabled"] == "True" and parent.data.tags["git_commit"]
     assert parent.data.tags["dataset_manifest_sha256"] and parent.data.tags["teacher_sha256"]
+    plan = client.download_artifacts(tracker.run_id, "plan.txt", str(tmp_path))  # the plan, with the manifest's counts
+    assert open(plan).read().startswith("plan: 32 train / 16 eval videos, 8 classes (from the shard manifest)")
     children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
     assert stages == sorted(["teacher", "stats", "init", "distill", "merge", "distill", "merge",

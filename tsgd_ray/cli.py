@@ -43,9 +43,11 @@ def command_prepare(cfg: DictConfig) -> int:
 def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str) -> int:
     from tsgd_ray.distributed.cluster import init_ray
     from tsgd_ray.distributed.run import preflight, results_table, run_stages
+    from tsgd_ray.plan import make_plan, render
     from tsgd_ray.tracking import Tracker
 
     catalog = preflight(cfg, stages)
+    log.info("%s", render(make_plan(cfg)))  # before the spend (`tsgd-ray plan` prints the same)
     init_ray(cfg)
     with Tracker(cfg, command) as tracker:
         results = run_stages(cfg, stages, tracker, catalog)
@@ -60,6 +62,14 @@ def command_run(cfg: DictConfig) -> int:
     from tsgd_ray.distributed.run import STAGES
 
     return _stages(cfg, STAGES, "run")
+
+
+def command_plan(cfg: DictConfig, gpu: str = "a10g") -> int:
+    """Print the plan: per stage, finished or not, resources, reads and writes, memory, GPU-hours, cost."""
+    from tsgd_ray.plan import make_plan, render
+
+    print(render(make_plan(cfg, gpu)))
+    return 0
 
 
 def command_compare(cfg: DictConfig) -> int:
@@ -83,6 +93,7 @@ COMMANDS: dict[str, Callable[[DictConfig], int]] = {
     "prepare": command_prepare,
     "run": command_run,
     **{stage: _stage_command(stage) for stage in ("teacher", "stats", "distill", "merge", "evaluate")},
+    "plan": command_plan,
     "compare": command_compare,
 }
 
@@ -101,11 +112,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             MergeError, PoolError, LeaseHeld)
 
 
-def run_command(name: str, config: str, overrides: Sequence[str]) -> int:
-    """Load the config, then run the named command; user errors become one line and exit code 2."""
+def run_command(name: str, config: str, overrides: Sequence[str], **options) -> int:
+    """Load the config, then run the named command (with the command's own `options`); user errors
+    become one line and exit code 2."""
     try:
         cfg = load_config(config, overrides)
-        return COMMANDS[name](cfg)
+        return COMMANDS[name](cfg, **options)
     except _user_errors() as exc:
         print(f"tsgd-ray {name}: error: {exc}", file=sys.stderr)
         return 2
@@ -118,13 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         p.add_argument("config", help="a YAML file, or a name in ./configs (e.g. default, ucf101)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.num_frames=8")
+        if name == "plan":
+            from tsgd_ray.plan import GPUS
+
+            p.add_argument("--gpu", choices=sorted(GPUS), default="a10g", help="the GPU the times, memory and cost assume")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_command(args.command, args.config, args.overrides)
+    options = {"gpu": args.gpu} if args.command == "plan" else {}
+    return run_command(args.command, args.config, args.overrides, **options)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, ConnectionError, TimeoutError))
 
 
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")  # botocore's, by name
+
+
 def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
     """Retry `fn(uri, ...)` on transient I/O errors with exponential backoff."""
 
@@ -52,6 +55,9 @@ def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
             try:
                 return fn(uri, *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below
+                if type(exc).__name__ in _NO_CREDENTIALS:
+                    raise StorageError(f"{fn.__name__}({uri}): no credentials for this store (set AWS_PROFILE, the "
+                                       "AWS_* variables or an instance role)") from None
                 if not _transient(exc) or attempt == RETRIES - 1:
                     if _transient(exc):
                         raise StorageError(f"{fn.__name__}({uri}) failed after {RETRIES} tries: {exc}") from exc

@@ -23,6 +23,7 @@ from tsgd_ray.distributed.evaluate import run_evaluate
 from tsgd_ray.distributed.merge import run_merge
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
+from tsgd_ray.plan import make_plan, render
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
         manifest = storage.read_bytes(storage.join(shards_root(cfg), MANIFEST))
         tracker.set_tags(tracker.run_id, {"dataset_manifest_sha256": hashlib.sha256(manifest).hexdigest()})
         tracker.log_text(tracker.run_id, "shards/manifest.json", manifest.decode())
+        tracker.log_text(tracker.run_id, "plan.txt", render(make_plan(cfg)) + "\n")  # counts from the manifest now
     if "teacher" in stages:
         marker = run_teacher(cfg, tracker)
         if tracker:

@@ -1,0 +1,75 @@
+"""`tsgd-ray plan`: what a run will do and cost, before any spend, on every shipped config."""
+
+from __future__ import annotations
+
+import pytest
+
+from tsgd_ray.cli import main
+from tsgd_ray.config import load_config
+from tsgd_ray.data.prepare import run_prepare
+from tsgd_ray.distributed.teacher import run_teacher
+from tsgd_ray.plan import GPUS, make_plan, model_cost, render
+
+from conftest import REPO
+from stage_helpers import imported_config, teacher_file
+from test_config import SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server):
+    """On the loopback S3 server (an empty bucket): nothing is finished, every stage has its
+    resources, reads, writes and GPU time, and a cluster config asks for GPUs on every model stage."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config(name)
+    plan = make_plan(cfg)
+    stages = {s.name: s for s in plan["stages"]}
+    assert list(stages)[:4] == ["prepare", "teacher", "stats", "distill"] and "evaluate/tsgd" in stages
+    assert all(s.finished is False and s.folder and s.resources and s.reads and s.writes for s in stages.values())
+    assert plan["counts"]["train"] > 0 and plan["counts"]["classes"] > 0 and not plan["storage_error"]
+    assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values()))
+    assert plan["dollars"] == pytest.approx(plan["gpu_hours"] * GPUS["a10g"].dollars_per_hour)
+    if name != "default":
+        for stage in ("teacher", "stats", "distill", "evaluate/tsgd"):
+            assert "GPU: 1}" in stages[stage].resources, (stage, stages[stage].resources)
+        assert all(stages[s].gpu_hours > 0 for s in ("teacher", "distill", "evaluate/tsgd"))
+    assert all(s.name in render(plan) for s in stages.values())
+
+
+def test_gpu_time_and_memory_follow_the_work():
+    """Twice the recovery iterations: twice distill's GPU time; a partition too large for the GPU
+    is a warning that names the keys to change."""
+    base = load_config("kinetics400", ["storage.output_root=/nonexistent/plan"])
+    longer = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.iterations=2000"])
+    hours = [next(s.gpu_hours for s in make_plan(c)["stages"] if s.name == "distill") for c in (base, longer)]
+    assert hours[1] == pytest.approx(2 * hours[0])
+    big = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.ipc=50", "distill.partitions=1",
+                                      "data.num_frames=16", "data.height=112", "data.width=112"])
+    distill = next(s for s in make_plan(big)["stages"] if s.name == "distill")
+    cost = model_cost("mini_c3d", 64, 4, (16, 112, 112), 400)
+    assert distill.warnings and "distill.max_videos_per_partition" in distill.warnings[0]
+    assert "20000 videos" in distill.memory and cost.activation_bytes > 300 * 2**20  # as docs/sizing.md measures
+    assert not next(s for s in make_plan(base)["stages"] if s.name == "distill").warnings
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_plan_reads_the_manifest_and_skips_finished_stages(ray_session, tmp_path):
+    teacher = teacher_file(tmp_path / "teacher")
+    cfg = imported_config(tmp_path / "out", teacher)
+    run_prepare(cfg)
+    run_teacher(cfg)
+    plan = make_plan(cfg)
+    stages = {s.name: s for s in plan["stages"]}
+    assert plan["counts"]["source"] == "the shard manifest" and plan["counts"]["classes"] == 8
+    assert plan["counts"]["train"] == 8 * cfg.data.builtin.train_per_class
+    assert stages["prepare"].finished and stages["teacher"].finished and not stages["stats"].finished
+    assert "imported" in stages["teacher"].resources and stages["prepare"].writes.endswith("MiB of shards")
+    assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values() if not s.finished))
+
+
+def test_the_command_prints_the_plan(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "ucf101", "storage.output_root=/nonexistent/plan", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: 9,537 train / 3,783 eval videos, 101 classes") and "on a h100" in out
+    assert "total to run:" in out.splitlines()[-1]
