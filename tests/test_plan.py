@@ -23,16 +23,20 @@ def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server):
     cfg = load_config(name)
     plan = make_plan(cfg)
     stages = {s.name: s for s in plan["stages"]}
-    assert list(stages)[:4] == ["prepare", "teacher", "stats", "distill"] and "evaluate/tsgd" in stages
+    assert list(stages)[:5] == ["prepare", "teacher", "stats", "distill/tsgd", "evaluate/tsgd"]
     assert all(s.finished is False and s.folder and s.resources and s.reads and s.writes for s in stages.values())
     assert plan["counts"]["train"] > 0 and plan["counts"]["classes"] > 0 and not plan["storage_error"]
     assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values()))
     assert plan["dollars"] == pytest.approx(plan["gpu_hours"] * GPUS["a10g"].dollars_per_hour)
     if name != "default":
-        for stage in ("teacher", "stats", "distill", "evaluate/tsgd"):
+        for stage in ("teacher", "stats", "distill/tsgd", "evaluate/tsgd"):
             assert "GPU: 1}" in stages[stage].resources, (stage, stages[stage].resources)
-        assert all(stages[s].gpu_hours > 0 for s in ("teacher", "distill", "evaluate/tsgd"))
+        assert all(stages[s].gpu_hours > 0 for s in ("teacher", "distill/tsgd", "evaluate/tsgd"))
     assert all(s.name in render(plan) for s in stages.values())
+    for baseline in cfg.evaluate.baselines:  # each baseline distils (random_real without recovery) and evaluates
+        assert f"evaluate/{baseline.value}" in stages
+        if baseline.value != "full":
+            assert (stages[f"distill/{baseline.value}"].gpu_hours == 0) == (baseline.value == "random_real")
 
 
 def test_gpu_time_and_memory_follow_the_work():
@@ -40,15 +44,15 @@ def test_gpu_time_and_memory_follow_the_work():
     is a warning that names the keys to change."""
     base = load_config("kinetics400", ["storage.output_root=/nonexistent/plan"])
     longer = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.iterations=2000"])
-    hours = [next(s.gpu_hours for s in make_plan(c)["stages"] if s.name == "distill") for c in (base, longer)]
+    hours = [next(s.gpu_hours for s in make_plan(c)["stages"] if s.name == "distill/tsgd") for c in (base, longer)]
     assert hours[1] == pytest.approx(2 * hours[0])
     big = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.ipc=50", "distill.partitions=1",
                                       "data.num_frames=16", "data.height=112", "data.width=112"])
-    distill = next(s for s in make_plan(big)["stages"] if s.name == "distill")
+    distill = next(s for s in make_plan(big)["stages"] if s.name == "distill/tsgd")
     cost = model_cost("mini_c3d", 64, 4, (16, 112, 112), 400)
     assert distill.warnings and "distill.max_videos_per_partition" in distill.warnings[0]
     assert "20000 videos" in distill.memory and cost.activation_bytes > 300 * 2**20  # as docs/sizing.md measures
-    assert not next(s for s in make_plan(base)["stages"] if s.name == "distill").warnings
+    assert not next(s for s in make_plan(base)["stages"] if s.name == "distill/tsgd").warnings
 
 
 @pytest.mark.ray

@@ -110,6 +110,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _resources(count: int, cpus: float, gpus: float) -> str:
+    return f"{count} x {{CPU: {cpus:g}, GPU: {gpus:g}}}"
+
+
 def _hours(flops: float, gpu: GPU) -> float:
     return flops / (gpu.tflops * 1e12) / 3600
 
@@ -129,6 +133,31 @@ class _Probe:
             return default
 
 
+def _distill_stage(cfg: DictConfig, method: Method, classes: int, size: tuple[int, int, int], teacher: ModelCost,
+                   gpu: str, done) -> Stage:
+    """distill + merge of `method` (cfg: its method_config): partitions, one actor's memory, GPU time."""
+    d, g = cfg.distill, GPUS[gpu]
+    videos = classes * d.ipc
+    partitions = max(d.partitions or 4 * d.actors, math.ceil(videos / d.max_videos_per_partition) if d.max_videos_per_partition else 0)
+    partitions = max(1, min(partitions, classes or 1))
+    per_partition = math.ceil(videos / partitions) if videos else 0
+    chunk = min(d.chunk_size, per_partition)
+    state = OPTIMISER_BYTES * 3 * math.prod(size)
+    actor_bytes = per_partition * state + chunk * teacher.activation_bytes + 4 * teacher.params
+    stage = Stage(f"distill/{method.value}", artifacts.distill_dir(cfg),
+                  done(storage.join(artifacts.synthetic_dir(cfg), artifacts.SYNTHETIC_MANIFEST)),
+                  _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
+                  f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
+                  f"synthetic set {_gib(videos * (3 * math.prod(size) + size[1] * size[2]))} (uint8 clips + heat maps)",
+                  _hours(videos * d.iterations * teacher.flops * AUGMENT_OVERHEAD, g),
+                  f"{_gib(actor_bytes)} per actor ({per_partition} videos x {_gib(state)} state "
+                  f"+ chunks of {chunk} x {_gib(teacher.activation_bytes)} activations + teacher)")
+    if d.gpus_per_actor and actor_bytes > g.memory_gib * 2**30 * 0.9:
+        stage.warnings.append(f"a partition needs {_gib(actor_bytes)}, more than 90% of a {gpu}'s {g.memory_gib:g} GiB: "
+                              f"lower distill.max_videos_per_partition or distill.chunk_size")
+    return stage
+
+
 def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     """The plan: {"counts": ..., "stages": [Stage, ...], "gpu_hours", "dollars", "gpu"}.
 
@@ -145,7 +174,6 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     t, s, d, e = cfg.teacher, cfg.stats, cfg.distill, cfg.evaluate
     teacher = model_cost(t.model, t.width, t.depth, size, max(classes, 1))
     student = model_cost(e.model or t.model, e.width or t.width, e.depth or t.depth, size, max(classes, 1))
-    gpus = lambda n, cpus, gpus_each: f"{n} x {{CPU: {cpus:g}, GPU: {gpus_each:g}}}"  # noqa: E731
     stages = []
 
     shard_bytes = sum(x["bytes"] for x in manifest["shards"]) if manifest else 0
@@ -157,43 +185,27 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     teacher_flops = t.epochs * train * 1.5 * teacher.flops  # weight gradients add about half
     imported = bool(t.checkpoint)
     stages.append(Stage("teacher", artifacts.teacher_dir(cfg), _done(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER)),
-                        "none (imported checkpoint)" if imported else gpus(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
+                        "none (imported checkpoint)" if imported else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
                         t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
                         f"teacher.pt, {_gib(4 * teacher.params)} ({teacher.params:,} parameters)",
                         0.0 if imported else _hours(teacher_flops, g)))
 
     statistics_bytes = 2 * 8 * classes * teacher.bn_channels  # int64 sums and squares per class and channel
     stages.append(Stage("stats", artifacts.stats_dir(cfg), _done(storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER)),
-                        gpus(s.actors, s.cpus_per_actor, s.gpus_per_actor),
+                        _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
                         f"{train:,} clips once ({s.init_views} view(s) each)",
                         f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
                         _hours(train * s.init_views * teacher.flops / 3, g)))
 
-    videos = classes * d.ipc
-    partitions = max(d.partitions or 4 * d.actors, math.ceil(videos / d.max_videos_per_partition) if d.max_videos_per_partition else 0)
-    partitions = max(1, min(partitions, classes or 1))
-    per_partition = math.ceil(videos / partitions) if videos else 0
-    actor_bytes = per_partition * OPTIMISER_BYTES * 3 * math.prod(size) + min(d.chunk_size, per_partition) * teacher.activation_bytes \
-        + 4 * teacher.params
-    distill = Stage("distill", artifacts.distill_dir(cfg), _done(storage.join(artifacts.synthetic_dir(cfg), artifacts.SYNTHETIC_MANIFEST)),
-                    gpus(d.actors, d.cpus_per_actor, d.gpus_per_actor),
-                    f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
-                    f"synthetic set {_gib(videos * (clip_bytes + size[1] * size[2]))} (uint8 clips + heat maps)",
-                    _hours(videos * d.iterations * teacher.flops * AUGMENT_OVERHEAD, g),
-                    f"{_gib(actor_bytes)} per actor ({per_partition} videos x {_gib(OPTIMISER_BYTES * 3 * math.prod(size))} state "
-                    f"+ chunks of {min(d.chunk_size, per_partition)} x {_gib(teacher.activation_bytes)} activations + teacher)")
-    if d.gpus_per_actor and actor_bytes > g.memory_gib * 2**30 * 0.9:
-        distill.warnings.append(f"a partition needs {_gib(actor_bytes)}, more than 90% of a {gpu}'s {g.memory_gib:g} GiB: "
-                                f"lower distill.max_videos_per_partition or distill.chunk_size")
-    stages.append(distill)
-
-    for method in dict.fromkeys([d.method, *e.baselines]):
+    for method in dict.fromkeys([d.method, *e.baselines]):  # as `run` does them
         mcfg = artifacts.method_config(cfg, method)
-        clips = train if method == Method.full else videos
+        if method != Method.full:
+            stages.append(_distill_stage(mcfg, method, classes, size, teacher, gpu, _done))
+        clips = train if method == Method.full else classes * d.ipc
         epochs = mcfg.evaluate.epochs
         per_seed = epochs * clips * (student.flops * 1.5 + teacher.flops / 3) + evaluated * student.flops / 3
         stages.append(Stage(f"evaluate/{method.value}", artifacts.evaluate_dir(mcfg, method),
-                            _done(artifacts.results_uri(mcfg, method)), gpus(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
+                            _done(artifacts.results_uri(mcfg, method)), _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
                             f"{len(e.seeds)} seeds x {epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
                             "per-seed results", _hours(len(e.seeds) * per_seed, g)))
 
