@@ -126,11 +126,12 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
         "data.num_frames=8", "data.height=32", "data.width=32", "data.transcode_short_side=0", "data.shard_target_mb=2",
         "data.decode_actors=1", "data.decode_cpus_per_actor=0.5", "data.decode_batch_size=64",
         "teacher.width=8", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=64", "teacher.num_workers=1",
-        "teacher.cpus_per_worker=1", "stats.actors=1", "stats.cpus_per_actor=1", "stats.gpus_per_actor=0", "stats.batch_size=64",
+        "teacher.cpus_per_worker=1", "teacher.gpus_per_worker=0", "stats.actors=1", "stats.cpus_per_actor=1",
+        "stats.gpus_per_actor=0", "stats.batch_size=64",
         f"distill.ipc={ipc}", "distill.iterations=2", "distill.actors=1", "distill.gpus_per_actor=0",
         "distill.cpus_per_actor=1", f"distill.max_videos_per_partition={max_videos}", "distill.partitions=1",
         "evaluate.epochs=1", "evaluate.seeds=[0]", "evaluate.baselines=[]", "evaluate.cpus_per_worker=1",
-        "evaluate.batch_size=64", f"storage.output_root={out}",
+        "evaluate.gpus_per_worker=0", "evaluate.batch_size=64", f"storage.output_root={out}",
     ])
     cfg = method_config(cfg, Method.tsgd)
     work = {"prepare": lambda: run_prepare(cfg), "teacher": lambda: run_teacher(cfg), "stats": lambda: run_stats(cfg),

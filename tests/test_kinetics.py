@@ -40,10 +40,12 @@ def _overrides(bucket: str, tmp_path) -> list[str]:
         "data.on_catalog_error=skip", "data.num_frames=8", "data.height=32", "data.width=32", "data.shard_target_mb=0.2",
         "data.transcode_short_side=0", "data.decode_actors=1", "data.decode_cpus_per_actor=0.5", "data.decode_batch_size=32",
         "teacher.width=8", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=64", "teacher.num_workers=1",
-        "teacher.cpus_per_worker=1", "stats.actors=1", "stats.cpus_per_actor=0.5", "stats.gpus_per_actor=0", "stats.batch_size=64",
+        "teacher.cpus_per_worker=1", "teacher.gpus_per_worker=0", "stats.actors=1", "stats.cpus_per_actor=0.5",
+        "stats.gpus_per_actor=0", "stats.batch_size=64",
         "distill.ipc=1", "distill.iterations=2", "distill.actors=1", "distill.gpus_per_actor=0", "distill.chunk_size=50",
         "distill.max_videos_per_partition=30",
         "evaluate.epochs=1", "evaluate.seeds=[0]", "evaluate.baselines=[]", "evaluate.cpus_per_worker=1",
+        "evaluate.gpus_per_worker=0",
         f"storage.output_root={bucket}/out-{tmp_path.name}",
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=kinetics",
     ]

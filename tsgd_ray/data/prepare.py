@@ -166,17 +166,17 @@ def run_prepare(cfg: DictConfig, catalog: Catalog | None = None) -> dict:
     if manifest is not None:
         log.info("shards already prepared at %s", shards_root(cfg))
         return manifest
+    catalog = catalog or build_catalog(cfg)  # before the lease: a catalog error leaves nothing behind
+    if not catalog.records:
+        raise ManifestError("the catalog holds no videos: nothing to prepare")
     with lease.hold(shards_root(cfg), cfg.storage.lease_seconds, cfg.storage.wait_for_lease, "prepare"):
         return finished_manifest(cfg) or _prepare(cfg, catalog)
 
 
-def _prepare(cfg: DictConfig, catalog: Catalog | None) -> dict:
+def _prepare(cfg: DictConfig, catalog: Catalog) -> dict:
     import ray
 
     root = shards_root(cfg)
-    catalog = catalog or build_catalog(cfg)
-    if not catalog.records:
-        raise ManifestError("the catalog holds no videos: nothing to prepare")
     plans = plan_shards(catalog, catalog.sizes, int(cfg.data.shard_target_mb * 2**20), cfg.seed)
     digest = plan_hash(plans, cfg.data.transcode_short_side)
     log.info("preparing %d videos into %d shards at %s", len(catalog.records), len(plans), root)
