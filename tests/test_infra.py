@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -138,7 +139,20 @@ def test_ec2_model_catches_a_broken_node_config():
 # ---------------------------------------------------------------- KubeRay
 
 
-CRDS = REPO.parent / "shared" / "kuberay-crds"  # KubeRay's published CRDs, read in place (never copied)
+def _crd_folder() -> Path:
+    """KubeRay's published CRDs, read in place (never copied): ../shared/kuberay-crds beside this
+    checkout, or beside the repository a clean clone was made from (CI's clone lives elsewhere)."""
+    import subprocess
+
+    candidates = [REPO.parent / "shared" / "kuberay-crds"]
+    origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True,
+                            text=True).stdout.strip()
+    if origin and "://" not in origin and ":" not in origin.split("/")[0]:  # a local path, not a remote
+        candidates.append(Path(origin).resolve().parent / "shared" / "kuberay-crds")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+CRDS = _crd_folder()
 CRD_VERSIONS = ("1.4.0", "1.7.0")
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
