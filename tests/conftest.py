@@ -68,6 +68,14 @@ def s3_root(s3_server, request) -> str:
     return f"s3://{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}-{os.urandom(3).hex()}"
 
 
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path) -> str:
+    """A fresh root on the local disk, then one on the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_root")
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One small local Ray for the whole session (started after the S3 variables are set). It

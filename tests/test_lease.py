@@ -18,43 +18,36 @@ from conftest import tiny_config
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=["local", "s3"])
-def folder(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "stage")
-    return request.getfixturevalue("s3_root")
-
-
-def test_a_held_stage_is_refused_then_free_after_release(folder):
-    with lease.hold(folder, 60, wait=False, what="teacher"):
+def test_a_held_stage_is_refused_then_free_after_release(store_root):
+    with lease.hold(store_root, 60, wait=False, what="teacher"):
         with pytest.raises(lease.LeaseHeld, match=r"teacher: another run works on .* pid \d+"):
-            with lease.hold(folder, 60, wait=False, what="teacher"):
+            with lease.hold(store_root, 60, wait=False, what="teacher"):
                 pass
-    with lease.hold(folder, 60, wait=False, what="teacher"):  # released: free at once
-        generation, content = lease.newest(folder)
+    with lease.hold(store_root, 60, wait=False, what="teacher"):  # released: free at once
+        generation, content = lease.newest(store_root)
         assert not content["released"]
-    assert lease.newest(folder)[1]["released"]
-    assert len(storage.list_files(storage.join(folder, lease.FOLDER))) == 1  # older generations removed
+    assert lease.newest(store_root)[1]["released"]
+    assert len(storage.list_files(storage.join(store_root, lease.FOLDER))) == 1  # older generations removed
 
 
-def test_the_holder_renews_and_a_dead_holders_lease_expires(folder):
-    holder = lease._Holder(folder, seconds=2.0)
+def test_the_holder_renews_and_a_dead_holders_lease_expires(store_root):
+    holder = lease._Holder(store_root, seconds=2.0)
     assert holder.try_take() is None
     time.sleep(3.0)  # longer than the lease: only renewal keeps it
     with pytest.raises(lease.LeaseHeld):
-        with lease.hold(folder, 2.0, wait=False, what="stats"):
+        with lease.hold(store_root, 2.0, wait=False, what="stats"):
             pass
     holder._stop.set()  # the holder dies: no more renewals, no release
     holder._thread.join()
     died = time.time()
-    with lease.hold(folder, 2.0, wait=True, what="stats"):  # waits for the expiry, then takes over
+    with lease.hold(store_root, 2.0, wait=True, what="stats"):  # waits for the expiry, then takes over
         waited = time.time() - died
-        assert lease.newest(folder)[1]["holder"] != holder.identity["holder"]
+        assert lease.newest(store_root)[1]["holder"] != holder.identity["holder"]
     assert 0.5 < waited < 10.0
 
 
-def test_of_runs_racing_for_a_free_lease_exactly_one_wins(folder):
-    holders = [lease._Holder(folder, 60) for _ in range(6)]
+def test_of_runs_racing_for_a_free_lease_exactly_one_wins(store_root):
+    holders = [lease._Holder(store_root, 60) for _ in range(6)]
     results = {}
     barrier = threading.Barrier(len(holders))
 
@@ -69,7 +62,7 @@ def test_of_runs_racing_for_a_free_lease_exactly_one_wins(folder):
         t.join()
     winners = [i for i, won in results.items() if won]
     assert len(winners) == 1
-    assert lease.newest(folder)[1]["holder"] == holders[winners[0]].identity["holder"]
+    assert lease.newest(store_root)[1]["holder"] == holders[winners[0]].identity["holder"]
     holders[winners[0]].release()
 
 

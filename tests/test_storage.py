@@ -8,15 +8,8 @@ import pytest
 from tsgd_ray import storage
 
 
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_root")
-
-
-def test_write_once_never_overwrites(root):
-    uri = storage.join(root, "a", "b.bin")
+def test_write_once_never_overwrites(store_root):
+    uri = storage.join(store_root, "a", "b.bin")
     assert not storage.exists(uri)
     assert storage.write_once(uri, b"first") is True
     assert storage.write_once(uri, b"second") is False
@@ -24,32 +17,32 @@ def test_write_once_never_overwrites(root):
     assert storage.size(uri) == 5
 
 
-def test_json_roundtrip_and_listing(root):
-    storage.write_json_once(storage.join(root, "x", "m.json"), {"k": [1, 2]})
-    storage.write_once(storage.join(root, "x", "v.mp4"), b"\x00" * 10)
-    storage.write_once(storage.join(root, "y", "w.AVI"), b"\x00" * 3)
-    assert storage.read_json(storage.join(root, "x", "m.json")) == {"k": [1, 2]}
-    videos = storage.list_files(root, ["mp4", "avi"])
+def test_json_roundtrip_and_listing(store_root):
+    storage.write_json_once(storage.join(store_root, "x", "m.json"), {"k": [1, 2]})
+    storage.write_once(storage.join(store_root, "x", "v.mp4"), b"\x00" * 10)
+    storage.write_once(storage.join(store_root, "y", "w.AVI"), b"\x00" * 3)
+    assert storage.read_json(storage.join(store_root, "x", "m.json")) == {"k": [1, 2]}
+    videos = storage.list_files(store_root, ["mp4", "avi"])
     assert [v.rsplit("/", 2)[-2:] for v in videos] == [["x", "v.mp4"], ["y", "w.AVI"]]
-    assert all(v.startswith(storage.absolute(root)) for v in videos)
-    sizes = storage.file_sizes(root)
+    assert all(v.startswith(storage.absolute(store_root)) for v in videos)
+    sizes = storage.file_sizes(store_root)
     assert sorted(sizes.values()) == [3, 10, sorted(sizes.values())[2]] and len(sizes) == 3
-    assert storage.list_files(storage.join(root, "nothing-here")) == []
+    assert storage.list_files(storage.join(store_root, "nothing-here")) == []
 
 
-def test_missing_object_raises_file_not_found(root):
+def test_missing_object_raises_file_not_found(store_root):
     with pytest.raises(FileNotFoundError):
-        storage.read_bytes(storage.join(root, "missing.bin"))
+        storage.read_bytes(storage.join(store_root, "missing.bin"))
 
 
-def test_concurrent_writers_leave_exactly_one_whole_object(root, monkeypatch):
+def test_concurrent_writers_leave_exactly_one_whole_object(store_root, monkeypatch):
     """Eight writers race for one object; on S3 each also misses the others' objects in its
     existence check (as a zombie actor and its replacement can), so only the conditional create
     (If-None-Match) can keep the first write. The winner's bytes stay."""
     import s3fs
 
     monkeypatch.setattr(s3fs.S3FileSystem, "exists", lambda self, path, **kw: False)
-    uri = storage.join(root, "race.bin")
+    uri = storage.join(store_root, "race.bin")
     payloads = [bytes([i]) * 100_000 for i in range(8)]
     results = {}
     barrier = threading.Barrier(len(payloads))
@@ -70,7 +63,7 @@ def test_concurrent_writers_leave_exactly_one_whole_object(root, monkeypatch):
         assert storage.write_once(uri, payloads[i]) is False
     assert storage.read_bytes(uri) == payloads[winners[0]]
     monkeypatch.undo()
-    assert storage.list_files(root) == [storage.absolute(uri)]  # no temporary object left behind
+    assert storage.list_files(store_root) == [storage.absolute(uri)]  # no temporary object left behind
 
 
 def test_output_root_refuses_to_leave_the_root(tmp_path):
