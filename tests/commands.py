@@ -1,7 +1,7 @@
 """Check that a shell command shown to users parses, without running it.
 
 `check_command("tsgd-ray run kinetics400 data.root=s3://b/k")` raises AssertionError when the
-command would fail to parse. `tsgd-ray` and `python -m jobs.*` commands must load and validate
+command would fail to parse. `tsgd-ray` and `python -m tsgd_ray` commands must load and validate
 their config. `ray` and `mlflow` commands are parsed by their own click parsers, and the entrypoint
 of `ray job submit` is checked in turn. Python scripts must accept every --option given, as their
 --help shows. Files under the repository that a command names must exist. A program with no check
@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import click
 
 REPO = Path(__file__).resolve().parent.parent
-TOP_DIRS = ("configs/", "infra/", "jobs/", "scripts/", "benchmarks/", "docs/", "tests/", "tsgd_ray/")
+TOP_DIRS = ("infra/", "scripts/", "benchmarks/", "docs/", "tests/", "tsgd_ray/")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 # Programs whose arguments are not checked beyond the repository paths they name.
 UNCHECKED = {"ulimit", "cd", "export", "git", "pip", "mkdir", "aws", "kubectl", "helm", "eksctl", "echo", "cat",
@@ -73,7 +73,7 @@ def _check_tsgd_ray(argv: Sequence[str]) -> None:
         args = build_parser().parse_args(list(argv))
     except SystemExit as exc:
         raise AssertionError(f"tsgd-ray {shlex.join(argv)}: does not parse") from exc
-    with contextlib.chdir(REPO):  # config names resolve in ./configs
+    with contextlib.chdir(REPO):  # a config path in the docs is relative to the repository
         load_config(args.config, args.overrides)
 
 
@@ -127,12 +127,8 @@ def _check_mlflow(argv: Sequence[str]) -> None:
 def _check_python(argv: Sequence[str]) -> None:
     if argv[:1] == ["-m"]:
         module, args = argv[1], argv[2:]
-        if module.startswith("jobs."):
-            from tsgd_ray.cli import COMMANDS
-
-            command = module.split(".", 1)[1]
-            assert command in COMMANDS, f"python -m {module}: no such job"
-            _check_tsgd_ray([command, *args])
+        if module == "tsgd_ray":
+            _check_tsgd_ray(args)
         elif module == "tsgd_ray.config_reference":
             from tsgd_ray.config_reference import main
 

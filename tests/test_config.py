@@ -6,7 +6,7 @@ from tsgd_ray.cli import main
 from tsgd_ray.config import ConfigError, config_hash, load_config, to_dict
 from conftest import REPO
 
-SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+SHIPPED = sorted(p.stem for p in (REPO / "tsgd_ray" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -324,7 +324,7 @@ def test_dockerfile_installs_the_project_on_a_ray_image():
 
 
 def test_runtime_envs_are_valid_and_the_no_image_one_lists_pyprojects_dependencies():
-    for path in ("jobs/runtime_env.yaml", "infra/docker/runtime_env.yaml"):
+    for path in ("infra/runtime_env.yaml", "infra/docker/runtime_env.yaml"):
         check_runtime_env(path, working_dir=".")
     env = yaml.safe_load((INFRA / "docker" / "runtime_env.yaml").read_text())
     wanted = [d.replace(" ", "") for d in _pyproject()["project"]["dependencies"] if not d.startswith("ray")]

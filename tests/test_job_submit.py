@@ -61,7 +61,7 @@ def test_pipeline_submitted_as_a_ray_job(head_node, tmp_path):
     address, client, env = head_node
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     command = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
-               "--runtime-env", "jobs/runtime_env.yaml", "--", sys.executable, "-m", "jobs.run", "default",
+               "--runtime-env", "infra/runtime_env.yaml", "--", sys.executable, "-m", "tsgd_ray", "run", "default",
                f"storage.output_root={out}", f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=submitted",
                "data.builtin.train_per_class=4", "data.builtin.test_per_class=2", "data.shard_target_mb=0.05",
                "teacher.width=8", "teacher.depth=2", "teacher.epochs=2", "teacher.cpus_per_worker=1",

@@ -101,7 +101,7 @@ def test_prepare_streams_a_dataset_far_larger_than_the_object_store(tmp_path):
         (source / f"{i:03d}.mp4").write_bytes(big)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "tsgd_ray.cli", "prepare", str(REPO / "configs" / "default.yaml"),
+    cmd = [sys.executable, "-m", "tsgd_ray.cli", "prepare", "default",
            "data.dataset=folder", f"data.root={tmp_path / 'videos'}", f"storage.output_root={out}",
            "data.shard_target_mb=16", "ray.object_store_mb=80", f"ray.temp_dir={REPO / '.cache' / 'ray-small'}"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)

@@ -174,7 +174,7 @@ def test_selection_is_per_class_and_deterministic():
     subset = torch.tensor([0, 9, 9] * 10)  # other classes differ; class 0 keeps its rows
     assert selection.random_real(subset, 1, ipc=4, seed=5)[0] == choice[0]
     assert selection.random_real(labels, 3, ipc=4, seed=6) != choice
-    with pytest.raises(ValueError, match="fewer than ipc"):
+    with pytest.raises(ValueError, match="fewer real clips"):
         selection.random_real(labels, 3, ipc=11, seed=0)
     losses = torch.arange(30, 0, -1).float()
     assert selection.lowest_loss(losses, labels, 3, ipc=2)[0] == [27, 24]

@@ -1,8 +1,8 @@
 """`tsgd-ray <command> CONFIG [key=value ...]`: the command-line entry point.
 
 Every command loads and validates the config before any Ray work; errors a user can cause
-(config, catalog, shards, storage) end the program with one line on stderr and exit code 2.
-`python -m jobs.<command> CONFIG [key=value ...]` (for `ray job submit`) calls the same code.
+(`tsgd_ray.errors.UserError`) end the program with one line on stderr and exit code 2.
+`python -m tsgd_ray <command> CONFIG [key=value ...]` (for `ray job submit`) is the same program.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from tsgd_ray.config import ConfigError, load_config, to_yaml
+from tsgd_ray import __version__
+from tsgd_ray.config import load_config, to_yaml
+from tsgd_ray.errors import find_user_error
 
 log = logging.getLogger("tsgd_ray")
 
@@ -98,37 +100,31 @@ COMMANDS: dict[str, Callable[[DictConfig], int]] = {
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from tsgd_ray.core.models import ModelError
-    from tsgd_ray.data.catalog import CatalogError
-    from tsgd_ray.data.pipeline import TooManyBadVideos
-    from tsgd_ray.data.shards import ManifestError
-    from tsgd_ray.distributed.merge import MergeError
-    from tsgd_ray.distributed.pool import PoolError
-    from tsgd_ray.lease import LeaseHeld
-    from tsgd_ray.storage import StorageError
-
-    return (ConfigError, CatalogError, ManifestError, TooManyBadVideos, StorageError, FileNotFoundError, ModelError,
-            MergeError, PoolError, LeaseHeld)
-
-
 def run_command(name: str, config: str, overrides: Sequence[str], **options) -> int:
-    """Load the config, then run the named command (with the command's own `options`); user errors
-    become one line and exit code 2."""
+    """Load the config, then run the named command (with the command's own `options`).
+
+    A UserError, raised here or inside a Ray task, actor or Ray Train worker, ends as its one-line
+    message on stderr and exit code 2; anything else is a bug and keeps its traceback.
+    """
     try:
         cfg = load_config(config, overrides)
         return COMMANDS[name](cfg, **options)
-    except _user_errors() as exc:
-        print(f"tsgd-ray {name}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = find_user_error(exc)
+        if error is None:
+            raise
+        log.debug("user error", exc_info=exc)  # the whole chain, in the log file only
+        print(f"tsgd-ray {name}: error: {error}", file=sys.stderr)
         return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsgd-ray", description="Temporal Saliency-Guided Distillation of video datasets on Ray.")
+    parser.add_argument("--version", action="version", version=f"tsgd-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
-        p.add_argument("config", help="a YAML file, or a name in ./configs (e.g. default, ucf101)")
+        p.add_argument("config", help="a YAML file, or the name of a shipped config (default, ucf101, hmdb51, kinetics400, ssv2)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.num_frames=8")
         if name == "plan":
             from tsgd_ray.plan import GPUS

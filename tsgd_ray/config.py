@@ -19,11 +19,13 @@ from typing import Any, Callable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tsgd_ray.errors import UserError
+
 
 MAX_IPC = 50  # the most synthetic videos per class; the statistics pass keeps this many init candidates
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in the configuration; the message names the full key."""
 
 
@@ -504,18 +506,28 @@ def _as_config_error(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{key}: {message}" if key else message)
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the package
+
+
+def config_names() -> list[str]:
+    """The names of the shipped configs (``default``, ``ucf101``, ...)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """Find a config by path, or by name in ./configs (``default`` -> configs/default.yaml).
+    """Find a config by path, else by name among the shipped ones (``default`` ->
+    tsgd_ray/configs/default.yaml), from any directory.
 
     Raises:
         ConfigError: when no such file exists.
     """
     path = Path(name_or_path)
-    candidates = [path, Path("configs") / path, Path("configs") / f"{path}.yaml"]
+    candidates = [path, CONFIGS / f"{path}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"config file not found: {name_or_path} (looked at {', '.join(map(str, candidates))})")
+    raise ConfigError(f"config file not found: {name_or_path} (not a file, nor a shipped config: "
+                      f"{', '.join(config_names())})")
 
 
 # Keys holding a local path or URI. A relative local path is made absolute at load time: Ray Train

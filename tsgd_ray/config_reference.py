@@ -32,7 +32,8 @@ Generated from the schema in `tsgd_ray/config.py` by
 when this file and the schema differ.
 
 A config is built as **schema (the defaults below) <- a YAML file <- `key=value` overrides**. The
-YAML file is a path or a name in `configs/` (`default`, `ucf101`, `hmdb51`, `kinetics400`, `ssv2`).
+YAML file is a path or the name of a config shipped in `tsgd_ray/configs/` (`default`, `ucf101`, `hmdb51`,
+`kinetics400`, `ssv2`), found from any directory.
 `tsgd-ray config CONFIG [key=value ...]` prints the resolved result. An unknown key, a wrong type or
 a value out of range stops the program before any Ray work, with a message naming the full key.
 Lists are written `key=[a,b]` on the command line.

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from tsgd_ray import storage
+from tsgd_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ FOLDER = "_lease"
 WAIT_LOG_SECONDS = 60.0
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(UserError, RuntimeError):
     """Another run holds the stage and the config says not to wait (storage.wait_for_lease=false)."""
 
 

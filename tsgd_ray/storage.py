@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tsgd_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -33,8 +35,12 @@ RETRIES = 4
 RETRY_BASE_SECONDS = 0.5
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A storage operation failed after retries; the message names the URI."""
+
+
+class NotFound(StorageError, FileNotFoundError):
+    """No object at the URI (a FileNotFoundError too, so `except FileNotFoundError` still holds)."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -61,6 +67,8 @@ def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
                 if not _transient(exc) or attempt == RETRIES - 1:
                     if _transient(exc):
                         raise StorageError(f"{fn.__name__}({uri}) failed after {RETRIES} tries: {exc}") from exc
+                    if isinstance(exc, FileNotFoundError) and not isinstance(exc, NotFound):
+                        raise NotFound(f"no such file: {uri}") from exc
                     raise
                 delay = RETRY_BASE_SECONDS * 2**attempt
                 log.warning("%s(%s) failed (%s); retrying in %.1fs", fn.__name__, uri, type(exc).__name__, delay)

@@ -13,11 +13,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from tsgd_ray.errors import UserError
+
 ModelBuilder = Callable[..., nn.Module]
 MODELS: dict[str, ModelBuilder] = {}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """An unknown model name, or a checkpoint that does not fit the model or the class map."""
 
 

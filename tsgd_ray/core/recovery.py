@@ -24,11 +24,12 @@ from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_moments
 from tsgd_ray.core.clips import valid_range
 from tsgd_ray.core.device import autocast
+from tsgd_ray.errors import UserError
 
 StepCallback = Callable[[int, dict], None]
 
 
-class RecoveryError(ValueError):
+class RecoveryError(UserError, ValueError):
     """A teacher or input that recovery cannot use (e.g. a BN term without BN layers)."""
 
 

@@ -3,7 +3,7 @@
 Every function returns, per class, the positions (rows of the given real set) of `ipc` clips,
 ordered; a class's choice depends only on its own clips and (seed, class), never on the others.
 
-Raises ValueError when a class has fewer than `ipc` clips.
+Raises TooFewClips when a class has fewer than `ipc` clips.
 """
 
 from __future__ import annotations
@@ -13,13 +13,19 @@ import hashlib
 import numpy as np
 import torch
 
+from tsgd_ray.errors import UserError
+
+
+class TooFewClips(UserError, ValueError):
+    """A class has fewer real clips than the IPC asked for."""
+
 
 def _class_rows(labels: torch.Tensor, num_classes: int, ipc: int) -> list[np.ndarray]:
     labels_np = labels.cpu().numpy()
     rows = [np.flatnonzero(labels_np == c) for c in range(num_classes)]
     short = [c for c, r in enumerate(rows) if len(r) < ipc]
     if short:
-        raise ValueError(f"classes {short[:10]} have fewer than ipc={ipc} real clips")
+        raise TooFewClips(f"distill.ipc={ipc}: classes {short[:10]} have fewer real clips; lower distill.ipc")
     return rows
 
 

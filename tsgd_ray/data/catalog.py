@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import DatasetKind, OnCatalogError
+from tsgd_ray.errors import UserError
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -35,7 +36,7 @@ _SPLIT_ALIASES = {
 EXAMPLES_SHOWN = 5
 
 
-class CatalogError(ValueError):
+class CatalogError(UserError, ValueError):
     """The dataset on disk does not match its layout; the message shows a few examples."""
 
 

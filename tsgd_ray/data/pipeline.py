@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
-from tsgd_ray.data.shards import read_manifest, shard_uris, shards_root
+from tsgd_ray.data.shards import ManifestError, read_manifest, shard_uris, shards_root
 from tsgd_ray.data.video import VideoDecodeError, clip_rng, decode_clip, decode_view
+from tsgd_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ READ_CPUS = 0.25
 CLIP_COLUMNS = ("clip", "label", "video_id", "ok", "error")
 
 
-class TooManyBadVideos(RuntimeError):
+class TooManyBadVideos(UserError, RuntimeError):
     """More than data.max_bad_fraction of a split's videos failed to decode."""
 
 
@@ -107,8 +108,7 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     deadlock).
 
     Raises:
-        ManifestError: if the shards are not prepared.
-        ValueError: if the split has no shards.
+        ManifestError: if the shards are not prepared or the split has none.
     """
     import ray
 
@@ -116,7 +116,7 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     manifest = read_manifest(root)
     paths = shard_uris(root, manifest, split)
     if not paths:
-        raise ValueError(f"no shards for split {split!r} under {root} (splits: {sorted(manifest['counts'])})")
+        raise ManifestError(f"no shards for split {split!r} under {root} (splits: {sorted(manifest['counts'])})")
     d = cfg.data
     ds = ray.data.from_items([{"uri": p} for p in paths], override_num_blocks=len(paths)).map_batches(
         read_shard_rows, batch_size=1, num_cpus=READ_CPUS,

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tsgd_ray import storage
 from tsgd_ray.config import ConfigError
 from tsgd_ray.data.catalog import Catalog, VideoRecord
+from tsgd_ray.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,7 +46,7 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A shard set is missing, incomplete, or of another schema version."""
 
 

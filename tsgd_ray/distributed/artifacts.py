@@ -40,6 +40,7 @@ from tsgd_ray import lease, storage
 from tsgd_ray.config import InitKind, Method, to_dict, validate
 from tsgd_ray.core.bn_stats import ClassStatistics
 from tsgd_ray.core.models import build_model, load_checkpoint
+from tsgd_ray.errors import UserError
 from tsgd_ray.storage import OutputRoot
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,17 @@ def write_tensors(uri: str, tensors: dict[str, Any]) -> bool:
     return storage.write_once(uri, buf.getvalue())
 
 
+class MissingInput(UserError, FileNotFoundError):
+    """A stage's input is not there: the stage before it has not finished with this config."""
+
+
+def require(uri: str, stage: str) -> str:
+    """`uri`, once it exists; else MissingInput naming the stage that writes it."""
+    if not storage.exists(uri):
+        raise MissingInput(f"no {stage} output at {uri}: run the {stage} stage first (with this config)")
+    return uri
+
+
 def read_tensors(uri: str) -> dict[str, Any]:
     """Load what `write_tensors` wrote, with weights_only=True (no code is ever unpickled)."""
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
@@ -232,10 +244,10 @@ def load_teacher(cfg: DictConfig, classes: list[str], device: torch.device | str
     """The finished teacher of this config, frozen, in eval mode on `device`.
 
     Raises:
-        FileNotFoundError: when the teacher stage has not finished.
+        MissingInput: when the teacher stage has not finished.
     """
     model = build_model(cfg.teacher.model, len(classes), clip_size(cfg), cfg.teacher.width, cfg.teacher.depth)
-    load_checkpoint(model, storage.read_bytes(teacher_uri(cfg)), classes)
+    load_checkpoint(model, storage.read_bytes(require(teacher_uri(cfg), "teacher")), classes)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -247,8 +259,8 @@ def write_statistics(cfg: DictConfig, stats: ClassStatistics) -> None:
 
 
 def read_statistics(cfg: DictConfig) -> ClassStatistics:
-    """Raises FileNotFoundError when the stats stage has not finished."""
-    return ClassStatistics.from_state_dict(read_tensors(storage.join(stats_dir(cfg), STATISTICS)))
+    """Raises MissingInput when the stats stage has not finished."""
+    return ClassStatistics.from_state_dict(read_tensors(require(storage.join(stats_dir(cfg), STATISTICS), "stats")))
 
 
 def write_candidates(cfg: DictConfig, candidates: dict[str, list[list[dict]]]) -> None:
@@ -357,7 +369,7 @@ def read_init(cfg: DictConfig, classes: Sequence[int]) -> dict[str, Any]:
     Raises:
         FileNotFoundError: when the init set of this (ipc, init) has not been written.
     """
-    marker = storage.read_json(storage.join(init_dir(cfg), INIT_MARKER))
+    marker = storage.read_json(require(storage.join(init_dir(cfg), INIT_MARKER), "stats"))
     wanted = set(int(c) for c in classes)
     uris = [storage.join(init_dir(cfg), p["path"]) for p in marker["parts"]
             if any(p["first_class"] <= c <= p["last_class"] for c in wanted)]

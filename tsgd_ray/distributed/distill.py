@@ -43,7 +43,7 @@ from tsgd_ray.core.training import clip_heat
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts
-from tsgd_ray.distributed.pool import ElasticPool, actor_starter
+from tsgd_ray.distributed.pool import ElasticPool, PoolActor, actor_starter
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,16 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-class PartitionWorker:
+class PartitionWorker(PoolActor):
     """A Ray actor: loads the frozen teacher and the statistics once, then recovers one partition
     per call (reading only that partition's init clips)."""
 
-    def __init__(self, cfg: DictConfig, classes: list[str], threads: int):
+    def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
         torch.set_num_threads(threads)
         self.cfg = cfg
         device = resolve_device(cfg.device, cfg.distill.gpus_per_actor, "distill.gpus_per_actor")
         self.teacher = artifacts.load_teacher(cfg, classes, device)
         self.stats = artifacts.read_statistics(cfg)
-
-    def ready(self) -> bool:
-        return True
 
     def recover(self, partition_id: int, classes: list[int]) -> dict:
         return recover_partition(self.cfg, self.teacher, self.stats, partition_id, classes)

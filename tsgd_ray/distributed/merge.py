@@ -28,13 +28,14 @@ from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.data.video import encode_mp4
 from tsgd_ray.distributed import artifacts
+from tsgd_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PREVIEW_CLASSES, PREVIEW_VIDEOS, PREVIEW_MIN_SIDE = 16, 4, 64
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """The partitions do not make a complete synthetic set; the message names the classes."""
 
 

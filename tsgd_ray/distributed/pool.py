@@ -21,6 +21,8 @@ import statistics
 import time
 from typing import Any, Callable, Hashable, Optional, Sequence
 
+from tsgd_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SLOW_FACTOR = 2.0
@@ -39,8 +41,33 @@ def actor_starter(actor_class: type, cpus: float, gpus: float, *args) -> Callabl
     return lambda name: ray.remote(actor_class).options(name=name, **options).remote(*args)
 
 
-class PoolError(RuntimeError):
+class PoolError(UserError, RuntimeError):
     """An item failed on more actors than allowed; the message names it and the last error."""
+
+
+class PoolActor:
+    """Base of the pool's actors: subclasses load what they hold in `setup(*args)`.
+
+    A UserError in `setup` (no teacher yet, a GPU torch cannot use) is kept and raised by
+    `ready()`: the driver then gets the error itself (Ray keeps only the text of an error raised in
+    an actor's __init__) and the pool does not restart actors for an error a restart cannot fix.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        self._setup_error: Optional[UserError] = None
+        try:
+            self.setup(*args)
+        except UserError as exc:
+            self._setup_error = exc
+
+    def setup(self, *args: Any) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once set up; raises the setup's UserError."""
+        if self._setup_error is not None:
+            raise self._setup_error
+        return True
 
 
 class ElasticPool:

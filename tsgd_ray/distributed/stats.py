@@ -42,7 +42,7 @@ from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root
 from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts
-from tsgd_ray.distributed.pool import ElasticPool, actor_starter
+from tsgd_ray.distributed.pool import ElasticPool, PoolActor, actor_starter
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,14 @@ def train_shards(cfg: DictConfig) -> list[dict]:
             for s in read_manifest(root)["shards"] if s["split"] == "train" and s["rows"] > 0]
 
 
-class StatsWorker:
+class StatsWorker(PoolActor):
     """A Ray actor holding the frozen teacher: whole shards in, per-class sums and candidates kept.
 
     `probe(shard, uri)` returns a small summary {clips, loss_sum, bad}; `collect()` hands over
     {"statistics": state dict, "candidates": {kind: BestPerClass}} and resets them.
     """
 
-    def __init__(self, cfg: DictConfig, classes: list[str], threads: int):
+    def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
         torch.set_num_threads(threads)
         self.cfg = cfg
         self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
@@ -77,9 +77,6 @@ class StatsWorker:
     def _reset(self) -> None:
         self.stats = ClassStatistics.empty(self.num_classes, self.channels)
         self.best = {kind: BestPerClass(MAX_IPC) for kind in INIT_KINDS}
-
-    def ready(self) -> bool:
-        return True
 
     def probe(self, shard: int, uri: str) -> dict:
         clips = 0
