@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import __version__
 from tsgd_ray.config import load_config, to_yaml
+from tsgd_ray.console import Console, echo
 from tsgd_ray.errors import find_user_error
 
 log = logging.getLogger("tsgd_ray")
@@ -28,42 +29,49 @@ def command_config(cfg: DictConfig) -> int:
     return 0
 
 
-def command_prepare(cfg: DictConfig) -> int:
+def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
     """Catalog the dataset and write its shards and manifest."""
     from tsgd_ray.data.prepare import run_prepare
     from tsgd_ray.data.shards import shards_root
     from tsgd_ray.distributed.cluster import init_ray
 
-    init_ray(cfg)
-    manifest = run_prepare(cfg)
-    counts = {split: sum(c.values()) for split, c in manifest["counts"].items()}
-    print(json.dumps({"shards": shards_root(cfg), "classes": len(manifest["classes"]), "videos": counts,
-                      "shard_files": len(manifest["shards"]), "skipped": len(manifest["skipped"])}))
+    with Console(cfg.storage.output_root, "prepare", verbose):
+        init_ray(cfg, verbose)
+        manifest = run_prepare(cfg)
+        counts = {split: sum(c.values()) for split, c in manifest["counts"].items()}
+        echo(json.dumps({"shards": shards_root(cfg), "classes": len(manifest["classes"]), "videos": counts,
+                         "shard_files": len(manifest["shards"]), "skipped": len(manifest["skipped"])}))
     return 0
 
 
-def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str) -> int:
+def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: bool) -> int:
     from tsgd_ray.distributed.cluster import init_ray
     from tsgd_ray.distributed.run import preflight, results_table, run_stages
     from tsgd_ray.plan import make_plan, render
     from tsgd_ray.tracking import Tracker
 
-    catalog = preflight(cfg, stages)
-    log.info("%s", render(make_plan(cfg)))  # before the spend (`tsgd-ray plan` prints the same)
-    init_ray(cfg)
-    with Tracker(cfg, command) as tracker:
-        results = run_stages(cfg, stages, tracker, catalog)
-    if results:
-        print(results_table(results))
-    print(f"MLflow: {tracker.location}")
+    with Console(cfg.storage.output_root, command, verbose):
+        catalog = preflight(cfg, stages)
+        plan = render(make_plan(cfg)).splitlines()  # before the spend (`tsgd-ray plan` prints the same)
+        logging.getLogger("plan").info("%s", "\n".join(plan))  # the log file only
+        log.info("%s", plan[-1])
+        init_ray(cfg, verbose)
+        with Tracker(cfg, command) as tracker:
+            results = run_stages(cfg, stages, tracker, catalog)
+        if results:
+            echo(results_table(results))
+            teacher = [r["teacher_top1"] for r in results if "teacher_top1" in r]
+            if teacher:
+                echo(f"teacher (the ceiling) on the same test clips: top-1 {100 * teacher[0]:.1f} %")
+        echo(tracker.summary())
     return 0
 
 
-def command_run(cfg: DictConfig) -> int:
+def command_run(cfg: DictConfig, verbose: bool = False) -> int:
     """Run every stage (prepare, teacher, stats, distill, merge, evaluate), skipping finished ones."""
     from tsgd_ray.distributed.run import STAGES
 
-    return _stages(cfg, STAGES, "run")
+    return _stages(cfg, STAGES, "run", verbose)
 
 
 def command_plan(cfg: DictConfig, gpu: str = "a10g") -> int:
@@ -82,15 +90,15 @@ def command_compare(cfg: DictConfig) -> int:
     return 0
 
 
-def _stage_command(stage: str) -> Callable[[DictConfig], int]:
-    def command(cfg: DictConfig) -> int:
-        return _stages(cfg, (stage,), stage)
+def _stage_command(stage: str) -> Callable[..., int]:
+    def command(cfg: DictConfig, verbose: bool = False) -> int:
+        return _stages(cfg, (stage,), stage, verbose)
 
     command.__doc__ = f"Run the {stage} stage only (its inputs must be finished)."
     return command
 
 
-COMMANDS: dict[str, Callable[[DictConfig], int]] = {
+COMMANDS: dict[str, Callable[..., int]] = {
     "config": command_config,
     "prepare": command_prepare,
     "run": command_run,
@@ -98,6 +106,9 @@ COMMANDS: dict[str, Callable[[DictConfig], int]] = {
     "plan": command_plan,
     "compare": command_compare,
 }
+
+
+RAY_COMMANDS = ("prepare", "run", "teacher", "stats", "distill", "merge", "evaluate")  # quiet console, log file
 
 
 def run_command(name: str, config: str, overrides: Sequence[str], **options) -> int:
@@ -130,13 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
             from tsgd_ray.plan import GPUS
 
             p.add_argument("--gpu", choices=sorted(GPUS), default="a10g", help="the GPU the times, memory and cost assume")
+        if name in RAY_COMMANDS:
+            p.add_argument("--verbose", action="store_true",
+                           help="show Ray's and the workers' own output on the console too (it is always in the log file)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {"gpu": args.gpu} if args.command == "plan" else {}
+    if args.command in RAY_COMMANDS:
+        options["verbose"] = args.verbose
     return run_command(args.command, args.config, args.overrides, **options)
 
 

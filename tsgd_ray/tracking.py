@@ -12,6 +12,8 @@ the resolved config only (credentials live in the environment, never in the conf
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import os
 import platform
@@ -26,7 +28,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import ConfigError, to_dict, to_yaml
+from tsgd_ray.config import ConfigError, config_hash, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.IGNORECASE)
 _PACKAGES = ("tsgd-ray", "torch", "ray", "mlflow", "pyarrow", "decord2", "omegaconf", "s3fs")
 MAX_PARAM_LENGTH = 6000
+# The MLflow UI opens a model-training experiment on its runs, not on GenAI traces.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def redact(text: str) -> str:
@@ -89,6 +93,19 @@ def _git_commit() -> str:
         return baked
 
 
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in a container without /etc/passwd entry
+        return "unknown"
+
+
+def run_name(cfg: DictConfig, command: str) -> str:
+    """A readable name: command, dataset, IPC, and a short hash of the config
+    (e.g. ``run-builtin-ipc1-3f2a9c``); two runs of one config share it."""
+    return f"{command}-{cfg.data.dataset.value}-ipc{cfg.distill.ipc}-{config_hash(cfg)[:6]}"
+
+
 def _versions() -> dict[str, str]:
     tags = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -113,12 +130,19 @@ class Tracker:
         name = cfg.tracking.experiment
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            self.experiment_id = self.client.create_experiment(name, artifact_location=_artifact_location(cfg, self.uri))
+            self.experiment_id = self.client.create_experiment(name, artifact_location=_artifact_location(cfg, self.uri),
+                                                               tags={EXPERIMENT_KIND: MODEL_TRAINING})
         else:
             self.experiment_id = experiment.experiment_id
-        tags = {"command": command, "git_commit": _git_commit(), **_versions(),
-                "output_root": redact(storage.absolute(cfg.storage.output_root))}
-        run = self.client.create_run(self.experiment_id, run_name=cfg.tracking.run_name or None, tags=tags)
+            if EXPERIMENT_KIND not in experiment.tags:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        commit = _git_commit()
+        tags = {"command": command, "git_commit": commit, **_versions(),
+                "output_root": redact(storage.absolute(cfg.storage.output_root)),
+                "mlflow.user": _user(), "mlflow.source.name": f"tsgd-ray {command}",
+                "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL", "mlflow.source.git.commit": commit}
+        run = self.client.create_run(self.experiment_id, run_name=cfg.tracking.run_name or run_name(cfg, command),
+                                     tags=tags)
         self.run_id = run.info.run_id
         self.log_params(self.run_id, flatten(to_dict(cfg)))
         self.log_text(self.run_id, "config.yaml", redact(to_yaml(cfg)))
@@ -138,15 +162,26 @@ class Tracker:
         """Where to find the parent run (tracking URI and run id), credentials removed."""
         return f"{redact(self.uri)} experiment={self.experiment_id} run={self.run_id}"
 
-    def child(self, name: str, parent: Optional[str] = None, tags: Optional[dict[str, str]] = None) -> str:
-        """Start a child run of `parent` (default: the invocation's run); returns its id."""
+    def summary(self) -> str:
+        """What to open next: the run, and the `mlflow ui` command for a local store."""
+        lines = [f"MLflow: {self.location}"]
+        if self.uri.startswith("sqlite:"):
+            lines.append(f"  mlflow ui --backend-store-uri {self.uri}   # then open runs/{self.run_id} "
+                         f"in experiment {self.experiment_id}")
+        return "\n".join(lines)
+
+    def child(self, name: str, parent: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+              start_time: Optional[float] = None) -> str:
+        """Start a child run of `parent` (default: the invocation's run), at `start_time` (unix
+        seconds; default now); returns its id."""
         run = self.client.create_run(self.experiment_id, run_name=name,
+                                     start_time=int(1000 * start_time) if start_time else None,
                                      tags={"mlflow.parentRunId": parent or self.run_id, "stage": name, **(tags or {})})
         self._open.append(run.info.run_id)
         return run.info.run_id
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+    def finish(self, run_id: str, status: str = "FINISHED", end_time: Optional[float] = None) -> None:
+        self.client.set_terminated(run_id, status, end_time=int(1000 * end_time) if end_time else None)
         if run_id in self._open:
             self._open.remove(run_id)
 
@@ -165,14 +200,32 @@ class Tracker:
         self.log_history(run_id, [{"step": step, **metrics}])
 
     def log_history(self, run_id: str, rows: Iterable[dict[str, float]], prefix: str = "") -> None:
-        """Log rows {"step": s, name: value, ...} as metrics `prefix + name` at step s."""
+        """Log rows {"step": s, ["time": unix seconds,] name: value, ...} as metrics `prefix + name`
+        at step s, stamped with the row's time (else now)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{prefix}{k}", float(v), now, int(row["step"]))
-                   for row in rows for k, v in row.items() if k != "step"]
+        now = time.time()
+        metrics = [Metric(f"{prefix}{k}", float(v), int(1000 * row.get("time", now)), int(row["step"]))
+                   for row in rows for k, v in row.items() if k not in ("step", "time")]
         for start in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[start : start + 900])
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, profile: dict, context: str) -> None:
+        """Record a dataset (e.g. the shard manifest) as an input of the run, for the UI's Datasets."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="tsgd-ray-shards",
+                          source=json.dumps({"uri": redact(source)}), profile=json.dumps(profile))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_table(self, run_id: str, name: str, rows: list[dict]) -> None:
+        """Rows of equal keys as an MLflow table artifact (the UI shows and compares it)."""
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
+        self.client.log_table(run_id, data=columns, artifact_file=name)
+
+    def log_image(self, run_id: str, name: str, image) -> None:
+        """An (H, W, 3) uint8 array as a PNG artifact `name`."""
+        self.client.log_image(run_id, image, artifact_file=name)
 
     def log_text(self, run_id: str, name: str, text: str) -> None:
         self.log_bytes(run_id, name, text.encode())

@@ -10,8 +10,9 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-def init_ray(cfg: DictConfig) -> None:
-    """Start or join Ray as the config says; a no-op when Ray is already initialised.
+def init_ray(cfg: DictConfig, verbose: bool = False) -> None:
+    """Start or join Ray as the config says; a no-op when Ray is already initialised. Ray Data's
+    progress bars only when `verbose` (the stages report their own progress).
 
     ``ray.address`` empty starts a local instance with ``ray.num_cpus``, ``ray.object_store_mb``,
     ``ray.include_dashboard`` and ``ray.temp_dir``; ``auto`` or ``ray://...`` joins a cluster
@@ -36,6 +37,9 @@ def init_ray(cfg: DictConfig) -> None:
             os.makedirs(r.temp_dir, exist_ok=True)
             kwargs["_temp_dir"] = os.path.abspath(r.temp_dir)
     ray.init(**kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = verbose
     log.info("Ray resources: %s", ray.cluster_resources())
 
 

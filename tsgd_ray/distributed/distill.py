@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import lease, storage
+from tsgd_ray.console import Progress
 from tsgd_ray.config import ConfigError, InitKind
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips, valid_range
 from tsgd_ray.core.device import resolve_device
@@ -90,8 +91,13 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
         x0 = to_model_input(init["clips"], cfg.data.mean, cfg.data.std)
         video_ids = init["video_ids"]
     history: list[dict] = []
-    videos = recover(teacher, x0.to(device), labels, indices, cfg, stats,
-                     callback=lambda step, metrics: history.append({"step": step, **metrics}))
+    progress = Progress(f"distill partition {partition_id}", cfg.distill.iterations, "iteration", last=False)
+
+    def on_step(step: int, metrics: dict) -> None:
+        history.append({"step": step, "time": time.time(), **metrics})
+        progress.update(step + 1, loss=metrics["loss"])
+
+    videos = recover(teacher, x0.to(device), labels, indices, cfg, stats, callback=on_step)
     clips = to_uint8_clips(videos, cfg.data.mean, cfg.data.std).numpy()
     heats = (255 * clip_heat(x0, cfg)).round().to(torch.uint8).numpy()  # TSGFA's map, from the init clip
     file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids, heats)
@@ -101,6 +107,23 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
               "seconds": round(time.time() - started, 3), "history": history, "pid": os.getpid(), "node_id": _node_id()}
     storage.write_json_once(marker_uri, marker)
     return marker
+
+
+def mean_curve(histories: list[list[dict]]) -> list[dict]:
+    """Partitions' curves [{"step", "time", metric: value}] -> one: per step, every metric's mean
+    over the partitions that logged it, and the loss's min and max (so 64 partitions read as one)."""
+    by_step: dict[int, list[dict]] = {}
+    for history in histories:
+        for row in history:
+            by_step.setdefault(row["step"], []).append(row)
+    curve = []
+    for step, rows in sorted(by_step.items()):
+        keys = {k for r in rows for k in r} - {"step"}
+        point = {"step": step, **{k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}}
+        if all("loss" in r for r in rows):
+            point.update(loss_min=min(r["loss"] for r in rows), loss_max=max(r["loss"] for r in rows))
+        curve.append(point)
+    return curve
 
 
 def _node_id() -> str:
@@ -125,17 +148,25 @@ class PartitionWorker(PoolActor):
 
 
 class _Progress:
-    """Partitions done, synthetic video-iterations per second, and ETA, on the driver's log."""
+    """Partitions done, synthetic video-iterations per second, and ETA, on the driver's log: at
+    most one line per EVERY seconds, and the last."""
+
+    EVERY = 30.0
 
     def __init__(self, total: int, already_done: int):
         self.total, self.done, self.started = total, already_done, time.time()
         self.recovered = self.video_iterations = 0
+        self.logged = self.started
 
     def update(self, marker: dict) -> None:
         self.done += 1
         self.recovered += 1
         self.video_iterations += marker["videos"] * marker["iterations"]
-        elapsed = time.time() - self.started
+        now = time.time()
+        if now - self.logged < self.EVERY and self.done < self.total:
+            return
+        self.logged = now
+        elapsed = now - self.started
         eta = elapsed / self.recovered * (self.total - self.done)
         log.info("distill: %d/%d partitions, %.1f video-iterations/s, ETA %.0f s",
                  self.done, self.total, self.video_iterations / max(elapsed, 1e-9), eta)
@@ -169,8 +200,6 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
         summary["recovered" if not marker.get("skipped") else "skipped"] += 1
         summary["markers"].append(marker)
         progress.update(marker)
-        if tracker:
-            tracker.log_history(run_id, marker["history"], prefix=f"{artifacts.partition_name(partition)}/")
 
     d = cfg.distill
     if pending:
@@ -183,6 +212,8 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
         pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
     summary.update(actor_failures=pool.lost, speculated=pool.speculated)
     if tracker:
+        recovered = [m["history"] for m in summary["markers"] if not m.get("skipped")]
+        tracker.log_history(run_id, mean_curve(recovered))  # one curve, however many partitions
         tracker.log_metrics(run_id, {"partitions": len(plan), "recovered": summary["recovered"],
                                      "actor_failures": pool.lost, "speculated": pool.speculated})
         tracker.finish(run_id)

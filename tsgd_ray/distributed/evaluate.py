@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
+from tsgd_ray.console import Progress
 from tsgd_ray.config import Method
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import to_model_input
@@ -61,7 +62,7 @@ def _fit_on_stream(student, teacher, shard, expected: int, world: int, cfg: Dict
                 schedule.step()
                 if average is not None:
                     average.update(student)
-        history.append({"step": epoch, "loss": torch.stack(losses).mean().item()})
+        history.append({"step": epoch, "time": time.time(), "loss": torch.stack(losses).mean().item()})
     if average is not None:
         average.copy_to(student)
     return history
@@ -97,25 +98,37 @@ def _student_worker(loop_config: dict) -> None:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
         x, y = mine["clips"], mine["labels"]
         heat = mine["heat"].float() / 255 if mine["heat"] is not None else None  # TSGFA's init maps
+    teacher_scores = None  # the ceiling: the teacher on the same test clips, once per worker group
     for seed in cfg.evaluate.seeds:
         if storage.exists(seed_uri(cfg, method, seed)):
             continue
+        if teacher_scores is None:
+            teacher_scores = _test(teacher, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg,
+                                   device)
         started = time.time()
         student = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
         worker_seed = seed * world + rank
         history: list[dict] = []
+        progress = Progress(f"evaluate {method.value} seed {seed}", cfg.evaluate.epochs, "epoch")
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            history.append({"step": epoch, "time": time.time(), **metrics})
+            if rank == 0:
+                progress.update(epoch + 1, **metrics)
+
         if method == Method.full:
             history = _fit_on_stream(student, teacher, ray.train.get_dataset_shard("train"), loop_config["expected_train"],
                                      world, cfg, worker_seed, device)
         else:
             with train_workers.uneven_inputs(student):
                 training.train_student(student, teacher, x, y, cfg, worker_seed,
-                                       callback=lambda epoch, m: history.append({"step": epoch, **m}), heat=heat)
+                                       callback=on_epoch, heat=heat)
         top1, top5, n = _test(student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device)
         if rank == 0:
             storage.write_json_once(seed_uri(cfg, method, seed), {
                 "seed": seed, "top1": top1, "top5": top5, "test_clips": n, "history": history,
-                "seconds": round(time.time() - started, 1)})
+                "teacher_top1": teacher_scores[0], "teacher_top5": teacher_scores[1],
+                "started": started, "seconds": round(time.time() - started, 1)})
         ray.train.report({"seed": seed, "top1": top1, "top5": top5})
 
 
@@ -128,6 +141,8 @@ def summarise(method: Method, ipc: int, per_seed: list[dict]) -> dict:
         out[k] = values
         out[f"{k}_mean"] = statistics.fmean(values)
         out[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        if all(f"teacher_{k}" in r for r in per_seed):  # the teacher's own test accuracy: the ceiling
+            out[f"teacher_{k}"] = per_seed[0][f"teacher_{k}"]
     return out
 
 
@@ -165,11 +180,14 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
         results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split}
         if tracker:
             for r in per_seed:
-                seed_run = tracker.child(f"evaluate/{method.value}/seed-{r['seed']}", parent=run_id)
+                # opened and closed at the times the seed ran (its results come back together)
+                started = r.get("started")
+                seed_run = tracker.child(f"evaluate/{method.value}/seed-{r['seed']}", parent=run_id, start_time=started)
                 tracker.log_history(seed_run, r["history"])
                 tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
-                tracker.finish(seed_run)
-            tracker.log_metrics(run_id, {k: results[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+                tracker.finish(seed_run, end_time=started + r["seconds"] if started else None)
+            tracker.log_metrics(run_id, {k: results[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std",
+                                                                 "teacher_top1", "teacher_top5") if k in results})
         log.info("evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s", method.value, results["top1_mean"],
                  results["top1_std"], len(per_seed), split)
         return results

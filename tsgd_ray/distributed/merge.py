@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
@@ -82,12 +83,47 @@ def preview_frames(cfg: DictConfig, clips: torch.Tensor, labels: torch.Tensor) -
     return grid[:, :h, :w].numpy()
 
 
-def _preview(cfg: DictConfig, files: list[dict]) -> bytes:
+def _first_classes(cfg: DictConfig, files: list[dict]) -> dict:
+    """The synthetic videos of the first PREVIEW_CLASSES classes (as `concat_clips`)."""
     wanted = set(range(PREVIEW_CLASSES))
     uris = [storage.join(artifacts.synthetic_dir(cfg), f["path"]) for f in files if f["first_class"] < PREVIEW_CLASSES]
     parts = list(artifacts.read_clip_tables(uris, artifacts.clip_shape(cfg), wanted))
-    batch = artifacts.concat_clips(parts, artifacts.clip_shape(cfg))
-    return encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
+    return artifacts.concat_clips(parts, artifacts.clip_shape(cfg))
+
+
+def contact_sheet(cfg: DictConfig, init: Optional[torch.Tensor], synthetic: torch.Tensor) -> np.ndarray:
+    """One video's frames as an (H', W', 3) uint8 image, a frame per column; rows: the init clip,
+    the synthetic clip, what recovery changed (|synthetic - init|, x4), and TSGF's saliency of the
+    init clip (white = moving; of the synthetic clip for a noise init, `init` None). Clips are
+    uint8 (F, H, W, 3); cells are upscaled to >= 64 px."""
+    rows = [init] if init is not None else []
+    rows.append(synthetic)
+    if init is not None:
+        rows.append(((synthetic.float() - init.float()).abs() * 4).clamp(0, 255).to(torch.uint8))
+    source = (init if init is not None else synthetic).unsqueeze(0)
+    saliency = tsgf.saliency(to_model_input(source, cfg.data.mean, cfg.data.std), cfg.tsgf)[0, 0]  # (F, H, W)
+    rows.append((saliency * 255).round().to(torch.uint8).unsqueeze(-1).expand(-1, -1, -1, 3))
+    image = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)  # (rows * H, F * W, 3)
+    scale = max(1, -(-PREVIEW_MIN_SIDE // min(synthetic.shape[1:3])))
+    return image.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1).numpy()
+
+
+def _log_to_parent(cfg: DictConfig, tracker, batch: dict, preview: bytes, classes: list[str]) -> None:
+    """On the invocation's run: the preview video and a contact sheet per class (first video)."""
+    method = cfg.distill.method.value
+    tracker.log_bytes(tracker.run_id, f"synthetic/{method}/preview.mp4", preview)
+    try:
+        init = artifacts.read_init(cfg, sorted(set(batch["labels"].tolist())))
+    except artifacts.MissingInput:  # noise init: no init clips
+        init = None
+    for c in sorted(set(batch["labels"].tolist())):
+        row = int((batch["labels"] == c).nonzero()[0])
+        start = None
+        if init is not None:
+            same = ((init["labels"] == c) & (init["indices"] == batch["indices"][row])).nonzero()
+            start = init["clips"][int(same[0])] if len(same) else None
+        tracker.log_image(tracker.run_id, f"synthetic/{method}/classes/{c:04d}-{classes[c]}.png",
+                          contact_sheet(cfg, start, batch["clips"][row]))
 
 
 def run_merge(cfg: DictConfig, tracker=None) -> dict:
@@ -102,7 +138,8 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
 
     def work(run_id) -> dict:
         files = _files(cfg, classes)
-        preview = _preview(cfg, files)
+        batch = _first_classes(cfg, files)
+        preview = encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
         storage.write_once(storage.join(folder, artifacts.PREVIEW), preview)
         manifest = {
             "method": cfg.distill.method.value, "ipc": cfg.distill.ipc, "num_videos": cfg.distill.ipc * len(classes),
@@ -117,6 +154,7 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
         if tracker:
             tracker.log_bytes(run_id, "synthetic/previews/grid.mp4", preview)
             tracker.log_text(run_id, "synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            _log_to_parent(cfg, tracker, batch, preview, classes)
         log.info("merge: %d videos of %d classes in %d files -> %s", manifest["num_videos"], len(classes), len(files), folder)
         return manifest
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
+from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
@@ -53,6 +55,7 @@ def _train_worker(loop_config: dict) -> None:
         generator.set_state(state["generator"])
         start, history = state["epoch"] + 1, state["history"]
     shard = ray.train.get_dataset_shard("train")
+    progress = Progress("teacher", t.epochs, "epoch")
     for epoch in range(start, t.epochs):
         model.train()
         losses = []
@@ -63,7 +66,9 @@ def _train_worker(loop_config: dict) -> None:
                 losses.append(training.teacher_step(model, optimizer, x, batch["label"].to(device), cfg, generator))
                 schedule.step()
         loss = torch.stack(losses).mean().item() if losses else float("nan")
-        history.append({"step": epoch, "loss": loss, "bad_videos": len(stream.bad)})
+        history.append({"step": epoch, "time": time.time(), "loss": loss, "bad_videos": len(stream.bad)})
+        if rank == 0:
+            progress.update(epoch + 1, loss=loss)
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
