@@ -72,6 +72,8 @@ def _check_tsgd_ray(argv: Sequence[str]) -> None:
     try:
         args = build_parser().parse_args(list(argv))
     except SystemExit as exc:
+        if exc.code == 0 and argv[-1] in ("--version", "--help", "-h"):
+            return
         raise AssertionError(f"tsgd-ray {shlex.join(argv)}: does not parse") from exc
     with contextlib.chdir(REPO):  # a config path in the docs is relative to the repository
         load_config(args.config, args.overrides)

@@ -1,4 +1,7 @@
-"""tsgd-ray: distil video datasets with Temporal Saliency-Guided Distillation on Ray."""
+"""tsgd-ray: distil video datasets with Temporal Saliency-Guided Distillation on Ray.
+
+`tsgd_ray.SyntheticVideos(uri)` reads a distilled set as a torch Dataset (see tsgd_ray.synthetic).
+"""
 
 from importlib import metadata
 
@@ -6,3 +9,11 @@ try:
     __version__ = metadata.version("tsgd-ray")
 except metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
     __version__ = "0+unknown"
+
+
+def __getattr__(name: str):
+    if name == "SyntheticVideos":  # imported on first use: `import tsgd_ray` stays light
+        from tsgd_ray.synthetic import SyntheticVideos
+
+        return SyntheticVideos
+    raise AttributeError(f"module 'tsgd_ray' has no attribute {name!r}")

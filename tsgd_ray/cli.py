@@ -82,6 +82,20 @@ def command_plan(cfg: DictConfig, gpu: str = "a10g") -> int:
     return 0
 
 
+def command_export(cfg: DictConfig, to: str, fmt: str, method: str = "") -> int:
+    """Export the merged synthetic set (of distill.method, or --method) as mp4, safetensors or webdataset."""
+    from tsgd_ray import storage
+    from tsgd_ray.config import Method
+    from tsgd_ray.distributed.artifacts import method_config, synthetic_dir
+    from tsgd_ray.synthetic import export
+
+    source = synthetic_dir(method_config(cfg, Method(method)) if method else cfg)
+    summary = export(source, to, fmt)
+    echo(f"exported {summary['videos']} videos of {len(summary['classes'])} classes from {source} to "
+         f"{storage.absolute(to)} as {fmt} ({len(summary['files'])} files)")
+    return 0
+
+
 def command_compare(cfg: DictConfig) -> int:
     """Compare the finished runs of the config's MLflow experiment: differing params, top-1/top-5."""
     from tsgd_ray.tracking import compare_runs
@@ -105,6 +119,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     **{stage: _stage_command(stage) for stage in ("teacher", "stats", "distill", "merge", "evaluate")},
     "plan": command_plan,
     "compare": command_compare,
+    "export": command_export,
 }
 
 
@@ -141,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
             from tsgd_ray.plan import GPUS
 
             p.add_argument("--gpu", choices=sorted(GPUS), default="a10g", help="the GPU the times, memory and cost assume")
+        if name == "export":
+            from tsgd_ray.config import Method
+            from tsgd_ray.synthetic import FORMATS
+
+            p.add_argument("--to", required=True, help="the folder or URI to write (must not hold an export)")
+            p.add_argument("--format", dest="fmt", choices=FORMATS, default="safetensors", help="what to write")
+            p.add_argument("--method", choices=[m.value for m in Method if m.value != "full"], default="",
+                           help="whose set (default: distill.method)")
         if name in RAY_COMMANDS:
             p.add_argument("--verbose", action="store_true",
                            help="show Ray's and the workers' own output on the console too (it is always in the log file)")
@@ -151,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = {"gpu": args.gpu} if args.command == "plan" else {}
+    if args.command == "export":
+        options.update(to=args.to, fmt=args.fmt, method=args.method)
     if args.command in RAY_COMMANDS:
         options["verbose"] = args.verbose
     return run_command(args.command, args.config, args.overrides, **options)

@@ -31,12 +31,12 @@ MARKER = "[tsgd-ray]"
 # Lines from Ray or a worker that the console shows even when quiet.
 _SHOW = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b|killed due to memory pressure|OutOfMemoryError")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_stdout: TextIO = sys.stdout  # where `echo` writes: the real stdout while a Console is open
+_stdout: Optional[TextIO] = None  # the real stdout while a Console is open
 
 
 def echo(text: str) -> None:
     """Print `text` to the real stdout (results, the table, where to look next)."""
-    print(text, file=_stdout, flush=True)
+    print(text, file=_stdout or sys.stdout, flush=True)
 
 
 class _Console(logging.Filter):

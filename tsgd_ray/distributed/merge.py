@@ -149,6 +149,8 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
             "bytes": sum(f["bytes"] for f in files),
             "config_hash": config_hash(cfg, ["seed", "data", "augment", "teacher", "tsgf", "distill"]),
             "teacher_sha256": storage.read_json(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER))["sha256"],
+            "teacher": {"uri": artifacts.teacher_uri(cfg), "model": cfg.teacher.model, "width": cfg.teacher.width,
+                        "depth": cfg.teacher.depth},  # what `SyntheticVideos(..., soft_labels=True)` loads
             "preview": artifacts.PREVIEW,
         }
         if tracker:
