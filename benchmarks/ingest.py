@@ -114,11 +114,18 @@ def main() -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = _free_port()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     os.environ.update(env)  # before Ray starts, so its workers reach the S3 server
-    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import ray
 
@@ -129,14 +136,27 @@ def main() -> int:
 
         args.workdir.mkdir(parents=True, exist_ok=True)
         root, source = _source_tree(args.workdir, args.copies)
-        common = [f"data.num_frames={args.frames}", f"data.height={args.size}", f"data.width={args.size}",
-                  "data.sampling=uniform", f"data.decode_actors={args.cpus}", "data.decode_cpus_per_actor=0.5",
-                  f"data.decode_batch_size={args.batch}", "data.shard_target_mb=16", f"data.transcode_short_side={args.transcode}",
-                  f"storage.output_root={args.workdir / 'out'}"]
+        common = [
+            f"data.num_frames={args.frames}",
+            f"data.height={args.size}",
+            f"data.width={args.size}",
+            "data.sampling=uniform",
+            f"data.decode_actors={args.cpus}",
+            "data.decode_cpus_per_actor=0.5",
+            f"data.decode_batch_size={args.batch}",
+            "data.shard_target_mb=16",
+            f"data.transcode_short_side={args.transcode}",
+            f"storage.output_root={args.workdir / 'out'}",
+        ]
         if source == "footage":
             common += ["data.dataset=folder", f"data.root={root}"]
-        ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False,
-                 _temp_dir=str(REPO / ".cache" / "ray-bench"))
+        ray.init(
+            num_cpus=args.cpus,
+            include_dashboard=False,
+            object_store_memory=512 * 2**20,
+            log_to_driver=False,
+            _temp_dir=str(REPO / ".cache" / "ray-bench"),
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
         cfg_local = load_config(None, common)
         print(f"preparing shards from {source} ...", flush=True)
@@ -158,8 +178,11 @@ def main() -> int:
         shard_paths = [storage.join(local_root, s["path"]) for s in manifest["shards"] if s["split"] == "train"]
         videos = manifest["num_videos"]
         mb = sum(s["bytes"] for s in manifest["shards"]) / 2**20
-        print(f"{videos} videos in {len(shard_paths)} shards ({mb:.0f} MB); clips of {args.frames}x{args.size}x{args.size}; "
-              f"{args.cpus} CPUs", flush=True)
+        print(
+            f"{videos} videos in {len(shard_paths)} shards ({mb:.0f} MB); clips of {args.frames}x{args.size}x{args.size}; "
+            f"{args.cpus} CPUs",
+            flush=True,
+        )
 
         measure_pipeline(cfg_local)  # warm caches and imports
         results = {

@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target_line  # noqa: E402
+
 from tsgd_ray.config import load_config, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, recovery, selection, training, tsgf  # noqa: E402
 from tsgd_ray.core.clips import to_model_input  # noqa: E402
@@ -60,7 +61,12 @@ from tsgd_ray.data.in_memory import load_split  # noqa: E402
 
 #: the benchmark's data and teacher: 800 test clips (one clip is worth 0.125 points); a teacher of
 #: width 16 (84% on plain, half the cost of 32) trained 40 epochs (the cluttered variant needs them)
-DATA = ["storage.output_root=.cache/quality", "data.builtin.test_per_class=100", "teacher.width=16", "teacher.epochs=40"]
+DATA = [
+    "storage.output_root=.cache/quality",
+    "data.builtin.test_per_class=100",
+    "teacher.width=16",
+    "teacher.epochs=40",
+]
 #: method -> (recovery with TSGFO? None: no recovery, TSGFA crops?, init: the draw's random real
 #: clips, or each class's lowest-loss clips at their easiest of --init-views views)
 METHODS = {
@@ -77,8 +83,13 @@ PROTOCOLS = {
     "soft": [],
     "soft_forward": ["evaluate.augment.time_reverse=false"],  # the same, never playing a clip backwards
     "soft_reversed": ["evaluate.augment.time_reverse=true"],  # the same, half the clips played backwards
-    "hard": ["evaluate.labels=hard", "evaluate.augment.hflip=false", "evaluate.augment.time_reverse=false",
-             "evaluate.augment.cutmix=0", "evaluate.augment.mixup=0"],
+    "hard": [
+        "evaluate.labels=hard",
+        "evaluate.augment.hflip=false",
+        "evaluate.augment.time_reverse=false",
+        "evaluate.augment.cutmix=0",
+        "evaluate.augment.mixup=0",
+    ],
 }
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
 
@@ -89,8 +100,10 @@ def controls(teacher, clips: torch.Tensor, labels: torch.Tensor, cfg, seed: int)
     repeated = clips[:, f // 2 : f // 2 + 1].expand_as(clips).contiguous()
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.stack([c[torch.randperm(f, generator=g)] for c in clips])
-    return {name: training.topk_accuracy(training.predict(teacher, x, cfg), labels)
-            for name, x in (("as is", clips), ("single frame repeated", repeated), ("frames shuffled", shuffled))}
+    return {
+        name: training.topk_accuracy(training.predict(teacher, x, cfg), labels)
+        for name, x in (("as is", clips), ("single frame repeated", repeated), ("frames shuffled", shuffled))
+    }
 
 
 def crop_heat_share(heat: torch.Tensor, cfg, tsgfa: bool, draws: int = 64) -> float:
@@ -100,8 +113,14 @@ def crop_heat_share(heat: torch.Tensor, cfg, tsgfa: bool, draws: int = 64) -> fl
     shares = []
     for _ in range(draws):
         u = torch.rand(len(heat), 2, generator=g)
-        boxes = tsgf.saliency_boxes(heat if tsgfa else torch.ones_like(heat), u, tuple(aug.crop_scale),
-                                    tuple(aug.crop_ratio), cfg.tsgf.crop_delta, g)
+        boxes = tsgf.saliency_boxes(
+            heat if tsgfa else torch.ones_like(heat),
+            u,
+            tuple(aug.crop_scale),
+            tuple(aug.crop_ratio),
+            cfg.tsgf.crop_delta,
+            g,
+        )
         mask = augment.box_mask(boxes, *heat.shape[1:])[:, 0, 0]
         shares.append(((heat * mask).sum(dim=(1, 2)) / heat.sum(dim=(1, 2)).clamp(min=1e-12)).mean())
     return torch.stack(shares).mean().item()
@@ -135,34 +154,71 @@ def run_variant(variant: str, args, log) -> dict:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher.eval()
-    out: dict = {"cfg": cfg, "controls": controls(teacher, x_test, y_test, cfg, cfg.seed), "scores": {}, "edits": {}, "crops": {}}
+    out: dict = {
+        "cfg": cfg,
+        "controls": controls(teacher, x_test, y_test, cfg, cfg.seed),
+        "scores": {},
+        "edits": {},
+        "crops": {},
+    }
     log(f"{variant} teacher: {out['controls']}")
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
-    viewed = augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, cfg.augment) if cfg.stats.augment else real
-    stats = bn_stats.accumulate_statistics(teacher, [(viewed[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k)
+    viewed = (
+        augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, cfg.augment)
+        if cfg.stats.augment
+        else real
+    )
+    stats = bn_stats.accumulate_statistics(
+        teacher, [(viewed[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
+    )
 
     def student_cfg(protocol: str, tsgfa: bool, n: int, steps: int):
         probe = load_config(args.config, base)
         epochs = math.ceil(steps / math.ceil(n / probe.evaluate.batch_size))
-        return load_config(args.config, [*base, *PROTOCOLS[protocol], f"evaluate.tsgfa={tsgfa}", f"evaluate.epochs={epochs}"])
+        return load_config(
+            args.config, [*base, *PROTOCOLS[protocol], f"evaluate.tsgfa={tsgfa}", f"evaluate.epochs={epochs}"]
+        )
 
     def score(x, y, heat, run_cfg, seed: int) -> float:
         torch.manual_seed(seed)
         e = run_cfg.evaluate
-        student = build_model(e.model or run_cfg.teacher.model, k, size, e.width or run_cfg.teacher.width, e.depth or run_cfg.teacher.depth)
+        student = build_model(
+            e.model or run_cfg.teacher.model,
+            k,
+            size,
+            e.width or run_cfg.teacher.width,
+            e.depth or run_cfg.teacher.depth,
+        )
         training.train_student(student, teacher, x, y, run_cfg, seed, heat=heat)
         return training.topk_accuracy(training.predict(student, x_test, run_cfg), y_test)
 
     inits = {METHODS[m][2] for m in args.methods}
     if "views" in inits:  # every clip's easiest view: the teacher's loss on each candidate view
-        views = torch.stack([real] + [to_model_input(load_split(cfg, "train", view=v)[0], cfg.data.mean, cfg.data.std)
-                                      for v in range(1, args.init_views)])
+        views = torch.stack(
+            [real]
+            + [
+                to_model_input(load_split(cfg, "train", view=v)[0], cfg.data.mean, cfg.data.std)
+                for v in range(1, args.init_views)
+            ]
+        )
         with torch.no_grad():
-            view_losses = torch.stack([torch.cat([F.cross_entropy(teacher(v[i : i + 64]), y_train[i : i + 64], reduction="none")
-                                                  for i in range(0, len(v), 64)]) for v in views])
+            view_losses = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            F.cross_entropy(teacher(v[i : i + 64]), y_train[i : i + 64], reduction="none")
+                            for i in range(0, len(v), 64)
+                        ]
+                    )
+                    for v in views
+                ]
+            )
         best_loss, best_view = view_losses.min(0)
-        out["views"] = {"picked_view": (best_view > 0).float().mean().item(), "loss_view0": view_losses[0].mean().item(),
-                        "loss_best": best_loss.mean().item()}
+        out["views"] = {
+            "picked_view": (best_view > 0).float().mean().item(),
+            "loss_view0": view_losses[0].mean().item(),
+            "loss_best": best_loss.mean().item(),
+        }
         log(f"{variant} init views: {out['views']}")
     for ipc in args.ipc:
         for draw in args.draws:
@@ -179,24 +235,34 @@ def run_variant(variant: str, args, log) -> dict:
                 for tsgfo in sorted({METHODS[m][0] for m in mine} - {None}, key=int):
                     history: list[dict] = []
                     run_cfg = load_config(args.config, [*base, f"tsgf.enabled={tsgfo}"])
-                    sets[tsgfo] = recovery.recover(teacher, x0, labels, indices, run_cfg, stats, callback=lambda s, m: history.append(m))
+                    sets[tsgfo] = recovery.recover(
+                        teacher, x0, labels, indices, run_cfg, stats, callback=lambda s, m, h=history: h.append(m)
+                    )
                     if init == "draw":
                         out["edits"].setdefault((tsgfo, ipc), []).append(history[-1] if history else {})
                 if init == "draw":
                     for tsgfa in (False, True):
-                        out["crops"].setdefault((tsgfa, ipc), []).append(crop_heat_share(heat, student_cfg("soft", tsgfa, 1, 1), tsgfa))
+                        out["crops"].setdefault((tsgfa, ipc), []).append(
+                            crop_heat_share(heat, student_cfg("soft", tsgfa, 1, 1), tsgfa)
+                        )
                 for protocol in args.protocols:
                     for method in mine:
                         tsgfo, tsgfa, _ = METHODS[method]
                         for seed in args.seeds:
-                            acc = score(sets[tsgfo], labels, heat, student_cfg(protocol, tsgfa, len(labels), args.steps), seed)
+                            acc = score(
+                                sets[tsgfo], labels, heat, student_cfg(protocol, tsgfa, len(labels), args.steps), seed
+                            )
                             out["scores"].setdefault((protocol, method, ipc), []).append(acc)
-                        log(f"{variant} ipc={ipc} draw={draw} {protocol} {method}: "
-                            f"{[round(100 * a, 1) for a in out['scores'][(protocol, method, ipc)][-len(args.seeds):]]}")
+                        log(
+                            f"{variant} ipc={ipc} draw={draw} {protocol} {method}: "
+                            f"{[round(100 * a, 1) for a in out['scores'][(protocol, method, ipc)][-len(args.seeds) :]]}"
+                        )
     if args.full_steps:
         for protocol in args.protocols:
-            out["scores"][(protocol, "full", 0)] = [score(x_train, y_train, None, student_cfg(protocol, False, len(x_train), args.full_steps), seed)
-                                                    for seed in args.full_seeds]
+            out["scores"][(protocol, "full", 0)] = [
+                score(x_train, y_train, None, student_cfg(protocol, False, len(x_train), args.full_steps), seed)
+                for seed in args.full_seeds
+            ]
             log(f"{variant} {protocol} full: {out['scores'][(protocol, 'full', 0)]}")
     return out
 
@@ -267,39 +333,78 @@ def render(args, results: dict, seconds: float) -> str:
     ]
     targets: list[str] = []
     for variant, r in results.items():
-        lines += ["", f"## Variant `{variant}`", "", "Teacher controls (top-1 %): " + ", ".join(
-            f"{name} {100 * v:.1f}" for name, v in r["controls"].items()) + ".", ""]
-        lines += ["What recovery edits (last step, mean over draws; |x - x0| in normalised units) and where crops land:", "",
-                  "| IPC | arm | edit static | edit moving | saliency on init motion |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Variant `{variant}`",
+            "",
+            "Teacher controls (top-1 %): "
+            + ", ".join(f"{name} {100 * v:.1f}" for name, v in r["controls"].items())
+            + ".",
+            "",
+        ]
+        lines += [
+            "What recovery edits (last step, mean over draws; |x - x0| in normalised units) and where crops land:",
+            "",
+            "| IPC | arm | edit static | edit moving | saliency on init motion |",
+            "|---|---|---|---|---|",
+        ]
         for (tsgfo, ipc), hist in sorted(r["edits"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            mean = {key: statistics.fmean(h[key] for h in hist) for key in ("edit_static", "edit_moving", "motion_share")}
-            lines.append(f"| {ipc} | {'TSGFO' if tsgfo else 'no TSGFO'} | {mean['edit_static']:.3f} | "
-                         f"{mean['edit_moving']:.3f} | {100 * mean['motion_share']:.0f}% |")
+            mean = {
+                key: statistics.fmean(h[key] for h in hist) for key in ("edit_static", "edit_moving", "motion_share")
+            }
+            lines.append(
+                f"| {ipc} | {'TSGFO' if tsgfo else 'no TSGFO'} | {mean['edit_static']:.3f} | "
+                f"{mean['edit_moving']:.3f} | {100 * mean['motion_share']:.0f}% |"
+            )
         if "views" in r:
             v = r["views"]
-            lines.append(f"\nInit views ({args.init_views} per clip): the easiest view is not the sampled clip for "
-                         f"{100 * v['picked_view']:.0f}% of clips; mean teacher loss {v['loss_view0']:.3f} on the sampled "
-                         f"clips, {v['loss_best']:.3f} on each clip's easiest view.")
+            lines.append(
+                f"\nInit views ({args.init_views} per clip): the easiest view is not the sampled clip for "
+                f"{100 * v['picked_view']:.0f}% of clips; mean teacher loss {v['loss_view0']:.3f} on the sampled "
+                f"clips, {v['loss_best']:.3f} on each clip's easiest view."
+            )
         for ipc in args.ipc:
             if (True, ipc) in r["crops"]:
-                lines.append(f"\nIPC {ipc}: share of the init heat inside a student crop: TSGFA "
-                             f"{100 * statistics.fmean(r['crops'][(True, ipc)]):.0f}%, uniform "
-                             f"{100 * statistics.fmean(r['crops'][(False, ipc)]):.0f}%.")
+                lines.append(
+                    f"\nIPC {ipc}: share of the init heat inside a student crop: TSGFA "
+                    f"{100 * statistics.fmean(r['crops'][(True, ipc)]):.0f}%, uniform "
+                    f"{100 * statistics.fmean(r['crops'][(False, ipc)]):.0f}%."
+                )
         for protocol in args.protocols:
             s = r["scores"]
-            lines += ["", f"### Student top-1 %, protocol `{protocol}` (mean +- std over draws x seeds)", "",
-                      "| method | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |", "|---|" + "---|" * len(args.ipc)]
+            lines += [
+                "",
+                f"### Student top-1 %, protocol `{protocol}` (mean +- std over draws x seeds)",
+                "",
+                "| method | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |",
+                "|---|" + "---|" * len(args.ipc),
+            ]
             for method in args.methods:
                 lines.append(f"| {method} | " + " | ".join(_cell(s[(protocol, method, i)]) for i in args.ipc) + " |")
             if (protocol, "full", 0) in s:
-                lines.append(f"| full ({len(args.full_seeds)} seeds) | " + " | ".join(_cell(s[(protocol, 'full', 0)]) for _ in args.ipc) + " |")
-            lines += ["", "Paired differences (points, mean +- SE over the same draws and seeds):", "",
-                      "| difference | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |", "|---|" + "---|" * len(args.ipc)]
-            for method, base in [(m, b) for m in args.methods for b in ("sre2l_video", "random_real", "tsgd")
-                                 if b in args.methods and m not in (b, "random_real")
-                                 and (b != "tsgd" or METHODS[m][2] == "views")]:
-                lines.append(f"| {method} - {base} | " + " | ".join(
-                            _diff_cell(paired(s[(protocol, method, i)], s[(protocol, base, i)])) for i in args.ipc) + " |")
+                lines.append(
+                    f"| full ({len(args.full_seeds)} seeds) | "
+                    + " | ".join(_cell(s[(protocol, "full", 0)]) for _ in args.ipc)
+                    + " |"
+                )
+            lines += [
+                "",
+                "Paired differences (points, mean +- SE over the same draws and seeds):",
+                "",
+                "| difference | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |",
+                "|---|" + "---|" * len(args.ipc),
+            ]
+            for method, base in [
+                (m, b)
+                for m in args.methods
+                for b in ("sre2l_video", "random_real", "tsgd")
+                if b in args.methods and m not in (b, "random_real") and (b != "tsgd" or METHODS[m][2] == "views")
+            ]:
+                lines.append(
+                    f"| {method} - {base} | "
+                    + " | ".join(_diff_cell(paired(s[(protocol, method, i)], s[(protocol, base, i)])) for i in args.ipc)
+                    + " |"
+                )
         if "tsgd" in args.methods:
             targets += _targets(variant, r["scores"], args)
     if targets:
@@ -311,13 +416,22 @@ def _targets(variant: str, s: dict, args) -> list[str]:
     out = []
     for i in args.ipc:
         if "sre2l_video" in args.methods:
-            best = max(args.protocols, key=lambda p: paired(s[(p, "tsgd", i)], s[(p, "sre2l_video", i)])[0]
-                       / max(paired(s[(p, "tsgd", i)], s[(p, "sre2l_video", i)])[1], 1e-9))
+            best = max(
+                args.protocols,
+                key=lambda p: (
+                    paired(s[(p, "tsgd", i)], s[(p, "sre2l_video", i)])[0]
+                    / max(paired(s[(p, "tsgd", i)], s[(p, "sre2l_video", i)])[1], 1e-9)
+                ),
+            )
             mean, se = paired(s[(best, "tsgd", i)], s[(best, "sre2l_video", i)])
-            out.append(target_line(f"{variant}_ipc{i}_tsgd_minus_sre2l_video_over_se_{best}", mean / max(se, 1e-9), ">", 2.0))
+            out.append(
+                target_line(f"{variant}_ipc{i}_tsgd_minus_sre2l_video_over_se_{best}", mean / max(se, 1e-9), ">", 2.0)
+            )
         if "random_real" in args.methods:
             worst = min(paired(s[(p, "tsgd", i)], s[(p, "random_real", i)])[0] for p in args.protocols)
-            out.append(target_line(f"{variant}_ipc{i}_tsgd_minus_random_real_points_worst_protocol", worst, ">", 0.0, 1))
+            out.append(
+                target_line(f"{variant}_ipc{i}_tsgd_minus_random_real_points_worst_protocol", worst, ">", 0.0, 1)
+            )
     top = max(args.ipc)
     for p in args.protocols:
         if (p, "full", 0) in s:

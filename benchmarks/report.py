@@ -1,7 +1,7 @@
 """The one line per target that every benchmark ends with, in a form a script can read:
 
-    target <name>: <value> (goal <op> <threshold>) met
-    target <name>: <value> (goal <op> <threshold>) NOT met
+target <name>: <value> (goal <op> <threshold>) met
+target <name>: <value> (goal <op> <threshold>) NOT met
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ def largest_file(folder: Path, since: float) -> int:
 def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: Sampler, counter: DriverBytes) -> dict:
     from tsgd_ray import storage
     from tsgd_ray.config import Method, load_config
-    from tsgd_ray.distributed import artifacts
     from tsgd_ray.data.prepare import run_prepare
+    from tsgd_ray.distributed import artifacts
     from tsgd_ray.distributed.artifacts import method_config
     from tsgd_ray.distributed.distill import run_distill
     from tsgd_ray.distributed.evaluate import run_evaluate
@@ -121,22 +121,56 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
     from tsgd_ray.distributed.stats import run_stats
     from tsgd_ray.distributed.teacher import run_teacher
 
-    cfg = load_config("kinetics400", [
-        f"data.root={data_root}/videos", f"data.annotations={data_root}/annotations", "data.on_catalog_error=skip",
-        "data.num_frames=8", "data.height=32", "data.width=32", "data.transcode_short_side=0", "data.shard_target_mb=2",
-        "data.decode_actors=1", "data.decode_cpus_per_actor=0.5", "data.decode_batch_size=64",
-        "teacher.width=8", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=64", "teacher.num_workers=1",
-        "teacher.cpus_per_worker=1", "teacher.gpus_per_worker=0", "stats.actors=1", "stats.cpus_per_actor=1",
-        "stats.gpus_per_actor=0", "stats.batch_size=64",
-        f"distill.ipc={ipc}", "distill.iterations=2", "distill.actors=1", "distill.gpus_per_actor=0",
-        "distill.cpus_per_actor=1", f"distill.max_videos_per_partition={max_videos}", "distill.partitions=1",
-        "evaluate.epochs=1", "evaluate.seeds=[0]", "evaluate.baselines=[]", "evaluate.cpus_per_worker=1",
-        "evaluate.gpus_per_worker=0", "evaluate.batch_size=64", f"storage.output_root={out}",
-    ])
+    cfg = load_config(
+        "kinetics400",
+        [
+            f"data.root={data_root}/videos",
+            f"data.annotations={data_root}/annotations",
+            "data.on_catalog_error=skip",
+            "data.num_frames=8",
+            "data.height=32",
+            "data.width=32",
+            "data.transcode_short_side=0",
+            "data.shard_target_mb=2",
+            "data.decode_actors=1",
+            "data.decode_cpus_per_actor=0.5",
+            "data.decode_batch_size=64",
+            "teacher.width=8",
+            "teacher.depth=2",
+            "teacher.epochs=1",
+            "teacher.batch_size=64",
+            "teacher.num_workers=1",
+            "teacher.cpus_per_worker=1",
+            "teacher.gpus_per_worker=0",
+            "stats.actors=1",
+            "stats.cpus_per_actor=1",
+            "stats.gpus_per_actor=0",
+            "stats.batch_size=64",
+            f"distill.ipc={ipc}",
+            "distill.iterations=2",
+            "distill.actors=1",
+            "distill.gpus_per_actor=0",
+            "distill.cpus_per_actor=1",
+            f"distill.max_videos_per_partition={max_videos}",
+            "distill.partitions=1",
+            "evaluate.epochs=1",
+            "evaluate.seeds=[0]",
+            "evaluate.baselines=[]",
+            "evaluate.cpus_per_worker=1",
+            "evaluate.gpus_per_worker=0",
+            "evaluate.batch_size=64",
+            f"storage.output_root={out}",
+        ],
+    )
     cfg = method_config(cfg, Method.tsgd)
-    work = {"prepare": lambda: run_prepare(cfg), "teacher": lambda: run_teacher(cfg), "stats": lambda: run_stats(cfg),
-            "distill": lambda: run_distill(cfg), "merge": lambda: run_merge(cfg),
-            "evaluate": lambda: run_evaluate(cfg, Method.tsgd)}
+    work = {
+        "prepare": lambda: run_prepare(cfg),
+        "teacher": lambda: run_teacher(cfg),
+        "stats": lambda: run_stats(cfg),
+        "distill": lambda: run_distill(cfg),
+        "merge": lambda: run_merge(cfg),
+        "evaluate": lambda: run_evaluate(cfg, Method.tsgd),
+    }
     row = {}
     for stage in STAGES:
         if stage == "init":  # run_stats did both: split its time by the two markers' own seconds
@@ -149,9 +183,13 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
         work[stage]()
         sampler.stage = None
         time.sleep(0.15)
-        row[stage] = {"seconds": time.time() - started, "driver_rss": sampler.driver.get(stage, 0),
-                      "worker_rss": sampler.worker.get(stage, 0), "largest_file": largest_file(out, started),
-                      "driver_bytes": counter.total - before}
+        row[stage] = {
+            "seconds": time.time() - started,
+            "driver_rss": sampler.driver.get(stage, 0),
+            "worker_rss": sampler.worker.get(stage, 0),
+            "largest_file": largest_file(out, started),
+            "driver_bytes": counter.total - before,
+        }
     return row
 
 
@@ -164,12 +202,16 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 def table(title: str, xs: list[int], rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'stage':9} {'x':>6} {'seconds':>8} {'driver MB':>10} {'worker MB':>10} {'largest file MB':>16} {'driver MB in':>13}")
+    print(
+        f"{'stage':9} {'x':>6} {'seconds':>8} {'driver MB':>10} {'worker MB':>10} {'largest file MB':>16} {'driver MB in':>13}"
+    )
     for stage in STAGES:
         for x, row in zip(xs, rows):
             r = row[stage]
-            print(f"{stage:9} {x:6d} {r['seconds']:8.1f} {r['driver_rss'] / 2**20:10.0f} {r['worker_rss'] / 2**20:10.0f} "
-                  f"{r['largest_file'] / 2**20:16.2f} {r['driver_bytes'] / 2**20:13.2f}")
+            print(
+                f"{stage:9} {x:6d} {r['seconds']:8.1f} {r['driver_rss'] / 2**20:10.0f} {r['worker_rss'] / 2**20:10.0f} "
+                f"{r['largest_file'] / 2**20:16.2f} {r['driver_bytes'] / 2**20:13.2f}"
+            )
 
 
 def slopes(title: str, xs: list[int], rows: list[dict]) -> dict:
@@ -177,17 +219,23 @@ def slopes(title: str, xs: list[int], rows: list[dict]) -> dict:
     print(f"{'stage':9} {'seconds':>8} {'driver RSS':>11} {'worker RSS':>11} {'largest file':>13} {'driver bytes':>13}")
     out = {}
     for stage in STAGES:
-        out[stage] = {k: slope(xs, [r[stage][k] for r in rows])
-                      for k in ("seconds", "driver_rss", "worker_rss", "largest_file", "driver_bytes")}
+        out[stage] = {
+            k: slope(xs, [r[stage][k] for r in rows])
+            for k in ("seconds", "driver_rss", "worker_rss", "largest_file", "driver_bytes")
+        }
         s = out[stage]
-        print(f"{stage:9} {s['seconds']:8.2f} {s['driver_rss']:11.2f} {s['worker_rss']:11.2f} {s['largest_file']:13.2f} "
-              f"{s['driver_bytes']:13.2f}")
+        print(
+            f"{stage:9} {s['seconds']:8.2f} {s['driver_rss']:11.2f} {s['worker_rss']:11.2f} {s['largest_file']:13.2f} "
+            f"{s['driver_bytes']:13.2f}"
+        )
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=[1000, 4000, 16000], help="training clips, at --n-k classes")
+    parser.add_argument(
+        "--n", type=int, nargs="+", default=[1000, 4000, 16000], help="training clips, at --n-k classes"
+    )
     parser.add_argument("--n-k", type=int, default=50, help="classes of the N sweep")
     parser.add_argument("--k", type=int, nargs="+", default=[50, 200, 800], help="classes of the K x IPC sweep")
     parser.add_argument("--k-n", type=int, default=8000, help="training clips of the K x IPC sweep")
@@ -200,13 +248,20 @@ def main() -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tsgd-scale-"))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, object_store_memory=1024 * 2**20, include_dashboard=False,
-             log_to_driver=False, _temp_dir=str(REPO / ".cache" / "ray-scale"))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=1024 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=str(REPO / ".cache" / "ray-scale"),
+    )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
     sampler, counter = Sampler(), DriverBytes()
     try:
+
         def sweep(points: list[tuple[int, int]], ipc: int) -> list[dict]:
             rows = []
             for k, n in points:

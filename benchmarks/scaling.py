@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target  # noqa: E402
+
 from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core.models import checkpoint_bytes  # noqa: E402
 from tsgd_ray.data.prepare import run_prepare  # noqa: E402
@@ -72,8 +73,10 @@ def ray_overhead(cfg, classes, repeats: int) -> tuple[float, float]:
     actor = ray.remote(PartitionWorker).options(num_cpus=1).remote(cfg, classes, 1)
     plain, remote = [], []
     for _ in range(repeats):
-        for measure, out in ((lambda: recover_partition(cfg, teacher, stats, 0, plan[0]), plain),
-                             (lambda: ray.get(actor.recover.remote(0, plan[0])), remote)):
+        for measure, out in (
+            (lambda: recover_partition(cfg, teacher, stats, 0, plan[0]), plain),
+            (lambda: ray.get(actor.recover.remote(0, plan[0])), remote),
+        ):
             fresh_distill(cfg)
             load_plan(cfg, len(classes))
             started = time.perf_counter()
@@ -94,9 +97,19 @@ def pool_seconds(cfg_for, actors: int) -> float:
 def gpu_rate(args) -> float:
     """Synthetic video-iterations/s of one actor on one GPU (recovery only, teacher loaded)."""
     f, h, w = args.gpu_size
-    cfg = load_config("default", [f"storage.output_root={args.root}/gpu", "device=cuda", f"data.num_frames={f}",
-                                  f"data.height={h}", f"data.width={w}", f"distill.ipc={args.gpu_videos}",
-                                  f"distill.iterations={args.iterations}", "distill.bn_target=global"])
+    cfg = load_config(
+        "default",
+        [
+            f"storage.output_root={args.root}/gpu",
+            "device=cuda",
+            f"data.num_frames={f}",
+            f"data.height={h}",
+            f"data.width={w}",
+            f"distill.ipc={args.gpu_videos}",
+            f"distill.iterations={args.iterations}",
+            "distill.bn_target=global",
+        ],
+    )
     from tsgd_ray.core.recovery import recover
 
     teacher = new_teacher(cfg, 8).cuda().eval()
@@ -120,28 +133,46 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-size", type=int, nargs=3, default=[16, 112, 112], metavar=("F", "H", "W"))
     parser.add_argument("--gpu-videos", type=int, default=50)
     args = parser.parse_args(argv)
-    common = [f"distill.iterations={args.iterations}", f"distill.ipc={args.ipc}", "distill.cpus_per_actor=0.5",
-              f"ray.temp_dir={REPO / '.cache' / 'ray-scaling'}"]
+    common = [
+        f"distill.iterations={args.iterations}",
+        f"distill.ipc={args.ipc}",
+        "distill.cpus_per_actor=0.5",
+        f"ray.temp_dir={REPO / '.cache' / 'ray-scaling'}",
+    ]
     base, classes = prepared_config(Path(args.root), ["distill.actors=1", *common])
     init_ray(base)
-    print(f"distill: {len(classes)} classes x ipc {args.ipc}, {args.iterations} iterations, "
-          f"clips {base.data.num_frames}x{base.data.height}x{base.data.width}, teacher {base.teacher.model} "
-          f"width {base.teacher.width}, torch threads 1 per worker")
+    print(
+        f"distill: {len(classes)} classes x ipc {args.ipc}, {args.iterations} iterations, "
+        f"clips {base.data.num_frames}x{base.data.height}x{base.data.width}, teacher {base.teacher.model} "
+        f"width {base.teacher.width}, torch threads 1 per worker"
+    )
 
     plain, actor = ray_overhead(base, classes, args.repeats)
     print(f"(a) one partition: plain process {plain:.2f} s, one actor {actor:.2f} s -> ratio {actor / plain:.3f}")
 
     def cfg_for(actors: int):
-        return load_config("default", [f"storage.output_root={args.root}", f"teacher.checkpoint={base.teacher.checkpoint}",
-                                       f"distill.actors={actors}", f"distill.partitions={len(classes)}", *common])
+        return load_config(
+            "default",
+            [
+                f"storage.output_root={args.root}",
+                f"teacher.checkpoint={base.teacher.checkpoint}",
+                f"distill.actors={actors}",
+                f"distill.partitions={len(classes)}",
+                *common,
+            ],
+        )
 
     one = statistics.median(pool_seconds(cfg_for, 1) for _ in range(args.repeats))
     two = statistics.median(pool_seconds(cfg_for, 2) for _ in range(args.repeats))
-    print(f"(b) whole stage, {len(classes)} partitions: 1 actor {one:.1f} s, 2 actors {two:.1f} s -> speedup {one / two:.2f}")
+    print(
+        f"(b) whole stage, {len(classes)} partitions: 1 actor {one:.1f} s, 2 actors {two:.1f} s -> speedup {one / two:.2f}"
+    )
     if torch.cuda.is_available():
         rate = gpu_rate(args)
-        print(f"(c) {torch.cuda.get_device_name()}: {rate:.0f} video-iterations/s per GPU at "
-              f"{'x'.join(map(str, args.gpu_size))}, {args.gpu_videos} videos")
+        print(
+            f"(c) {torch.cuda.get_device_name()}: {rate:.0f} video-iterations/s per GPU at "
+            f"{'x'.join(map(str, args.gpu_size))}, {args.gpu_videos} videos"
+        )
     else:
         print("(c) no CUDA device here: GPU iterations/s not measured")
     target("actor_over_plain_process", actor / plain, "<=", 1.10, 3)

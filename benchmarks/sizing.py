@@ -49,14 +49,22 @@ def measure_prepare(cfg, footage: Path, repeats: int) -> None:
     transcode_s = (time.perf_counter() - t0) / repeats
     t0 = time.perf_counter()
     for _ in range(repeats):
-        decode_clip(small, cfg.data.num_frames, cfg.data.height, cfg.data.width, cfg.data.frame_interval, cfg.data.sampling)
+        decode_clip(
+            small, cfg.data.num_frames, cfg.data.height, cfg.data.width, cfg.data.frame_interval, cfg.data.sampling
+        )
     decode_s = (time.perf_counter() - t0) / repeats
-    print(f"prepare  source bikes.mp4 {len(data) / 1e6:.2f} MB, {info.num_frames} frames "
-          f"{info.width}x{info.height} (a 10 s Kinetics-like clip)")
-    print(f"prepare  probe {probe_s * 1e3:.0f} ms/video/core; transcode to short side {short}: "
-          f"{transcode_s:.2f} s/video/core -> {len(small) / 1e3:.0f} kB")
-    print(f"decode   one {cfg.data.num_frames}x{cfg.data.height}x{cfg.data.width} clip ({cfg.data.sampling.value}) from the "
-          f"transcoded video: {decode_s * 1e3:.0f} ms/clip/core")
+    print(
+        f"prepare  source bikes.mp4 {len(data) / 1e6:.2f} MB, {info.num_frames} frames "
+        f"{info.width}x{info.height} (a 10 s Kinetics-like clip)"
+    )
+    print(
+        f"prepare  probe {probe_s * 1e3:.0f} ms/video/core; transcode to short side {short}: "
+        f"{transcode_s:.2f} s/video/core -> {len(small) / 1e3:.0f} kB"
+    )
+    print(
+        f"decode   one {cfg.data.num_frames}x{cfg.data.height}x{cfg.data.width} clip ({cfg.data.sampling.value}) from the "
+        f"transcoded video: {decode_s * 1e3:.0f} ms/clip/core"
+    )
 
 
 def measure_recovery(cfg, videos: int, iterations: int) -> None:
@@ -94,11 +102,15 @@ def measure_recovery(cfg, videos: int, iterations: int) -> None:
         torch.cuda.synchronize()
     per_video_iteration = (time.perf_counter() - t0) / (iterations * videos)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"recovery {cfg.teacher.model} width {cfg.teacher.width} depth {cfg.teacher.depth} at "
-          f"{'x'.join(map(str, shape))}: {flops / 1e9:.2f} GFLOP per video-iteration (forward + backward)")
-    print(f"recovery {name}: {per_video_iteration * 1e3:.2f} ms per video-iteration "
-          f"({1 / per_video_iteration:.0f} video-iterations/s, {3600 / per_video_iteration / 1e6:.2f} M per hour; "
-          f"{videos} videos per chunk; forward/backward only, without augmentation and TSGF)")
+    print(
+        f"recovery {cfg.teacher.model} width {cfg.teacher.width} depth {cfg.teacher.depth} at "
+        f"{'x'.join(map(str, shape))}: {flops / 1e9:.2f} GFLOP per video-iteration (forward + backward)"
+    )
+    print(
+        f"recovery {name}: {per_video_iteration * 1e3:.2f} ms per video-iteration "
+        f"({1 / per_video_iteration:.0f} video-iterations/s, {3600 / per_video_iteration / 1e6:.2f} M per hour; "
+        f"{videos} videos per chunk; forward/backward only, without augmentation and TSGF)"
+    )
 
 
 def measure_memory(width: int, depth: int) -> None:
@@ -114,8 +126,10 @@ def measure_memory(width: int, depth: int) -> None:
                 print(f"memory   {name} {'x'.join(map(str, size))}: not measured ({exc})")
                 continue
             label = f"{name} width {width} depth {depth}" if name == "mini_c3d" else name
-            print(f"memory   {label} {'x'.join(map(str, size))}: {act / 2**20:.1f} MiB activations and "
-                  f"{state / 2**20:.2f} MiB optimiser state per synthetic video (float32)")
+            print(
+                f"memory   {label} {'x'.join(map(str, size))}: {act / 2**20:.1f} MiB activations and "
+                f"{state / 2**20:.2f} MiB optimiser state per synthetic video (float32)"
+            )
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target  # noqa: E402
+
 from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import bn_stats, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
@@ -49,13 +50,22 @@ def main(argv=None) -> int:
     teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
     training.train_teacher(teacher, x_train, y_train, cfg)
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
-    stats = bn_stats.accumulate_statistics(teacher, [(real[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k)
-    print(f"[{time.time() - started:5.0f}s] teacher trained; {len(x_train)} train / {len(x_test)} test clips", flush=True)
+    stats = bn_stats.accumulate_statistics(
+        teacher, [(real[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
+    )
+    print(
+        f"[{time.time() - started:5.0f}s] teacher trained; {len(x_train)} train / {len(x_test)} test clips", flush=True
+    )
 
     def student_top1(x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
         torch.manual_seed(seed)
-        student = build_model(cfg.evaluate.model or cfg.teacher.model, k, size, cfg.evaluate.width or cfg.teacher.width,
-                              cfg.evaluate.depth or cfg.teacher.depth)
+        student = build_model(
+            cfg.evaluate.model or cfg.teacher.model,
+            k,
+            size,
+            cfg.evaluate.width or cfg.teacher.width,
+            cfg.evaluate.depth or cfg.teacher.depth,
+        )
         training.train_student(student, teacher, x, y, cfg, seed)
         return training.topk_accuracy(training.predict(student, x_test, cfg), y_test)
 
@@ -73,8 +83,11 @@ def main(argv=None) -> int:
         se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
         mean = statistics.fmean(diffs)
         worst = max(worst, abs(mean) - 2 * se)
-        print(f"| {ipc} | {change:.2f} | {100 * statistics.fmean(a):.1f} | {100 * statistics.fmean(b):.1f} | "
-              f"{mean:+.1f} +- {se:.1f} |", flush=True)
+        print(
+            f"| {ipc} | {change:.2f} | {100 * statistics.fmean(a):.1f} | {100 * statistics.fmean(b):.1f} | "
+            f"{mean:+.1f} +- {se:.1f} |",
+            flush=True,
+        )
     print(f"[{time.time() - started:5.0f}s] done")
     target("uint8_vs_float32_gap_beyond_2se_points", worst, "<=", 0)
     return 0

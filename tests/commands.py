@@ -25,8 +25,25 @@ REPO = Path(__file__).resolve().parent.parent
 TOP_DIRS = ("infra/", "scripts/", "benchmarks/", "docs/", "tests/", "tsgd_ray/")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 # Programs whose arguments are not checked beyond the repository paths they name.
-UNCHECKED = {"ulimit", "cd", "export", "git", "pip", "mkdir", "aws", "kubectl", "helm", "eksctl", "echo", "cat",
-             "watch", "sleep", "nvidia-smi", "tail", "ls"}
+UNCHECKED = {
+    "ulimit",
+    "cd",
+    "export",
+    "git",
+    "pip",
+    "mkdir",
+    "aws",
+    "kubectl",
+    "helm",
+    "eksctl",
+    "echo",
+    "cat",
+    "watch",
+    "sleep",
+    "nvidia-smi",
+    "tail",
+    "ls",
+}
 _ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
@@ -148,8 +165,9 @@ def _check_python(argv: Sequence[str]) -> None:
 @functools.lru_cache(maxsize=None)
 def _help_of(script: str) -> str:
     """`python script --help` (run once per script: it imports torch)."""
-    return subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=True).stdout
+    return subprocess.run(
+        [sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
 
 
 def _check_docker(argv: Sequence[str]) -> None:

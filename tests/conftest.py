@@ -45,8 +45,12 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
@@ -84,8 +88,15 @@ def ray_session(s3_server):
 
     temp_dir = REPO / ".cache" / "ray"
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=2, num_gpus=1, object_store_memory=512 * 2**20, include_dashboard=False,
-             _temp_dir=str(temp_dir), log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=1,
+        object_store_memory=512 * 2**20,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+        log_to_driver=False,
+    )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
@@ -95,12 +106,19 @@ def ray_session(s3_server):
 
 def tiny_config(output_root: str | Path, *overrides: str):
     """A config for tests: small built-in dataset, small clips, output under `output_root`."""
-    return load_config(None, [
-        f"storage.output_root={output_root}",
-        "data.builtin.train_per_class=4", "data.builtin.test_per_class=2",
-        "data.num_frames=8", "data.height=32", "data.width=32", "data.shard_target_mb=0.05",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"storage.output_root={output_root}",
+            "data.builtin.train_per_class=4",
+            "data.builtin.test_per_class=2",
+            "data.num_frames=8",
+            "data.height=32",
+            "data.width=32",
+            "data.shard_target_mb=0.05",
+            *overrides,
+        ],
+    )
 
 
 def moving_square_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -114,8 +132,15 @@ def moving_square_frames(num_frames: int, height: int, width: int, seed: int = 0
     return frames
 
 
-def write_video(path: str | Path, num_frames: int = 12, height: int = 48, width: int = 64,
-                codec: str = "libx264", seed: int = 0, fps: int = 10) -> bytes:
+def write_video(
+    path: str | Path,
+    num_frames: int = 12,
+    height: int = 48,
+    width: int = 64,
+    codec: str = "libx264",
+    seed: int = 0,
+    fps: int = 10,
+) -> bytes:
     """Encode a real video file with PyAV (container from the extension) and return its bytes."""
     import av
 
@@ -145,8 +170,9 @@ def upload_tree(local_root: Path, s3_uri: str) -> None:
 UCF_CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups"]
 
 
-def make_ucf101_tree(root: Path, groups: dict[str, list[int]] | None = None,
-                     corrupt: dict[str, bytes] | None = None) -> dict[str, list[str]]:
+def make_ucf101_tree(
+    root: Path, groups: dict[str, list[int]] | None = None, corrupt: dict[str, bytes] | None = None
+) -> dict[str, list[str]]:
     """A UCF101-layout tree of real MPEG-4 AVI files with ucfTrainTestlist/ (splits 1..3).
 
     `groups` maps split -> group numbers (default train g08-g10, test g01-g02); file names keep

@@ -43,8 +43,16 @@ def encode_clip(path: Path, seed: int, frames: int = 8, size: int = 32) -> None:
             container.mux(packet)
 
 
-def make_kinetics_layout(root: Path, classes: int, train_per_class: int, val_per_class: int, missing: int = 0,
-                         distinct: int = 64, frames: int = 8, size: int = 32) -> dict:
+def make_kinetics_layout(
+    root: Path,
+    classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    missing: int = 0,
+    distinct: int = 64,
+    frames: int = 8,
+    size: int = 32,
+) -> dict:
     """Write the layout under `root`; returns {"classes": [...], "present": {split: n}, "missing": {split: n}}."""
     pool = root / "_encoded"
     sources = [pool / f"{i:04d}.mp4" for i in range(distinct)]

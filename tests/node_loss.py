@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def main(output_root: str, teacher: str, temp_dir: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
+    from stage_helpers import imported_config
 
     from tsgd_ray import storage
     from tsgd_ray.data.prepare import run_prepare
@@ -33,17 +34,17 @@ def main(output_root: str, teacher: str, temp_dir: str) -> None:
     from tsgd_ray.distributed.stats import run_stats
     from tsgd_ray.distributed.teacher import run_teacher
 
-    from stage_helpers import imported_config
-
     # Cluster records its address under Ray's default temp dir (/tmp/ray): keep it in ours
     os.environ["RAY_TMPDIR"] = temp_dir
     os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
-                                                            "object_store_memory": 150 * 2**20})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir, "object_store_memory": 150 * 2**20}
+    )
     workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
-    cfg = imported_config(Path(output_root), Path(teacher), "distill.actors=2", "distill.cpus_per_actor=1.5",
-                          "distill.iterations=150")
+    cfg = imported_config(
+        Path(output_root), Path(teacher), "distill.actors=2", "distill.cpus_per_actor=1.5", "distill.iterations=150"
+    )
     run_prepare(cfg)
     run_teacher(cfg)
     with_stats = imported_config(Path(output_root), Path(teacher), "distill.actors=1", "distill.cpus_per_actor=0.5")
@@ -61,11 +62,17 @@ def main(output_root: str, teacher: str, temp_dir: str) -> None:
     cluster.remove_node(removed)
     thread.join(timeout=240)
     merged = run_merge(cfg)
-    print(json.dumps({"summary": {k: v for k, v in result.items() if k != "markers"},
-                      "pids": sorted({m["pid"] for m in result.get("markers", [])}),
-                      "removed_node": target,
-                      "nodes": sorted({m["node_id"] for m in result.get("markers", [])}),
-                      "files": [f["sha256"] for f in merged["files"]]}))
+    print(
+        json.dumps(
+            {
+                "summary": {k: v for k, v in result.items() if k != "markers"},
+                "pids": sorted({m["pid"] for m in result.get("markers", [])}),
+                "removed_node": target,
+                "nodes": sorted({m["node_id"] for m in result.get("markers", [])}),
+                "files": [f["sha256"] for f in merged["files"]],
+            }
+        )
+    )
     ray.shutdown()
     cluster.shutdown()
 

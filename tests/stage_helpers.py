@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import tiny_config
 
 from tsgd_ray.config import Method
 from tsgd_ray.core.models import checkpoint_bytes
@@ -12,10 +13,16 @@ from tsgd_ray.core.training import train_teacher
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.distributed.artifacts import method_config
 
-from conftest import tiny_config
-
-DISTILL = ["distill.iterations=40", "distill.partitions=4", "distill.actors=1", "distill.cpus_per_actor=0.5",
-           "teacher.width=8", "teacher.depth=2", "evaluate.epochs=2", "evaluate.seeds=[0]"]
+DISTILL = [
+    "distill.iterations=40",
+    "distill.partitions=4",
+    "distill.actors=1",
+    "distill.cpus_per_actor=0.5",
+    "teacher.width=8",
+    "teacher.depth=2",
+    "evaluate.epochs=2",
+    "evaluate.seeds=[0]",
+]
 
 
 def teacher_file(folder: Path) -> Path:

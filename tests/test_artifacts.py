@@ -36,7 +36,9 @@ def test_a_clip_table_has_a_row_group_per_class_and_reads_back_exactly(tmp_path,
     clips = _clips(len(labels))
     uri = str(tmp_path / "t.parquet")
     heats = clips[:, 0, :, :, 0]  # any uint8 (N, H, W)
-    (tmp_path / "t.parquet").write_bytes(artifacts.clip_table_bytes(clips, labels, indices, [f"v{i}" for i in range(7)], heats))
+    (tmp_path / "t.parquet").write_bytes(
+        artifacts.clip_table_bytes(clips, labels, indices, [f"v{i}" for i in range(7)], heats)
+    )
     parquet = pq.ParquetFile(uri)
     assert parquet.num_row_groups == 3  # one per class
     every = artifacts.concat_clips(list(artifacts.read_clip_tables([uri], clips.shape[1:])), clips.shape[1:])
@@ -45,8 +47,12 @@ def test_a_clip_table_has_a_row_group_per_class_and_reads_back_exactly(tmp_path,
     assert np.array_equal(every["clips"].numpy(), clips[order]) and np.array_equal(every["heat"].numpy(), heats[order])
     one = artifacts.concat_clips(list(artifacts.read_clip_tables([uri], clips.shape[1:], {1})), clips.shape[1:])
     assert one["video_ids"] == ["v2", "v5"]
-    halves = [artifacts.concat_clips(list(artifacts.read_clip_tables([uri], clips.shape[1:], rank=r, world=2)),
-                                     clips.shape[1:]) for r in (0, 1)]
+    halves = [
+        artifacts.concat_clips(
+            list(artifacts.read_clip_tables([uri], clips.shape[1:], rank=r, world=2)), clips.shape[1:]
+        )
+        for r in (0, 1)
+    ]
     assert sorted(halves[0]["video_ids"] + halves[1]["video_ids"]) == sorted(every["video_ids"])
     assert (len(halves[0]["labels"]), len(halves[1]["labels"])) == (4, 3)
     # a class larger than a row group is split, never mixed with another class

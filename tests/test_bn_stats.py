@@ -14,7 +14,9 @@ def small_model(seed=0):
 
 def batches(seed=0, n=6):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(5, 3, 4, 16, 16, generator=g) * 2 + 1, torch.randint(0, 4, (5,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(5, 3, 4, 16, 16, generator=g) * 2 + 1, torch.randint(0, 4, (5,), generator=g)) for _ in range(n)
+    ]
 
 
 def test_taps_record_each_samples_moments_of_the_bn_input():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny_config
 
 from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
@@ -13,7 +14,6 @@ from tsgd_ray.data.builtin import CLASSES, _digits, builtin_root, ensure_builtin
 from tsgd_ray.data.catalog import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_clip
-from conftest import tiny_config
 
 
 def test_generation_is_deterministic_and_idempotent(tmp_path):
@@ -24,8 +24,16 @@ def test_generation_is_deterministic_and_idempotent(tmp_path):
     again = tiny_config(tmp_path / "other")
     assert builtin_root(again) != root  # under its own cache root
     other_files = storage.file_sizes(ensure_builtin_dataset(again))
-    first = decode_clip(storage.read_bytes(f"{root}/train/zoom_in/zoom_in_00001.mp4"), 16, 64, 64, sampling=TemporalSampling.uniform)
-    second = decode_clip(storage.read_bytes(f"{builtin_root(again)}/train/zoom_in/zoom_in_00001.mp4"), 16, 64, 64, sampling=TemporalSampling.uniform)
+    first = decode_clip(
+        storage.read_bytes(f"{root}/train/zoom_in/zoom_in_00001.mp4"), 16, 64, 64, sampling=TemporalSampling.uniform
+    )
+    second = decode_clip(
+        storage.read_bytes(f"{builtin_root(again)}/train/zoom_in/zoom_in_00001.mp4"),
+        16,
+        64,
+        64,
+        sampling=TemporalSampling.uniform,
+    )
     assert np.array_equal(first, second)
     assert len(other_files) == len(files)
     mtimes = {f: os.path.getmtime(f) for f in files}
@@ -77,8 +85,14 @@ def test_a_single_frame_classifier_stays_at_chance_while_a_clip_classifier_learn
     variant (distractors, pan and flicker are the same law for every class). The cluttered variant
     is too hard for this small clip model's budget (0.22 when written); how far the benchmark's
     teacher gets on it is in docs/QUALITY.md."""
-    cfg = tiny_config(tmp_path, "data.builtin.size=32", "data.builtin.frames=8", f"data.builtin.variant={variant}",
-                      "data.builtin.train_per_class=100", "data.builtin.test_per_class=40")
+    cfg = tiny_config(
+        tmp_path,
+        "data.builtin.size=32",
+        "data.builtin.frames=8",
+        f"data.builtin.variant={variant}",
+        "data.builtin.train_per_class=100",
+        "data.builtin.test_per_class=40",
+    )
     x_train, y_train = _load(cfg, "train")
     x_test, y_test = _load(cfg, "test")
     chance = 1 / len(CLASSES)
@@ -87,20 +101,41 @@ def test_a_single_frame_classifier_stays_at_chance_while_a_clip_classifier_learn
         return x[torch.arange(len(x)), torch.randint(0, x.shape[1], (len(x),), generator=g)]
 
     frame_model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(32, 8))
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 8),
+    )
     single_frame = _fit_and_score(frame_model, one_random_frame, x_train, y_train, x_test, y_test, epochs=10)
     if variant == "cluttered":
         assert single_frame < 0.2
         return
 
     clip_model = nn.Sequential(
-        nn.Conv3d(3, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(), nn.MaxPool3d((1, 2, 2)),
-        nn.Conv3d(16, 32, 3, padding=1), nn.BatchNorm3d(32), nn.ReLU(), nn.MaxPool3d(2),
-        nn.Conv3d(32, 32, 3, padding=1), nn.BatchNorm3d(32), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
-        nn.Flatten(), nn.Linear(32, 8))
-    whole_clip = _fit_and_score(clip_model, lambda x, g: x.permute(0, 2, 1, 3, 4), x_train, y_train, x_test, y_test, epochs=20)
+        nn.Conv3d(3, 16, 3, padding=1),
+        nn.BatchNorm3d(16),
+        nn.ReLU(),
+        nn.MaxPool3d((1, 2, 2)),
+        nn.Conv3d(16, 32, 3, padding=1),
+        nn.BatchNorm3d(32),
+        nn.ReLU(),
+        nn.MaxPool3d(2),
+        nn.Conv3d(32, 32, 3, padding=1),
+        nn.BatchNorm3d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(32, 8),
+    )
+    whole_clip = _fit_and_score(
+        clip_model, lambda x, g: x.permute(0, 2, 1, 3, 4), x_train, y_train, x_test, y_test, epochs=20
+    )
 
     print(f"single frame {single_frame:.3f}, clip {whole_clip:.3f}, chance {chance:.3f}")
     # 320 test clips: at chance the accuracy's std is about 0.018, so 0.2 is 4 std above chance

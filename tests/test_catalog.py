@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import UCF_CLASSES, make_ucf101_tree, tiny_config, write_video
 
 from tsgd_ray.data.catalog import CatalogError, build_catalog
-from conftest import UCF_CLASSES, make_ucf101_tree, tiny_config, write_video
 
 
 def cfg_for(tmp_path, dataset, root, *overrides):
@@ -45,7 +45,9 @@ def test_missing_files_stop_with_examples_or_are_skipped_and_counted(tmp_path):
     assert len(catalog.records) == 15 - 2
     assert [s["reason"] for s in catalog.skipped] == ["missing file", "missing file"]
     # reported where the file was expected: in UCF-101/, beside its class's other videos
-    assert sorted(s["uri"] for s in catalog.skipped) == sorted(str(tmp_path / "ucf" / "UCF-101" / r) for r in lists["train"][:2])
+    assert sorted(s["uri"] for s in catalog.skipped) == sorted(
+        str(tmp_path / "ucf" / "UCF-101" / r) for r in lists["train"][:2]
+    )
 
 
 def test_unknown_label_is_reported(tmp_path):
@@ -100,7 +102,9 @@ def test_kinetics_csv_nested_and_flat_files(tmp_path):
     (ann / "test.csv").write_text("youtube_id,time_start,time_end,split\nZzzzzzzzzzz,0,10,test\n")
     with pytest.raises(CatalogError, match="MISSINGMISS_000003_000013: missing file"):
         build_catalog(cfg_for(tmp_path, "kinetics", root, f"data.annotations={ann}"))
-    catalog = build_catalog(cfg_for(tmp_path, "kinetics", root, f"data.annotations={ann}", "data.on_catalog_error=skip"))
+    catalog = build_catalog(
+        cfg_for(tmp_path, "kinetics", root, f"data.annotations={ann}", "data.on_catalog_error=skip")
+    )
     assert catalog.classes == ["playing guitar", "yoga"]
     assert catalog.counts() == {"train": {"playing guitar": 1, "yoga": 1}, "val": {"yoga": 1}}
     assert len(catalog.skipped) == 1
@@ -111,27 +115,55 @@ def test_ssv2_json(tmp_path):
     labels = {"Pushing something from left to right": "1", "Approaching something with your camera": "0"}
     (root / "labels").mkdir(parents=True)
     (root / "labels" / "labels.json").write_text(json.dumps(labels))
-    train = [{"id": "101", "label": "pushing a cup from left to right", "template": "Pushing [something] from left to right", "placeholders": ["a cup"]},
-             {"id": "102", "label": "approaching a tree", "template": "Approaching [something] with your camera", "placeholders": ["a tree"]}]
-    val = [{"id": "201", "label": "pushing pen", "template": "Pushing [something] from left to right", "placeholders": ["pen"]}]
+    train = [
+        {
+            "id": "101",
+            "label": "pushing a cup from left to right",
+            "template": "Pushing [something] from left to right",
+            "placeholders": ["a cup"],
+        },
+        {
+            "id": "102",
+            "label": "approaching a tree",
+            "template": "Approaching [something] with your camera",
+            "placeholders": ["a tree"],
+        },
+    ]
+    val = [
+        {
+            "id": "201",
+            "label": "pushing pen",
+            "template": "Pushing [something] from left to right",
+            "placeholders": ["pen"],
+        }
+    ]
     (root / "labels" / "train.json").write_text(json.dumps(train))
     (root / "labels" / "validation.json").write_text(json.dumps(val))
     for vid in ("101", "102", "201"):
         write_video(root / "videos" / f"{vid}.webm", codec="libvpx-vp9")
     catalog = build_catalog(cfg_for(tmp_path, "ssv2", root / "videos", f"data.annotations={root / 'labels'}"))
     assert catalog.classes == ["Approaching something with your camera", "Pushing something from left to right"]
-    assert {(r.video_id, r.label, r.split) for r in catalog.records} == {("101", 1, "train"), ("102", 0, "train"), ("201", 1, "val")}
+    assert {(r.video_id, r.label, r.split) for r in catalog.records} == {
+        ("101", 1, "train"),
+        ("102", 0, "train"),
+        ("201", 1, "val"),
+    }
 
 
 def test_generic_csv(tmp_path):
     root = tmp_path / "mine"
     write_video(root / "clips" / "a.mp4")
     write_video(root / "clips" / "b.mkv")
-    (root / "list.csv").write_text("path,label,split\nclips/a.mp4,wave,train\nclips/b.mkv,jump,test\nclips/c.mp4,wave,train\n")
+    (root / "list.csv").write_text(
+        "path,label,split\nclips/a.mp4,wave,train\nclips/b.mkv,jump,test\nclips/c.mp4,wave,train\n"
+    )
     cfg = cfg_for(tmp_path, "csv", root, f"data.annotations={root / 'list.csv'}", "data.on_catalog_error=skip")
     catalog = build_catalog(cfg)
     assert catalog.classes == ["jump", "wave"]
-    assert {(r.video_id, r.class_name, r.split) for r in catalog.records} == {("clips/a", "wave", "train"), ("clips/b", "jump", "test")}
+    assert {(r.video_id, r.class_name, r.split) for r in catalog.records} == {
+        ("clips/a", "wave", "train"),
+        ("clips/b", "jump", "test"),
+    }
     assert catalog.skipped[0]["uri"].endswith("clips/c.mp4")
 
 
@@ -145,7 +177,9 @@ def test_class_folders(tmp_path, with_splits):
     (root / "README.txt").write_text("not a video")
     catalog = build_catalog(cfg_for(tmp_path, "folder", root))
     assert catalog.classes == ["run", "walk"]
-    expected = {"train": {"run": 1, "walk": 1}, "test": {"walk": 1}} if with_splits else {"train": {"run": 1, "walk": 2}}
+    expected = (
+        {"train": {"run": 1, "walk": 1}, "test": {"walk": 1}} if with_splits else {"train": {"run": 1, "walk": 2}}
+    )
     assert catalog.counts() == expected
 
 

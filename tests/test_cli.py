@@ -12,13 +12,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import tsgd_ray
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import ConfigError, config_names, to_yaml
 from tsgd_ray.errors import UserError, find_user_error
-
-from conftest import REPO, tiny_config
 
 TSGD_RAY = Path(sys.executable).with_name("tsgd-ray")
 # Raised and handled inside the project, never shown to a user as such.
@@ -33,8 +32,10 @@ def test_the_installed_program_finds_shipped_configs_from_any_directory(tmp_path
         assert "dataset:" in out.stdout
     out = subprocess.run([str(TSGD_RAY), "config", "nosuch"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.strip() == ("tsgd-ray config: error: config file not found: nosuch (not a file, nor a shipped "
-                                  "config: default, hmdb51, kinetics400, ssv2, ucf101)")
+    assert out.stderr.strip() == (
+        "tsgd-ray config: error: config file not found: nosuch (not a file, nor a shipped "
+        "config: default, hmdb51, kinetics400, ssv2, ucf101)"
+    )
 
 
 def test_version_is_the_installed_distributions():
@@ -44,7 +45,6 @@ def test_version_is_the_installed_distributions():
 
 def test_the_package_installs_no_top_level_module_but_its_own():
     import tomllib
-
     from setuptools import find_packages
 
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -57,8 +57,11 @@ def test_the_installed_torch_is_the_one_the_readme_promises():
     """scripts/bootstrap.sh pins torch through scripts/constraints.txt; README names the same build."""
     import torch
 
-    pinned = [line.split("==")[1].strip() for line in (REPO / "scripts" / "constraints.txt").read_text().splitlines()
-              if line.startswith("torch==")]
+    pinned = [
+        line.split("==")[1].strip()
+        for line in (REPO / "scripts" / "constraints.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    ]
     assert pinned and torch.__version__.split("+")[0] == pinned[0]
     assert f"torch=={pinned[0]}" in (REPO / "README.md").read_text()
     if not torch.cuda.is_available():  # this kind of machine: the CPU build, no CUDA wheels pulled in
@@ -118,12 +121,18 @@ def test_a_user_error_raised_anywhere_in_ray_is_found_as_the_original(ray_sessio
         ray.get(actor.fail.remote("actor: bad key"))
 
     def origin_train_worker():
-        TorchTrainer(_train_loop, train_loop_config={"message": "train worker: bad key"},
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                     run_config=RunConfig(name="fails", storage_path=str(tmp_path))).fit()
+        TorchTrainer(
+            _train_loop,
+            train_loop_config={"message": "train worker: bad key"},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name="fails", storage_path=str(tmp_path)),
+        ).fit()
 
-    for origin, message in ((origin_task, "task: bad key"), (origin_actor, "actor: bad key"),
-                            (origin_train_worker, "train worker: bad key")):
+    for origin, message in (
+        (origin_task, "task: bad key"),
+        (origin_actor, "actor: bad key"),
+        (origin_train_worker, "train worker: bad key"),
+    ):
         with pytest.raises(Exception) as caught:
             origin()
         found = find_user_error(caught.value)
@@ -134,10 +143,10 @@ def test_a_user_error_raised_anywhere_in_ray_is_found_as_the_original(ray_sessio
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(ray_session, tmp_path, capsys):
+    from stage_helpers import imported_config, teacher_file
+
     from tsgd_ray.data.prepare import run_prepare
     from tsgd_ray.distributed.artifacts import stats_dir, teacher_uri
-
-    from stage_helpers import imported_config, teacher_file
 
     cfg = imported_config(tmp_path / "out", teacher_file(tmp_path / "teacher"))
     run_prepare(cfg)

@@ -1,10 +1,11 @@
 """Configuration: schema, YAML merge, overrides, and one clear error per user mistake."""
 
 import pytest
+from conftest import REPO
+from omegaconf.errors import ReadonlyConfigError
 
 from tsgd_ray.cli import main
 from tsgd_ray.config import ConfigError, config_hash, load_config, to_dict
-from conftest import REPO
 
 SHIPPED = sorted(p.stem for p in (REPO / "tsgd_ray" / "configs").glob("*.yaml"))
 
@@ -25,8 +26,12 @@ def test_cluster_configs_put_every_model_stage_on_gpus(name, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(name)
     assert cfg.data.dataset != "builtin" and cfg.device != "cpu"
-    requested = {"teacher.gpus_per_worker": cfg.teacher.gpus_per_worker, "stats.gpus_per_actor": cfg.stats.gpus_per_actor,
-                 "distill.gpus_per_actor": cfg.distill.gpus_per_actor, "evaluate.gpus_per_worker": cfg.evaluate.gpus_per_worker}
+    requested = {
+        "teacher.gpus_per_worker": cfg.teacher.gpus_per_worker,
+        "stats.gpus_per_actor": cfg.stats.gpus_per_actor,
+        "distill.gpus_per_actor": cfg.distill.gpus_per_actor,
+        "evaluate.gpus_per_worker": cfg.evaluate.gpus_per_worker,
+    }
     assert {k: v for k, v in requested.items() if v <= 0} == {}
 
 
@@ -84,7 +89,7 @@ def test_config_is_read_only_and_hash_is_stable():
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(load_config(None, ["seed=4"]))
     assert config_hash(a, ["data"]) == config_hash(load_config(None, ["seed=4"]), ["data"])
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         a.seed = 5
     assert to_dict(a)["data"]["dataset"] == "builtin"  # enums flatten to strings
 
@@ -107,8 +112,10 @@ def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatc
     """Ray Train workers run in their own working directory: a relative path must not reach them."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
-    cfg = load_config(None, ["storage.output_root=outputs/run", "data.shards=s3://bucket/shards",
-                             "teacher.checkpoint=ckpt/teacher.pt"])
+    cfg = load_config(
+        None,
+        ["storage.output_root=outputs/run", "data.shards=s3://bucket/shards", "teacher.checkpoint=ckpt/teacher.pt"],
+    )
     assert cfg.storage.output_root == str(tmp_path / "outputs" / "run")
     assert cfg.teacher.checkpoint == str(tmp_path / "ckpt" / "teacher.pt")
     assert cfg.data.shards == "s3://bucket/shards" and cfg.storage.cache_root == ""

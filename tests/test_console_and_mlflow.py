@@ -11,16 +11,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 TSGD_RAY = Path(sys.executable).with_name("tsgd-ray")
-SMALL = ["data.builtin.train_per_class=4", "data.builtin.test_per_class=2", "data.num_frames=8", "data.height=32",
-         "data.width=32", "teacher.epochs=2", "teacher.width=8", "teacher.depth=2", "distill.iterations=20",
-         "evaluate.epochs=2", "evaluate.seeds=[0,1]"]
+SMALL = [
+    "data.builtin.train_per_class=4",
+    "data.builtin.test_per_class=2",
+    "data.num_frames=8",
+    "data.height=32",
+    "data.width=32",
+    "teacher.epochs=2",
+    "teacher.width=8",
+    "teacher.depth=2",
+    "distill.iterations=20",
+    "evaluate.epochs=2",
+    "evaluate.seeds=[0,1]",
+]
 CONSOLE_LINES = 100  # the target for a default run
-NOISE = re.compile(r"PlacementGroupCleaner|logging_progress|Total Progress|mlflow\.store\.db|Started a local Ray"
-                   r"|\bINFO\b|\bWARNING\b|Traceback")
+NOISE = re.compile(
+    r"PlacementGroupCleaner|logging_progress|Total Progress|mlflow\.store\.db|Started a local Ray"
+    r"|\bINFO\b|\bWARNING\b|Traceback"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +40,21 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
     env["RAY_AUTH_MODE"] = "disabled"
-    out = subprocess.run([str(TSGD_RAY), "run", "default", f"storage.output_root={root}",
-                          f"ray.temp_dir={REPO / '.cache' / 'ray-console'}", *SMALL],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            str(TSGD_RAY),
+            "run",
+            "default",
+            f"storage.output_root={root}",
+            f"ray.temp_dir={REPO / '.cache' / 'ray-console'}",
+            *SMALL,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return root, out.stdout + out.stderr
 
@@ -92,7 +115,9 @@ def test_the_mlflow_run_reads_like_a_training_project(finished_run):
     assert teacher.info.end_time - teacher.info.start_time > 1000
     curve = client.get_metric_history(teacher.info.run_id, "loss")
     assert [m.step for m in curve] == [0, 1] and curve[0].timestamp < curve[1].timestamp
-    seeds = sorted((r for r in runs if r.info.run_name.startswith("evaluate/tsgd/seed-")), key=lambda r: r.info.run_name)
+    seeds = sorted(
+        (r for r in runs if r.info.run_name.startswith("evaluate/tsgd/seed-")), key=lambda r: r.info.run_name
+    )
     assert len(seeds) == 2 and seeds[0].info.start_time < seeds[1].info.start_time
     distill = next(r for r in children if r.info.run_name == "distill" and "loss" in r.data.metrics)
     assert not [k for k in distill.data.metrics if k.startswith("p0")]  # one curve, not one per partition

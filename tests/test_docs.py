@@ -6,8 +6,8 @@ from __future__ import annotations
 import shlex
 
 import pytest
-
 from commands import REPO, check_command, commands_in, expand, shell_blocks
+
 from tsgd_ray import config_reference
 
 DOC_FILES = sorted([REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("infra/**/*.md")])
@@ -34,10 +34,19 @@ COMMANDS = _documented_commands()
 def test_every_page_with_commands_is_checked():
     """The extractor finds the commands of the pages that must have them (it cannot go blind)."""
     pages = {p.id.split(":")[0] for p in COMMANDS}
-    assert {"README.md", "docs/guide.md", "docs/troubleshooting.md", "infra/aws/README.md", "infra/k8s/README.md",
-            "infra/docker/README.md", "infra/mlflow/README.md"} <= pages
+    assert {
+        "README.md",
+        "docs/guide.md",
+        "docs/troubleshooting.md",
+        "infra/aws/README.md",
+        "infra/k8s/README.md",
+        "infra/docker/README.md",
+        "infra/mlflow/README.md",
+    } <= pages
     guide = [shlex.join(p.values[0]) for p in COMMANDS if p.id.startswith("docs/guide.md")]
-    assert ".venv/bin/tsgd-ray run default tsgf.enabled=false" in guide and ".venv/bin/tsgd-ray compare default" in guide
+    assert (
+        ".venv/bin/tsgd-ray run default tsgf.enabled=false" in guide and ".venv/bin/tsgd-ray compare default" in guide
+    )
 
 
 @pytest.mark.parametrize("argv", COMMANDS)
@@ -48,7 +57,8 @@ def test_documented_command_parses(argv):
 def test_config_reference_is_generated_from_the_schema():
     path = REPO / "docs" / "configuration.md"
     assert path.read_text() == config_reference.render(), (
-        "docs/configuration.md is out of date: run python -m tsgd_ray.config_reference docs/configuration.md")
+        "docs/configuration.md is out of date: run python -m tsgd_ray.config_reference docs/configuration.md"
+    )
 
 
 def test_config_reference_covers_every_key_with_a_meaning():
@@ -73,7 +83,7 @@ def test_config_reference_covers_every_key_with_a_meaning():
 
 
 def test_comments_of_fields_are_found():
-    source = '''
+    source = """
 class A:
     # above, line one
     # line two
@@ -83,27 +93,32 @@ class A:
     z: list = field(
         default_factory=list,
     )  # after a multi-line field
-'''
+"""
     comments = config_reference.attribute_comments(source)
     assert comments[("A", "x")] == "above, line one line two trailing"
     assert comments[("A", "y")] == ""
     assert comments[("A", "z")] == "after a multi-line field"
 
 
-@pytest.mark.parametrize("command, error", [
-    ("tsgd-ray run default distill.ipcs=5", "ipcs"),
-    ("tsgd-ray run nosuchconfig", "config file not found"),
-    ("tsgd-ray fly default", "does not parse"),
-    ("python -m tsgd_ray fly default", "does not parse"),
-    ("ray job submit --working-dirs . -- python -m tsgd_ray run default", "working-dirs"),
-    ("ray job submit --working-dir . -- python -m tsgd_ray run default distill.ipc=0", "distill.ipc"),
-    ("ray up infra/aws/no-such.yaml", "does not exist"),
-    ("ray job submit --runtime-env infra/runtime_env.yaml --runtime-env-json {} -- python -m tsgd_ray run default",
-     "Only one of"),
-    ("mlflow server --backend-store sqlite:///x.db", "backend-store"),
-    ("python benchmarks/scaling.py --iteration 5", "no option --iteration"),
-    ("terraform apply", "no check for 'terraform'"),
-])
+@pytest.mark.parametrize(
+    "command, error",
+    [
+        ("tsgd-ray run default distill.ipcs=5", "ipcs"),
+        ("tsgd-ray run nosuchconfig", "config file not found"),
+        ("tsgd-ray fly default", "does not parse"),
+        ("python -m tsgd_ray fly default", "does not parse"),
+        ("ray job submit --working-dirs . -- python -m tsgd_ray run default", "working-dirs"),
+        ("ray job submit --working-dir . -- python -m tsgd_ray run default distill.ipc=0", "distill.ipc"),
+        ("ray up infra/aws/no-such.yaml", "does not exist"),
+        (
+            "ray job submit --runtime-env infra/runtime_env.yaml --runtime-env-json {} -- python -m tsgd_ray run default",
+            "Only one of",
+        ),
+        ("mlflow server --backend-store sqlite:///x.db", "backend-store"),
+        ("python benchmarks/scaling.py --iteration 5", "no option --iteration"),
+        ("terraform apply", "no check for 'terraform'"),
+    ],
+)
 def test_the_checker_catches_broken_commands(command, error):
     from omegaconf.errors import OmegaConfBaseException
 
@@ -116,5 +131,9 @@ def test_the_checker_catches_broken_commands(command, error):
 
 def test_commands_are_split_like_a_shell():
     script = "A=1 tsgd-ray run default \\\n  seed=2  # a comment\n$ ray stop && echo 'a;b' | cat\n"
-    assert list(commands_in(script)) == [["A=1", "tsgd-ray", "run", "default", "seed=2"],
-                                         ["ray", "stop"], ["echo", "a;b"], ["cat"]]
+    assert list(commands_in(script)) == [
+        ["A=1", "tsgd-ray", "run", "default", "seed=2"],
+        ["ray", "stop"],
+        ["echo", "a;b"],
+        ["cat"],
+    ]

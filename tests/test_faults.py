@@ -16,18 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
+from stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import storage
 from tsgd_ray.config import to_yaml
 from tsgd_ray.data.prepare import run_prepare
-from tsgd_ray.distributed.artifacts import partition_marker_uri, read_synthetic, synthetic_dir, partition_file
+from tsgd_ray.distributed.artifacts import partition_file, partition_marker_uri, read_synthetic, synthetic_dir
 from tsgd_ray.distributed.distill import run_distill
 from tsgd_ray.distributed.merge import run_merge
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
-
-from conftest import REPO
-from stage_helpers import imported_config, teacher_file
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 PYTHON = sys.executable
@@ -46,7 +45,11 @@ def _ready(cfg) -> None:
 
 def _wait_for(uri: str, thread_or_process, timeout: float = 120) -> None:
     deadline = time.time() + timeout
-    alive = thread_or_process.is_alive if hasattr(thread_or_process, "is_alive") else lambda: thread_or_process.poll() is None
+    alive = (
+        thread_or_process.is_alive
+        if hasattr(thread_or_process, "is_alive")
+        else lambda: thread_or_process.poll() is None
+    )
     while not storage.exists(uri):
         assert alive() and time.time() < deadline, f"{uri} never appeared"
         time.sleep(0.05)
@@ -101,14 +104,21 @@ def test_node_removed_and_not_replaced(ray_session, tmp_path, teacher_path):
     removed mid-stage and never comes back: its partition goes to the actor that is left."""
     temp_dir = REPO / ".cache" / f"ray-nodes-{os.getpid()}"
     out = tmp_path / "cluster"
-    proc = subprocess.run([PYTHON, str(REPO / "tests" / "node_loss.py"), str(out), str(teacher_path), str(temp_dir)],
-                          capture_output=True, text=True, timeout=360, cwd=REPO,
-                          env={**os.environ, "RAY_ADDRESS": ""})
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "tests" / "node_loss.py"), str(out), str(teacher_path), str(temp_dir)],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["summary"]["recovered"] == 4 and report["summary"]["partitions"] == 4
     assert report["summary"]["actor_failures"] >= 1
-    disturbed = imported_config(out, teacher_path, "distill.actors=2", "distill.cpus_per_actor=1.5", "distill.iterations=150")
+    disturbed = imported_config(
+        out, teacher_path, "distill.actors=2", "distill.cpus_per_actor=1.5", "distill.iterations=150"
+    )
     markers = _markers(disturbed, 4)
     survivor = {m["node_id"] for m in markers if m["partition"] >= 2} - {report["removed_node"]}
     assert len(survivor) == 1  # everything after the loss ran on the node that was left
@@ -123,11 +133,19 @@ def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_pa
     config_file = tmp_path / "run.yaml"
     config_file.write_text(to_yaml(cfg))  # the CLI runs exactly this config
     temp_dir = REPO / ".cache" / f"ray-driver-{os.getpid()}"
-    command = [str(Path(PYTHON).parent / "tsgd-ray"), "distill", str(config_file), f"ray.temp_dir={temp_dir}", "ray.num_cpus=1", "ray.object_store_mb=200",
-               f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    command = [
+        str(Path(PYTHON).parent / "tsgd-ray"),
+        "distill",
+        str(config_file),
+        f"ray.temp_dir={temp_dir}",
+        "ray.num_cpus=1",
+        "ray.object_store_mb=200",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait_for(partition_marker_uri(cfg, 0), driver, timeout=180)
     finally:
@@ -143,15 +161,25 @@ def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_pa
             finished, stable_since = now, time.time()
         time.sleep(0.2)
     assert 1 <= len(finished) < 4
-    before = {p: (os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns, storage.read_bytes(partition_marker_uri(cfg, p)))
-              for p in finished}
+    before = {
+        p: (
+            os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns,
+            storage.read_bytes(partition_marker_uri(cfg, p)),
+        )
+        for p in finished
+    }
 
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = re.search(r"distill: 4 partitions, (\d) finished, (\d) to do", rerun.stderr)
     assert resumed and resumed.groups() == (str(len(finished)), str(4 - len(finished))), rerun.stderr[-2000:]
-    after = {p: (os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns, storage.read_bytes(partition_marker_uri(cfg, p)))
-             for p in finished}
+    after = {
+        p: (
+            os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns,
+            storage.read_bytes(partition_marker_uri(cfg, p)),
+        )
+        for p in finished
+    }
     assert after == before  # not recomputed, not rewritten
     assert [m["partition"] for m in _markers(cfg, 4)] == [0, 1, 2, 3]
     run_merge(cfg)

@@ -9,12 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import REPO, tiny_config
 
 from tsgd_ray.config import TemporalSampling
 from tsgd_ray.data.pipeline import ClipDecoder, ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.video import decode_clip, probe
-from conftest import REPO, tiny_config
 
 _spec = importlib.util.spec_from_file_location("fetch_footage", REPO / "scripts" / "fetch_footage.py")
 fetch_footage = importlib.util.module_from_spec(_spec)
@@ -70,8 +70,13 @@ def test_footage_folder_through_prepare_and_ray_data(tmp_path, ray_session):
     for i, name in enumerate(sorted(EXPECTED)):
         (root / "train" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
         shutil.copy(CACHE / name, root / "train" / f"class{i % 2}" / name)
-    cfg = tiny_config(tmp_path / "out", "data.dataset=folder", f"data.root={root}", "data.transcode_short_side=64",
-                      "data.max_bad_fraction=0")
+    cfg = tiny_config(
+        tmp_path / "out",
+        "data.dataset=folder",
+        f"data.root={root}",
+        "data.transcode_short_side=64",
+        "data.max_bad_fraction=0",
+    )
     manifest = run_prepare(cfg)
     assert manifest["skipped"] == [] and manifest["num_videos"] == 6
     stream = ClipStream(clip_dataset(cfg, "train"), expected_rows(cfg, "train"), 0.0, batch_size=3)

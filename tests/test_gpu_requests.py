@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
+from stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import storage
 from tsgd_ray.cli import run_command
@@ -14,9 +16,6 @@ from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.distributed.artifacts import teacher_uri
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
-
-from conftest import tiny_config
-from stage_helpers import imported_config, teacher_file
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these check the failure on a machine without CUDA")
 
@@ -47,8 +46,11 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
         run_teacher(trained)
     assert not storage.exists(teacher_uri(trained))
     # the actors check too (a node whose torch differs from the probe's)
-    actor = ray.remote(PartitionWorker).options(num_cpus=0.1, num_gpus=1).remote(
-        imported_config(tmp_path / "out", teacher, "distill.gpus_per_actor=1"), ["a"], 1)
+    actor = (
+        ray.remote(PartitionWorker)
+        .options(num_cpus=0.1, num_gpus=1)
+        .remote(imported_config(tmp_path / "out", teacher, "distill.gpus_per_actor=1"), ["a"], 1)
+    )
     with pytest.raises(DeviceError, match="distill.gpus_per_actor=1 gives this stage a GPU"):
         ray.get(actor.ready.remote())
     ray.kill(actor)  # alive (the error is kept for ready()), it holds the session's one GPU
@@ -58,5 +60,7 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
     capsys.readouterr()
     assert run_command("stats", str(path), ["stats.gpus_per_actor=1"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("tsgd-ray stats: error: stats.gpus_per_actor=1 gives this stage a GPU")
+    assert (
+        err.strip().splitlines()[-1].startswith("tsgd-ray stats: error: stats.gpus_per_actor=1 gives this stage a GPU")
+    )
     assert "Traceback" not in err

@@ -9,12 +9,11 @@ import functools
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-
 from commands import REPO, check_command, check_runtime_env, commands_in
 
 INFRA = REPO / "infra"
@@ -68,7 +67,7 @@ def test_aws_cluster_passes_rays_validation():
     config = _load("aws/cluster.yaml")
     prepared = _validate_cluster(config)
     assert prepared["provider"]["type"] == "aws" and prepared["idle_timeout_minutes"] > 0
-    for name, node_type in config["available_node_types"].items():
+    for node_type in config["available_node_types"].values():
         _validate_run_instances(node_type["node_config"])
     for command in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]:
         for argv in commands_in(command):
@@ -88,8 +87,9 @@ def test_aws_cluster_has_cpu_head_spot_gpus_with_on_demand_fallback_and_cpu_deco
         # the fallback offers the same resources, so it can take any request spot would have
         assert any(gpu[o]["resources"] == gpu[s]["resources"] for o in on_demand)
         assert all(gpu[s]["priority"] > gpu[o]["priority"] for o in on_demand)
-    assert any("RAY_enable_autoscaler_v2=1" in c for c in config["head_start_ray_commands"]), \
+    assert any("RAY_enable_autoscaler_v2=1" in c for c in config["head_start_ray_commands"]), (
         "priority and failure-aware fallback need autoscaler v2"
+    )
     cpu_workers = [t for n, t in types.items() if n != config["head_node_type"] and "GPU" not in t["resources"]]
     assert cpu_workers and all(t["min_workers"] == 0 and t["max_workers"] > 0 for t in cpu_workers)
     assert config["docker"]["image"] == _project_image()
@@ -116,11 +116,14 @@ def test_aws_nodes_boot_a_current_gpu_ami_pull_the_image_from_ecr_and_have_a_rol
     assert "tsgd-ray-head" in readme and "tsgd-ray-worker" in readme and "ecr:BatchGetImage" in readme
 
 
-@pytest.mark.parametrize("damage, error", [
-    (lambda c: c.update(idle_timeout_minute=5), "Additional properties"),
-    (lambda c: c["available_node_types"]["gpu-spot"].update(min_workers="two"), "is not of type"),
-    (lambda c: c.update(head_node_type="nope"), "head_node_type"),
-])
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        (lambda c: c.update(idle_timeout_minute=5), "Additional properties"),
+        (lambda c: c["available_node_types"]["gpu-spot"].update(min_workers="two"), "is not of type"),
+        (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+    ],
+)
 def test_rays_validation_catches_a_broken_cluster_config(damage, error):
     config = _load("aws/cluster.yaml")
     damage(config)
@@ -145,8 +148,9 @@ def _crd_folder() -> Path:
     import subprocess
 
     candidates = [REPO.parent / "shared" / "kuberay-crds"]
-    origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True,
-                            text=True).stdout.strip()
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
     if origin and "://" not in origin and ":" not in origin.split("/")[0]:  # a local path, not a remote
         candidates.append(Path(origin).resolve().parent / "shared" / "kuberay-crds")
     return next((c for c in candidates if c.is_dir()), candidates[0])
@@ -229,11 +233,16 @@ def _check_cluster_spec(spec: dict) -> None:
         assert c["resources"]["requests"] == c["resources"]["limits"], "Ray sizes itself from the limits"
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    ]
     cpu_groups = [g for g in spec["workerGroupSpecs"] if g not in gpu_groups]
     assert gpu_groups and cpu_groups and all(g["maxReplicas"] > g["minReplicas"] for g in gpu_groups)
-    assert {"gcs", "dashboard"} <= {p["name"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {"gcs", "dashboard"} <= {
+        p["name"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
 
 
 @pytest.mark.parametrize("version", CRD_VERSIONS)
@@ -245,17 +254,22 @@ def test_kuberay_manifests_pass_the_crds_strict_validation(version):
             continue
         errors = _crd_errors(doc, version)
         if name == "rayjob-auth.yaml" and version == "1.4.0":
-            assert errors == ["spec/rayClusterSpec: Additional properties are not allowed ('authOptions' was unexpected)"]
+            assert errors == [
+                "spec/rayClusterSpec: Additional properties are not allowed ('authOptions' was unexpected)"
+            ]
         else:
             assert errors == [], (name, errors)
 
 
-@pytest.mark.parametrize("damage,error", [
-    (lambda d: d["spec"].update(workerGroupSpec=[]), "'workerGroupSpec' was unexpected"),  # a misspelt field
-    (lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "0 is not of type 'string'"),
-    (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="16"), "'16' is not of type 'integer'"),
-    (lambda d: d["spec"]["autoscalerOptions"].update(idleTimeout=60), "'idleTimeout' was unexpected"),
-])
+@pytest.mark.parametrize(
+    "damage,error",
+    [
+        (lambda d: d["spec"].update(workerGroupSpec=[]), "'workerGroupSpec' was unexpected"),  # a misspelt field
+        (lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "0 is not of type 'string'"),
+        (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="16"), "'16' is not of type 'integer'"),
+        (lambda d: d["spec"]["autoscalerOptions"].update(idleTimeout=60), "'idleTimeout' was unexpected"),
+    ],
+)
 def test_the_strict_crd_check_refuses_a_broken_manifest(damage, error):
     doc = copy.deepcopy(_manifests()["raycluster.yaml"])
     damage(doc)
@@ -277,18 +291,23 @@ def test_kuberay_rayjobs_run_the_pipeline_from_the_image():
     job, auth = manifests["rayjob.yaml"], manifests["rayjob-auth.yaml"]
     for doc in (job, auth):
         spec = doc["spec"]
-        assert doc["kind"] == "RayJob" and spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
+        assert (
+            doc["kind"] == "RayJob" and spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
+        )
         _check_cluster_spec(spec["rayClusterSpec"])
         # the entrypoint runs in the image, where the repository is at IMAGE_HOME
         entrypoint = spec["entrypoint"].replace(IMAGE_HOME + "/", "")
         assert spec["entrypoint"].split()[3].startswith(IMAGE_HOME) and IMAGE_HOME in _dockerfile()
         check_command(shlex.split(entrypoint))
         check_runtime_env(json_text=json.dumps(yaml.safe_load(spec["runtimeEnvYAML"])))
-    assert job["spec"]["rayClusterSpec"] == _without_token_env(manifests["raycluster.yaml"]["spec"]), \
+    assert job["spec"]["rayClusterSpec"] == _without_token_env(manifests["raycluster.yaml"]["spec"]), (
         "rayjob.yaml and raycluster.yaml drifted"
+    )
     # the submitter pulls a small CPU image of the same Ray version, not the GPU image
     submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
-    assert submitter["image"].startswith(f"rayproject/ray:{_ray_version_of_image()}-") and submitter["image"].endswith("-cpu")
+    assert submitter["image"].startswith(f"rayproject/ray:{_ray_version_of_image()}-") and submitter["image"].endswith(
+        "-cpu"
+    )
     assert "nvidia.com/gpu" not in submitter["resources"]["limits"]
     # rayjob-auth.yaml: the same job with the operator's token auth and the submitter as a sidecar
     expected = copy.deepcopy(job)
@@ -298,7 +317,9 @@ def test_kuberay_rayjobs_run_the_pipeline_from_the_image():
     expected["metadata"]["name"] += "-auth"
     assert auth == expected
     # every ConfigMap the pods read is defined
-    names = {ref["configMapRef"]["name"] for c in _containers(job["spec"]["rayClusterSpec"]) for ref in c.get("envFrom", [])}
+    names = {
+        ref["configMapRef"]["name"] for c in _containers(job["spec"]["rayClusterSpec"]) for ref in c.get("envFrom", [])
+    }
     assert names == {manifests["configmap.yaml"]["metadata"]["name"]}
     assert "MLFLOW_TRACKING_URI" in manifests["configmap.yaml"]["data"]
 

@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
-
 
 
 @pytest.fixture
@@ -28,12 +26,29 @@ def head_node(tmp_path):
     temp_dir = REPO / ".cache" / f"ray-head-{os.getpid()}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--object-store-memory={300 * 2**20}", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--object-store-memory={300 * 2**20}",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     address = f"http://127.0.0.1:{dashboard_port}"
     from ray.job_submission import JobSubmissionClient
 
@@ -60,13 +75,39 @@ def test_pipeline_submitted_as_a_ray_job(head_node, tmp_path):
 
     address, client, env = head_node
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", ".",
-               "--runtime-env", "infra/runtime_env.yaml", "--", sys.executable, "-m", "tsgd_ray", "run", "default",
-               f"storage.output_root={out}", f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=submitted",
-               "data.builtin.train_per_class=4", "data.builtin.test_per_class=2", "data.shard_target_mb=0.05",
-               "teacher.width=8", "teacher.depth=2", "teacher.epochs=2", "teacher.cpus_per_worker=1",
-               "distill.iterations=5", "evaluate.epochs=2", "evaluate.seeds=[0]", "evaluate.cpus_per_worker=1",
-               "evaluate.baselines=[random_real]"]
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "infra/runtime_env.yaml",
+        "--",
+        sys.executable,
+        "-m",
+        "tsgd_ray",
+        "run",
+        "default",
+        f"storage.output_root={out}",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "tracking.experiment=submitted",
+        "data.builtin.train_per_class=4",
+        "data.builtin.test_per_class=2",
+        "data.shard_target_mb=0.05",
+        "teacher.width=8",
+        "teacher.depth=2",
+        "teacher.epochs=2",
+        "teacher.cpus_per_worker=1",
+        "distill.iterations=5",
+        "evaluate.epochs=2",
+        "evaluate.seeds=[0]",
+        "evaluate.cpus_per_worker=1",
+        "evaluate.baselines=[random_real]",
+    ]
     for _ in range(30):  # the job agent comes up a few seconds after the dashboard
         submit = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         if "No available agent" not in submit.stderr:

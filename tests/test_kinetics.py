@@ -9,15 +9,14 @@ import hashlib
 import json
 
 import pytest
+from conftest import upload_tree
+from kinetics_layout import make_kinetics_layout
 
 from tsgd_ray import storage
 from tsgd_ray.cli import main
 from tsgd_ray.config import load_config
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import artifacts
-
-from conftest import upload_tree
-from kinetics_layout import make_kinetics_layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -36,18 +35,43 @@ def kinetics_bucket(tmp_path_factory, s3_server) -> tuple[str, dict]:
 
 def _overrides(bucket: str, tmp_path) -> list[str]:
     return [
-        "data.dataset=kinetics", f"data.root={bucket}/videos", f"data.annotations={bucket}/annotations",
-        "data.on_catalog_error=skip", "data.num_frames=8", "data.height=32", "data.width=32", "data.shard_target_mb=0.2",
-        "data.transcode_short_side=0", "data.decode_actors=1", "data.decode_cpus_per_actor=0.5", "data.decode_batch_size=32",
-        "teacher.width=8", "teacher.depth=2", "teacher.epochs=1", "teacher.batch_size=64", "teacher.num_workers=1",
-        "teacher.cpus_per_worker=1", "teacher.gpus_per_worker=0", "stats.actors=1", "stats.cpus_per_actor=0.5",
-        "stats.gpus_per_actor=0", "stats.batch_size=64",
-        "distill.ipc=1", "distill.iterations=2", "distill.actors=1", "distill.gpus_per_actor=0", "distill.chunk_size=50",
+        "data.dataset=kinetics",
+        f"data.root={bucket}/videos",
+        f"data.annotations={bucket}/annotations",
+        "data.on_catalog_error=skip",
+        "data.num_frames=8",
+        "data.height=32",
+        "data.width=32",
+        "data.shard_target_mb=0.2",
+        "data.transcode_short_side=0",
+        "data.decode_actors=1",
+        "data.decode_cpus_per_actor=0.5",
+        "data.decode_batch_size=32",
+        "teacher.width=8",
+        "teacher.depth=2",
+        "teacher.epochs=1",
+        "teacher.batch_size=64",
+        "teacher.num_workers=1",
+        "teacher.cpus_per_worker=1",
+        "teacher.gpus_per_worker=0",
+        "stats.actors=1",
+        "stats.cpus_per_actor=0.5",
+        "stats.gpus_per_actor=0",
+        "stats.batch_size=64",
+        "distill.ipc=1",
+        "distill.iterations=2",
+        "distill.actors=1",
+        "distill.gpus_per_actor=0",
+        "distill.chunk_size=50",
         "distill.max_videos_per_partition=30",
-        "evaluate.epochs=1", "evaluate.seeds=[0]", "evaluate.baselines=[]", "evaluate.cpus_per_worker=1",
+        "evaluate.epochs=1",
+        "evaluate.seeds=[0]",
+        "evaluate.baselines=[]",
+        "evaluate.cpus_per_worker=1",
         "evaluate.gpus_per_worker=0",
         f"storage.output_root={bucket}/out-{tmp_path.name}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=kinetics",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=kinetics",
     ]
 
 

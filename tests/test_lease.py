@@ -6,14 +6,13 @@ import threading
 import time
 
 import pytest
+from conftest import tiny_config
 
 from tsgd_ray import lease, storage
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import to_yaml
 from tsgd_ray.data.shards import shards_root
 from tsgd_ray.distributed.artifacts import run_stage
-
-from conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(120)
 

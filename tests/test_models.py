@@ -1,7 +1,7 @@
 """The model registry and checkpoints: weights_only loading, class maps checked."""
 
-import io
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -35,8 +35,11 @@ def test_mini_models_take_any_input_size(name, size):
 
 
 def test_mini_r2plus1d_is_the_factorised_architecture():
-    kernels = {m.kernel_size for m in build_model("mini_r2plus1d", 3, (8, 32, 32), width=4, depth=3).modules()
-               if isinstance(m, torch.nn.Conv3d)}
+    kernels = {
+        m.kernel_size
+        for m in build_model("mini_r2plus1d", 3, (8, 32, 32), width=4, depth=3).modules()
+        if isinstance(m, torch.nn.Conv3d)
+    }
     assert kernels == {(1, 3, 3), (3, 1, 1)}
 
 
@@ -66,7 +69,9 @@ def test_a_bare_state_dict_is_checked_by_its_head_size():
     torch.save(model.state_dict(), buffer)
     with pytest.raises(ModelError, match="wrong shape"):
         load_checkpoint(build_model("mini_c3d", 3, (8, 32, 32), width=4, depth=2), buffer.getvalue(), CLASSES)
-    assert load_checkpoint(build_model("mini_c3d", 4, (8, 32, 32), width=4, depth=2), buffer.getvalue(), CLASSES + ["d"])
+    assert load_checkpoint(
+        build_model("mini_c3d", 4, (8, 32, 32), width=4, depth=2), buffer.getvalue(), CLASSES + ["d"]
+    )
 
 
 class Payload:

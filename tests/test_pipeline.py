@@ -6,13 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import tiny_config, write_video
 
 from tsgd_ray import storage
 from tsgd_ray.data.pipeline import ClipStream, TooManyBadVideos, clip_dataset, expected_rows
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.shards import SCHEMA_VERSION, SHARD_SCHEMA
 from tsgd_ray.distributed import train_workers
-from conftest import tiny_config, write_video
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -31,7 +31,11 @@ def _all(cfg, split, labels=None, overrides=(), batch_size=16):
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     stream = ClipStream(clip_dataset(cfg, split, labels), expected_rows(cfg, split, labels), 0.0, batch_size)
     batches = list(stream)
-    return stream, {vid: (clip, int(label)) for b in batches for vid, clip, label in zip(b["video_id"], b["clip"].numpy(), b["label"])}
+    return stream, {
+        vid: (clip, int(label))
+        for b in batches
+        for vid, clip, label in zip(b["video_id"], b["clip"].numpy(), b["label"])
+    }
 
 
 def test_clips_have_the_configured_shape_and_every_video_once(prepared):
@@ -44,7 +48,9 @@ def test_clips_have_the_configured_shape_and_every_video_once(prepared):
 
 def test_class_filter(prepared):
     stream, clips = _all(prepared, "test", labels=[1, 6])
-    assert {label for _, label in clips.values()} == {1, 6} and len(clips) == 4 == expected_rows(prepared, "test", [1, 6])
+    assert {label for _, label in clips.values()} == {1, 6} and len(clips) == 4 == expected_rows(
+        prepared, "test", [1, 6]
+    )
 
 
 def test_random_offsets_are_reproducible_per_seed_and_epoch(prepared):
@@ -62,8 +68,10 @@ def test_two_decoders_deliver_clips_in_the_same_order_every_pass(prepared):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.merge(prepared, OmegaConf.from_dotlist(["data.decode_actors=2", "data.decode_batch_size=2"]))
-    orders = [[v for b in ClipStream(clip_dataset(cfg, "train"), expected_rows(cfg, "train"), 0.0, 4) for v in b["video_id"]]
-              for _ in range(2)]
+    orders = [
+        [v for b in ClipStream(clip_dataset(cfg, "train"), expected_rows(cfg, "train"), 0.0, 4) for v in b["video_id"]]
+        for _ in range(2)
+    ]
     assert orders[0] == orders[1] and len(orders[0]) == 32
 
 
@@ -71,16 +79,35 @@ def _shard_set_with_bad_videos(root, tmp_path, good, bad):
     rows = []
     for i in range(good):
         data = write_video(tmp_path / f"g{i}.mp4", seed=i)
-        rows.append({"video_id": f"good/{i}", "label": i % 2, "class_name": "ab"[i % 2], "split": "train",
-                     "source_uri": f"x/g{i}.mp4", "video": data, "num_frames": 12, "height": 48, "width": 64, "fps": 10.0})
+        rows.append(
+            {
+                "video_id": f"good/{i}",
+                "label": i % 2,
+                "class_name": "ab"[i % 2],
+                "split": "train",
+                "source_uri": f"x/g{i}.mp4",
+                "video": data,
+                "num_frames": 12,
+                "height": 48,
+                "width": 64,
+                "fps": 10.0,
+            }
+        )
     for i in range(bad):
         rows.append({**rows[0], "video_id": f"bad/{i}", "video": b"\x00\x00\x00\x18ftypmp42" + bytes(500)})
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), buf)
     storage.write_once(f"{root}/train/part-00000.parquet", buf.getvalue())
-    storage.write_json_once(f"{root}/manifest.json", {
-        "schema_version": SCHEMA_VERSION, "classes": ["a", "b"], "counts": {"train": {"a": (good + bad + 1) // 2, "b": (good + bad) // 2}},
-        "shards": [{"path": "train/part-00000.parquet", "split": "train", "rows": len(rows), "bytes": buf.tell()}], "skipped": []})
+    storage.write_json_once(
+        f"{root}/manifest.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "classes": ["a", "b"],
+            "counts": {"train": {"a": (good + bad + 1) // 2, "b": (good + bad) // 2}},
+            "shards": [{"path": "train/part-00000.parquet", "split": "train", "rows": len(rows), "bytes": buf.tell()}],
+            "skipped": [],
+        },
+    )
 
 
 def test_a_bad_video_is_a_flagged_counted_row_and_too_many_is_an_error(tmp_path, ray_session):
@@ -127,9 +154,11 @@ def test_ray_train_workers_stream_clips(prepared, tmp_path):
     cfg = OmegaConf.merge(prepared, OmegaConf.from_dotlist(["data.decode_actors=2", "data.decode_batch_size=2"]))
     datasets = {"train": clip_dataset(cfg, "train")}
     trainer = TorchTrainer(
-        loop, train_loop_config={"expected": expected},
+        loop,
+        train_loop_config={"expected": expected},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        datasets=datasets, dataset_config=train_workers.data_config(datasets),
+        datasets=datasets,
+        dataset_config=train_workers.data_config(datasets),
         run_config=RunConfig(storage_path=str(tmp_path / "train"), name="feed"),
     )
     result = trainer.fit()
@@ -148,6 +177,8 @@ def test_ray_train_keeps_the_datasets_own_order_option(prepared):
     from ray.train import DataConfig
 
     ds = clip_dataset(prepared, "train")
-    assert ds.context.execution_options.preserve_order and not DataContext.get_current().execution_options.preserve_order
+    assert (
+        ds.context.execution_options.preserve_order and not DataContext.get_current().execution_options.preserve_order
+    )
     assert not DataConfig()._resolve_execution_options("train").preserve_order  # what Ray Train does unless told
     assert train_workers.data_config({"train": ds})._resolve_execution_options("train").preserve_order

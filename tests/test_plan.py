@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from conftest import REPO
+from stage_helpers import imported_config, teacher_file
+from test_config import SHIPPED
 
 from tsgd_ray.cli import main
 from tsgd_ray.config import load_config
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.distributed.teacher import run_teacher
 from tsgd_ray.plan import GPUS, make_plan, model_cost, render
-
-from conftest import REPO
-from stage_helpers import imported_config, teacher_file
-from test_config import SHIPPED
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -46,8 +45,17 @@ def test_gpu_time_and_memory_follow_the_work():
     longer = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.iterations=2000"])
     hours = [next(s.gpu_hours for s in make_plan(c)["stages"] if s.name == "distill/tsgd") for c in (base, longer)]
     assert hours[1] == pytest.approx(2 * hours[0])
-    big = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.ipc=50", "distill.partitions=1",
-                                      "data.num_frames=16", "data.height=112", "data.width=112"])
+    big = load_config(
+        "kinetics400",
+        [
+            "storage.output_root=/nonexistent/plan",
+            "distill.ipc=50",
+            "distill.partitions=1",
+            "data.num_frames=16",
+            "data.height=112",
+            "data.width=112",
+        ],
+    )
     distill = next(s for s in make_plan(big)["stages"] if s.name == "distill/tsgd")
     cost = model_cost("mini_c3d", 64, 4, (16, 112, 112), 400)
     assert distill.warnings and "distill.max_videos_per_partition" in distill.warnings[0]

@@ -71,7 +71,11 @@ def test_an_item_that_kills_every_actor_stops_the_pool(ray_session, tmp_path):
 
     import ray
 
-    pool = ElasticPool(lambda name: ray.remote(Always).options(name=name, num_cpus=0.25).remote(str(tmp_path / "x")),
-                       1, f"doomed-{os.getpid()}", 1)
+    pool = ElasticPool(
+        lambda name: ray.remote(Always).options(name=name, num_cpus=0.25).remote(str(tmp_path / "x")),
+        1,
+        f"doomed-{os.getpid()}",
+        1,
+    )
     with pytest.raises(PoolError, match="item 0 lost 2 actors"):
         pool.run([0], lambda actor, i: actor.work.remote(i))

@@ -6,13 +6,12 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, UCF_CLASSES, make_ucf101_tree, tiny_config, upload_tree, write_video
 
 from tsgd_ray import storage
 from tsgd_ray.data.prepare import run_prepare
-from tsgd_ray.data.shards import shards_root
-from tsgd_ray.data.shards import MANIFEST, ManifestError, read_manifest
+from tsgd_ray.data.shards import MANIFEST, ManifestError, read_manifest, shards_root
 from tsgd_ray.data.video import probe
-from conftest import REPO, UCF_CLASSES, make_ucf101_tree, tiny_config, upload_tree, write_video
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -28,8 +27,10 @@ def _shard_rows(root, manifest):
 
 def test_prepare_ucf101_from_s3_lists_the_corrupt_files(tmp_path, s3_root, ray_session):
     truncated = write_video(tmp_path / "t.avi", num_frames=40, codec="mpeg4")[:3000]
-    corrupt = {"Archery/v_Archery_g11_c01.avi": b"RIFF\x00\x00garbage" * 100,
-               "ApplyEyeMakeup/v_ApplyEyeMakeup_g12_c01.avi": truncated}
+    corrupt = {
+        "Archery/v_Archery_g11_c01.avi": b"RIFF\x00\x00garbage" * 100,
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g12_c01.avi": truncated,
+    }
     make_ucf101_tree(tmp_path / "ucf", corrupt=corrupt)
     upload_tree(tmp_path / "ucf", f"{s3_root}/ucf")
     cfg = tiny_config(f"{s3_root}/out", "data.dataset=ucf101", f"data.root={s3_root}/ucf", "data.shard_target_mb=0.03")
@@ -41,8 +42,10 @@ def test_prepare_ucf101_from_s3_lists_the_corrupt_files(tmp_path, s3_root, ray_s
     assert storage.read_json(storage.join(root, MANIFEST)) == manifest == read_manifest(root)
     assert sorted(s["uri"] for s in manifest["skipped"]) == sorted(f"{s3_root}/ucf/UCF-101/{r}" for r in corrupt)
     reasons = {s["uri"].split("/UCF-101/")[1]: s["reason"] for s in manifest["skipped"]}
-    assert reasons == {"Archery/v_Archery_g11_c01.avi": "not a video file",
-                       "ApplyEyeMakeup/v_ApplyEyeMakeup_g12_c01.avi": "truncated file"}
+    assert reasons == {
+        "Archery/v_Archery_g11_c01.avi": "not a video file",
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g12_c01.avi": "truncated file",
+    }
     assert all(s["stage"] == "probe" and s["detail"] for s in manifest["skipped"])  # the decoders' words
     assert manifest["classes"] == UCF_CLASSES
     assert manifest["counts"] == {"test": {c: 2 for c in UCF_CLASSES}, "train": {c: 3 for c in UCF_CLASSES}}
@@ -52,7 +55,12 @@ def test_prepare_ucf101_from_s3_lists_the_corrupt_files(tmp_path, s3_root, ray_s
     for row in rows:
         assert UCF_CLASSES[row["label"]] == row["class_name"]
         assert probe(row["video"]).num_frames == row["num_frames"] == 12
-    shard_objects = {s["path"]: storage.filesystem(storage.join(root, s["path"]))[0].info(storage.join(root, s["path"]))["LastModified"] for s in manifest["shards"]}
+    shard_objects = {
+        s["path"]: storage.filesystem(storage.join(root, s["path"]))[0].info(storage.join(root, s["path"]))[
+            "LastModified"
+        ]
+        for s in manifest["shards"]
+    }
 
     assert run_prepare(cfg) == manifest  # a finished set is returned, nothing rewritten
     fs = storage.filesystem(root)[0]
@@ -101,9 +109,19 @@ def test_prepare_streams_a_dataset_far_larger_than_the_object_store(tmp_path):
         (source / f"{i:03d}.mp4").write_bytes(big)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "tsgd_ray.cli", "prepare", "default",
-           "data.dataset=folder", f"data.root={tmp_path / 'videos'}", f"storage.output_root={out}",
-           "data.shard_target_mb=16", "ray.object_store_mb=80", f"ray.temp_dir={REPO / '.cache' / 'ray-small'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tsgd_ray.cli",
+        "prepare",
+        "default",
+        "data.dataset=folder",
+        f"data.root={tmp_path / 'videos'}",
+        f"storage.output_root={out}",
+        "data.shard_target_mb=16",
+        "ray.object_store_mb=80",
+        f"ray.temp_dir={REPO / '.cache' / 'ray-small'}",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(str(out / "shards"))

@@ -78,7 +78,9 @@ def test_recovery_lowers_the_loss_and_stays_in_the_valid_range():
     cfg = config("distill.iterations=30", "distill.lr=0.1")
     init, labels, indices = synthetic_set(range(6), ipc=1)
     history = []
-    out = recovery.recover(teacher, init, labels, indices, cfg, stats, callback=lambda step, m: history.append((step, m)))
+    out = recovery.recover(
+        teacher, init, labels, indices, cfg, stats, callback=lambda step, m: history.append((step, m))
+    )
     assert [s for s, _ in history] == list(range(30))
     assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "edit_static", "edit_moving", "motion_share"}
     assert history[0][1]["edit_moving"] == 0 and history[-1][1]["edit_moving"] > 0  # noise init: every pixel moves
@@ -100,16 +102,24 @@ def test_tsgfo_with_w_min_zero_leaves_static_regions_untouched():
     out = recovery.recover(teacher, init, torch.tensor([0]), torch.tensor([0]), cfg, stats)
     assert torch.equal(out[0, :, :, 8:], init[0, :, :, 8:])  # far from the motion: not one bit changed
     assert not torch.equal(out[0, :, :, :2], init[0, :, :, :2])
-    off = recovery.recover(teacher, init, torch.tensor([0]), torch.tensor([0]), config("tsgf.enabled=false", "distill.iterations=4"), stats)
+    off = recovery.recover(
+        teacher, init, torch.tensor([0]), torch.tensor([0]), config("tsgf.enabled=false", "distill.iterations=4"), stats
+    )
     assert not torch.equal(off[0, :, :, 8:], init[0, :, :, 8:])  # the SRe2L baseline changes everything
 
 
 def test_bn_targets_and_the_ema_of_group_statistics_each_change_the_videos_and_noise_init_is_per_video():
     teacher, stats = teacher_and_stats()
     init, labels, indices = synthetic_set(range(2), ipc=1)
-    outs = [recovery.recover(teacher, init, labels, indices, config(*keys, "distill.lambda_bn=1"), stats)
-            for keys in (["distill.bn_target=global"], ["distill.bn_target=class_mixture"], ["distill.bn_target=mixed"],
-                         ["distill.bn_target=mixed", "distill.bn_ema=0.9"])]
+    outs = [
+        recovery.recover(teacher, init, labels, indices, config(*keys, "distill.lambda_bn=1"), stats)
+        for keys in (
+            ["distill.bn_target=global"],
+            ["distill.bn_target=class_mixture"],
+            ["distill.bn_target=mixed"],
+            ["distill.bn_target=mixed", "distill.bn_ema=0.9"],
+        )
+    ]
     assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1 :])
     low, high = valid_range(config().data.mean, config().data.std, init)
     n1 = recovery.noise_init((3, *SIZE), torch.tensor([0, 1]), torch.tensor([0, 0]), 7, low, high)
@@ -157,8 +167,15 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
     from tsgd_ray.core.clips import to_model_input
 
     clips, labels = builtin_clips()
-    base = ["data.num_frames=8", "data.height=32", "data.width=32", "augment.hflip=false",
-            "distill.iterations=40", "distill.lr=0.1", "tsgf.w_min=0"]
+    base = [
+        "data.num_frames=8",
+        "data.height=32",
+        "data.width=32",
+        "augment.hflip=false",
+        "distill.iterations=40",
+        "distill.lr=0.1",
+        "tsgf.w_min=0",
+    ]
     cfg = load_config(None, base)
     x = to_model_input(clips, cfg.data.mean, cfg.data.std)
     torch.manual_seed(0)
@@ -192,5 +209,7 @@ def test_the_diversity_term_spreads_the_videos_of_a_class_apart_in_feature_space
         return recovery._similarity(features, labels, 2).item() / 2
 
     plain = recovery.recover(teacher, init, labels, indices, config("distill.iterations=20"), stats)
-    spread = recovery.recover(teacher, init, labels, indices, config("distill.iterations=20", "distill.diversity=5"), stats)
+    spread = recovery.recover(
+        teacher, init, labels, indices, config("distill.iterations=20", "distill.diversity=5"), stats
+    )
     assert similarity(spread) < similarity(plain) - 0.05

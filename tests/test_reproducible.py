@@ -8,8 +8,14 @@ import torch
 
 from tsgd_ray.core.models import build_model
 
-OVERRIDES = ["evaluate.epochs=4", "evaluate.batch_size=8", "evaluate.augment.time_reverse=true",
-             "evaluate.augment.cutmix=0.3", "evaluate.augment.mixup=0.3", "evaluate.ema=0.9"]
+OVERRIDES = [
+    "evaluate.epochs=4",
+    "evaluate.batch_size=8",
+    "evaluate.augment.time_reverse=true",
+    "evaluate.augment.cutmix=0.3",
+    "evaluate.augment.mixup=0.3",
+    "evaluate.ema=0.9",
+]
 SCRIPT = """
 import hashlib, sys, torch
 from tsgd_ray.config import load_config
@@ -33,14 +39,23 @@ print(accuracy, weights)
 def test_a_student_trained_in_two_processes_is_the_same_student(tmp_path):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    data = {"teacher": build_model("mini_c3d", 4, (4, 16, 16), 4, 2).state_dict(),
-            "x": torch.randint(0, 256, (16, 4, 16, 16, 3), generator=g, dtype=torch.uint8), "y": torch.arange(16) % 4,
-            "test": torch.randint(0, 256, (64, 4, 16, 16, 3), generator=g, dtype=torch.uint8), "test_y": torch.arange(64) % 4}
+    data = {
+        "teacher": build_model("mini_c3d", 4, (4, 16, 16), 4, 2).state_dict(),
+        "x": torch.randint(0, 256, (16, 4, 16, 16, 3), generator=g, dtype=torch.uint8),
+        "y": torch.arange(16) % 4,
+        "test": torch.randint(0, 256, (64, 4, 16, 16, 3), generator=g, dtype=torch.uint8),
+        "test_y": torch.arange(64) % 4,
+    }
     torch.save(data, tmp_path / "set.pt")
 
     def train(seed: int) -> str:
-        return subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "set.pt"), str(seed), *OVERRIDES],
-                              capture_output=True, text=True, check=True, timeout=300).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", SCRIPT, str(tmp_path / "set.pt"), str(seed), *OVERRIDES],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
 
     first, second, other = train(3), train(3), train(4)
     assert first == second

@@ -9,12 +9,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import storage
-from tsgd_ray.core.bn_stats import accumulate_statistics
-from tsgd_ray.core import augment, training
-from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.config import ConfigError
+from tsgd_ray.core import augment, training
+from tsgd_ray.core.bn_stats import accumulate_statistics
+from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import ModelError
 from tsgd_ray.core.selection import seeded_priority
 from tsgd_ray.data.catalog import build_catalog
@@ -22,16 +24,19 @@ from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.prepare import run_prepare
 from tsgd_ray.data.video import decode_view, probe
 from tsgd_ray.distributed import artifacts
-from tsgd_ray.distributed.artifacts import load_teacher, partition_marker_uri, read_init, read_statistics, read_synthetic
+from tsgd_ray.distributed.artifacts import (
+    load_teacher,
+    partition_marker_uri,
+    read_init,
+    read_statistics,
+    read_synthetic,
+)
 from tsgd_ray.distributed.distill import run_distill
 from tsgd_ray.distributed.merge import MergeError, run_merge
 from tsgd_ray.distributed.run import results_table, run_stages
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
 from tsgd_ray.tracking import Tracker, compare_runs
-
-from conftest import tiny_config
-from stage_helpers import imported_config, teacher_file
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -47,15 +52,24 @@ def teacher_path(tmp_path_factory):
 
 
 def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teacher_path):
-    cfg = imported_config(tmp_path / "out", teacher_path, "distill.actors=2", "distill.ipc=2", "stats.actors=2",
-                          "stats.cpus_per_actor=0.5", "stats.batch_size=3")
+    cfg = imported_config(
+        tmp_path / "out",
+        teacher_path,
+        "distill.actors=2",
+        "distill.ipc=2",
+        "stats.actors=2",
+        "stats.cpus_per_actor=0.5",
+        "stats.batch_size=3",
+    )
     run_prepare(cfg)
     assert run_teacher(cfg)["source"] == "imported"
     marker = run_stats(cfg)
     clips, labels, classes = load_split(cfg, "train")
     teacher = load_teacher(cfg, classes)
     x = to_model_input(clips, cfg.data.mean, cfg.data.std)
-    expected = accumulate_statistics(teacher, [(x[i : i + 5], labels[i : i + 5]) for i in range(0, len(x), 5)], len(classes))
+    expected = accumulate_statistics(
+        teacher, [(x[i : i + 5], labels[i : i + 5]) for i in range(0, len(x), 5)], len(classes)
+    )
     assert read_statistics(cfg) == expected  # integer sums: bit-identical whatever the shard order or actor count
     assert marker["clips"] == len(labels) and marker["bad_videos"] == []
 
@@ -68,8 +82,10 @@ def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teac
     for clip, label, vid in zip(init["clips"], init["labels"], init["video_ids"]):
         row = ids.index(vid)
         assert int(labels[row]) == int(label) and torch.equal(clip, clips[row])
-    priorities = {c: sorted((seeded_priority(cfg.seed, v), v) for v, l in zip(ids, labels.tolist()) if l == c)
-                  for c in range(len(classes))}
+    priorities = {
+        c: sorted((seeded_priority(cfg.seed, v), v) for v, l in zip(ids, labels.tolist()) if l == c)
+        for c in range(len(classes))
+    }
     assert [v for c in range(len(classes)) for _, v in priorities[c][:2]] == init["video_ids"]
     one = read_init(cfg, [3])  # an actor of one class reads that class only
     assert one["labels"].tolist() == [3, 3] and torch.equal(one["clips"], init["clips"][init["labels"] == 3])
@@ -96,14 +112,18 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
     three = imported_config(tmp_path / "out", teacher_path, "distill.ipc=3", "distill.init=lowest_loss")
     run_prepare(one)
     run_teacher(one)
-    assert artifacts.stats_dir(one) == artifacts.stats_dir(three) and artifacts.init_dir(one) != artifacts.init_dir(three)
+    assert artifacts.stats_dir(one) == artifacts.stats_dir(three) and artifacts.init_dir(one) != artifacts.init_dir(
+        three
+    )
     first = run_stats(one)
     second = run_stats(three)
     assert second["skipped"] and not first.get("skipped")  # the pass ran once; only the init set was added
     candidates = artifacts.read_candidates(three)["lowest_loss"]
     init = read_init(three, range(8))
     for c in range(8):
-        assert [e["video_id"] for e in candidates[c][:3]] == [v for v, l in zip(init["video_ids"], init["labels"]) if l == c]
+        assert [e["video_id"] for e in candidates[c][:3]] == [
+            v for v, l in zip(init["video_ids"], init["labels"]) if l == c
+        ]
         assert [e["loss"] for e in candidates[c]] == sorted(e["loss"] for e in candidates[c])
     with pytest.raises(ConfigError, match="distill.ipc=5: these classes have fewer"):
         run_stats(imported_config(tmp_path / "out", teacher_path, "distill.ipc=5"))
@@ -114,8 +134,9 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
     assert not run_stats(viewed).get("skipped")
     clips, labels, classes = load_split(viewed, "train")
     teacher = load_teacher(viewed, classes)
-    x = augment.keyed_views(to_model_input(clips, viewed.data.mean, viewed.data.std), load_split_ids(viewed), viewed.seed,
-                            viewed.augment)
+    x = augment.keyed_views(
+        to_model_input(clips, viewed.data.mean, viewed.data.std), load_split_ids(viewed), viewed.seed, viewed.augment
+    )
     assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
     assert read_statistics(viewed) != read_statistics(one)
 
@@ -125,7 +146,9 @@ def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_pa
     the init clip is that view decoded again."""
     import torch.nn.functional as F
 
-    cfg = imported_config(tmp_path / "out", teacher_path, "distill.ipc=2", "distill.init=lowest_loss", "stats.init_views=4")
+    cfg = imported_config(
+        tmp_path / "out", teacher_path, "distill.ipc=2", "distill.init=lowest_loss", "stats.init_views=4"
+    )
     run_prepare(cfg)
     run_teacher(cfg)
     run_stats(cfg)
@@ -133,20 +156,46 @@ def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_pa
     teacher = load_teacher(cfg, classes)
     records = [r for r in build_catalog(cfg).records if r.split == "train"]
     d = cfg.data
-    views = torch.stack([clips] + [torch.from_numpy(np.stack([
-        decode_view(storage.read_bytes(r.uri), d.num_frames, d.height, d.width, d.frame_interval, cfg.seed, r.video_id, v)
-        for r in records])) for v in range(1, 4)])  # (4, N, F, H, W, 3)
+    views = torch.stack(
+        [clips]
+        + [
+            torch.from_numpy(
+                np.stack(
+                    [
+                        decode_view(
+                            storage.read_bytes(r.uri),
+                            d.num_frames,
+                            d.height,
+                            d.width,
+                            d.frame_interval,
+                            cfg.seed,
+                            r.video_id,
+                            v,
+                        )
+                        for r in records
+                    ]
+                )
+            )
+            for v in range(1, 4)
+        ]
+    )  # (4, N, F, H, W, 3)
     with torch.no_grad():
-        losses = torch.stack([F.cross_entropy(teacher(to_model_input(v, d.mean, d.std)), labels, reduction="none") for v in views])
+        losses = torch.stack(
+            [F.cross_entropy(teacher(to_model_input(v, d.mean, d.std)), labels, reduction="none") for v in views]
+        )
     best, best_view = losses.min(0)
     assert (best_view > 0).float().mean() > 0.5  # with four views, the sampled clip is rarely the easiest
     candidates = artifacts.read_candidates(cfg)["lowest_loss"]
     init = read_init(cfg, range(len(classes)))
     for c in range(len(classes)):
-        rows = sorted((l for l in range(len(records)) if labels[l] == c), key=lambda l: (float(best[l]), records[l].video_id))[:2]
+        rows = sorted(
+            (l for l in range(len(records)) if labels[l] == c), key=lambda l: (float(best[l]), records[l].video_id)
+        )[:2]
         assert [e["video_id"] for e in candidates[c][:2]] == [records[l].video_id for l in rows]
         assert [e["view"] for e in candidates[c][:2]] == [int(best_view[l]) for l in rows]
-        assert [e["loss"] for e in candidates[c][:2]] == pytest.approx([float(best[l]) for l in rows], rel=1e-4, abs=1e-5)
+        assert [e["loss"] for e in candidates[c][:2]] == pytest.approx(
+            [float(best[l]) for l in rows], rel=1e-4, abs=1e-5
+        )
         chosen = init["clips"][init["labels"] == c]
         assert all(torch.equal(chosen[i], views[best_view[l], l]) for i, l in enumerate(rows))
 
@@ -196,9 +245,19 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     parent runs are found by search_runs and carry the same metric names."""
     from mlflow.tracking import MlflowClient
 
-    common = ["teacher.width=8", "teacher.depth=2", "teacher.epochs=2", "teacher.cpus_per_worker=1",
-              "distill.iterations=5", "evaluate.epochs=2", "evaluate.seeds=[0,1]", "evaluate.cpus_per_worker=1",
-              "data.cache_clips=true", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=stages"]
+    common = [
+        "teacher.width=8",
+        "teacher.depth=2",
+        "teacher.epochs=2",
+        "teacher.cpus_per_worker=1",
+        "distill.iterations=5",
+        "evaluate.epochs=2",
+        "evaluate.seeds=[0,1]",
+        "evaluate.cpus_per_worker=1",
+        "data.cache_clips=true",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=stages",
+    ]
     cfg = tiny_config(tmp_path / "out", *common, "evaluate.baselines=[random_real,full]")
     with Tracker(cfg, "run") as tracker:
         results = run_stages(cfg, tracker=tracker)
@@ -217,8 +276,20 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     assert open(plan).read().startswith("plan: 32 train / 16 eval videos, 8 classes (from the shard manifest)")
     children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
-    assert stages == sorted(["teacher", "stats", "init", "distill", "merge", "distill", "merge",
-                             "evaluate/tsgd", "evaluate/random_real", "evaluate/full"])
+    assert stages == sorted(
+        [
+            "teacher",
+            "stats",
+            "init",
+            "distill",
+            "merge",
+            "distill",
+            "merge",
+            "evaluate/tsgd",
+            "evaluate/random_real",
+            "evaluate/full",
+        ]
+    )
     teacher_run = next(r for r in children if r.data.tags["stage"] == "teacher")
     assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "loss")] == [0, 1]
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
@@ -228,13 +299,17 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     assert {"synthetic/manifest.json", "synthetic/previews"} <= logged
 
     off = tiny_config(tmp_path / "out", *common, "tsgf.enabled=false")
-    assert artifacts.teacher_dir(off) == artifacts.teacher_dir(cfg) and artifacts.stats_dir(off) == artifacts.stats_dir(cfg)
+    assert artifacts.teacher_dir(off) == artifacts.teacher_dir(cfg) and artifacts.stats_dir(off) == artifacts.stats_dir(
+        cfg
+    )
     with Tracker(off, "run") as tracker_off:
         run_stages(off, tracker=tracker_off)
     runs = client.search_runs([tracker.experiment_id], "tags.command = 'run' and attributes.status = 'FINISHED'")
     by_flag = {r.data.params["tsgf.enabled"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert set(by_flag) == {"True", "False"}
-    assert {"tsgd/top1_mean", "tsgd/top5_mean"} <= set(by_flag["True"].data.metrics) & set(by_flag["False"].data.metrics)
+    assert {"tsgd/top1_mean", "tsgd/top5_mean"} <= set(by_flag["True"].data.metrics) & set(
+        by_flag["False"].data.metrics
+    )
     off_children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker_off.run_id}'")
     assert "teacher" not in {r.data.tags["stage"] for r in off_children}  # reused, not retrained
 
@@ -242,7 +317,13 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:3] == ["run", "evaluate.baselines", "tsgf.enabled"] and "tsgd top-1 %" in header
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    assert [(row[0][-9:-1], row[2]) for row in rows] == [(tracker_off.run_id[:8], "False"), (tracker.run_id[:8], "True")]
+    assert [(row[0][-9:-1], row[2]) for row in rows] == [
+        (tracker_off.run_id[:8], "False"),
+        (tracker.run_id[:8], "True"),
+    ]
     top1 = header.index("tsgd top-1 %")
     for row, run in zip(rows, (by_flag["False"], by_flag["True"])):
-        assert row[top1] == f"{100 * run.data.metrics['tsgd/top1_mean']:.1f} +- {100 * run.data.metrics['tsgd/top1_std']:.1f}"
+        assert (
+            row[top1]
+            == f"{100 * run.data.metrics['tsgd/top1_mean']:.1f} +- {100 * run.data.metrics['tsgd/top1_std']:.1f}"
+        )

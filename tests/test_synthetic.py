@@ -10,6 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from stage_helpers import imported_config, teacher_file
 
 import tsgd_ray
 from tsgd_ray.cli import run_command
@@ -22,8 +23,6 @@ from tsgd_ray.distributed.merge import run_merge
 from tsgd_ray.distributed.stats import run_stats
 from tsgd_ray.distributed.teacher import run_teacher
 from tsgd_ray.synthetic import ExportError, SyntheticVideos
-
-from stage_helpers import imported_config, teacher_file
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,9 @@ def test_synthetic_videos_reads_a_merged_set_by_uri(merged):
         clip, label = raw[i]
         assert clip.dtype == torch.uint8 and torch.equal(clip, expected["clips"][i]) and label == expected["labels"][i]
         x, _ = data[i]
-        assert x.shape == (3, 8, 32, 32) and torch.allclose(x, to_model_input(clip[None], merged.data.mean,
-                                                                              merged.data.std)[0])
+        assert x.shape == (3, 8, 32, 32) and torch.allclose(
+            x, to_model_input(clip[None], merged.data.mean, merged.data.std)[0]
+        )
     clips, labels = next(iter(torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, num_workers=0)))
     assert clips.shape == (16, 3, 8, 32, 32) and torch.equal(labels, expected["labels"])
     # soft labels from the set's own teacher, found through the manifest
@@ -77,7 +77,7 @@ def test_export_round_trips_every_format(merged, tmp_path, capsys):
     for fmt in ("safetensors", "webdataset", "mp4"):
         outputs[fmt] = tmp_path / fmt
         assert run_command("export", str(config), [], to=str(outputs[fmt]), fmt=fmt) == 0
-        assert f"exported 16 videos of 8 classes" in capsys.readouterr().out
+        assert "exported 16 videos of 8 classes" in capsys.readouterr().out
         summary = json.loads((outputs[fmt] / "export.json").read_text())
         assert summary["videos"] == 16 and summary["classes"] == classes and summary["format"] == fmt
 

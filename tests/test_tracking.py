@@ -11,10 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import BUCKET, REPO, free_port, tiny_config
 
 from tsgd_ray.tracking import Tracker, flatten, redact
-
-from conftest import BUCKET, REPO, free_port, tiny_config
 
 pytestmark = pytest.mark.timeout(180)
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
@@ -40,8 +39,12 @@ def test_sqlite_run_has_config_params_versions_and_no_credentials(tmp_path, s3_s
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = tiny_config(tmp_path / "out", f"tracking.tracking_uri={uri}", f"data.root=s3://AKIAEXAMPLE:{SECRET}@bucket/videos",
-                      "tracking.run_name=first")
+    cfg = tiny_config(
+        tmp_path / "out",
+        f"tracking.tracking_uri={uri}",
+        f"data.root=s3://AKIAEXAMPLE:{SECRET}@bucket/videos",
+        "tracking.run_name=first",
+    )
     with Tracker(cfg, "run") as tracker:
         child = tracker.child("teacher")
         tracker.log_history(child, [{"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.5}])
@@ -71,7 +74,6 @@ def test_failed_invocation_marks_runs_failed(tmp_path):
     assert client.get_run(child).info.status == "FAILED"
 
 
-
 def _readme_flag(flag: str) -> str:
     """The value infra/mlflow/README.md gives `flag` in its server command."""
     import re
@@ -98,11 +100,29 @@ def mlflow_server(tmp_path, s3_server):
     port = free_port()
     artifacts = f"s3://{BUCKET}/mlflow-server-{os.urandom(3).hex()}"
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--allowed-hosts", _readme_flag("--allowed-hosts"), "--cors-allowed-origins", _readme_flag("--cors-allowed-origins")],
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--allowed-hosts",
+            _readme_flag("--allowed-hosts"),
+            "--cors-allowed-origins",
+            _readme_flag("--cors-allowed-origins"),
+        ],
         env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -150,8 +170,12 @@ def test_artifacts_on_s3(tmp_path, s3_server, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)
     location = f"s3://{BUCKET}/mlflow-{os.urandom(3).hex()}"
-    cfg = tiny_config(tmp_path / "out", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-                      "tracking.experiment=s3art", f"tracking.artifact_location={location}")
+    cfg = tiny_config(
+        tmp_path / "out",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=s3art",
+        f"tracking.artifact_location={location}",
+    )
     with Tracker(cfg, "run") as tracker:
         tracker.log_bytes(tracker.run_id, "synthetic/previews/grid.mp4", b"\x00\x01mp4")
     fs = s3fs.S3FileSystem()

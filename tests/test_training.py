@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from tsgd_ray.config import load_config
 from tsgd_ray.core import augment, selection, training
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.in_memory import load_split
-from conftest import tiny_config
 
 
 def direction_clips(n, seed, size=16, frames=6):
@@ -52,8 +52,18 @@ def test_hflip_off_never_mirrors():
 
 
 def motion_config(*overrides):
-    return load_config(None, ["augment.hflip=false", "teacher.epochs=12", "teacher.batch_size=16", "teacher.lr=0.003",
-                              "evaluate.epochs=30", "evaluate.batch_size=8", *overrides])
+    return load_config(
+        None,
+        [
+            "augment.hflip=false",
+            "teacher.epochs=12",
+            "teacher.batch_size=16",
+            "teacher.lr=0.003",
+            "evaluate.epochs=30",
+            "evaluate.batch_size=8",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +87,13 @@ def test_a_teacher_learns_direction_of_motion(motion_teacher):
 STUDENT_PROTOCOLS = {
     "soft_kl tsgfa": ["evaluate.labels=soft_kl"],
     "soft_kl uniform crops": ["evaluate.labels=soft_kl", "evaluate.tsgfa=false"],
-    "soft_kl every transform": ["evaluate.labels=soft_kl", "evaluate.augment.time_reverse=true", "evaluate.augment.cutmix=0.3",
-                                "evaluate.augment.mixup=0.3", "evaluate.ema=0.9"],
+    "soft_kl every transform": [
+        "evaluate.labels=soft_kl",
+        "evaluate.augment.time_reverse=true",
+        "evaluate.augment.cutmix=0.3",
+        "evaluate.augment.mixup=0.3",
+        "evaluate.ema=0.9",
+    ],
     "soft_mse": ["evaluate.labels=soft_mse"],
     "hard": ["evaluate.labels=hard", "evaluate.augment.hflip=false"],  # a flip would swap right and left
 }
@@ -93,8 +108,15 @@ def test_students_learn_from_a_few_clips(motion_teacher, protocol):
     student = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
     before = training.topk_accuracy(training.predict(student, test, cfg), test_labels)
     losses = []
-    training.train_student(student, motion_teacher, to_model_input(clips, cfg.data.mean, cfg.data.std), labels, cfg, seed=0,
-                           callback=lambda epoch, m: losses.append(m["loss"]))
+    training.train_student(
+        student,
+        motion_teacher,
+        to_model_input(clips, cfg.data.mean, cfg.data.std),
+        labels,
+        cfg,
+        seed=0,
+        callback=lambda epoch, m: losses.append(m["loss"]),
+    )
     after = training.topk_accuracy(training.predict(student, test, cfg), test_labels)
     assert len(losses) == 30 and losses[-1] < losses[0]
     assert after >= 0.75 and after > before
@@ -122,8 +144,16 @@ def test_class_changing_student_transforms_with_hard_labels_are_a_config_error(k
 
 
 def test_student_views_reverse_time_and_centre_crops_on_the_heat():
-    cfg = load_config(None, ["evaluate.augment.hflip=false", "evaluate.augment.roll=0", "evaluate.augment.time_reverse=true",
-                             "evaluate.augment.crop_scale=[0.1,0.1]", "tsgf.crop_delta=0"])
+    cfg = load_config(
+        None,
+        [
+            "evaluate.augment.hflip=false",
+            "evaluate.augment.roll=0",
+            "evaluate.augment.time_reverse=true",
+            "evaluate.augment.crop_scale=[0.1,0.1]",
+            "tsgf.crop_delta=0",
+        ],
+    )
     ramp = torch.arange(4.0).view(1, 1, 4, 1, 1).expand(64, 3, 4, 16, 16).contiguous()
     heat = torch.zeros(64, 16, 16)
     heat[:, 12, 3] = 1.0  # all the heat at row 12, column 3
@@ -133,7 +163,9 @@ def test_student_views_reverse_time_and_centre_crops_on_the_heat():
     reversed_share = (first >= 2.5).float().mean()
     assert 0.3 < reversed_share < 0.7
     assert (view[:, 0, 0].amax(dim=(1, 2)) > 50).all()  # every crop holds the marked pixel
-    flat = load_config(None, ["evaluate.augment.roll=0", "evaluate.augment.crop_scale=[0.1,0.1]", "evaluate.tsgfa=false"])
+    flat = load_config(
+        None, ["evaluate.augment.roll=0", "evaluate.augment.crop_scale=[0.1,0.1]", "evaluate.tsgfa=false"]
+    )
     uniform = training.student_view(ramp, heat, flat, torch.Generator().manual_seed(0))
     assert (uniform[:, 0, 0].amax(dim=(1, 2)) > 50).float().mean() < 0.5  # uniform crops mostly miss it
 

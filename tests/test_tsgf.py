@@ -55,7 +55,9 @@ def test_temporal_smoothing_uses_alpha_with_reflect_padding():
     torch.testing.assert_close(m, expected / expected.max())
     raw = tsgf.saliency(x, tsgf_cfg(spatial_kernel=1, window=0, eps=1e-12))[0, 0, :, 0, 0]
     torch.testing.assert_close(raw, d / d.max())
-    wide = tsgf.saliency(x, tsgf_cfg(spatial_kernel=1, window=2, alpha=[1.0, 1.0, 2.0, 1.0, 1.0], eps=1e-12))[0, 0, :, 0, 0]
+    wide = tsgf.saliency(x, tsgf_cfg(spatial_kernel=1, window=2, alpha=[1.0, 1.0, 2.0, 1.0, 1.0], eps=1e-12))[
+        0, 0, :, 0, 0
+    ]
     pad = torch.cat([d[[2, 1]], d, d[[3, 2]]])  # reflect: D_-2 = D_2, D_-1 = D_1, D_5 = D_3, D_6 = D_2
     by_hand = torch.stack([(pad[t : t + 5] * torch.tensor([1, 1, 2, 1, 1.0])).sum() / 6 for t in range(5)])
     torch.testing.assert_close(wide, by_hand / by_hand.max())
@@ -145,8 +147,12 @@ def test_saliency_boxes_centre_on_the_heat():
     boxes = tsgf.saliency_boxes(heat, torch.rand(64, 2, generator=g), (0.1, 0.3), (0.75, 1.33), delta=0.0, generator=g)
     inside = box_mask(boxes, 32, 32)[:, 0, 0, 20, 5]
     assert inside.all()  # the hot pixel is in every box, even after moving boxes into the image
-    assert (boxes[:, 0].abs() + boxes[:, 2] / 2 <= 1 + 1e-6).all() and (boxes[:, 1].abs() + boxes[:, 3] / 2 <= 1 + 1e-6).all()
-    flat = tsgf.saliency_boxes(torch.zeros(2000, 32, 32), torch.zeros(2000, 2), (0.01, 0.01), (1.0, 1.0), delta=0.05, generator=g)
+    assert (boxes[:, 0].abs() + boxes[:, 2] / 2 <= 1 + 1e-6).all() and (
+        boxes[:, 1].abs() + boxes[:, 3] / 2 <= 1 + 1e-6
+    ).all()
+    flat = tsgf.saliency_boxes(
+        torch.zeros(2000, 32, 32), torch.zeros(2000, 2), (0.01, 0.01), (1.0, 1.0), delta=0.05, generator=g
+    )
     assert flat[:, 0].std() > 0.5 and flat[:, 1].std() > 0.5  # no heat: centres anywhere
 
 

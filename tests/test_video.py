@@ -2,12 +2,19 @@
 
 import numpy as np
 import pytest
+from conftest import moving_square_frames, write_video
 
 from tsgd_ray.config import TemporalSampling
 from tsgd_ray.data.video import (
-    VideoDecodeError, clip_indices, clip_rng, decode_clip, encode_mp4, probe, resize_frames, transcode,
+    VideoDecodeError,
+    clip_indices,
+    clip_rng,
+    decode_clip,
+    encode_mp4,
+    probe,
+    resize_frames,
+    transcode,
 )
-from conftest import moving_square_frames, write_video
 
 
 def test_clip_indices_center_random_uniform():
@@ -89,7 +96,9 @@ def _audio_only() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("container,codec", [("h264", "libx264"), ("ogg", "libvpx"), ("m4v", "mpeg4"), ("mpegts", "libx264")])
+@pytest.mark.parametrize(
+    "container,codec", [("h264", "libx264"), ("ogg", "libvpx"), ("m4v", "mpeg4"), ("mpegts", "libx264")]
+)
 def test_valid_files_decord_cannot_read_are_decoded_by_pyav(container, codec):
     """decord cannot measure raw H.264, Ogg or MPEG-4 part 2 streams ("broken metadata") and fails
     on the last frames of an MPEG-TS; PyAV decodes them, so the videos are kept."""
@@ -100,12 +109,15 @@ def test_valid_files_decord_cannot_read_are_decoded_by_pyav(container, codec):
     assert clip.shape == (30, 48, 64, 3) and np.all(np.abs(bar - (np.arange(30) + 1.5)) <= 2)
 
 
-@pytest.mark.parametrize("bad,reason", [
-    (b"", "empty file"),
-    (b"not a video at all" * 50, "not a video file"),
-    ("truncated", "truncated file"),
-    ("audio", "no video stream"),
-])
+@pytest.mark.parametrize(
+    "bad,reason",
+    [
+        (b"", "empty file"),
+        (b"not a video at all" * 50, "not a video file"),
+        ("truncated", "truncated file"),
+        ("audio", "no video stream"),
+    ],
+)
 def test_corrupt_videos_raise_video_decode_error_with_a_reason(tmp_path, bad, reason):
     if bad == "truncated":
         data = write_video(tmp_path / "t.mp4", num_frames=30)

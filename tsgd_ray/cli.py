@@ -39,8 +39,17 @@ def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
         init_ray(cfg, verbose)
         manifest = run_prepare(cfg)
         counts = {split: sum(c.values()) for split, c in manifest["counts"].items()}
-        echo(json.dumps({"shards": shards_root(cfg), "classes": len(manifest["classes"]), "videos": counts,
-                         "shard_files": len(manifest["shards"]), "skipped": len(manifest["skipped"])}))
+        echo(
+            json.dumps(
+                {
+                    "shards": shards_root(cfg),
+                    "classes": len(manifest["classes"]),
+                    "videos": counts,
+                    "shard_files": len(manifest["shards"]),
+                    "skipped": len(manifest["skipped"]),
+                }
+            )
+        )
     return 0
 
 
@@ -91,8 +100,10 @@ def command_export(cfg: DictConfig, to: str, fmt: str, method: str = "") -> int:
 
     source = synthetic_dir(method_config(cfg, Method(method)) if method else cfg)
     summary = export(source, to, fmt)
-    echo(f"exported {summary['videos']} videos of {len(summary['classes'])} classes from {source} to "
-         f"{storage.absolute(to)} as {fmt} ({len(summary['files'])} files)")
+    echo(
+        f"exported {summary['videos']} videos of {len(summary['classes'])} classes from {source} to "
+        f"{storage.absolute(to)} as {fmt} ({len(summary['files'])} files)"
+    )
     return 0
 
 
@@ -145,28 +156,41 @@ def run_command(name: str, config: str, overrides: Sequence[str], **options) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tsgd-ray", description="Temporal Saliency-Guided Distillation of video datasets on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="tsgd-ray", description="Temporal Saliency-Guided Distillation of video datasets on Ray."
+    )
     parser.add_argument("--version", action="version", version=f"tsgd-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
-        p.add_argument("config", help="a YAML file, or the name of a shipped config (default, ucf101, hmdb51, kinetics400, ssv2)")
+        p.add_argument(
+            "config", help="a YAML file, or the name of a shipped config (default, ucf101, hmdb51, kinetics400, ssv2)"
+        )
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.num_frames=8")
         if name == "plan":
             from tsgd_ray.plan import GPUS
 
-            p.add_argument("--gpu", choices=sorted(GPUS), default="a10g", help="the GPU the times, memory and cost assume")
+            p.add_argument(
+                "--gpu", choices=sorted(GPUS), default="a10g", help="the GPU the times, memory and cost assume"
+            )
         if name == "export":
             from tsgd_ray.config import Method
             from tsgd_ray.synthetic import FORMATS
 
             p.add_argument("--to", required=True, help="the folder or URI to write (must not hold an export)")
             p.add_argument("--format", dest="fmt", choices=FORMATS, default="safetensors", help="what to write")
-            p.add_argument("--method", choices=[m.value for m in Method if m.value != "full"], default="",
-                           help="whose set (default: distill.method)")
+            p.add_argument(
+                "--method",
+                choices=[m.value for m in Method if m.value != "full"],
+                default="",
+                help="whose set (default: distill.method)",
+            )
         if name in RAY_COMMANDS:
-            p.add_argument("--verbose", action="store_true",
-                           help="show Ray's and the workers' own output on the console too (it is always in the log file)")
+            p.add_argument(
+                "--verbose",
+                action="store_true",
+                help="show Ray's and the workers' own output on the console too (it is always in the log file)",
+            )
     return parser
 
 

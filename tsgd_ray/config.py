@@ -21,7 +21,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tsgd_ray.errors import UserError
 
-
 MAX_IPC = 50  # the most synthetic videos per class; the statistics pass keeps this many init candidates
 
 
@@ -131,9 +130,7 @@ class DataConfig:
     classes: list[str] = field(default_factory=list)  # restrict to these class names (e.g. MiniUCF)
     on_catalog_error: OnCatalogError = OnCatalogError.error  # missing files, unknown labels
     # Video file extensions a catalog picks up (case-insensitive).
-    extensions: list[str] = field(
-        default_factory=lambda: ["mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg"]
-    )
+    extensions: list[str] = field(default_factory=lambda: ["mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg"])
     builtin: BuiltinDatasetConfig = field(default_factory=BuiltinDatasetConfig)
     # Shards: where `prepare` writes them; empty means <storage.output_root>/shards.
     shards: str = ""
@@ -481,17 +478,25 @@ def validate(cfg: DictConfig) -> None:
             f"weights with a positive sum (or be empty for uniform), got {alpha}"
         )
     student_aug = cfg.evaluate.augment
-    for key, on in (("time_reverse", student_aug.time_reverse), ("cutmix", student_aug.cutmix > 0),
-                    ("mixup", student_aug.mixup > 0)):
+    for key, on in (
+        ("time_reverse", student_aug.time_reverse),
+        ("cutmix", student_aug.cutmix > 0),
+        ("mixup", student_aug.mixup > 0),
+    ):
         if on and cfg.evaluate.labels == LabelKind.hard:
-            raise ConfigError(f"evaluate.augment.{key}: changes or mixes classes and needs teacher labels; "
-                              "use evaluate.labels=soft_kl or soft_mse, or turn it off")
+            raise ConfigError(
+                f"evaluate.augment.{key}: changes or mixes classes and needs teacher labels; "
+                "use evaluate.labels=soft_kl or soft_mse, or turn it off"
+            )
     if Method.herding in (cfg.distill.method, *cfg.evaluate.baselines):
-        raise ConfigError("distill.method / evaluate.baselines: herding is available in "
-                          "benchmarks/quality.py only, not yet in the pipeline")
+        raise ConfigError(
+            "distill.method / evaluate.baselines: herding is available in "
+            "benchmarks/quality.py only, not yet in the pipeline"
+        )
     if cfg.distill.method == Method.full:
-        raise ConfigError("distill.method: full trains on every real clip and distils nothing; "
-                          "add it to evaluate.baselines instead")
+        raise ConfigError(
+            "distill.method: full trains on every real clip and distils nothing; add it to evaluate.baselines instead"
+        )
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     extensions = [e.lower().lstrip(".") for e in cfg.data.extensions]
@@ -526,14 +531,22 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"config file not found: {name_or_path} (not a file, nor a shipped config: "
-                      f"{', '.join(config_names())})")
+    raise ConfigError(
+        f"config file not found: {name_or_path} (not a file, nor a shipped config: {', '.join(config_names())})"
+    )
 
 
 # Keys holding a local path or URI. A relative local path is made absolute at load time: Ray Train
 # workers run in their own working directory and would resolve it elsewhere.
-PATH_KEYS = ("data.root", "data.annotations", "data.shards", "teacher.checkpoint", "storage.output_root",
-             "storage.cache_root", "ray.temp_dir")
+PATH_KEYS = (
+    "data.root",
+    "data.annotations",
+    "data.shards",
+    "teacher.checkpoint",
+    "storage.output_root",
+    "storage.cache_root",
+    "ray.temp_dir",
+)
 
 
 def _absolute_local_paths(cfg: DictConfig) -> None:

@@ -78,7 +78,9 @@ def attribute_comments(source: str) -> dict[tuple[str, str], str]:
             while line in own_line:
                 above.insert(0, comments[line])
                 line -= 1
-            trailing = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments and n not in own_line]
+            trailing = [
+                comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments and n not in own_line
+            ]
             out[(node.name, name)] = " ".join(above + trailing).strip()
     return out
 

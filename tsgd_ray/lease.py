@@ -66,7 +66,12 @@ def describe(content: dict) -> str:
 class _Holder:
     def __init__(self, folder: str, seconds: float):
         self.folder, self.seconds = folder, seconds
-        self.identity = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self.identity = {
+            "holder": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.time(),
+        }
         self.generation = -1
         self.lost = False
         self._stop = threading.Event()
@@ -95,8 +100,11 @@ class _Holder:
             try:
                 if not self._write(self.generation + 1):
                     self.lost = True
-                    log.error("lease on %s was taken by another run (this one did not renew it in time); "
-                              "outputs stay write-once, but two runs now work on this stage", self.folder)
+                    log.error(
+                        "lease on %s was taken by another run (this one did not renew it in time); "
+                        "outputs stay write-once, but two runs now work on this stage",
+                        self.folder,
+                    )
                     return
             except OSError as exc:  # a storage hiccup: try again at the next beat, the lease has slack
                 log.warning("renewing the lease on %s failed (%s); retrying", self.folder, exc)
@@ -126,8 +134,10 @@ def hold(folder: str, seconds: float, wait: bool, what: str) -> Iterator[None]:
     holder = _Holder(folder, seconds)
     since, next_log = time.time(), 0.0
     while (other := holder.try_take()) is not None:
-        message = (f"{what}: another run works on {folder}: {describe(other)}; if it has died, its lease "
-                   f"expires in {max(0.0, other['expires'] - time.time()):.0f} s")
+        message = (
+            f"{what}: another run works on {folder}: {describe(other)}; if it has died, its lease "
+            f"expires in {max(0.0, other['expires'] - time.time()):.0f} s"
+        )
         if not wait:
             raise LeaseHeld(f"{message} (storage.wait_for_lease=false)")
         if time.time() >= next_log:

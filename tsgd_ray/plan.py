@@ -35,8 +35,12 @@ GPUS = {
     "h100": GPU(80, 150, 12.29),  # one eighth of a p5.48xlarge
 }
 #: (train videos, evaluation videos, classes) of the public releases, used before prepare
-NOMINAL = {"kinetics": (240_000, 20_000, 400), "ucf101": (9_537, 3_783, 101), "hmdb51": (3_570, 1_530, 51),
-           "ssv2": (168_913, 24_777, 174)}
+NOMINAL = {
+    "kinetics": (240_000, 20_000, 400),
+    "ucf101": (9_537, 3_783, 101),
+    "hmdb51": (3_570, 1_530, 51),
+    "ssv2": (168_913, 24_777, 174),
+}
 AUGMENT_OVERHEAD = 1.2  # recovery's augmentation and TSGF on top of forward + backward (docs/sizing.md)
 OPTIMISER_BYTES = 16  # per synthetic value: pixels, gradient, Adam's two moments (float32)
 
@@ -88,7 +92,9 @@ def model_cost(name: str, width: int, depth: int, size: tuple[int, int, int], cl
             out.sum().backward()
         saved.append((total[0], counter.get_total_flops()))
     channels = sum(m.num_features for m in batchnorm_layers(model))
-    return ModelCost(sum(p.numel() for p in model.parameters()), channels, saved[1][1] - saved[0][1], saved[1][0] - saved[0][0])
+    return ModelCost(
+        sum(p.numel() for p in model.parameters()), channels, saved[1][1] - saved[0][1], saved[1][0] - saved[0][0]
+    )
 
 
 def _counts(cfg: DictConfig, manifest: dict | None) -> tuple[int, int, int, str]:
@@ -103,7 +109,12 @@ def _counts(cfg: DictConfig, manifest: dict | None) -> tuple[int, int, int, str]
     train, evaluated, classes = NOMINAL.get(d.dataset, (0, 0, 0))
     if classes and d.classes:  # a class subset: its share of the videos
         train, evaluated = (n * len(d.classes) // classes for n in (train, evaluated))
-    return train, evaluated, len(d.classes) or classes, f"{getattr(d.dataset, 'value', d.dataset)}'s nominal size (not prepared yet)"
+    return (
+        train,
+        evaluated,
+        len(d.classes) or classes,
+        f"{getattr(d.dataset, 'value', d.dataset)}'s nominal size (not prepared yet)",
+    )
 
 
 def _gib(n: float) -> str:
@@ -133,28 +144,37 @@ class _Probe:
             return default
 
 
-def _distill_stage(cfg: DictConfig, method: Method, classes: int, size: tuple[int, int, int], teacher: ModelCost,
-                   gpu: str, done) -> Stage:
+def _distill_stage(
+    cfg: DictConfig, method: Method, classes: int, size: tuple[int, int, int], teacher: ModelCost, gpu: str, done
+) -> Stage:
     """distill + merge of `method` (cfg: its method_config): partitions, one actor's memory, GPU time."""
     d, g = cfg.distill, GPUS[gpu]
     videos = classes * d.ipc
-    partitions = max(d.partitions or 4 * d.actors, math.ceil(videos / d.max_videos_per_partition) if d.max_videos_per_partition else 0)
+    partitions = max(
+        d.partitions or 4 * d.actors,
+        math.ceil(videos / d.max_videos_per_partition) if d.max_videos_per_partition else 0,
+    )
     partitions = max(1, min(partitions, classes or 1))
     per_partition = math.ceil(videos / partitions) if videos else 0
     chunk = min(d.chunk_size, per_partition)
     state = OPTIMISER_BYTES * 3 * math.prod(size)
     actor_bytes = per_partition * state + chunk * teacher.activation_bytes + 4 * teacher.params
-    stage = Stage(f"distill/{method.value}", artifacts.distill_dir(cfg),
-                  done(storage.join(artifacts.synthetic_dir(cfg), artifacts.SYNTHETIC_MANIFEST)),
-                  _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
-                  f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
-                  f"synthetic set {_gib(videos * (3 * math.prod(size) + size[1] * size[2]))} (uint8 clips + heat maps)",
-                  _hours(videos * d.iterations * teacher.flops * AUGMENT_OVERHEAD, g),
-                  f"{_gib(actor_bytes)} per actor ({per_partition} videos x {_gib(state)} state "
-                  f"+ chunks of {chunk} x {_gib(teacher.activation_bytes)} activations + teacher)")
+    stage = Stage(
+        f"distill/{method.value}",
+        artifacts.distill_dir(cfg),
+        done(storage.join(artifacts.synthetic_dir(cfg), artifacts.SYNTHETIC_MANIFEST)),
+        _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
+        f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
+        f"synthetic set {_gib(videos * (3 * math.prod(size) + size[1] * size[2]))} (uint8 clips + heat maps)",
+        _hours(videos * d.iterations * teacher.flops * AUGMENT_OVERHEAD, g),
+        f"{_gib(actor_bytes)} per actor ({per_partition} videos x {_gib(state)} state "
+        f"+ chunks of {chunk} x {_gib(teacher.activation_bytes)} activations + teacher)",
+    )
     if d.gpus_per_actor and actor_bytes > g.memory_gib * 2**30 * 0.9:
-        stage.warnings.append(f"a partition needs {_gib(actor_bytes)}, more than 90% of a {gpu}'s {g.memory_gib:g} GiB: "
-                              f"lower distill.max_videos_per_partition or distill.chunk_size")
+        stage.warnings.append(
+            f"a partition needs {_gib(actor_bytes)}, more than 90% of a {gpu}'s {g.memory_gib:g} GiB: "
+            f"lower distill.max_videos_per_partition or distill.chunk_size"
+        )
     return stage
 
 
@@ -177,25 +197,45 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     stages = []
 
     shard_bytes = sum(x["bytes"] for x in manifest["shards"]) if manifest else 0
-    stages.append(Stage("prepare", shards_root(cfg), None if probe.error else manifest is not None,
-                        f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each",
-                        f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
-                        f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)"))
+    stages.append(
+        Stage(
+            "prepare",
+            shards_root(cfg),
+            None if probe.error else manifest is not None,
+            f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each",
+            f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
+            f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)",
+        )
+    )
 
     teacher_flops = t.epochs * train * 1.5 * teacher.flops  # weight gradients add about half
     imported = bool(t.checkpoint)
-    stages.append(Stage("teacher", artifacts.teacher_dir(cfg), _done(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER)),
-                        "none (imported checkpoint)" if imported else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
-                        t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
-                        f"teacher.pt, {_gib(4 * teacher.params)} ({teacher.params:,} parameters)",
-                        0.0 if imported else _hours(teacher_flops, g)))
+    stages.append(
+        Stage(
+            "teacher",
+            artifacts.teacher_dir(cfg),
+            _done(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER)),
+            "none (imported checkpoint)"
+            if imported
+            else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
+            t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
+            f"teacher.pt, {_gib(4 * teacher.params)} ({teacher.params:,} parameters)",
+            0.0 if imported else _hours(teacher_flops, g),
+        )
+    )
 
     statistics_bytes = 2 * 8 * classes * teacher.bn_channels  # int64 sums and squares per class and channel
-    stages.append(Stage("stats", artifacts.stats_dir(cfg), _done(storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER)),
-                        _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
-                        f"{train:,} clips once ({s.init_views} view(s) each)",
-                        f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
-                        _hours(train * s.init_views * teacher.flops / 3, g)))
+    stages.append(
+        Stage(
+            "stats",
+            artifacts.stats_dir(cfg),
+            _done(storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER)),
+            _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
+            f"{train:,} clips once ({s.init_views} view(s) each)",
+            f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
+            _hours(train * s.init_views * teacher.flops / 3, g),
+        )
+    )
 
     for method in dict.fromkeys([d.method, *e.baselines]):  # as `run` does them
         mcfg = artifacts.method_config(cfg, method)
@@ -204,32 +244,54 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
         clips = train if method == Method.full else classes * d.ipc
         epochs = mcfg.evaluate.epochs
         per_seed = epochs * clips * (student.flops * 1.5 + teacher.flops / 3) + evaluated * student.flops / 3
-        stages.append(Stage(f"evaluate/{method.value}", artifacts.evaluate_dir(mcfg, method),
-                            _done(artifacts.results_uri(mcfg, method)), _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
-                            f"{len(e.seeds)} seeds x {epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
-                            "per-seed results", _hours(len(e.seeds) * per_seed, g)))
+        stages.append(
+            Stage(
+                f"evaluate/{method.value}",
+                artifacts.evaluate_dir(mcfg, method),
+                _done(artifacts.results_uri(mcfg, method)),
+                _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
+                f"{len(e.seeds)} seeds x {epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
+                "per-seed results",
+                _hours(len(e.seeds) * per_seed, g),
+            )
+        )
 
     todo = sum(st.gpu_hours for st in stages if not st.finished)
-    return {"counts": {"train": train, "eval": evaluated, "classes": classes, "source": source},
-            "stages": stages, "gpu": gpu, "gpu_hours": todo, "dollars": todo * g.dollars_per_hour, "storage_error": probe.error}
+    return {
+        "counts": {"train": train, "eval": evaluated, "classes": classes, "source": source},
+        "stages": stages,
+        "gpu": gpu,
+        "gpu_hours": todo,
+        "dollars": todo * g.dollars_per_hour,
+        "storage_error": probe.error,
+    }
 
 
 def render(plan: dict) -> str:
     """The plan as text: one block per stage, then the total."""
     c, g = plan["counts"], GPUS[plan["gpu"]]
-    lines = [f"plan: {c['train']:,} train / {c['eval']:,} eval videos, {c['classes']} classes (from {c['source']}); "
-             f"GPU times on a {plan['gpu']} at an assumed {g.tflops:g} TFLOPS"]
+    lines = [
+        f"plan: {c['train']:,} train / {c['eval']:,} eval videos, {c['classes']} classes (from {c['source']}); "
+        f"GPU times on a {plan['gpu']} at an assumed {g.tflops:g} TFLOPS"
+    ]
     if plan["storage_error"]:
         lines.append(f"which stages are finished is unknown: {plan['storage_error']}")
     for st in plan["stages"]:
         state = "finished, skipped" if st.finished else "to run" if st.finished is False else "unknown"
         if not st.finished and st.gpu_hours:
             state += f", ~{st.gpu_hours:.2f} GPU-h"
-        lines += [f"{st.name:<22} {state}", f"  folder     {st.folder}", f"  resources  {st.resources}",
-                  f"  reads      {st.reads}", f"  writes     {st.writes}"]
+        lines += [
+            f"{st.name:<22} {state}",
+            f"  folder     {st.folder}",
+            f"  resources  {st.resources}",
+            f"  reads      {st.reads}",
+            f"  writes     {st.writes}",
+        ]
         if st.memory:
             lines.append(f"  memory     {st.memory}")
         lines += [f"  WARNING    {w}" for w in st.warnings]
-    lines.append(f"total to run: ~{plan['gpu_hours']:.2f} GPU-hours, ~${plan['dollars']:.2f} at ${g.dollars_per_hour:g}/h on demand "
-                 "(compute only: node start-up and idle time come on top; docs/sizing.md)")
+    lines.append(
+        f"total to run: ~{plan['gpu_hours']:.2f} GPU-hours, ~${plan['dollars']:.2f} at ${g.dollars_per_hour:g}/h on demand "
+        "(compute only: node start-up and idle time come on top; docs/sizing.md)"
+    )
     return "\n".join(lines)

@@ -62,8 +62,10 @@ def with_retries(fn: Callable[..., T]) -> Callable[..., T]:
                 return fn(uri, *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below
                 if type(exc).__name__ in _NO_CREDENTIALS:
-                    raise StorageError(f"{fn.__name__}({uri}): no credentials for this store (set AWS_PROFILE, the "
-                                       "AWS_* variables or an instance role)") from None
+                    raise StorageError(
+                        f"{fn.__name__}({uri}): no credentials for this store (set AWS_PROFILE, the "
+                        "AWS_* variables or an instance role)"
+                    ) from None
                 if not _transient(exc) or attempt == RETRIES - 1:
                     if _transient(exc):
                         raise StorageError(f"{fn.__name__}({uri}) failed after {RETRIES} tries: {exc}") from exc
@@ -223,8 +225,11 @@ def file_sizes(uri: str, extensions: Iterable[str] | None = None) -> dict[str, i
     if not fs.exists(path):
         return {}
     exts = None if extensions is None else {"." + e.lower().lstrip(".") for e in extensions}
-    return {_to_uri(fs, p): int(info["size"]) for p, info in sorted(fs.find(path, detail=True).items())
-            if (exts is None or os.path.splitext(p)[1].lower() in exts) and ".tmp-" not in p}
+    return {
+        _to_uri(fs, p): int(info["size"])
+        for p, info in sorted(fs.find(path, detail=True).items())
+        if (exts is None or os.path.splitext(p)[1].lower() in exts) and ".tmp-" not in p
+    }
 
 
 def open_input(uri: str):

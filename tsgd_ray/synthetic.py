@@ -21,7 +21,7 @@ import io
 import json
 import re
 import tarfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,8 +49,9 @@ def read_manifest(uri: str) -> dict:
     try:
         return storage.read_json(storage.join(uri, artifacts.SYNTHETIC_MANIFEST))
     except FileNotFoundError:
-        raise ExportError(f"no merged synthetic set at {uri} (no {artifacts.SYNTHETIC_MANIFEST}; run "
-                          "`tsgd-ray merge` first)") from None
+        raise ExportError(
+            f"no merged synthetic set at {uri} (no {artifacts.SYNTHETIC_MANIFEST}; run `tsgd-ray merge` first)"
+        ) from None
 
 
 class SyntheticVideos(Dataset):
@@ -78,7 +79,9 @@ class SyntheticVideos(Dataset):
                     group = parquet.read_row_group(g, columns=["label"]).column("label").to_numpy()
                     labels.append(group)
                     self._rows += [(f, g, r) for r in range(len(group))]
-        self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64)) if labels else torch.empty(0, dtype=torch.int64)
+        self.labels = (
+            torch.from_numpy(np.concatenate(labels).astype(np.int64)) if labels else torch.empty(0, dtype=torch.int64)
+        )
         self._cached: tuple[tuple[int, int], Any] = ((-1, -1), None)
         self._teacher = self._load_teacher() if soft_labels else None
 
@@ -110,9 +113,13 @@ class SyntheticVideos(Dataset):
 
         teacher = self.manifest.get("teacher")
         if not teacher:
-            raise ExportError(f"{self.uri}: this set's manifest does not name its teacher (merged by an older "
-                              "tsgd-ray); soft labels need it")
-        model = build_model(teacher["model"], len(self.classes), self.clip_shape[:3], teacher["width"], teacher["depth"])
+            raise ExportError(
+                f"{self.uri}: this set's manifest does not name its teacher (merged by an older "
+                "tsgd-ray); soft labels need it"
+            )
+        model = build_model(
+            teacher["model"], len(self.classes), self.clip_shape[:3], teacher["width"], teacher["depth"]
+        )
         return load_checkpoint(model, storage.read_bytes(teacher["uri"]), self.classes).eval()
 
     def __getstate__(self) -> dict:  # DataLoader workers start with an empty cache
@@ -145,9 +152,18 @@ def export(uri: str, to: str, fmt: str) -> dict:
     if storage.exists(index):
         raise ExportError(f"{to} already holds an export ({index}); choose another --to")
     files = {"mp4": _mp4, "safetensors": _safetensors, "webdataset": _webdataset}[fmt](data, to)
-    summary = {"source": uri, "format": fmt, "videos": len(data), "classes": data.classes,
-               "clip_shape": list(data.clip_shape), "files": files, "method": data.manifest["method"],
-               "ipc": data.manifest["ipc"], "mean": data.manifest["mean"], "std": data.manifest["std"]}
+    summary = {
+        "source": uri,
+        "format": fmt,
+        "videos": len(data),
+        "classes": data.classes,
+        "clip_shape": list(data.clip_shape),
+        "files": files,
+        "method": data.manifest["method"],
+        "ipc": data.manifest["ipc"],
+        "mean": data.manifest["mean"],
+        "std": data.manifest["std"],
+    }
     storage.write_once(index, json.dumps(summary, indent=2).encode())
     return summary
 
@@ -192,8 +208,10 @@ def _safetensors(data: SyntheticVideos, to: str) -> list[str]:
 
     files = []
     for part, batch in enumerate(_batches(data)):
-        payload = save({"clips": batch["clips"].contiguous(), "labels": batch["labels"]},
-                       metadata={"classes": json.dumps(data.classes), "layout": "uint8 RGB (N, F, H, W, 3)"})
+        payload = save(
+            {"clips": batch["clips"].contiguous(), "labels": batch["labels"]},
+            metadata={"classes": json.dumps(data.classes), "layout": "uint8 RGB (N, F, H, W, 3)"},
+        )
         files.append(_write(to, f"part-{part:05d}.safetensors", payload))
     return files
 
@@ -208,8 +226,11 @@ def _webdataset(data: SyntheticVideos, to: str) -> list[str]:
                 array = io.BytesIO()
                 np.save(array, clip.numpy())
                 meta = {"label": int(label), "class": data.classes[int(label)], "index": int(index)}
-                for suffix, payload in (("npy", array.getvalue()), ("cls", str(int(label)).encode()),
-                                        ("json", json.dumps(meta).encode())):
+                for suffix, payload in (
+                    ("npy", array.getvalue()),
+                    ("cls", str(int(label)).encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))

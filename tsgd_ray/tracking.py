@@ -86,8 +86,9 @@ def _git_commit() -> str:
     """The checkout's commit; where there is no .git (the image), the one baked in at build time."""
     baked = os.environ.get("TSGD_RAY_GIT_COMMIT", "") or "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() if out.returncode == 0 else baked
     except (OSError, subprocess.SubprocessError):
         return baked
@@ -130,19 +131,27 @@ class Tracker:
         name = cfg.tracking.experiment
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            self.experiment_id = self.client.create_experiment(name, artifact_location=_artifact_location(cfg, self.uri),
-                                                               tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            self.experiment_id = self.client.create_experiment(
+                name, artifact_location=_artifact_location(cfg, self.uri), tags={EXPERIMENT_KIND: MODEL_TRAINING}
+            )
         else:
             self.experiment_id = experiment.experiment_id
             if EXPERIMENT_KIND not in experiment.tags:
                 self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         commit = _git_commit()
-        tags = {"command": command, "git_commit": commit, **_versions(),
-                "output_root": redact(storage.absolute(cfg.storage.output_root)),
-                "mlflow.user": _user(), "mlflow.source.name": f"tsgd-ray {command}",
-                "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL", "mlflow.source.git.commit": commit}
-        run = self.client.create_run(self.experiment_id, run_name=cfg.tracking.run_name or run_name(cfg, command),
-                                     tags=tags)
+        tags = {
+            "command": command,
+            "git_commit": commit,
+            **_versions(),
+            "output_root": redact(storage.absolute(cfg.storage.output_root)),
+            "mlflow.user": _user(),
+            "mlflow.source.name": f"tsgd-ray {command}",
+            "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+            "mlflow.source.git.commit": commit,
+        }
+        run = self.client.create_run(
+            self.experiment_id, run_name=cfg.tracking.run_name or run_name(cfg, command), tags=tags
+        )
         self.run_id = run.info.run_id
         self.log_params(self.run_id, flatten(to_dict(cfg)))
         self.log_text(self.run_id, "config.yaml", redact(to_yaml(cfg)))
@@ -166,17 +175,27 @@ class Tracker:
         """What to open next: the run, and the `mlflow ui` command for a local store."""
         lines = [f"MLflow: {self.location}"]
         if self.uri.startswith("sqlite:"):
-            lines.append(f"  mlflow ui --backend-store-uri {self.uri}   # then open runs/{self.run_id} "
-                         f"in experiment {self.experiment_id}")
+            lines.append(
+                f"  mlflow ui --backend-store-uri {self.uri}   # then open runs/{self.run_id} "
+                f"in experiment {self.experiment_id}"
+            )
         return "\n".join(lines)
 
-    def child(self, name: str, parent: Optional[str] = None, tags: Optional[dict[str, str]] = None,
-              start_time: Optional[float] = None) -> str:
+    def child(
+        self,
+        name: str,
+        parent: Optional[str] = None,
+        tags: Optional[dict[str, str]] = None,
+        start_time: Optional[float] = None,
+    ) -> str:
         """Start a child run of `parent` (default: the invocation's run), at `start_time` (unix
         seconds; default now); returns its id."""
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     start_time=int(1000 * start_time) if start_time else None,
-                                     tags={"mlflow.parentRunId": parent or self.run_id, "stage": name, **(tags or {})})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            start_time=int(1000 * start_time) if start_time else None,
+            tags={"mlflow.parentRunId": parent or self.run_id, "stage": name, **(tags or {})},
+        )
         self._open.append(run.info.run_id)
         return run.info.run_id
 
@@ -205,8 +224,12 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = time.time()
-        metrics = [Metric(f"{prefix}{k}", float(v), int(1000 * row.get("time", now)), int(row["step"]))
-                   for row in rows for k, v in row.items() if k not in ("step", "time")]
+        metrics = [
+            Metric(f"{prefix}{k}", float(v), int(1000 * row.get("time", now)), int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k not in ("step", "time")
+        ]
         for start in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[start : start + 900])
 
@@ -214,8 +237,13 @@ class Tracker:
         """Record a dataset (e.g. the shard manifest) as an input of the run, for the UI's Datasets."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=digest[:36], source_type="tsgd-ray-shards",
-                          source=json.dumps({"uri": redact(source)}), profile=json.dumps(profile))
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="tsgd-ray-shards",
+            source=json.dumps({"uri": redact(source)}),
+            profile=json.dumps(profile),
+        )
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def log_table(self, run_id: str, name: str, rows: list[dict]) -> None:
@@ -254,8 +282,12 @@ def compare_runs(cfg: DictConfig, limit: int = 10) -> str:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         raise ConfigError(f"tracking.experiment: no experiment {cfg.tracking.experiment!r} at {redact(uri)}")
-    runs = client.search_runs([experiment.experiment_id], "tags.command = 'run' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1000)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.command = 'run' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )
     runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][:limit]
     if not runs:
         return f"no finished `tsgd-ray run` in experiment {cfg.tracking.experiment!r} at {redact(uri)}"
@@ -272,7 +304,11 @@ def compare_runs(cfg: DictConfig, limit: int = 10) -> str:
     header = ["run", *differing, *(f"{m} top-1 %" for m in methods), *(f"{m} top-5 %" for m in methods)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
-        cells = [f"{r.info.run_name} ({r.info.run_id[:8]})", *(r.data.params.get(k, "") for k in differing),
-                 *(score(r, m, "top1") for m in methods), *(score(r, m, "top5") for m in methods)]
+        cells = [
+            f"{r.info.run_name} ({r.info.run_id[:8]})",
+            *(r.data.params.get(k, "") for k in differing),
+            *(score(r, m, "top1") for m in methods),
+            *(score(r, m, "top5") for m in methods),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 UNIFORMS_PER_CLIP = 6
 
 
-def box_sizes(u_scale: torch.Tensor, u_ratio: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def box_sizes(
+    u_scale: torch.Tensor, u_ratio: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random-resized-crop box sizes (w, h) in normalised units from uniforms in [0, 1).
 
     Area fraction ~ U(scale), aspect ratio log-uniform in `ratio`; each side is at most 2 (the image).
@@ -32,7 +34,9 @@ def box_sizes(u_scale: torch.Tensor, u_ratio: torch.Tensor, scale: tuple[float, 
     return w, h
 
 
-def random_params(u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool, roll: float) -> torch.Tensor:
+def random_params(
+    u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool, roll: float
+) -> torch.Tensor:
     """Map uniforms (N, 6) to clip transforms (N, 6): cx, cy, w, h, flip (+1/-1), roll (normalised)."""
     w, h = box_sizes(u[:, 0], u[:, 1], scale, ratio)
     cx = (2 - w) * (u[:, 2] - 0.5)  # the box stays inside the image

@@ -55,15 +55,22 @@ class BatchNormTaps:
         self._handles = []
 
 
-def group_moments(means: torch.Tensor, squares: torch.Tensor, groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_moments(
+    means: torch.Tensor, squares: torch.Tensor, groups: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance over (samples of a group, F, H, W) from per-sample moments.
 
     means, squares (N, C); groups (N,) int in [0, num_groups) -> (num_groups, C) each. Exact
     because every sample of a layer has the same number of positions.
     """
-    counts = torch.zeros(num_groups, device=means.device, dtype=means.dtype).index_add_(0, groups, torch.ones_like(groups, dtype=means.dtype))
+    counts = torch.zeros(num_groups, device=means.device, dtype=means.dtype).index_add_(
+        0, groups, torch.ones_like(groups, dtype=means.dtype)
+    )
     counts = counts.clamp(min=1).unsqueeze(1)
-    mean = torch.zeros(num_groups, means.shape[1], device=means.device, dtype=means.dtype).index_add_(0, groups, means) / counts
+    mean = (
+        torch.zeros(num_groups, means.shape[1], device=means.device, dtype=means.dtype).index_add_(0, groups, means)
+        / counts
+    )
     square = torch.zeros_like(mean).index_add_(0, groups, squares) / counts
     return mean, square - mean.square()
 
@@ -96,9 +103,11 @@ class ClassStatistics:
 
     @classmethod
     def empty(cls, num_classes: int, channels: Sequence[int]) -> "ClassStatistics":
-        return cls(torch.zeros(num_classes, dtype=torch.int64),
-                   [torch.zeros(num_classes, c, dtype=torch.int64) for c in channels],
-                   [torch.zeros(num_classes, c, dtype=torch.int64) for c in channels])
+        return cls(
+            torch.zeros(num_classes, dtype=torch.int64),
+            [torch.zeros(num_classes, c, dtype=torch.int64) for c in channels],
+            [torch.zeros(num_classes, c, dtype=torch.int64) for c in channels],
+        )
 
     @classmethod
     def for_model(cls, model: nn.Module, num_classes: int) -> "ClassStatistics":
@@ -124,9 +133,11 @@ class ClassStatistics:
         """The statistics of both sample sets (a new object); shapes must match."""
         if other.counts.shape != self.counts.shape or [s.shape for s in other.sums] != [s.shape for s in self.sums]:
             raise ValueError("cannot merge statistics of different classes or layers")
-        return ClassStatistics(self.counts + other.counts,
-                               [a + b for a, b in zip(self.sums, other.sums)],
-                               [a + b for a, b in zip(self.squares, other.squares)])
+        return ClassStatistics(
+            self.counts + other.counts,
+            [a + b for a, b in zip(self.sums, other.sums)],
+            [a + b for a, b in zip(self.squares, other.squares)],
+        )
 
     def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: (mean (K, C), biased variance (K, C)) in float64; zeros for unseen classes."""
@@ -159,12 +170,17 @@ class ClassStatistics:
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ClassStatistics":
         layers = sum(1 for k in state if k.startswith("sums."))
-        return cls(state["counts"], [state[f"sums.{l}"] for l in range(layers)], [state[f"squares.{l}"] for l in range(layers)])
+        return cls(
+            state["counts"], [state[f"sums.{l}"] for l in range(layers)], [state[f"squares.{l}"] for l in range(layers)]
+        )
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, ClassStatistics) and torch.equal(self.counts, other.counts)
-                and len(self.sums) == len(other.sums)
-                and all(torch.equal(a, b) for a, b in zip(self.sums + self.squares, other.sums + other.squares)))
+        return (
+            isinstance(other, ClassStatistics)
+            and torch.equal(self.counts, other.counts)
+            and len(self.sums) == len(other.sums)
+            and all(torch.equal(a, b) for a, b in zip(self.sums + self.squares, other.sums + other.squares))
+        )
 
 
 def accumulate_statistics(model: nn.Module, batches, num_classes: int) -> ClassStatistics:

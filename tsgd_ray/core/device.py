@@ -16,17 +16,23 @@ class DeviceError(ConfigError):
 
 def cuda_report() -> dict:
     """What this process's torch sees: {cuda, torch, cuda_build, visible} (visible: CUDA_VISIBLE_DEVICES)."""
-    return {"cuda": torch.cuda.is_available(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
-            "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    return {
+        "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
 
 
 def require_cuda(report: dict, key: str, gpus: float) -> None:
     """Raise DeviceError naming `key` when `gpus` > 0 were requested but `report` has no CUDA."""
     if gpus > 0 and not report["cuda"]:
         build = f"CUDA {report['cuda_build']} build" if report["cuda_build"] else "a CPU-only build"
-        raise DeviceError(f"{key}={gpus:g} gives this stage a GPU, but torch {report['torch']} ({build}) sees no CUDA "
-                          f"device there (CUDA_VISIBLE_DEVICES={report['visible']!r}): install a CUDA torch that fits "
-                          f"the node's driver, or set {key}=0 to run this stage on CPU")
+        raise DeviceError(
+            f"{key}={gpus:g} gives this stage a GPU, but torch {report['torch']} ({build}) sees no CUDA "
+            f"device there (CUDA_VISIBLE_DEVICES={report['visible']!r}): install a CUDA torch that fits "
+            f"the node's driver, or set {key}=0 to run this stage on CPU"
+        )
 
 
 def resolve_device(name: str, gpus: float = 0.0, key: str = "") -> torch.device:

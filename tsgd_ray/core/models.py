@@ -42,8 +42,14 @@ class MiniC3D(nn.Module):
     a student of another architecture than the teacher at the same size.
     """
 
-    def __init__(self, num_classes: int, input_size: Sequence[int] = (16, 112, 112), width: int = 32, depth: int = 4,
-                 factorized: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        input_size: Sequence[int] = (16, 112, 112),
+        width: int = 32,
+        depth: int = 4,
+        factorized: bool = False,
+    ):
         super().__init__()
         frames, height, width_px = input_size
         layers: list[nn.Module] = []
@@ -53,9 +59,12 @@ class MiniC3D(nn.Module):
             pool_t = 2 if i > 0 and frames >= 2 else 1
             pool_h, pool_w = (2 if height >= 2 else 1), (2 if width_px >= 2 else 1)
             if factorized:
-                layers += [nn.Conv3d(channels_in, channels, (1, 3, 3), padding=(0, 1, 1), bias=False),
-                           nn.BatchNorm3d(channels), nn.ReLU(inplace=True),
-                           nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0), bias=False)]
+                layers += [
+                    nn.Conv3d(channels_in, channels, (1, 3, 3), padding=(0, 1, 1), bias=False),
+                    nn.BatchNorm3d(channels),
+                    nn.ReLU(inplace=True),
+                    nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0), bias=False),
+                ]
             else:
                 layers.append(nn.Conv3d(channels_in, channels, 3, padding=1, bias=False))
             layers += [nn.BatchNorm3d(channels), nn.ReLU(inplace=True)]
@@ -156,15 +165,19 @@ def load_checkpoint(model: nn.Module, data: bytes, class_names: Sequence[str]) -
     if saved_names is not None and list(saved_names) != list(class_names):
         missing = sorted(set(class_names) - set(saved_names))
         extra = sorted(set(saved_names) - set(class_names))
-        raise ModelError(f"checkpoint class map does not match the dataset's {len(class_names)} classes "
-                         f"(checkpoint has {len(saved_names)}; missing {missing[:5]}, extra {extra[:5]}"
-                         f"{', same names in another order' if not missing and not extra else ''})")
+        raise ModelError(
+            f"checkpoint class map does not match the dataset's {len(class_names)} classes "
+            f"(checkpoint has {len(saved_names)}; missing {missing[:5]}, extra {extra[:5]}"
+            f"{', same names in another order' if not missing and not extra else ''})"
+        )
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshapen = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or misshapen:
-        raise ModelError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in misshapen[:3]]}")
+        raise ModelError(
+            f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in misshapen[:3]]}"
+        )
     model.load_state_dict(state)
     return model

@@ -39,9 +39,18 @@ def video_generator(seed: int, class_id: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
-def noise_init(shape: tuple[int, ...], labels: torch.Tensor, indices: torch.Tensor, seed: int, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+def noise_init(
+    shape: tuple[int, ...],
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    seed: int,
+    low: torch.Tensor,
+    high: torch.Tensor,
+) -> torch.Tensor:
     """Gaussian clips (N, *shape) in the normalised space, clamped to [low, high], one stream per video."""
-    clips = [torch.randn(shape, generator=video_generator(seed, int(c), int(i) + 2**20)) for c, i in zip(labels, indices)]
+    clips = [
+        torch.randn(shape, generator=video_generator(seed, int(c), int(i) + 2**20)) for c, i in zip(labels, indices)
+    ]
     return torch.maximum(torch.minimum(torch.stack(clips), high.cpu()), low.cpu())
 
 
@@ -68,18 +77,31 @@ def plan_chunks(labels: torch.Tensor, indices: torch.Tensor, chunk_size: int) ->
             chunks[-1].append(group)
         else:
             chunks.append([group])
-    return [_Chunk(torch.tensor([p for g in chunk for p in g]),
-                   torch.tensor([k for k, g in enumerate(chunk) for _ in g]),
-                   [int(labels[g[0]]) for g in chunk]) for chunk in chunks]
+    return [
+        _Chunk(
+            torch.tensor([p for g in chunk for p in g]),
+            torch.tensor([k for k, g in enumerate(chunk) for _ in g]),
+            [int(labels[g[0]]) for g in chunk],
+        )
+        for chunk in chunks
+    ]
 
 
-def _targets(layers: list[nn.BatchNorm3d], per_class: Optional[list[tuple[torch.Tensor, torch.Tensor]]], classes: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _targets(
+    layers: list[nn.BatchNorm3d],
+    per_class: Optional[list[tuple[torch.Tensor, torch.Tensor]]],
+    classes: list[int],
+    device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per BN layer: target (mean, var) stacked over groups, each (G, C_l) float32 on `device`:
     the groups' class moments (`per_class`, from ClassStatistics.moments), else running stats."""
     if per_class is not None:
         idx = torch.tensor(classes)
         return [(m[idx].float().to(device), v[idx].float().to(device)) for m, v in per_class]
-    return [(layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1)) for layer in layers]
+    return [
+        (layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1))
+        for layer in layers
+    ]
 
 
 @contextlib.contextmanager
@@ -157,7 +179,9 @@ def recover(
     targets_y = [labels[c.positions].to(device) for c in chunks]
     group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
     optimizer = torch.optim.Adam(params, lr=d.lr, betas=(0.5, 0.9))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(d.iterations, 1))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(d.iterations, 1)))
+    )
     ts = cfg.tsgf
     x0 = [x.detach().clone() for x in params]
     init_maps = [tsgf.saliency(x, ts) for x in x0]  # (n, 1, F, H, W) per chunk
@@ -170,8 +194,12 @@ def recover(
             totals = torch.zeros(3, device=device)  # loss, ce, bn: sums over groups
             optimizer.zero_grad(set_to_none=True)
             for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
-                u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(device, non_blocking=True)
-                view = augment.apply_params(x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll))
+                u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(
+                    device, non_blocking=True
+                )
+                view = augment.apply_params(
+                    x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll)
+                )
                 num_groups = len(chunk.group_classes)
                 with autocast(device, cfg.amp), _penultimate(head) as features:
                     logits = teacher(view)

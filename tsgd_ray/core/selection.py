@@ -32,7 +32,10 @@ def _class_rows(labels: torch.Tensor, num_classes: int, ipc: int) -> list[np.nda
 def random_real(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> dict[int, list[int]]:
     """`ipc` clips per class drawn without replacement with the stream (seed, class)."""
     rows = _class_rows(labels, num_classes, ipc)
-    return {c: sorted(np.random.default_rng([seed, c, 0x5E1]).choice(r, ipc, replace=False).tolist()) for c, r in enumerate(rows)}
+    return {
+        c: sorted(np.random.default_rng([seed, c, 0x5E1]).choice(r, ipc, replace=False).tolist())
+        for c, r in enumerate(rows)
+    }
 
 
 def lowest_loss(losses: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int) -> dict[int, list[int]]:

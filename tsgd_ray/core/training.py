@@ -26,7 +26,9 @@ BatchStep = Callable[[torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 def random_augment(x: torch.Tensor, aug, generator: torch.Generator) -> torch.Tensor:
     """Clip-consistent random resized crop, flip and roll of x (N, 3, F, H, W); `aug` = augment section."""
     u = torch.rand(x.shape[0], augment.UNIFORMS_PER_CLIP, generator=generator).to(x.device)
-    return augment.apply_params(x, augment.random_params(u, tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip, aug.roll))
+    return augment.apply_params(
+        x, augment.random_params(u, tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip, aug.roll)
+    )
 
 
 def student_view(x: torch.Tensor, heat: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
@@ -84,7 +86,9 @@ class WeightEMA:
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / max(total_steps, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / max(total_steps, 1)))
+    )
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -93,7 +97,14 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
         yield order[start : start + batch_size]
 
 
-def teacher_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+def teacher_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """One supervised step: CE of model(augmented x) against y; x normalised (N, 3, F, H, W).
     Returns the loss (a detached device tensor, not synced)."""
     with autocast(x.device, cfg.amp):
@@ -104,8 +115,15 @@ def teacher_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
     return loss.detach()
 
 
-def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generator, step: BatchStep,
-         callback: Optional[EpochCallback], ema: float = 0.0) -> nn.Module:
+def _fit(
+    model: nn.Module,
+    num_examples: int,
+    section,
+    generator: torch.Generator,
+    step: BatchStep,
+    callback: Optional[EpochCallback],
+    ema: float = 0.0,
+) -> nn.Module:
     """AdamW + cosine over `section.epochs` shuffled passes (section: teacher or evaluate config);
     step(rows, optimizer) trains on one batch and returns its detached loss. ema > 0: the model
     ends with the EMA of its weights (decay `ema`, updated every step)."""
@@ -127,7 +145,9 @@ def _fit(model: nn.Module, num_examples: int, section, generator: torch.Generato
     return model.eval()
 
 
-def train_teacher(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, cfg, callback: Optional[EpochCallback] = None) -> nn.Module:
+def train_teacher(
+    model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, cfg, callback: Optional[EpochCallback] = None
+) -> nn.Module:
     """Train `model` (on its device) with AdamW + cosine on uint8 clips (N, F, H, W, 3) for
     teacher.epochs; callback(epoch, {"loss"}) after each epoch. Returns the model in eval mode."""
     device = next(model.parameters()).device
@@ -140,7 +160,9 @@ def train_teacher(model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, c
     return _fit(model, len(clips), cfg.teacher, generator, step, callback)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, cfg) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, cfg
+) -> torch.Tensor:
     """evaluate.labels: soft_kl = KL(softmax(t/T) || softmax(s/T)) * T^2; soft_mse = MSE to the
     teacher logits + mse_ce_weight * CE(y); hard = CE(y) (teacher_logits unused, may be None)."""
     e = cfg.evaluate
@@ -150,19 +172,31 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: Optional[tor
     t = teacher_logits.float()
     if e.labels == LabelKind.soft_kl:
         temp = e.temperature
-        return F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean") * temp**2
+        return (
+            F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean")
+            * temp**2
+        )
     return F.mse_loss(s, t) + e.mse_ce_weight * F.cross_entropy(s, y)
 
 
 def clip_heat(x: torch.Tensor, cfg, chunk: int = 64) -> torch.Tensor:
     """The TSGFA heat map (N, H, W) in [0, 1] of clips x (uint8 or model input): the time-mean of
     their saliency, computed in chunks (the map is normalised per clip, so chunks do not matter)."""
-    return torch.cat([tsgf.saliency(_normalised(x[i : i + chunk], cfg), cfg.tsgf).mean(dim=(1, 2))
-                      for i in range(0, len(x), chunk)])
+    return torch.cat(
+        [tsgf.saliency(_normalised(x[i : i + chunk], cfg), cfg.tsgf).mean(dim=(1, 2)) for i in range(0, len(x), chunk)]
+    )
 
 
-def student_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 cfg, generator: torch.Generator, heat: Optional[torch.Tensor] = None) -> torch.Tensor:
+def student_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg,
+    generator: torch.Generator,
+    heat: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """One student step on normalised clips x (N, 3, F, H, W): augment (`student_view`, heat (N, H, W)
     or, when None, the clips' own), let the frozen teacher label the augmented clips, and fit the
     student. Returns the detached loss."""
@@ -185,8 +219,16 @@ def _normalised(x: torch.Tensor, cfg) -> torch.Tensor:
     return to_model_input(x, cfg.data.mean, cfg.data.std) if x.dtype == torch.uint8 else x
 
 
-def train_student(student: nn.Module, teacher: nn.Module, x: torch.Tensor, labels: torch.Tensor, cfg, seed: int,
-                  callback: Optional[EpochCallback] = None, heat: Optional[torch.Tensor] = None) -> nn.Module:
+def train_student(
+    student: nn.Module,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    cfg,
+    seed: int,
+    callback: Optional[EpochCallback] = None,
+    heat: Optional[torch.Tensor] = None,
+) -> nn.Module:
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
     are normalised per batch (4x less memory, the same numbers). evaluate.epochs with AdamW +
@@ -200,8 +242,16 @@ def train_student(student: nn.Module, teacher: nn.Module, x: torch.Tensor, label
         heat = clip_heat(x, cfg)
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        return student_step(student, teacher, optimizer, _normalised(x[rows], cfg).to(device), labels[rows].to(device),
-                            cfg, generator, heat[rows].to(device))
+        return student_step(
+            student,
+            teacher,
+            optimizer,
+            _normalised(x[rows], cfg).to(device),
+            labels[rows].to(device),
+            cfg,
+            generator,
+            heat[rows].to(device),
+        )
 
     return _fit(student, len(x), cfg.evaluate, generator, step, callback, cfg.evaluate.ema)
 

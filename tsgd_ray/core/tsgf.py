@@ -148,8 +148,9 @@ def motion_sums(x: torch.Tensor, x0: torch.Tensor, m0: torch.Tensor, cfg) -> tor
     static = 1 - moving
     edit = (x - x0).abs().mean(dim=1, keepdim=True)
     m = saliency(x, cfg)
-    return torch.stack([(edit * static).sum(), static.sum(), (edit * moving).sum(), moving.sum(),
-                        (m * moving).sum(), m.sum()])
+    return torch.stack(
+        [(edit * static).sum(), static.sum(), (edit * moving).sum(), moving.sum(), (m * moving).sum(), m.sum()]
+    )
 
 
 def motion_diagnostics(sums: torch.Tensor) -> dict[str, float]:
@@ -158,8 +159,11 @@ def motion_diagnostics(sums: torch.Tensor) -> dict[str, float]:
     synthetic clips' own saliency mass on those moving pixels (the init map's share at step 0; it
     falls as recovery invents motion elsewhere)."""
     s = sums.tolist()
-    return {"edit_static": s[0] / max(s[1], 1.0), "edit_moving": s[2] / max(s[3], 1.0),
-            "motion_share": s[4] / max(s[5], 1e-12)}
+    return {
+        "edit_static": s[0] / max(s[1], 1.0),
+        "edit_moving": s[2] / max(s[3], 1.0),
+        "motion_share": s[4] / max(s[5], 1e-12),
+    }
 
 
 def saliency_boxes(

@@ -123,8 +123,14 @@ def _clutter(rng: np.random.Generator, background: torch.Tensor, digits: np.ndar
     """The background with static distractor digits drawn in, (3, S, S) in [0, 1]."""
     size = background.shape[-1]
     for _ in range(rng.integers(*DISTRACTORS)):
-        frame = render_sequence(digits[rng.integers(len(digits))], background, _colour(rng), rng.uniform(0, size, (1, 2)),
-                                np.array([rng.uniform(0, 2 * math.pi)]), np.array([rng.uniform(*LOG_SCALE_RANGE)]))
+        frame = render_sequence(
+            digits[rng.integers(len(digits))],
+            background,
+            _colour(rng),
+            rng.uniform(0, size, (1, 2)),
+            np.array([rng.uniform(0, 2 * math.pi)]),
+            np.array([rng.uniform(*LOG_SCALE_RANGE)]),
+        )
         background = torch.from_numpy(frame[0]).permute(2, 0, 1).float() / 255
     return background
 
@@ -133,15 +139,18 @@ def _camera(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
     """Pan and shake (whole pixels, wrapping around the torus) and flicker: (T, S, S, 3) uint8."""
     t, size = len(frames), frames.shape[1]
     direction = rng.uniform(0, 2 * math.pi)
-    travel = rng.uniform(0, PAN) * size * np.linspace(-0.5, 0.5, t)[:, None] * [math.cos(direction), math.sin(direction)]
+    travel = (
+        rng.uniform(0, PAN) * size * np.linspace(-0.5, 0.5, t)[:, None] * [math.cos(direction), math.sin(direction)]
+    )
     offsets = np.round(travel + rng.integers(-SHAKE, SHAKE + 1, (t, 2))).astype(int)
     gain = 1 + rng.uniform(-FLICKER, FLICKER, t)
     out = np.stack([np.roll(f, (dy, dx), axis=(0, 1)) for f, (dx, dy) in zip(frames, offsets)]).astype(np.float32)
     return (out * gain[:, None, None, None]).round().clip(0, 255).astype(np.uint8)
 
 
-def generate_pair(pair: int, rng: np.random.Generator, digits: np.ndarray, frames: int, size: int,
-                  variant: str = "plain") -> np.ndarray:
+def generate_pair(
+    pair: int, rng: np.random.Generator, digits: np.ndarray, frames: int, size: int, variant: str = "plain"
+) -> np.ndarray:
     """The forward clip of class pair `pair`: (frames, size, size, 3) uint8.
 
     The pair's second class is this clip reversed in time. Every state variable that a class does

@@ -29,9 +29,14 @@ from tsgd_ray.errors import UserError
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validate": "val", "validation": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validate": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
 }
 EXAMPLES_SHOWN = 5
 
@@ -151,9 +156,7 @@ class _Builder:
         if uri in self._seen:
             return
         self._seen.add(uri)
-        self.records.append(
-            VideoRecord(uri, self._class_index[canonical], canonical, split, self.index.video_id(uri))
-        )
+        self.records.append(VideoRecord(uri, self._class_index[canonical], canonical, split, self.index.video_id(uri)))
 
     def build(self, data_cfg: DictConfig) -> Catalog:
         if self.problems and data_cfg.on_catalog_error == OnCatalogError.error:

@@ -16,7 +16,9 @@ from tsgd_ray.data.catalog import build_catalog
 from tsgd_ray.data.video import clip_rng, decode_clip, decode_view
 
 
-def load_split(cfg: DictConfig, split: str, threads: int = 2, view: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_split(
+    cfg: DictConfig, split: str, threads: int = 2, view: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode every video of `split` at the config's clip size, in catalog order; `view` >= 1:
     that init candidate view of each video instead (`decode_view`).
 
@@ -31,10 +33,25 @@ def load_split(cfg: DictConfig, split: str, threads: int = 2, view: int = 0) -> 
 
     def decode(record) -> np.ndarray:
         if view:
-            return decode_view(storage.read_bytes(record.uri), d.num_frames, d.height, d.width, d.frame_interval,
-                               cfg.seed, record.video_id, view)
-        return decode_clip(storage.read_bytes(record.uri), d.num_frames, d.height, d.width, d.frame_interval,
-                           d.sampling, clip_rng(cfg.seed, record.video_id))
+            return decode_view(
+                storage.read_bytes(record.uri),
+                d.num_frames,
+                d.height,
+                d.width,
+                d.frame_interval,
+                cfg.seed,
+                record.video_id,
+                view,
+            )
+        return decode_clip(
+            storage.read_bytes(record.uri),
+            d.num_frames,
+            d.height,
+            d.width,
+            d.frame_interval,
+            d.sampling,
+            clip_rng(cfg.seed, record.video_id),
+        )
 
     with ThreadPoolExecutor(threads) as pool:
         clips = list(pool.map(decode, records))

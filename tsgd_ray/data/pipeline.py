@@ -43,8 +43,17 @@ class ClipDecoder:
     ok (N,) bool, error (N,) str. Never raises for a bad video.
     """
 
-    def __init__(self, num_frames: int, height: int, width: int, interval: int, sampling: str,
-                 seed: int = 0, epoch: int = 0, threads: int = 1):
+    def __init__(
+        self,
+        num_frames: int,
+        height: int,
+        width: int,
+        interval: int,
+        sampling: str,
+        seed: int = 0,
+        epoch: int = 0,
+        threads: int = 1,
+    ):
         torch.set_num_threads(1)
         self.shape = (num_frames, height, width, 3)
         self.interval = interval
@@ -73,24 +82,35 @@ class ClipDecoder:
             view = 0 if views is None else int(views[i])
             try:
                 if view:
-                    clips[i] = decode_view(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.seed, video_id, view)
+                    clips[i] = decode_view(
+                        bytes(batch["video"][i]), *self.shape[:3], self.interval, self.seed, video_id, view
+                    )
                 else:
                     clips[i] = decode_clip(bytes(batch["video"][i]), *self.shape[:3], self.interval, self.sampling, rng)
             except VideoDecodeError as exc:
                 ok[i], errors[i] = False, f"{video_id}: {exc}"
 
         list(self.pool.map(decode, range(n)) if self.pool else map(decode, range(n)))
-        return {"clip": clips, "label": batch["label"].astype(np.int64), "video_id": batch["video_id"],
-                "ok": ok, "error": errors}
+        return {
+            "clip": clips,
+            "label": batch["label"].astype(np.int64),
+            "video_id": batch["video_id"],
+            "ok": ok,
+            "error": errors,
+        }
 
 
-def read_shard_rows(batch: dict[str, np.ndarray], rows_per_block: int, labels: Optional[list[int]] = None) -> Iterator[dict]:
+def read_shard_rows(
+    batch: dict[str, np.ndarray], rows_per_block: int, labels: Optional[list[int]] = None
+) -> Iterator[dict]:
     """A Ray Data generator UDF: shard URIs in, their rows (video_id, label, video) out, one
     Parquet row group slice of at most `rows_per_block` rows at a time, optionally only `labels`."""
     wanted = None if labels is None else np.asarray(labels, dtype=np.int64)
     for uri in batch["uri"]:
         with storage.open_input(str(uri)) as f:
-            for part in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=["video_id", "label", "video"]):
+            for part in pq.ParquetFile(f).iter_batches(
+                batch_size=rows_per_block, columns=["video_id", "label", "video"]
+            ):
                 out = {k: part.column(k).to_numpy(zero_copy_only=False) for k in ("video_id", "label", "video")}
                 if wanted is not None:
                     keep = np.isin(out["label"].astype(np.int64), wanted)
@@ -119,8 +139,14 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
         raise ManifestError(f"no shards for split {split!r} under {root} (splits: {sorted(manifest['counts'])})")
     d = cfg.data
     ds = ray.data.from_items([{"uri": p} for p in paths], override_num_blocks=len(paths)).map_batches(
-        read_shard_rows, batch_size=1, num_cpus=READ_CPUS,
-        fn_kwargs={"rows_per_block": d.decode_batch_size, "labels": None if labels is None else [int(x) for x in labels]})
+        read_shard_rows,
+        batch_size=1,
+        num_cpus=READ_CPUS,
+        fn_kwargs={
+            "rows_per_block": d.decode_batch_size,
+            "labels": None if labels is None else [int(x) for x in labels],
+        },
+    )
     # One block feeds one decoder actor: blocks of about decode_batch_size rows keep every actor
     # busy (Ray would otherwise pack a shard into one block; `repartition` would need a whole CPU).
     shards = [s for s in manifest["shards"] if s["split"] == split and s["rows"] > 0]
@@ -129,9 +155,15 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     ds.context.execution_options.preserve_order = d.preserve_order  # a seed fixes the order students see
     return ds.map_batches(
         ClipDecoder,
-        fn_constructor_kwargs={"num_frames": d.num_frames, "height": d.height, "width": d.width,
-                               "interval": d.frame_interval, "sampling": d.sampling.value,
-                               "seed": cfg.seed, "epoch": epoch},
+        fn_constructor_kwargs={
+            "num_frames": d.num_frames,
+            "height": d.height,
+            "width": d.width,
+            "interval": d.frame_interval,
+            "sampling": d.sampling.value,
+            "seed": cfg.seed,
+            "epoch": epoch,
+        },
         batch_size=d.decode_batch_size,
         compute=ray.data.ActorPoolStrategy(size=d.decode_actors),
         num_cpus=d.decode_cpus_per_actor,
@@ -157,12 +189,16 @@ class ClipStream:
         {"clip": (B, F, H, W, 3) uint8 tensor, "label": (B,) int64 tensor, "video_id": list[str]}
     """
 
-    def __init__(self, source, expected: int, max_bad_fraction: float, batch_size: int = 32,
-                 shuffle_seed: Optional[int] = None):
+    def __init__(
+        self, source, expected: int, max_bad_fraction: float, batch_size: int = 32, shuffle_seed: Optional[int] = None
+    ):
         self.source, self.expected, self.batch_size = source, expected, batch_size
         # A local shuffle (a buffer of a few batches) when a seed is given: for training passes.
-        self.shuffle = {} if shuffle_seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
-                                                        "local_shuffle_seed": shuffle_seed}
+        self.shuffle = (
+            {}
+            if shuffle_seed is None
+            else {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": shuffle_seed}
+        )
         self.max_bad = int(max_bad_fraction * expected)
         self.seen = 0
         self.bad: list[str] = []
@@ -173,13 +209,19 @@ class ClipStream:
             self.seen += len(ok)
             if not ok.all():
                 self.bad.extend(str(e) for e in batch["error"][~ok])
-                log.warning("skipped %d undecodable video(s): %s", int((~ok).sum()), "; ".join(map(str, batch["error"][~ok]))[:500])
+                log.warning(
+                    "skipped %d undecodable video(s): %s",
+                    int((~ok).sum()),
+                    "; ".join(map(str, batch["error"][~ok]))[:500],
+                )
                 if len(self.bad) > self.max_bad:
                     raise TooManyBadVideos(
                         f"{len(self.bad)} of {self.expected} videos failed to decode, more than "
                         f"data.max_bad_fraction allows ({self.max_bad}); e.g. {self.bad[:3]}"
                     )
             if ok.any():
-                yield {"clip": torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])),
-                       "label": torch.from_numpy(batch["label"][ok]),
-                       "video_id": [str(v) for v in batch["video_id"][ok]]}
+                yield {
+                    "clip": torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])),
+                    "label": torch.from_numpy(batch["label"][ok]),
+                    "video_id": [str(v) for v in batch["video_id"][ok]],
+                }

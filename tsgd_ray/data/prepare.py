@@ -41,14 +41,26 @@ ROW_GROUP_BYTES = 32 * 2**20
 
 
 # The settings a shard set is made from (the rest of `data` only changes how clips are decoded).
-_SHARD_SETTINGS = ("dataset", "root", "annotations", "split_id", "classes", "on_catalog_error", "extensions",
-                   "builtin", "shard_target_mb", "transcode_short_side")
+_SHARD_SETTINGS = (
+    "dataset",
+    "root",
+    "annotations",
+    "split_id",
+    "classes",
+    "on_catalog_error",
+    "extensions",
+    "builtin",
+    "shard_target_mb",
+    "transcode_short_side",
+)
 
 
 def source_hash(cfg: DictConfig) -> str:
     """Identifies the dataset and settings a shard set was prepared from (without listing it)."""
     data = to_dict(cfg)["data"]
-    text = json.dumps({"schema": SCHEMA_VERSION, "seed": cfg.seed, **{k: data[k] for k in _SHARD_SETTINGS}}, sort_keys=True)
+    text = json.dumps(
+        {"schema": SCHEMA_VERSION, "seed": cfg.seed, **{k: data[k] for k in _SHARD_SETTINGS}}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -82,25 +94,52 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
             skipped.append({"uri": record.uri, "reason": exc.reason, "detail": exc.detail[:300], "stage": "probe"})
             continue
         except OSError as exc:
-            skipped.append({"uri": record.uri, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"[:300],
-                            "stage": "read"})
+            skipped.append(
+                {
+                    "uri": record.uri,
+                    "reason": "unreadable",
+                    "detail": f"{type(exc).__name__}: {exc}"[:300],
+                    "stage": "read",
+                }
+            )
             continue
-        rows.append({"video_id": record.video_id, "label": record.label, "class_name": record.class_name,
-                     "split": record.split, "source_uri": record.uri, "video": data, **info})
+        rows.append(
+            {
+                "video_id": record.video_id,
+                "label": record.label,
+                "class_name": record.class_name,
+                "split": record.split,
+                "source_uri": record.uri,
+                "video": data,
+                **info,
+            }
+        )
     shard_bytes = 0
     if rows:
         table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
         mean_row = max(1, table.nbytes // len(rows))
         buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=max(1, ROW_GROUP_BYTES // mean_row), compression="none",
-                       use_dictionary=["video_id", "class_name", "split", "source_uri"])  # never the videos
+        pq.write_table(
+            table,
+            buf,
+            row_group_size=max(1, ROW_GROUP_BYTES // mean_row),
+            compression="none",
+            use_dictionary=["video_id", "class_name", "split", "source_uri"],
+        )  # never the videos
         shard_bytes = buf.tell()
         storage.write_once(storage.join(root, plan.name), buf.getvalue())
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row["class_name"]] += 1
-    summary = {"path": plan.name, "split": plan.split, "rows": len(rows), "bytes": shard_bytes,
-               "class_counts": dict(counts), "skipped": skipped, "plan_hash": digest}
+    summary = {
+        "path": plan.name,
+        "split": plan.split,
+        "rows": len(rows),
+        "bytes": shard_bytes,
+        "class_counts": dict(counts),
+        "skipped": skipped,
+        "plan_hash": digest,
+    }
     storage.write_json_once(part_uri, summary)
     return summary
 

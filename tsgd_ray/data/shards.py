@@ -16,7 +16,6 @@ import hashlib
 import json
 import zlib
 from dataclasses import asdict, dataclass
-
 from typing import Iterable
 
 import pyarrow as pa
@@ -64,8 +63,14 @@ class ShardPlan:
         return "_parts/" + self.name.replace("/", "-").replace(".parquet", ".json")
 
     def to_json(self) -> str:
-        return json.dumps({"name": self.name, "split": self.split, "source_bytes": self.source_bytes,
-                           "records": [asdict(r) for r in self.records]})
+        return json.dumps(
+            {
+                "name": self.name,
+                "split": self.split,
+                "source_bytes": self.source_bytes,
+                "records": [asdict(r) for r in self.records],
+            }
+        )
 
     @staticmethod
     def from_json(text: str) -> "ShardPlan":
@@ -94,8 +99,11 @@ def plan_shards(catalog: Catalog, sizes: dict[str, int], target_bytes: int, seed
                 group_bytes.append(0)
             groups[-1].append(record)
             group_bytes[-1] += size
-        plans += [ShardPlan(f"{split}/part-{i:05d}.parquet", split, tuple(g), b)
-                  for i, (g, b) in enumerate(zip(groups, group_bytes)) if g]
+        plans += [
+            ShardPlan(f"{split}/part-{i:05d}.parquet", split, tuple(g), b)
+            for i, (g, b) in enumerate(zip(groups, group_bytes))
+            if g
+        ]
     return plans
 
 
@@ -123,8 +131,10 @@ def eval_split(cfg: DictConfig, splits: Iterable[str]) -> str:
     present = sorted(set(splits))
     wanted = cfg.data.eval_split or ("test" if "test" in present else "val")
     if wanted not in present:
-        raise ConfigError(f"data.eval_split: the dataset has no {wanted!r} split to test students on "
-                          f"(it has {', '.join(present) or 'none'}); set data.eval_split to one of them")
+        raise ConfigError(
+            f"data.eval_split: the dataset has no {wanted!r} split to test students on "
+            f"(it has {', '.join(present) or 'none'}); set data.eval_split to one of them"
+        )
     return wanted
 
 

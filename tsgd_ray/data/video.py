@@ -120,7 +120,9 @@ class _Video:
             except Exception as exc:  # noqa: BLE001 - PyAV tries before the video is given up
                 frames = self._pyav_frames(indices, f"decord: {_text(exc)}")
         if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise VideoDecodeError(BAD_FRAMES, f"decoder returned frames of shape {frames.shape}, expected (T, H, W, 3)")
+            raise VideoDecodeError(
+                BAD_FRAMES, f"decoder returned frames of shape {frames.shape}, expected (T, H, W, 3)"
+            )
         return frames
 
     def _pyav_frames(self, indices: list[int], decord_text: str = "") -> np.ndarray:
@@ -137,7 +139,9 @@ class _Video:
         except Exception as exc:  # noqa: BLE001
             error = _text(exc)
         if not found:
-            raise VideoDecodeError(BAD_FRAMES, "; ".join(t for t in (decord_text, f"pyav: {error or 'no frames'}") if t))
+            raise VideoDecodeError(
+                BAD_FRAMES, "; ".join(t for t in (decord_text, f"pyav: {error or 'no frames'}") if t)
+            )
         last = found[max(found)]  # frames counted but not reached (a damaged tail): repeat the last
         return np.stack([found.get(i, last) for i in indices])
 
@@ -242,8 +246,9 @@ VIEW_STREAM = 2**20
 VIEW_SCALE = (0.5, 1.0)  # the area share of a view's spatial crop
 
 
-def decode_view(data: bytes, num_frames: int, height: int, width: int, interval: int, seed: int,
-                video_id: str, view: int) -> np.ndarray:
+def decode_view(
+    data: bytes, num_frames: int, height: int, width: int, interval: int, seed: int, video_id: str, view: int
+) -> np.ndarray:
     """Candidate view `view` >= 1 of one video for init selection (RDED-style): a temporal window
     at a random offset and a crop of VIEW_SCALE of the frame's area (its aspect kept), both drawn
     from (seed, video id, view), resized to (num_frames, height, width, 3) uint8. View 0 is the
@@ -292,7 +297,9 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes
                 stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
             # converted to the encoder's format here: left to `encode`, the conversion made the
             # same frames encode to different bytes from call to call (PyAV 18, libx264)
-            av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(format="yuv420p")
+            av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(
+                format="yuv420p"
+            )
             for packet in stream.encode(av_frame):
                 container.mux(packet)
         if stream is None:

@@ -57,8 +57,14 @@ RESULTS = "results.json"
 
 # Settings that do not change a stage's result.
 _EXECUTION_ONLY = {
-    "data": ("decode_actors", "decode_cpus_per_actor", "decode_batch_size", "prepare_concurrency", "cache_clips",
-             "eval_split"),
+    "data": (
+        "decode_actors",
+        "decode_cpus_per_actor",
+        "decode_batch_size",
+        "prepare_concurrency",
+        "cache_clips",
+        "eval_split",
+    ),
     "teacher": ("cpus_per_worker", "gpus_per_worker"),
     "distill": ("actors", "partitions", "max_videos_per_partition", "cpus_per_actor", "gpus_per_actor", "log_every"),
     "evaluate": ("cpus_per_worker", "gpus_per_worker", "baselines"),
@@ -161,8 +167,14 @@ def method_config(cfg: DictConfig, method: Method) -> DictConfig:
 # --- the stage skeleton ----------------------------------------------------------------------
 
 
-def run_stage(cfg: DictConfig, name: str, marker_uri: str, work: Callable[[Optional[str]], dict], tracker=None,
-              tags: Optional[dict[str, str]] = None) -> dict:
+def run_stage(
+    cfg: DictConfig,
+    name: str,
+    marker_uri: str,
+    work: Callable[[Optional[str]], dict],
+    tracker=None,
+    tags: Optional[dict[str, str]] = None,
+) -> dict:
     """Skip if `marker_uri` exists (returning it, marked "skipped"); else take the stage folder's
     lease (`tsgd_ray.lease`: another run of the same stage is waited for, or refused with
     storage.wait_for_lease=false), look again, open the stage's MLflow child run, call
@@ -274,19 +286,26 @@ def read_candidates(cfg: DictConfig) -> dict[str, list[list[dict]]]:
 
 # --- clip tables: init clips and synthetic videos ---------------------------------------------
 
-CLIP_SCHEMA = pa.schema([
-    ("label", pa.int32()),
-    ("index", pa.int32()),  # the video's index within its class (its random stream)
-    ("video_id", pa.string()),  # the real clip it started from ("" for noise init)
-    ("clip", pa.binary()),  # uint8 (F, H, W, 3), RGB, frames first: the layout of decoded clips
-    # synthetic videos: uint8 (H, W), 255 * the time-mean of the init clip's saliency (TSGFA's map);
-    # empty in init tables
-    ("heat", pa.binary()),
-])
+CLIP_SCHEMA = pa.schema(
+    [
+        ("label", pa.int32()),
+        ("index", pa.int32()),  # the video's index within its class (its random stream)
+        ("video_id", pa.string()),  # the real clip it started from ("" for noise init)
+        ("clip", pa.binary()),  # uint8 (F, H, W, 3), RGB, frames first: the layout of decoded clips
+        # synthetic videos: uint8 (H, W), 255 * the time-mean of the init clip's saliency (TSGFA's map);
+        # empty in init tables
+        ("heat", pa.binary()),
+    ]
+)
 
 
-def clip_table_bytes(clips: np.ndarray, labels: np.ndarray, indices: np.ndarray, video_ids: Sequence[str],
-                     heats: Optional[np.ndarray] = None) -> bytes:
+def clip_table_bytes(
+    clips: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    video_ids: Sequence[str],
+    heats: Optional[np.ndarray] = None,
+) -> bytes:
     """A Parquet clip table of uint8 clips (N, F, H, W, 3) (and uint8 heat maps (N, H, W), if
     given): rows in (label, index) order, row groups of one class each (split further to stay under
     ROW_GROUP_BYTES)."""
@@ -298,17 +317,27 @@ def clip_table_bytes(clips: np.ndarray, labels: np.ndarray, indices: np.ndarray,
             rows = order[labels[order] == label]
             for start in range(0, len(rows), per_group):
                 part = rows[start : start + per_group]
-                writer.write_table(pa.table({
-                    "label": pa.array(labels[part], pa.int32()), "index": pa.array(indices[part], pa.int32()),
-                    "video_id": pa.array([str(video_ids[i]) for i in part], pa.string()),
-                    "clip": pa.array([clips[i].tobytes() for i in part], pa.binary()),
-                    "heat": pa.array([heats[i].tobytes() if heats is not None else b"" for i in part], pa.binary()),
-                }, schema=CLIP_SCHEMA), row_group_size=len(part))
+                writer.write_table(
+                    pa.table(
+                        {
+                            "label": pa.array(labels[part], pa.int32()),
+                            "index": pa.array(indices[part], pa.int32()),
+                            "video_id": pa.array([str(video_ids[i]) for i in part], pa.string()),
+                            "clip": pa.array([clips[i].tobytes() for i in part], pa.binary()),
+                            "heat": pa.array(
+                                [heats[i].tobytes() if heats is not None else b"" for i in part], pa.binary()
+                            ),
+                        },
+                        schema=CLIP_SCHEMA,
+                    ),
+                    row_group_size=len(part),
+                )
     return buf.getvalue()
 
 
-def read_clip_tables(uris: Sequence[str], shape: Sequence[int], classes: Optional[set[int]] = None,
-                     rank: int = 0, world: int = 1) -> Iterator[dict[str, Any]]:
+def read_clip_tables(
+    uris: Sequence[str], shape: Sequence[int], classes: Optional[set[int]] = None, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, Any]]:
     """Rows of clip tables, one row group at a time: only the row groups of `classes` (all when
     None), and of those rows only every `world`-th from `rank` (counted over all rows read).
 
@@ -323,8 +352,12 @@ def read_clip_tables(uris: Sequence[str], shape: Sequence[int], classes: Optiona
             for g in range(parquet.num_row_groups):
                 meta = parquet.metadata.row_group(g)
                 st = meta.column(label_column).statistics
-                if classes is not None and st is not None and st.has_min_max and not any(
-                        st.min <= c <= st.max for c in classes):
+                if (
+                    classes is not None
+                    and st is not None
+                    and st.has_min_max
+                    and not any(st.min <= c <= st.max for c in classes)
+                ):
                     continue
                 table = parquet.read_row_group(g)
                 labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
@@ -336,23 +369,35 @@ def read_clip_tables(uris: Sequence[str], shape: Sequence[int], classes: Optiona
                     continue
                 blobs = table.column("clip").take(pa.array(take)).to_pylist()
                 heat = table.column("heat").take(pa.array(take)).to_pylist() if "heat" in table.column_names else []
-                yield {"clips": torch.from_numpy(np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in blobs])),
-                       "heat": torch.from_numpy(np.stack([np.frombuffer(h, np.uint8).reshape(shape[1:3]) for h in heat]))
-                       if heat and all(heat) else None,
-                       "labels": torch.from_numpy(labels[take]),
-                       "indices": torch.from_numpy(np.asarray(table.column("index").to_numpy(), dtype=np.int64)[take]),
-                       "video_ids": table.column("video_id").take(pa.array(take)).to_pylist()}
+                yield {
+                    "clips": torch.from_numpy(np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in blobs])),
+                    "heat": torch.from_numpy(np.stack([np.frombuffer(h, np.uint8).reshape(shape[1:3]) for h in heat]))
+                    if heat and all(heat)
+                    else None,
+                    "labels": torch.from_numpy(labels[take]),
+                    "indices": torch.from_numpy(np.asarray(table.column("index").to_numpy(), dtype=np.int64)[take]),
+                    "video_ids": table.column("video_id").take(pa.array(take)).to_pylist(),
+                }
 
 
 def concat_clips(parts: Sequence[dict[str, Any]], shape: Sequence[int]) -> dict[str, Any]:
     """The batches of `read_clip_tables` as one (possibly empty) batch."""
     if not parts:
-        return {"clips": torch.empty((0, *shape), dtype=torch.uint8), "labels": torch.empty(0, dtype=torch.int64),
-                "indices": torch.empty(0, dtype=torch.int64), "video_ids": [], "heat": None}
+        return {
+            "clips": torch.empty((0, *shape), dtype=torch.uint8),
+            "labels": torch.empty(0, dtype=torch.int64),
+            "indices": torch.empty(0, dtype=torch.int64),
+            "video_ids": [],
+            "heat": None,
+        }
     heats = [p["heat"] for p in parts]
-    return {"clips": torch.cat([p["clips"] for p in parts]), "labels": torch.cat([p["labels"] for p in parts]),
-            "indices": torch.cat([p["indices"] for p in parts]), "video_ids": [v for p in parts for v in p["video_ids"]],
-            "heat": torch.cat(heats) if all(h is not None for h in heats) else None}
+    return {
+        "clips": torch.cat([p["clips"] for p in parts]),
+        "labels": torch.cat([p["labels"] for p in parts]),
+        "indices": torch.cat([p["indices"] for p in parts]),
+        "video_ids": [v for p in parts for v in p["video_ids"]],
+        "heat": torch.cat(heats) if all(h is not None for h in heats) else None,
+    }
 
 
 def clip_shape(cfg: DictConfig) -> tuple[int, int, int, int]:
@@ -371,8 +416,11 @@ def read_init(cfg: DictConfig, classes: Sequence[int]) -> dict[str, Any]:
     """
     marker = storage.read_json(require(storage.join(init_dir(cfg), INIT_MARKER), "stats"))
     wanted = set(int(c) for c in classes)
-    uris = [storage.join(init_dir(cfg), p["path"]) for p in marker["parts"]
-            if any(p["first_class"] <= c <= p["last_class"] for c in wanted)]
+    uris = [
+        storage.join(init_dir(cfg), p["path"])
+        for p in marker["parts"]
+        if any(p["first_class"] <= c <= p["last_class"] for c in wanted)
+    ]
     return concat_clips(list(read_clip_tables(uris, clip_shape(cfg), wanted)), clip_shape(cfg))
 
 
@@ -396,8 +444,15 @@ def partition_file(partition_id: int) -> str:
     return partition_name(partition_id) + ".parquet"
 
 
-def write_synthetic_part(cfg: DictConfig, partition_id: int, clips: np.ndarray, labels: np.ndarray,
-                         indices: np.ndarray, video_ids: Sequence[str], heats: np.ndarray) -> dict:
+def write_synthetic_part(
+    cfg: DictConfig,
+    partition_id: int,
+    clips: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    video_ids: Sequence[str],
+    heats: np.ndarray,
+) -> dict:
     """Write a partition's synthetic clips and their init heat maps (uint8 (N, H, W)), write-once;
     returns {path, sha256, bytes, rows} of the file that is in storage (another writer's, if it won
     the race: then its hash)."""
@@ -405,8 +460,12 @@ def write_synthetic_part(cfg: DictConfig, partition_id: int, clips: np.ndarray, 
     uri = storage.join(synthetic_dir(cfg), partition_file(partition_id))
     if not storage.write_once(uri, data):
         data = storage.read_bytes(uri)
-    return {"path": partition_file(partition_id), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-            "rows": len(labels)}
+    return {
+        "path": partition_file(partition_id),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "rows": len(labels),
+    }
 
 
 def read_synthetic_manifest(cfg_or_dir: DictConfig | str) -> dict:
@@ -415,8 +474,9 @@ def read_synthetic_manifest(cfg_or_dir: DictConfig | str) -> dict:
     return storage.read_json(storage.join(folder, SYNTHETIC_MANIFEST))
 
 
-def read_synthetic(cfg_or_dir: DictConfig | str, classes: Optional[set[int]] = None, rank: int = 0,
-                   world: int = 1) -> tuple[dict[str, Any], list[str]]:
+def read_synthetic(
+    cfg_or_dir: DictConfig | str, classes: Optional[set[int]] = None, rank: int = 0, world: int = 1
+) -> tuple[dict[str, Any], list[str]]:
     """The merged synthetic set (or `classes` of it, or the rows of one of `world` readers), read
     one row group at a time: (batch as `concat_clips`, class names).
 
@@ -425,11 +485,15 @@ def read_synthetic(cfg_or_dir: DictConfig | str, classes: Optional[set[int]] = N
     """
     folder = cfg_or_dir if isinstance(cfg_or_dir, str) else synthetic_dir(cfg_or_dir)
     manifest = read_synthetic_manifest(folder)
-    files = [f for f in manifest["files"]
-             if classes is None or any(f["first_class"] <= c <= f["last_class"] for c in classes)]
+    files = [
+        f
+        for f in manifest["files"]
+        if classes is None or any(f["first_class"] <= c <= f["last_class"] for c in classes)
+    ]
     shape = manifest["clip_shape"]
-    batch = concat_clips(list(read_clip_tables([storage.join(folder, f["path"]) for f in files], shape, classes,
-                                               rank, world)), shape)
+    batch = concat_clips(
+        list(read_clip_tables([storage.join(folder, f["path"]) for f in files], shape, classes, rank, world)), shape
+    )
     return batch, manifest["classes"]
 
 

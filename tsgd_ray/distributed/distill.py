@@ -35,15 +35,15 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import lease, storage
-from tsgd_ray.console import Progress
 from tsgd_ray.config import ConfigError, InitKind
+from tsgd_ray.console import Progress
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips, valid_range
 from tsgd_ray.core.device import resolve_device
 from tsgd_ray.core.recovery import noise_init, recover
 from tsgd_ray.core.training import clip_heat
 from tsgd_ray.data.shards import read_manifest, shards_root
-from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts
+from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed.pool import ElasticPool, PoolActor, actor_starter
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def plan_partitions(num_classes: int, num_partitions: int, ipc: int = 1, max_vid
         ConfigError: when one class alone (ipc videos) is more than `max_videos`.
     """
     if max_videos and ipc > max_videos:
-        raise ConfigError(f"distill.max_videos_per_partition={max_videos} is less than distill.ipc={ipc}: "
-                          "a partition holds whole classes")
+        raise ConfigError(
+            f"distill.max_videos_per_partition={max_videos} is less than distill.ipc={ipc}: "
+            "a partition holds whole classes"
+        )
     wanted = max(num_partitions, math.ceil(num_classes * ipc / max_videos) if max_videos else 0)
     parts = np.array_split(np.arange(num_classes), min(wanted, num_classes))
     return [p.tolist() for p in parts]
@@ -68,8 +70,10 @@ def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
     """The partition plan of this run: the one already written, else a new one (written now)."""
     d = cfg.distill
     uri = artifacts.plan_uri(cfg)
-    storage.write_json_once(uri, {"partitions": plan_partitions(num_classes, d.partitions or 4 * d.actors, d.ipc,
-                                                                d.max_videos_per_partition)})
+    storage.write_json_once(
+        uri,
+        {"partitions": plan_partitions(num_classes, d.partitions or 4 * d.actors, d.ipc, d.max_videos_per_partition)},
+    )
     return storage.read_json(uri)["partitions"]
 
 
@@ -102,9 +106,18 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
     heats = (255 * clip_heat(x0, cfg)).round().to(torch.uint8).numpy()  # TSGFA's map, from the init clip
     file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids, heats)
     counts = torch.bincount(labels, minlength=max(classes) + 1)
-    marker = {"partition": partition_id, "classes": classes, "counts": {str(c): int(counts[c]) for c in classes},
-              "videos": len(labels), "iterations": cfg.distill.iterations, "file": file,
-              "seconds": round(time.time() - started, 3), "history": history, "pid": os.getpid(), "node_id": _node_id()}
+    marker = {
+        "partition": partition_id,
+        "classes": classes,
+        "counts": {str(c): int(counts[c]) for c in classes},
+        "videos": len(labels),
+        "iterations": cfg.distill.iterations,
+        "file": file,
+        "seconds": round(time.time() - started, 3),
+        "history": history,
+        "pid": os.getpid(),
+        "node_id": _node_id(),
+    }
     storage.write_json_once(marker_uri, marker)
     return marker
 
@@ -168,8 +181,13 @@ class _Progress:
         self.logged = now
         elapsed = now - self.started
         eta = elapsed / self.recovered * (self.total - self.done)
-        log.info("distill: %d/%d partitions, %.1f video-iterations/s, ETA %.0f s",
-                 self.done, self.total, self.video_iterations / max(elapsed, 1e-9), eta)
+        log.info(
+            "distill: %d/%d partitions, %.1f video-iterations/s, ETA %.0f s",
+            self.done,
+            self.total,
+            self.video_iterations / max(elapsed, 1e-9),
+            eta,
+        )
 
 
 def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = None) -> dict:
@@ -191,8 +209,13 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
     finished = [p for p in range(len(plan)) if storage.exists(artifacts.partition_marker_uri(cfg, p))]
     pending = [p for p in range(len(plan)) if p not in finished]
     progress = _Progress(len(plan), len(finished))
-    log.info("distill: %d partitions, %d finished, %d to do -> %s", len(plan), len(finished), len(pending),
-             artifacts.distill_dir(cfg))
+    log.info(
+        "distill: %d partitions, %d finished, %d to do -> %s",
+        len(plan),
+        len(finished),
+        len(pending),
+        artifacts.distill_dir(cfg),
+    )
     run_id = tracker.child("distill", tags={"method": cfg.distill.method.value}) if tracker else None
     summary = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "markers": []}
 
@@ -206,15 +229,23 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
         check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
     threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
     start = actor_starter(PartitionWorker, d.cpus_per_actor, d.gpus_per_actor, cfg, classes, threads)
-    pool = ElasticPool(start, min(d.actors, max(1, len(pending))),
-                       actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures)
+    pool = ElasticPool(
+        start, min(d.actors, max(1, len(pending))), actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures
+    )
     if pending:
         pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
     summary.update(actor_failures=pool.lost, speculated=pool.speculated)
     if tracker:
         recovered = [m["history"] for m in summary["markers"] if not m.get("skipped")]
         tracker.log_history(run_id, mean_curve(recovered))  # one curve, however many partitions
-        tracker.log_metrics(run_id, {"partitions": len(plan), "recovered": summary["recovered"],
-                                     "actor_failures": pool.lost, "speculated": pool.speculated})
+        tracker.log_metrics(
+            run_id,
+            {
+                "partitions": len(plan),
+                "recovered": summary["recovered"],
+                "actor_failures": pool.lost,
+                "speculated": pool.speculated,
+            },
+        )
         tracker.finish(run_id)
     return summary

@@ -22,16 +22,16 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.console import Progress
 from tsgd_ray.config import Method
+from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
-from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts, train_workers
 from tsgd_ray.distributed.artifacts import clip_size, load_teacher, seed_uri
+from tsgd_ray.distributed.cluster import check_gpus
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +43,30 @@ def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module
     return build_model(e.model or t.model, num_classes, clip_size(cfg), e.width or t.width, e.depth or t.depth)
 
 
-def _fit_on_stream(student, teacher, shard, expected: int, world: int, cfg: DictConfig, seed: int, device) -> list[dict]:
+def _fit_on_stream(
+    student, teacher, shard, expected: int, world: int, cfg: DictConfig, seed: int, device
+) -> list[dict]:
     """`full`: AdamW + cosine over evaluate.epochs passes of this worker's stream of real clips (the
     EMA of the weights in the end when evaluate.ema > 0)."""
     e = cfg.evaluate
     average = training.WeightEMA(student, e.ema) if e.ema > 0 else None
     optimizer = torch.optim.AdamW(student.parameters(), lr=e.lr, weight_decay=e.weight_decay)
-    schedule = training.cosine_schedule(optimizer, e.epochs * train_workers.steps_per_epoch(expected, world, e.batch_size))
+    schedule = training.cosine_schedule(
+        optimizer, e.epochs * train_workers.steps_per_epoch(expected, world, e.batch_size)
+    )
     generator = torch.Generator().manual_seed(seed)
     history = []
     student.train()
     for epoch in range(e.epochs):
         losses = []
         with train_workers.uneven_inputs(student):
-            for batch in ClipStream(shard, expected // world, cfg.data.max_bad_fraction, e.batch_size, shuffle_seed=seed * 1000 + epoch):
+            for batch in ClipStream(
+                shard, expected // world, cfg.data.max_bad_fraction, e.batch_size, shuffle_seed=seed * 1000 + epoch
+            ):
                 x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
-                losses.append(training.student_step(student, teacher, optimizer, x, batch["label"].to(device), cfg, generator))
+                losses.append(
+                    training.student_step(student, teacher, optimizer, x, batch["label"].to(device), cfg, generator)
+                )
                 schedule.step()
                 if average is not None:
                     average.update(student)
@@ -74,8 +82,14 @@ def _test(student, shard, expected: int, world: int, cfg: DictConfig, device) ->
     for batch in ClipStream(shard, expected // world, cfg.data.max_bad_fraction, 64):
         logits = training.predict(train_workers.unwrap(student), batch["clip"], cfg)
         n = len(batch["label"])
-        counts += torch.tensor([training.topk_accuracy(logits, batch["label"], 1) * n,
-                                training.topk_accuracy(logits, batch["label"], 5) * n, n], dtype=torch.float64)
+        counts += torch.tensor(
+            [
+                training.topk_accuracy(logits, batch["label"], 1) * n,
+                training.topk_accuracy(logits, batch["label"], 5) * n,
+                n,
+            ],
+            dtype=torch.float64,
+        )
     if world > 1:
         import torch.distributed as dist
 
@@ -103,8 +117,9 @@ def _student_worker(loop_config: dict) -> None:
         if storage.exists(seed_uri(cfg, method, seed)):
             continue
         if teacher_scores is None:
-            teacher_scores = _test(teacher, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg,
-                                   device)
+            teacher_scores = _test(
+                teacher, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device
+            )
         started = time.time()
         student = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
         worker_seed = seed * world + rank
@@ -112,30 +127,53 @@ def _student_worker(loop_config: dict) -> None:
         progress = Progress(f"evaluate {method.value} seed {seed}", cfg.evaluate.epochs, "epoch")
 
         def on_epoch(epoch: int, metrics: dict) -> None:
-            history.append({"step": epoch, "time": time.time(), **metrics})
+            history.append({"step": epoch, "time": time.time(), **metrics})  # noqa: B023 - called in this iteration
             if rank == 0:
-                progress.update(epoch + 1, **metrics)
+                progress.update(epoch + 1, **metrics)  # noqa: B023
 
         if method == Method.full:
-            history = _fit_on_stream(student, teacher, ray.train.get_dataset_shard("train"), loop_config["expected_train"],
-                                     world, cfg, worker_seed, device)
+            history = _fit_on_stream(
+                student,
+                teacher,
+                ray.train.get_dataset_shard("train"),
+                loop_config["expected_train"],
+                world,
+                cfg,
+                worker_seed,
+                device,
+            )
         else:
             with train_workers.uneven_inputs(student):
-                training.train_student(student, teacher, x, y, cfg, worker_seed,
-                                       callback=on_epoch, heat=heat)
-        top1, top5, n = _test(student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device)
+                training.train_student(student, teacher, x, y, cfg, worker_seed, callback=on_epoch, heat=heat)
+        top1, top5, n = _test(
+            student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device
+        )
         if rank == 0:
-            storage.write_json_once(seed_uri(cfg, method, seed), {
-                "seed": seed, "top1": top1, "top5": top5, "test_clips": n, "history": history,
-                "teacher_top1": teacher_scores[0], "teacher_top5": teacher_scores[1],
-                "started": started, "seconds": round(time.time() - started, 1)})
+            storage.write_json_once(
+                seed_uri(cfg, method, seed),
+                {
+                    "seed": seed,
+                    "top1": top1,
+                    "top5": top5,
+                    "test_clips": n,
+                    "history": history,
+                    "teacher_top1": teacher_scores[0],
+                    "teacher_top5": teacher_scores[1],
+                    "started": started,
+                    "seconds": round(time.time() - started, 1),
+                },
+            )
         ray.train.report({"seed": seed, "top1": top1, "top5": top5})
 
 
 def summarise(method: Method, ipc: int, per_seed: list[dict]) -> dict:
     """Per-seed and mean +- sample std (0 for one seed) top-1/top-5 of a method."""
-    out: dict = {"method": method.value, "ipc": ipc if method != Method.full else None,
-                 "seeds": [r["seed"] for r in per_seed], "test_clips": per_seed[0]["test_clips"]}
+    out: dict = {
+        "method": method.value,
+        "ipc": ipc if method != Method.full else None,
+        "seeds": [r["seed"] for r in per_seed],
+        "test_clips": per_seed[0]["test_clips"],
+    }
     for k in ("top1", "top5"):
         values = [r[k] for r in per_seed]
         out[k] = values
@@ -167,11 +205,17 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
             datasets = {name: ds.materialize() for name, ds in datasets.items()}
         trainer = TorchTrainer(
             _student_worker,
-            train_loop_config={"cfg": cfg, "classes": classes, "method": method.value,
-                               "expected_eval": expected_rows(cfg, split), "expected_train": expected_rows(cfg, "train")},
+            train_loop_config={
+                "cfg": cfg,
+                "classes": classes,
+                "method": method.value,
+                "expected_eval": expected_rows(cfg, split),
+                "expected_train": expected_rows(cfg, "train"),
+            },
             scaling_config=train_workers.scaling_config(cfg.evaluate, cfg.device),
-            run_config=train_workers.run_config(storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"), "students",
-                                                cfg.ray.max_failures),
+            run_config=train_workers.run_config(
+                storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"), "students", cfg.ray.max_failures
+            ),
             datasets=datasets,
             dataset_config=train_workers.data_config(datasets),
         )
@@ -186,11 +230,24 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
                 tracker.log_history(seed_run, r["history"])
                 tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
                 tracker.finish(seed_run, end_time=started + r["seconds"] if started else None)
-            tracker.log_metrics(run_id, {k: results[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std",
-                                                                 "teacher_top1", "teacher_top5") if k in results})
-        log.info("evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s", method.value, results["top1_mean"],
-                 results["top1_std"], len(per_seed), split)
+            tracker.log_metrics(
+                run_id,
+                {
+                    k: results[k]
+                    for k in ("top1_mean", "top1_std", "top5_mean", "top5_std", "teacher_top1", "teacher_top5")
+                    if k in results
+                },
+            )
+        log.info(
+            "evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s",
+            method.value,
+            results["top1_mean"],
+            results["top1_std"],
+            len(per_seed),
+            split,
+        )
         return results
 
-    return artifacts.run_stage(cfg, f"evaluate/{method.value}", artifacts.results_uri(cfg, method), work, tracker,
-                               {"method": method.value})
+    return artifacts.run_stage(
+        cfg, f"evaluate/{method.value}", artifacts.results_uri(cfg, method), work, tracker, {"method": method.value}
+    )

@@ -57,9 +57,11 @@ def _files(cfg: DictConfig, classes: list[str]) -> list[dict]:
         files.append({**marker["file"], "first_class": min(part), "last_class": max(part)})
     wrong = [f"{classes[c]} ({int(n)})" for c, n in enumerate(counts) if n != cfg.distill.ipc]
     if wrong:
-        raise MergeError(f"every class needs exactly distill.ipc={cfg.distill.ipc} videos; these have another "
-                         f"count (run the distill stage to finish them): {', '.join(wrong[:20])}"
-                         f"{' ...' if len(wrong) > 20 else ''}")
+        raise MergeError(
+            f"every class needs exactly distill.ipc={cfg.distill.ipc} videos; these have another "
+            f"count (run the distill stage to finish them): {', '.join(wrong[:20])}"
+            f"{' ...' if len(wrong) > 20 else ''}"
+        )
     return files
 
 
@@ -122,8 +124,11 @@ def _log_to_parent(cfg: DictConfig, tracker, batch: dict, preview: bytes, classe
         if init is not None:
             same = ((init["labels"] == c) & (init["indices"] == batch["indices"][row])).nonzero()
             start = init["clips"][int(same[0])] if len(same) else None
-        tracker.log_image(tracker.run_id, f"synthetic/{method}/classes/{c:04d}-{classes[c]}.png",
-                          contact_sheet(cfg, start, batch["clips"][row]))
+        tracker.log_image(
+            tracker.run_id,
+            f"synthetic/{method}/classes/{c:04d}-{classes[c]}.png",
+            contact_sheet(cfg, start, batch["clips"][row]),
+        )
 
 
 def run_merge(cfg: DictConfig, tracker=None) -> dict:
@@ -142,23 +147,43 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
         preview = encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
         storage.write_once(storage.join(folder, artifacts.PREVIEW), preview)
         manifest = {
-            "method": cfg.distill.method.value, "ipc": cfg.distill.ipc, "num_videos": cfg.distill.ipc * len(classes),
-            "classes": classes, "clip_shape": list(artifacts.clip_shape(cfg)), "dtype": "uint8",
+            "method": cfg.distill.method.value,
+            "ipc": cfg.distill.ipc,
+            "num_videos": cfg.distill.ipc * len(classes),
+            "classes": classes,
+            "clip_shape": list(artifacts.clip_shape(cfg)),
+            "dtype": "uint8",
             "layout": "uint8 RGB (F, H, W, 3) per row of a clip table; model input = (x / 255 - mean) / std",
-            "mean": list(cfg.data.mean), "std": list(cfg.data.std), "files": files,
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+            "files": files,
             "bytes": sum(f["bytes"] for f in files),
             "config_hash": config_hash(cfg, ["seed", "data", "augment", "teacher", "tsgf", "distill"]),
-            "teacher_sha256": storage.read_json(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER))["sha256"],
-            "teacher": {"uri": artifacts.teacher_uri(cfg), "model": cfg.teacher.model, "width": cfg.teacher.width,
-                        "depth": cfg.teacher.depth},  # what `SyntheticVideos(..., soft_labels=True)` loads
+            "teacher_sha256": storage.read_json(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER))[
+                "sha256"
+            ],
+            "teacher": {
+                "uri": artifacts.teacher_uri(cfg),
+                "model": cfg.teacher.model,
+                "width": cfg.teacher.width,
+                "depth": cfg.teacher.depth,
+            },  # what `SyntheticVideos(..., soft_labels=True)` loads
             "preview": artifacts.PREVIEW,
         }
         if tracker:
             tracker.log_bytes(run_id, "synthetic/previews/grid.mp4", preview)
             tracker.log_text(run_id, "synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
             _log_to_parent(cfg, tracker, batch, preview, classes)
-        log.info("merge: %d videos of %d classes in %d files -> %s", manifest["num_videos"], len(classes), len(files), folder)
+        log.info(
+            "merge: %d videos of %d classes in %d files -> %s", manifest["num_videos"], len(classes), len(files), folder
+        )
         return manifest
 
-    return artifacts.run_stage(cfg, "merge", storage.join(folder, artifacts.SYNTHETIC_MANIFEST), work, tracker,
-                               {"method": cfg.distill.method.value})
+    return artifacts.run_stage(
+        cfg,
+        "merge",
+        storage.join(folder, artifacts.SYNTHETIC_MANIFEST),
+        work,
+        tracker,
+        {"method": cfg.distill.method.value},
+    )

@@ -88,9 +88,14 @@ class ElasticPool:
         self.actors[slot] = self._start(name)
         starting[self.actors[slot].ready.remote()] = slot
 
-    def run(self, items: Sequence[Hashable], call: Callable[[Any, Hashable], Any],
-            on_result: Optional[Callable[[Hashable, Any], None]] = None, speculate: bool = False,
-            collect: Optional[str] = None) -> tuple[dict, list]:
+    def run(
+        self,
+        items: Sequence[Hashable],
+        call: Callable[[Any, Hashable], Any],
+        on_result: Optional[Callable[[Hashable, Any], None]] = None,
+        speculate: bool = False,
+        collect: Optional[str] = None,
+    ) -> tuple[dict, list]:
         """Run `call(actor, item)` (returns an ObjectRef) for every item; returns ({item: result},
         [collected states]) where states come from `actor.<collect>()` of every actor that did items.
 
@@ -121,11 +126,18 @@ class ElasticPool:
             if item is not None and item not in done:
                 failures[item] += 1
                 if failures[item] > self.max_failures:
-                    raise PoolError(f"{self.name}: item {item} lost {failures[item]} actors; last error: {exc}") from exc
+                    raise PoolError(
+                        f"{self.name}: item {item} lost {failures[item]} actors; last error: {exc}"
+                    ) from exc
                 redo.append(item)
             pending.extendleft(reversed([it for it in redo if it not in pending]))
-            log.warning("%s: actor %d lost (%s); %d item(s) back in the queue, a replacement requested",
-                        self.name, slot, type(exc).__name__, len(redo))
+            log.warning(
+                "%s: actor %d lost (%s); %d item(s) back in the queue, a replacement requested",
+                self.name,
+                slot,
+                type(exc).__name__,
+                len(redo),
+            )
             self.generation[slot] += 1
             self._launch(slot, starting)
 
@@ -148,9 +160,12 @@ class ElasticPool:
                     ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=poll)
                     if not ready:
                         if not in_flight:
-                            log.warning("%s: waiting for Ray to place %d actor(s) (no node has the resources they "
-                                        "ask for yet: check the stage's gpus_per_actor / cpus_per_actor)",
-                                        self.name, len(starting))
+                            log.warning(
+                                "%s: waiting for Ray to place %d actor(s) (no node has the resources they "
+                                "ask for yet: check the stage's gpus_per_actor / cpus_per_actor)",
+                                self.name,
+                                len(starting),
+                            )
                         continue
                     ref = ready[0]
                     if ref in starting:
@@ -161,8 +176,9 @@ class ElasticPool:
                         except RayActorError as exc:
                             failed_starts += 1
                             if failed_starts > self.max_failures * self.size:
-                                raise PoolError(f"{self.name}: {failed_starts} actors died while starting; "
-                                                f"last error: {exc}") from exc
+                                raise PoolError(
+                                    f"{self.name}: {failed_starts} actors died while starting; last error: {exc}"
+                                ) from exc
                             lose(slot, None, exc)
                         continue
                     slot, item, started = in_flight.pop(ref)
@@ -195,15 +211,24 @@ class ElasticPool:
         threshold = max(MIN_SPECULATE_SECONDS, SLOW_FACTOR * statistics.median(durations))
         running = collections.Counter(item for _, item, _ in in_flight.values())
         now = time.time()
-        slow = sorted((started, item) for _, item, started in in_flight.values()
-                      if running[item] == 1 and now - started > threshold)
+        slow = sorted(
+            (started, item)
+            for _, item, started in in_flight.values()
+            if running[item] == 1 and now - started > threshold
+        )
         if slow:
             item = slow[0][1]
             slot = idle.pop()
             in_flight[call(self.actors[slot], item)] = (slot, item, now)
             self.speculated += 1
-            log.info("%s: item %s runs %.0f s (median %.1f s); started again on actor %d",
-                     self.name, item, now - slow[0][0], statistics.median(durations), slot)
+            log.info(
+                "%s: item %s runs %.0f s (median %.1f s); started again on actor %d",
+                self.name,
+                item,
+                now - slow[0][0],
+                statistics.median(durations),
+                slot,
+            )
 
     def _collect(self, method: str, done_by: dict, lose) -> list:
         """Each actor's state, once; an actor lost now has its items put back (by `lose`)."""

@@ -73,9 +73,17 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
         tracker.set_tags(tracker.run_id, {"dataset_manifest_sha256": digest})
         tracker.log_text(tracker.run_id, "shards/manifest.json", manifest.decode())
         counts = json.loads(manifest)["counts"]
-        tracker.log_dataset(tracker.run_id, f"{cfg.data.dataset.value}-shards", digest, shards_root(cfg),
-                            {"classes": len(json.loads(manifest)["classes"]),
-                             **{f"{split}_videos": sum(c.values()) for split, c in counts.items()}}, "train")
+        tracker.log_dataset(
+            tracker.run_id,
+            f"{cfg.data.dataset.value}-shards",
+            digest,
+            shards_root(cfg),
+            {
+                "classes": len(json.loads(manifest)["classes"]),
+                **{f"{split}_videos": sum(c.values()) for split, c in counts.items()},
+            },
+            "train",
+        )
         tracker.log_text(tracker.run_id, "plan.txt", render(make_plan(cfg)) + "\n")  # counts from the manifest now
     if "teacher" in stages:
         marker = run_teacher(cfg, tracker)
@@ -95,11 +103,15 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
             result = run_evaluate(method_cfg, method, tracker)
             results.append(result)
             if tracker:
-                tracker.log_metrics(tracker.run_id, {f"{method.value}/{k}": result[k]
-                                                     for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+                tracker.log_metrics(
+                    tracker.run_id,
+                    {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
+                )
                 if len(results) == 1:  # one teacher for every method
-                    tracker.log_metrics(tracker.run_id, {f"teacher/{k}": result[f"teacher_{k}"]
-                                                         for k in ("top1", "top5") if f"teacher_{k}" in result})
+                    tracker.log_metrics(
+                        tracker.run_id,
+                        {f"teacher/{k}": result[f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in result},
+                    )
     if tracker and results:
         tracker.log_table(tracker.run_id, "results.json", results_rows(results))
         tracker.log_text(tracker.run_id, "results.md", results_table(results) + "\n")
@@ -108,9 +120,16 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
 
 def results_rows(results: list[dict]) -> list[dict]:
     """One row per method: method, IPC, top-1/top-5 mean and std and the teacher's (in %)."""
-    return [{"method": r["method"], "ipc": r["ipc"] or 0, "seeds": len(r["seeds"]),
-             **{f"{k}_{s}": round(100 * r[f"{k}_{s}"], 2) for k in ("top1", "top5") for s in ("mean", "std")},
-             "teacher_top1": round(100 * r.get("teacher_top1", float("nan")), 2)} for r in results]
+    return [
+        {
+            "method": r["method"],
+            "ipc": r["ipc"] or 0,
+            "seeds": len(r["seeds"]),
+            **{f"{k}_{s}": round(100 * r[f"{k}_{s}"], 2) for k in ("top1", "top5") for s in ("mean", "std")},
+            "teacher_top1": round(100 * r.get("teacher_top1", float("nan")), 2),
+        }
+        for r in results
+    ]
 
 
 def results_table(results: list[dict]) -> str:
@@ -118,6 +137,8 @@ def results_table(results: list[dict]) -> str:
     lines = ["| method | IPC | top-1 % | top-5 % | seeds |", "|---|---|---|---|---|"]
     for r in results:
         ipc = "all" if r["ipc"] is None else str(r["ipc"])
-        lines.append(f"| {r['method']} | {ipc} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_std']:.1f} | "
-                     f"{100 * r['top5_mean']:.1f} +- {100 * r['top5_std']:.1f} | {len(r['seeds'])} |")
+        lines.append(
+            f"| {r['method']} | {ipc} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_std']:.1f} | "
+            f"{100 * r['top5_mean']:.1f} +- {100 * r['top5_std']:.1f} | {len(r['seeds'])} |"
+        )
     return "\n".join(lines)

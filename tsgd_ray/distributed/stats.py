@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import MAX_IPC, ConfigError, InitKind
+from tsgd_ray.config import MAX_IPC, ConfigError
 from tsgd_ray.core.augment import keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
 from tsgd_ray.core.clips import to_model_input
@@ -40,8 +40,8 @@ from tsgd_ray.core.device import autocast, resolve_device
 from tsgd_ray.core.selection import BestPerClass, seeded_priority
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root
-from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed import artifacts
+from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed.pool import ElasticPool, PoolActor, actor_starter
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,11 @@ INIT_KINDS = ("real", "lowest_loss")  # candidates ranked by seeded priority, an
 def train_shards(cfg: DictConfig) -> list[dict]:
     """The non-empty training shards of the manifest, each {"uri", "rows"}, in manifest order."""
     root = shards_root(cfg)
-    return [{"uri": storage.join(root, s["path"]), "rows": s["rows"]}
-            for s in read_manifest(root)["shards"] if s["split"] == "train" and s["rows"] > 0]
+    return [
+        {"uri": storage.join(root, s["path"]), "rows": s["rows"]}
+        for s in read_manifest(root)["shards"]
+        if s["split"] == "train" and s["rows"] > 0
+    ]
 
 
 class StatsWorker(PoolActor):
@@ -84,8 +87,9 @@ class StatsWorker(PoolActor):
         errors: list[str] = []
         row = 0
         with storage.open_input(uri) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=self.cfg.stats.batch_size,
-                                                        columns=["video_id", "label", "video"]):
+            for batch in pq.ParquetFile(f).iter_batches(
+                batch_size=self.cfg.stats.batch_size, columns=["video_id", "label", "video"]
+            ):
                 columns = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in ("video_id", "label", "video")}
                 decoded = self.decoder(columns)
                 ok = decoded["ok"]
@@ -94,18 +98,23 @@ class StatsWorker(PoolActor):
                     losses = self._forward(decoded["clip"][ok], decoded["label"][ok], decoded["video_id"][ok])
                     view_losses, views = self._best_views({k: v[ok] for k, v in columns.items()}, losses)
                     rows = row + np.flatnonzero(ok)
-                    for r, vid, label, loss, view_loss, view in zip(rows, decoded["video_id"][ok], decoded["label"][ok],
-                                                                   losses, view_losses, views):
+                    for r, vid, label, loss, view_loss, view in zip(
+                        rows, decoded["video_id"][ok], decoded["label"][ok], losses, view_losses, views
+                    ):
                         entry = {"video_id": str(vid), "shard": shard, "row": int(r), "loss": float(loss)}
                         self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
-                        self.best["lowest_loss"].add(label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)})
+                        self.best["lowest_loss"].add(
+                            label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)}
+                        )
                     clips += int(ok.sum())
                     loss_sum += float(losses.sum())
                 row += len(ok)
         return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
 
     def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
-        x = to_model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device), self.cfg.data.mean, self.cfg.data.std)
+        x = to_model_input(
+            torch.from_numpy(np.ascontiguousarray(clips)).to(self.device), self.cfg.data.mean, self.cfg.data.std
+        )
         if self.cfg.stats.augment:
             x = keyed_views(x, [str(v) for v in video_ids], self.cfg.seed, self.cfg.augment)
         y = torch.from_numpy(labels.astype(np.int64)).to(self.device)
@@ -124,8 +133,11 @@ class StatsWorker(PoolActor):
             ok = decoded["ok"]
             if not ok.any():
                 continue
-            x = to_model_input(torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device),
-                               self.cfg.data.mean, self.cfg.data.std)
+            x = to_model_input(
+                torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device),
+                self.cfg.data.mean,
+                self.cfg.data.std,
+            )
             y = torch.from_numpy(columns["label"][ok].astype(np.int64)).to(self.device)
             with torch.no_grad(), autocast(self.device, self.cfg.amp):
                 loss = F.cross_entropy(self.teacher(x).float(), y, reduction="none").double().cpu().numpy()
@@ -153,15 +165,20 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
         total = sum(map(len, bad.values()))
         if total > max_bad:
             examples = [e for errors in bad.values() for e in errors][:3]
-            raise TooManyBadVideos(f"{total} of {expected} training videos failed to decode, more than "
-                                   f"data.max_bad_fraction allows ({max_bad}); e.g. {examples}")
+            raise TooManyBadVideos(
+                f"{total} of {expected} training videos failed to decode, more than "
+                f"data.max_bad_fraction allows ({max_bad}); e.g. {examples}"
+            )
 
     s = cfg.stats
     check_gpus(cfg, "stats.gpus_per_actor", s.gpus_per_actor)
-    start = actor_starter(StatsWorker, s.cpus_per_actor, s.gpus_per_actor, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
+    start = actor_starter(
+        StatsWorker, s.cpus_per_actor, s.gpus_per_actor, cfg, classes, max(1, math.floor(s.cpus_per_actor))
+    )
     pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
-    done, states = pool.run(range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result,
-                            collect="collect")
+    done, states = pool.run(
+        range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result, collect="collect"
+    )
     stats = ClassStatistics.from_state_dict(states[0]["statistics"])
     best = states[0]["candidates"]
     for state in states[1:]:
@@ -176,12 +193,24 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     artifacts.write_candidates(cfg, candidates)
     clips = sum(r["clips"] for r in done.values())
     all_bad = [e for s in sorted(done) for e in done[s]["bad"]]
-    marker = {"clips": clips, "bad_videos": all_bad, "classes": len(classes), "shards": len(shards),
-              "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
-              "actors_lost": pool.lost}
+    marker = {
+        "clips": clips,
+        "bad_videos": all_bad,
+        "classes": len(classes),
+        "shards": len(shards),
+        "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
+        "actors_lost": pool.lost,
+    }
     if tracker:
-        tracker.log_metrics(run_id, {"clips": clips, "bad_videos": len(all_bad), "actors_lost": pool.lost,
-                                     "mean_teacher_loss": marker["mean_teacher_loss"]})
+        tracker.log_metrics(
+            run_id,
+            {
+                "clips": clips,
+                "bad_videos": len(all_bad),
+                "actors_lost": pool.lost,
+                "mean_teacher_loss": marker["mean_teacher_loss"],
+            },
+        )
     log.info("stats: %d clips in %d shards, %d bad", clips, len(shards), len(all_bad))
     return marker
 
@@ -206,12 +235,18 @@ def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
                 here = [r for r in wanted if starts[g] <= r["row"] < starts[g + 1]]
                 table = parquet.read_row_group(g, columns=["video_id", "label", "video"])
                 take = [r["row"] - int(starts[g]) for r in here]
-                columns = {k: table.column(k).to_numpy(zero_copy_only=False)[take] for k in ("video_id", "label", "video")}
+                columns = {
+                    k: table.column(k).to_numpy(zero_copy_only=False)[take] for k in ("video_id", "label", "video")
+                }
                 decoded = decoder({**columns, "view": np.array([r.get("view", 0) for r in here], dtype=np.int64)})
-                for r, vid, ok, clip, error in zip(here, decoded["video_id"], decoded["ok"], decoded["clip"], decoded["error"]):
+                for r, vid, ok, clip, error in zip(
+                    here, decoded["video_id"], decoded["ok"], decoded["clip"], decoded["error"]
+                ):
                     if str(vid) != r["video_id"] or not ok:
-                        raise TooManyBadVideos(f"init clip {r['video_id']} at {uri} row {r['row']} could not be "
-                                               f"decoded again: {error or 'another video is there now'}")
+                        raise TooManyBadVideos(
+                            f"init clip {r['video_id']} at {uri} row {r['row']} could not be "
+                            f"decoded again: {error or 'another video is there now'}"
+                        )
                     out[r["video_id"]] = clip
     return out
 
@@ -219,12 +254,20 @@ def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
 def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
     """A Ray task: decode the chosen rows of some whole classes and write their clip table."""
     clips = decode_rows(cfg, chosen)
-    table = artifacts.clip_table_bytes(np.stack([clips[c["video_id"]] for c in chosen]),
-                                       np.array([c["label"] for c in chosen]), np.array([c["index"] for c in chosen]),
-                                       [c["video_id"] for c in chosen])
+    table = artifacts.clip_table_bytes(
+        np.stack([clips[c["video_id"]] for c in chosen]),
+        np.array([c["label"] for c in chosen]),
+        np.array([c["index"] for c in chosen]),
+        [c["video_id"] for c in chosen],
+    )
     storage.write_once(artifacts.init_part_uri(cfg, part), table)
-    return {"path": f"part-{part:05d}.parquet", "first_class": chosen[0]["label"], "last_class": chosen[-1]["label"],
-            "rows": len(chosen), "bytes": len(table)}
+    return {
+        "path": f"part-{part:05d}.parquet",
+        "first_class": chosen[0]["label"],
+        "last_class": chosen[-1]["label"],
+        "rows": len(chosen),
+        "bytes": len(table),
+    }
 
 
 def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
@@ -233,18 +276,27 @@ def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     ipc = cfg.distill.ipc
     short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
     if short:
-        raise ConfigError(f"distill.ipc={ipc}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
-                          f"{' ...' if len(short) > 10 else ''}")
+        raise ConfigError(
+            f"distill.ipc={ipc}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
+            f"{' ...' if len(short) > 10 else ''}"
+        )
     shards = train_shards(cfg)
-    chosen = [{**entry, "uri": shards[entry["shard"]]["uri"], "label": c, "index": i}
-              for c, rows in enumerate(candidates) for i, entry in enumerate(rows[:ipc])]
+    chosen = [
+        {**entry, "uri": shards[entry["shard"]]["uri"], "label": c, "index": i}
+        for c, rows in enumerate(candidates)
+        for i, entry in enumerate(rows[:ipc])
+    ]
     clip_bytes = int(np.prod(artifacts.clip_shape(cfg)))
     per_part = max(1, INIT_PART_BYTES // (clip_bytes * ipc)) * ipc
     import ray
 
     task = ray.remote(_write_init_part).options(num_cpus=0.5, max_retries=cfg.ray.max_failures)
-    parts = ray.get([task.remote(cfg, p, chosen[start : start + per_part])
-                     for p, start in enumerate(range(0, len(chosen), per_part))])
+    parts = ray.get(
+        [
+            task.remote(cfg, p, chosen[start : start + per_part])
+            for p, start in enumerate(range(0, len(chosen), per_part))
+        ]
+    )
     return {"ipc": ipc, "init": kind, "parts": parts, "videos": len(chosen)}
 
 
@@ -258,8 +310,20 @@ def run_stats(cfg: DictConfig, tracker=None) -> dict:
     """
     classes = read_manifest(shards_root(cfg))["classes"]
     tags = {"method": cfg.distill.method.value}
-    marker = artifacts.run_stage(cfg, "stats", storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER),
-                                 lambda run_id: _probe_pass(cfg, classes, run_id, tracker), tracker, tags)
-    init = artifacts.run_stage(cfg, "init", storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER),
-                               lambda run_id: _write_init(cfg, classes, run_id, tracker), tracker, tags)
+    marker = artifacts.run_stage(
+        cfg,
+        "stats",
+        storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER),
+        lambda run_id: _probe_pass(cfg, classes, run_id, tracker),
+        tracker,
+        tags,
+    )
+    init = artifacts.run_stage(
+        cfg,
+        "init",
+        storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER),
+        lambda run_id: _write_init(cfg, classes, run_id, tracker),
+        tracker,
+        tags,
+    )
     return {**marker, **init}

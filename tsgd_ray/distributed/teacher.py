@@ -25,8 +25,8 @@ from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import train_workers
-from tsgd_ray.distributed.cluster import check_gpus
 from tsgd_ray.distributed.artifacts import TEACHER_MARKER, new_teacher, run_stage, teacher_dir, teacher_uri
+from tsgd_ray.distributed.cluster import check_gpus
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ def _train_worker(loop_config: dict) -> None:
 
     model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    schedule = training.cosine_schedule(optimizer, t.epochs * train_workers.steps_per_epoch(expected, world, t.batch_size))
+    schedule = training.cosine_schedule(
+        optimizer, t.epochs * train_workers.steps_per_epoch(expected, world, t.batch_size)
+    )
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -59,7 +61,9 @@ def _train_worker(loop_config: dict) -> None:
     for epoch in range(start, t.epochs):
         model.train()
         losses = []
-        stream = ClipStream(shard, expected // world, cfg.data.max_bad_fraction, t.batch_size, shuffle_seed=cfg.seed * 1000 + epoch)
+        stream = ClipStream(
+            shard, expected // world, cfg.data.max_bad_fraction, t.batch_size, shuffle_seed=cfg.seed * 1000 + epoch
+        )
         with train_workers.uneven_inputs(model):
             for batch in stream:
                 x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
@@ -72,9 +76,17 @@ def _train_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
-                torch.save({"model": train_workers.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "schedule": schedule.state_dict(), "generator": generator.get_state(),
-                            "epoch": epoch, "history": history}, Path(folder, "state.pt"))
+                torch.save(
+                    {
+                        "model": train_workers.unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "generator": generator.get_state(),
+                        "epoch": epoch,
+                        "history": history,
+                    },
+                    Path(folder, "state.pt"),
+                )
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"epoch": epoch, "loss": loss}, checkpoint=saved)
 
@@ -93,7 +105,9 @@ def _train(cfg: DictConfig, classes: list[str]) -> tuple[torch.nn.Module, list[d
         _train_worker,
         train_loop_config={"cfg": cfg, "classes": classes, "expected": expected_rows(cfg, "train")},
         scaling_config=train_workers.scaling_config(cfg.teacher, cfg.device),
-        run_config=train_workers.run_config(storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures),
+        run_config=train_workers.run_config(
+            storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures
+        ),
         datasets={"train": dataset},
         dataset_config=train_workers.data_config({"train": dataset}),
     )
@@ -121,11 +135,19 @@ def run_teacher(cfg: DictConfig, tracker=None) -> dict:
         else:
             model, history = _train(cfg, classes)
             source = "trained"
-        storage.write_once(teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source}))
+        storage.write_once(
+            teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
+        )
         digest = hashlib.sha256(storage.read_bytes(teacher_uri(cfg))).hexdigest()  # of what is stored
         if tracker:
             tracker.log_history(run_id, history)
             tracker.set_tags(run_id, {"teacher_sha256": digest, "source": source})
-        return {"uri": teacher_uri(cfg), "sha256": digest, "source": source, "classes": len(classes), "history": history}
+        return {
+            "uri": teacher_uri(cfg),
+            "sha256": digest,
+            "source": source,
+            "classes": len(classes),
+            "history": history,
+        }
 
     return run_stage(cfg, "teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, tracker)

@@ -33,9 +33,12 @@ def run_config(storage_uri: str, name: str, max_failures: int):
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    return RunConfig(name=name, storage_path=storage.absolute(storage_uri),
-                     failure_config=FailureConfig(max_failures=max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=2))
+    return RunConfig(
+        name=name,
+        storage_path=storage.absolute(storage_uri),
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
 
 
 def data_config(datasets: dict):
