@@ -295,10 +295,9 @@ def test_kuberay_rayjobs_run_the_pipeline_from_the_image():
             doc["kind"] == "RayJob" and spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
         )
         _check_cluster_spec(spec["rayClusterSpec"])
-        # the entrypoint runs in the image, where the repository is at IMAGE_HOME
-        entrypoint = spec["entrypoint"].replace(IMAGE_HOME + "/", "")
-        assert spec["entrypoint"].split()[3].startswith(IMAGE_HOME) and IMAGE_HOME in _dockerfile()
-        check_command(shlex.split(entrypoint))
+        # the entrypoint runs in the image, where the package (and its shipped configs) is installed
+        assert spec["entrypoint"].split()[:4] == ["python", "-m", "tsgd_ray", "run"] and IMAGE_HOME in _dockerfile()
+        check_command(shlex.split(spec["entrypoint"]))
         check_runtime_env(json_text=json.dumps(yaml.safe_load(spec["runtimeEnvYAML"])))
     assert job["spec"]["rayClusterSpec"] == _without_token_env(manifests["raycluster.yaml"]["spec"]), (
         "rayjob.yaml and raycluster.yaml drifted"

@@ -293,7 +293,7 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
     teacher_run = next(r for r in children if r.data.tags["stage"] == "teacher")
     assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "loss")] == [0, 1]
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
-    assert client.get_metric_history(distill_run.info.run_id, "p00000/loss")
+    assert len(client.get_metric_history(distill_run.info.run_id, "loss")) >= 2  # the partitions' mean curve
     merge_run = next(r for r in children if r.data.tags["stage"] == "merge")
     logged = {a.path for a in client.list_artifacts(merge_run.info.run_id, "synthetic")}
     assert {"synthetic/manifest.json", "synthetic/previews"} <= logged

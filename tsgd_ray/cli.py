@@ -59,8 +59,8 @@ def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: boo
     from tsgd_ray.plan import make_plan, render
     from tsgd_ray.tracking import Tracker
 
+    catalog = preflight(cfg, stages)  # a user error found here leaves the output root untouched
     with Console(cfg.storage.output_root, command, verbose):
-        catalog = preflight(cfg, stages)
         plan = render(make_plan(cfg)).splitlines()  # before the spend (`tsgd-ray plan` prints the same)
         logging.getLogger("plan").info("%s", "\n".join(plan))  # the log file only
         log.info("%s", plan[-1])
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tsgd_ray").setLevel(logging.INFO)  # before a Console opens (preflight) and after
     options = {"gpu": args.gpu} if args.command == "plan" else {}
     if args.command == "export":
         options.update(to=args.to, fmt=args.fmt, method=args.method)
