@@ -122,3 +122,36 @@ def test_the_mlflow_run_reads_like_a_training_project(finished_run):
     distill = next(r for r in children if r.info.run_name == "distill" and "loss" in r.data.metrics)
     assert not [k for k in distill.data.metrics if k.startswith("p0")]  # one curve, not one per partition
     assert len(client.get_metric_history(distill.info.run_id, "loss")) >= 2
+
+
+def test_the_trained_teacher_is_an_mlflow_model_that_teacher_checkpoint_takes_back(finished_run):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from tsgd_ray.config import ConfigError, load_config
+    from tsgd_ray.distributed.artifacts import teacher_uri
+    from tsgd_ray.distributed.teacher import run_teacher
+
+    root, _ = finished_run
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tsgd-ray-default")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags)
+    model_uri = parent.data.tags["teacher_model"]
+    assert re.fullmatch(r"models:/m-[0-9a-f]+", model_uri)
+    trained = load_config("default", [f"storage.output_root={root}", *SMALL])
+    imported = load_config("default", [f"storage.output_root={root}", *SMALL, f"teacher.checkpoint={model_uri}"])
+    assert imported.teacher.checkpoint == model_uri  # not taken for a relative path
+    assert run_teacher(imported)["source"] == "imported"
+
+    def weights(cfg):
+        return torch.load(teacher_uri(cfg), weights_only=True)["state_dict"]
+
+    assert teacher_uri(imported) != teacher_uri(trained)
+    assert all(torch.equal(a, b) for a, b in zip(weights(imported).values(), weights(trained).values()))
+    missing = load_config(
+        "default", [f"storage.output_root={root / 'other'}", "teacher.checkpoint=runs:/0123abcd/teacher.pt"]
+    )
+    with pytest.raises(ConfigError, match=r"teacher.checkpoint: cannot fetch runs:/0123abcd/teacher.pt"):
+        from tsgd_ray.tracking import read_mlflow_checkpoint
+
+        read_mlflow_checkpoint(missing, missing.teacher.checkpoint)

@@ -552,7 +552,7 @@ PATH_KEYS = (
 def _absolute_local_paths(cfg: DictConfig) -> None:
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if value and "://" not in value and not os.path.isabs(value):
+        if value and ":/" not in value and not os.path.isabs(value):  # not s3://..., runs:/..., models:/...
             OmegaConf.update(cfg, key, os.path.abspath(value))
 
 

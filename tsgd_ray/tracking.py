@@ -255,6 +255,23 @@ class Tracker:
         """An (H, W, 3) uint8 array as a PNG artifact `name`."""
         self.client.log_image(run_id, image, artifact_file=name)
 
+    def log_teacher(self, run_id: str, checkpoint: bytes, meta: dict[str, Any]) -> str:
+        """Log a teacher checkpoint (and `meta`: model, width, depth, classes...) as an MLflow model
+        of the stage's run; returns its URI ``models:/<model id>``, which `teacher.checkpoint` takes."""
+        model = self.client.create_logged_model(
+            self.experiment_id,
+            name="teacher",
+            source_run_id=run_id,
+            params={k: str(v) for k, v in meta.items()},
+            model_type="tsgd-ray-teacher",
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "teacher.pt").write_bytes(checkpoint)
+            Path(tmp, "teacher.json").write_text(json.dumps(meta, indent=2))
+            self.client.log_model_artifacts(model.model_id, tmp)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return f"models:/{model.model_id}"
+
     def log_text(self, run_id: str, name: str, text: str) -> None:
         self.log_bytes(run_id, name, text.encode())
 
@@ -265,6 +282,68 @@ class Tracker:
             path.write_bytes(data)
             folder = str(Path(name).parent)
             self.client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
+
+
+def live_curve(uri: str, run_id: str, step: str = "epoch"):
+    """A Ray Train callback that logs rank 0's reported metrics to run `run_id` as they come (the
+    value of `step` as the step, every other number as a metric). It runs in the Ray Train
+    controller, so the workers hold no MLflow state; the controller's client is made on first use."""
+    from ray.train import UserCallback
+
+    class LiveCurve(UserCallback):
+        def __init__(self):
+            self.client = None
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            reported = metrics[0] if metrics else {}
+            if step not in reported:
+                return
+            self.client = self.client or MlflowClient(tracking_uri=uri)
+            now = int(time.time() * 1000)
+            points = [
+                Metric(k, float(v), now, int(reported[step]))
+                for k, v in reported.items()
+                if k != step and isinstance(v, (int, float))
+            ]
+            self.client.log_batch(run_id, metrics=points)
+
+        def __getstate__(self) -> dict:
+            return {"client": None}
+
+    return LiveCurve()
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    return uri.startswith(("runs:/", "models:/"))
+
+
+def read_mlflow_checkpoint(cfg: DictConfig, uri: str) -> bytes:
+    """The checkpoint behind an MLflow URI at the config's tracking URI: ``runs:/<run id>/<path>``,
+    ``models:/<model id>`` (a teacher `Tracker.log_teacher` logged) or ``models:/<name>/<version>``.
+    A folder must hold exactly one .pt or .safetensors file.
+
+    Raises:
+        ConfigError: the URI cannot be fetched, or names no single checkpoint file.
+    """
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri(cfg))
+            )
+        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, ...: all say the URI is unusable
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"teacher.checkpoint: cannot fetch {uri} from {redact(tracking_uri(cfg))}: {message}"
+            ) from None
+        files = [path] if path.is_file() else sorted([*path.rglob("*.pt"), *path.rglob("*.safetensors")])
+        if len(files) != 1:
+            raise ConfigError(f"teacher.checkpoint: {uri} holds {len(files)} checkpoint files, expected one")
+        return files[0].read_bytes()
 
 
 def compare_runs(cfg: DictConfig, limit: int = 10) -> str:

@@ -27,6 +27,7 @@ from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import train_workers
 from tsgd_ray.distributed.artifacts import TEACHER_MARKER, new_teacher, run_stage, teacher_dir, teacher_uri
 from tsgd_ray.distributed.cluster import check_gpus
+from tsgd_ray.tracking import is_mlflow_uri, live_curve, read_mlflow_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def _train_worker(loop_config: dict) -> None:
             ray.train.report({"epoch": epoch, "loss": loss}, checkpoint=saved)
 
 
-def _train(cfg: DictConfig, classes: list[str]) -> tuple[torch.nn.Module, list[dict]]:
+def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train the teacher with Ray Train; `curve`: a controller-side callback (`tracking.live_curve`)."""
     from ray.train.torch import TorchTrainer
 
     model = new_teacher(cfg, len(classes))
@@ -106,7 +108,7 @@ def _train(cfg: DictConfig, classes: list[str]) -> tuple[torch.nn.Module, list[d
         train_loop_config={"cfg": cfg, "classes": classes, "expected": expected_rows(cfg, "train")},
         scaling_config=train_workers.scaling_config(cfg.teacher, cfg.device),
         run_config=train_workers.run_config(
-            storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures
+            storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures, [curve] if curve else []
         ),
         datasets={"train": dataset},
         dataset_config=train_workers.data_config({"train": dataset}),
@@ -129,19 +131,32 @@ def run_teacher(cfg: DictConfig, tracker=None) -> dict:
     classes = read_manifest(shards_root(cfg))["classes"]
 
     def work(run_id) -> dict:
-        if cfg.teacher.checkpoint:
-            model = load_checkpoint(new_teacher(cfg, len(classes)), storage.read_bytes(cfg.teacher.checkpoint), classes)
+        source_uri = cfg.teacher.checkpoint
+        if source_uri:
+            data = (
+                read_mlflow_checkpoint(cfg, source_uri) if is_mlflow_uri(source_uri) else storage.read_bytes(source_uri)
+            )
+            model = load_checkpoint(new_teacher(cfg, len(classes)), data, classes)
             history, source = [], "imported"
         else:
-            model, history = _train(cfg, classes)
+            model, history = _train(cfg, classes, live_curve(tracker.uri, run_id) if tracker else None)
             source = "trained"
         storage.write_once(
             teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
         )
-        digest = hashlib.sha256(storage.read_bytes(teacher_uri(cfg))).hexdigest()  # of what is stored
-        if tracker:
-            tracker.log_history(run_id, history)
+        stored = storage.read_bytes(teacher_uri(cfg))
+        digest = hashlib.sha256(stored).hexdigest()  # of what is stored
+        if tracker:  # the trained teacher's curve was logged live, epoch by epoch
             tracker.set_tags(run_id, {"teacher_sha256": digest, "source": source})
+            if source == "trained":  # reusable elsewhere as teacher.checkpoint=models:/<id>
+                t = cfg.teacher
+                model_uri = tracker.log_teacher(
+                    run_id,
+                    stored,
+                    {"model": t.model, "width": t.width, "depth": t.depth, "classes": len(classes), "sha256": digest},
+                )
+                tracker.set_tags(tracker.run_id, {"teacher_model": model_uri})
+                log.info("teacher: logged to MLflow as %s (teacher.checkpoint=%s reuses it)", model_uri, model_uri)
         return {
             "uri": teacher_uri(cfg),
             "sha256": digest,

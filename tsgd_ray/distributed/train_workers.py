@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -26,8 +27,9 @@ def scaling_config(section, device: str):
     return ScalingConfig(num_workers=section.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-def run_config(storage_uri: str, name: str, max_failures: int):
-    """A RunConfig whose checkpoints live at `storage_uri`/`name` (local path or s3://...).
+def run_config(storage_uri: str, name: str, max_failures: int, callbacks: Sequence = ()):
+    """A RunConfig whose checkpoints live at `storage_uri`/`name` (local path or s3://...), with
+    controller-side `callbacks` (e.g. `tracking.live_curve`).
 
     Rerunning with the same `storage_uri` and `name` resumes from the latest checkpoint.
     """
@@ -38,6 +40,7 @@ def run_config(storage_uri: str, name: str, max_failures: int):
         storage_path=storage.absolute(storage_uri),
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
+        callbacks=list(callbacks),
     )
 
 
