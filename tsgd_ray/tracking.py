@@ -332,9 +332,9 @@ def read_mlflow_checkpoint(cfg: DictConfig, uri: str) -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = Path(
-                mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri(cfg))
-            )
+            store = tracking_uri(cfg)
+            source = _artifact_source(uri, store)
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=store))
         except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, ...: all say the URI is unusable
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
@@ -344,6 +344,22 @@ def read_mlflow_checkpoint(cfg: DictConfig, uri: str) -> bytes:
         if len(files) != 1:
             raise ConfigError(f"teacher.checkpoint: {uri} holds {len(files)} checkpoint files, expected one")
         return files[0].read_bytes()
+
+
+def _artifact_source(uri: str, store: str) -> str:
+    """Where the artifacts behind a ``models:/`` URI live, looked up in `store` (MLflow's own
+    resolution of a logged model's id asks the process-wide tracking URI, not the one given)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    name = uri.removeprefix("models:/")
+    if not uri.startswith("models:/"):
+        return uri
+    if re.fullmatch(r"m-[0-9a-f]+", name):  # a logged model
+        return client.get_logged_model(name).artifact_location
+    if re.fullmatch(r"[^/@]+/[0-9]+", name):  # a registered model's version
+        return _artifact_source(client.get_model_version_download_uri(*name.split("/")), store)
+    return uri
 
 
 def compare_runs(cfg: DictConfig, limit: int = 10) -> str:
