@@ -172,3 +172,6 @@ def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(ray_session, 
         assert code == 2, (command, err)
         assert err.splitlines()[-1].startswith(f"tsgd-ray {command}: error: {start}"), err
         assert "Traceback" not in err
+        if command != "evaluate":  # evaluate's error is found in preflight, before any log file opens
+            logs = (tmp_path / "out" / "logs").glob(f"{command}-*.log")
+            assert "Traceback" in max(logs, key=lambda p: p.stat().st_mtime).read_text()  # the chain, kept

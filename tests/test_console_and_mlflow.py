@@ -119,6 +119,9 @@ def test_the_mlflow_run_reads_like_a_training_project(finished_run):
         (r for r in runs if r.info.run_name.startswith("evaluate/tsgd/seed-")), key=lambda r: r.info.run_name
     )
     assert len(seeds) == 2 and seeds[0].info.start_time < seeds[1].info.start_time
+    for seed in seeds:  # logged live from the Ray Train controller, epoch by epoch
+        assert [m.step for m in client.get_metric_history(seed.info.run_id, "loss")] == [0, 1]
+        assert seed.info.status == "FINISHED" and "top1" in seed.data.metrics
     distill = next(r for r in children if r.info.run_name == "distill" and "loss" in r.data.metrics)
     assert not [k for k in distill.data.metrics if k.startswith("p0")]  # one curve, not one per partition
     assert len(client.get_metric_history(distill.info.run_id, "loss")) >= 2

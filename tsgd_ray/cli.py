@@ -150,7 +150,6 @@ def run_command(name: str, config: str, overrides: Sequence[str], **options) -> 
         error = find_user_error(exc)
         if error is None:
             raise
-        log.debug("user error", exc_info=exc)  # the whole chain, in the log file only
         print(f"tsgd-ray {name}: error: {error}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from typing import Optional, TextIO
 
@@ -117,10 +118,12 @@ class Console:
         logging.getLogger(__name__).info("log file: %s", self.uri)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         global _stdout
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        if exc is not None:  # the whole chain, in the file; the console gets one line (cli)
+            self.file.write("".join(traceback.format_exception(exc_type, exc, tb)))
         sys.stdout, sys.stderr, _stdout = self.saved
         root = logging.getLogger()
         for handler in self.handlers:

@@ -199,6 +199,21 @@ class Tracker:
         self._open.append(run.info.run_id)
         return run.info.run_id
 
+    def find_child(self, parent: str, name: str) -> Optional[str]:
+        """The id of `parent`'s child run named `name` (e.g. one `live_curve` opened), or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{name}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def fail_children(self, parent: str) -> None:
+        """Mark `parent`'s children that are still running FAILED (after the work failed)."""
+        for run in self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"):
+            if run.info.status == "RUNNING":
+                self.finish(run.info.run_id, "FAILED")
+
     def finish(self, run_id: str, status: str = "FINISHED", end_time: Optional[float] = None) -> None:
         self.client.set_terminated(run_id, status, end_time=int(1000 * end_time) if end_time else None)
         if run_id in self._open:
@@ -284,15 +299,19 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
 
 
-def live_curve(uri: str, run_id: str, step: str = "epoch"):
+def live_curve(uri: str, run_id: str, step: str = "epoch", child: Optional[tuple[str, str]] = None):
     """A Ray Train callback that logs rank 0's reported metrics to run `run_id` as they come (the
-    value of `step` as the step, every other number as a metric). It runs in the Ray Train
-    controller, so the workers hold no MLflow state; the controller's client is made on first use."""
+    value of `step` as the step, every other number as a metric; reports without `step` are
+    skipped). With `child=(key, name)`, each value v of the reported `key` gets its own child run
+    of `run_id`, named `name.format(v)`, opened at its first report (`Tracker.find_child` finds it).
+
+    It runs in the Ray Train controller, so the workers hold no MLflow state; the controller's
+    client is made on first use."""
     from ray.train import UserCallback
 
     class LiveCurve(UserCallback):
         def __init__(self):
-            self.client = None
+            self.client, self.runs = None, {}
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             from mlflow.entities import Metric
@@ -302,16 +321,27 @@ def live_curve(uri: str, run_id: str, step: str = "epoch"):
             if step not in reported:
                 return
             self.client = self.client or MlflowClient(tracking_uri=uri)
+            target = run_id
+            if child:
+                key, name = child
+                value = reported.get(key)
+                if value not in self.runs:
+                    experiment = self.client.get_run(run_id).info.experiment_id
+                    tags = {"mlflow.parentRunId": run_id, "stage": name.format(value)}
+                    self.runs[value] = self.client.create_run(
+                        experiment, run_name=name.format(value), tags=tags
+                    ).info.run_id
+                target = self.runs[value]
             now = int(time.time() * 1000)
             points = [
                 Metric(k, float(v), now, int(reported[step]))
                 for k, v in reported.items()
-                if k != step and isinstance(v, (int, float))
+                if k not in (step, child and child[0]) and isinstance(v, (int, float))
             ]
-            self.client.log_batch(run_id, metrics=points)
+            self.client.log_batch(target, metrics=points)
 
         def __getstate__(self) -> dict:
-            return {"client": None}
+            return {"client": None, "runs": {}}
 
     return LiveCurve()
 

@@ -32,6 +32,7 @@ from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
 from tsgd_ray.distributed import artifacts, train_workers
 from tsgd_ray.distributed.artifacts import clip_size, load_teacher, seed_uri
 from tsgd_ray.distributed.cluster import check_gpus
+from tsgd_ray.tracking import live_curve
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def _student_worker(loop_config: dict) -> None:
             history.append({"step": epoch, "time": time.time(), **metrics})  # noqa: B023 - called in this iteration
             if rank == 0:
                 progress.update(epoch + 1, **metrics)  # noqa: B023
+            ray.train.report({"seed": seed, "epoch": epoch, **metrics})  # noqa: B023 - every rank: the live curve
 
         if method == Method.full:
             history = _fit_on_stream(
@@ -194,6 +196,8 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
     manifest = read_manifest(shards_root(cfg))
     classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
 
+    seed_name = f"evaluate/{method.value}/seed-{{}}"
+
     def work(run_id) -> dict:
         from ray.train.torch import TorchTrainer
 
@@ -214,20 +218,29 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
             },
             scaling_config=train_workers.scaling_config(cfg.evaluate, cfg.device),
             run_config=train_workers.run_config(
-                storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"), "students", cfg.ray.max_failures
+                storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"),
+                "students",
+                cfg.ray.max_failures,
+                [live_curve(tracker.uri, run_id, child=("seed", seed_name))] if tracker else [],
             ),
             datasets=datasets,
             dataset_config=train_workers.data_config(datasets),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except BaseException:
+            if tracker:
+                tracker.fail_children(run_id)  # seed runs the live curve opened
+            raise
         per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
         results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split}
         if tracker:
             for r in per_seed:
-                # opened and closed at the times the seed ran (its results come back together)
-                started = r.get("started")
-                seed_run = tracker.child(f"evaluate/{method.value}/seed-{r['seed']}", parent=run_id, start_time=started)
-                tracker.log_history(seed_run, r["history"])
+                name, started = seed_name.format(r["seed"]), r.get("started")
+                seed_run = tracker.find_child(run_id, name)  # opened live when the seed started
+                if seed_run is None:  # `full` (no per-epoch reports), or a seed of an earlier invocation
+                    seed_run = tracker.child(name, parent=run_id, start_time=started)
+                    tracker.log_history(seed_run, r["history"])
                 tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
                 tracker.finish(seed_run, end_time=started + r["seconds"] if started else None)
             tracker.log_metrics(
