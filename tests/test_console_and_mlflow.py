@@ -72,13 +72,16 @@ def test_the_console_is_quiet_and_the_log_file_keeps_everything(finished_run):
     assert re.search(r"distill: 8/8 partitions", console)
     assert "| tsgd | 1 |" in console and "teacher (the ceiling)" in console
     assert f"mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db" in console
+    assert re.search(
+        r"open http://127.0.0.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning", console
+    )
     logs = list((root / "logs").glob("run-*.log"))
     assert len(logs) == 1
     kept = logs[0].read_text()
     assert len(kept.splitlines()) > len(lines)
     assert "Started a local Ray instance" in kept or "Ray resources" in kept
     for line in lines:  # every console line is in the file too (but the table and the MLflow lines)
-        if line.startswith(("|", "MLflow:", "  mlflow ui", "teacher (the ceiling)", "[20")):
+        if line.startswith(("|", "MLflow:", "  mlflow ui", "  then open", "teacher (the ceiling)", "[20")):
             continue
         assert line.split(" ", 1)[-1] in kept, line
 

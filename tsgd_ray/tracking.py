@@ -172,13 +172,14 @@ class Tracker:
         return f"{redact(self.uri)} experiment={self.experiment_id} run={self.run_id}"
 
     def summary(self) -> str:
-        """What to open next: the run, and the `mlflow ui` command for a local store."""
+        """What to open next: the run's page (in the UI's model-training view: MLflow 3's UI opens
+        in its GenAI view unless the URL asks otherwise), and `mlflow ui` for a local store."""
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
         lines = [f"MLflow: {self.location}"]
         if self.uri.startswith("sqlite:"):
-            lines.append(
-                f"  mlflow ui --backend-store-uri {self.uri}   # then open runs/{self.run_id} "
-                f"in experiment {self.experiment_id}"
-            )
+            lines += [f"  mlflow ui --backend-store-uri {self.uri}", f"  then open http://127.0.0.1:5000/{page}"]
+        elif self.uri.startswith(("http://", "https://")):
+            lines.append(f"  open {redact(self.uri).rstrip('/')}/{page}")
         return "\n".join(lines)
 
     def child(
