@@ -111,7 +111,6 @@ def test_cli_reports_config_errors_in_one_line_and_exit_2(capsys, monkeypatch):
 def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     """Ray Train workers run in their own working directory: a relative path must not reach them."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").mkdir()
     cfg = load_config(
         None,
         ["storage.output_root=outputs/run", "data.shards=s3://bucket/shards", "teacher.checkpoint=ckpt/teacher.pt"],
@@ -119,3 +118,29 @@ def test_relative_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatc
     assert cfg.storage.output_root == str(tmp_path / "outputs" / "run")
     assert cfg.teacher.checkpoint == str(tmp_path / "ckpt" / "teacher.pt")
     assert cfg.data.shards == "s3://bucket/shards" and cfg.storage.cache_root == ""
+
+
+def test_derived_defaults_are_resolved_at_load_and_shown(tmp_path, monkeypatch, capsys):
+    """`tsgd-ray config` (and the MLflow params) show the values the stages use, not empty keys."""
+    from tsgd_ray.cli import main
+    from tsgd_ray.distributed.artifacts import teacher_key
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config("default", [f"storage.output_root={tmp_path / 'out'}", "distill.actors=3", "tsgf.window=2"])
+    assert cfg.data.shards == str(tmp_path / "out" / "shards")
+    assert cfg.distill.partitions == 12  # 4 per actor
+    assert (cfg.evaluate.model, cfg.evaluate.width, cfg.evaluate.depth) == ("mini_c3d", 16, cfg.teacher.depth)
+    assert list(cfg.tsgf.alpha) == [1.0] * 5
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert not (tmp_path / "out").exists()  # resolving creates nothing
+    remote = load_config("default", ["storage.output_root=s3://bucket/run", "tracking.tracking_uri=http://mlflow:5000"])
+    assert remote.data.shards == "s3://bucket/run/shards" and remote.tracking.tracking_uri == "http://mlflow:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert load_config("default").tracking.tracking_uri == "http://from-env:5000"
+    # where the shards live does not change what a stage computes
+    moved = load_config("default", [f"storage.output_root={tmp_path / 'out'}", f"data.shards={tmp_path / 'elsewhere'}"])
+    assert teacher_key(moved) == teacher_key(load_config("default", [f"storage.output_root={tmp_path / 'out'}"]))
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "default", "storage.output_root=out"]) == 0
+    shown = capsys.readouterr().out
+    assert f"shards: {tmp_path / 'out' / 'shards'}" in shown and "partitions: 8" in shown

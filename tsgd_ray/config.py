@@ -578,8 +578,30 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise _as_config_error(exc) from None
     validate(cfg)
     _absolute_local_paths(cfg)
+    _resolve_derived(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _resolve_derived(cfg: DictConfig) -> None:
+    """Fill the defaults that derive from other keys, so that the config `tsgd-ray config` prints
+    and MLflow records holds the values used: data.shards (<output_root>/shards), distill.partitions
+    (4 per actor), evaluate.model/width/depth (the teacher's), tsgf.alpha ((0.25, 0.5, 0.25) for
+    window 1, else uniform) and tracking.tracking_uri (MLFLOW_TRACKING_URI, else sqlite in a local
+    output root, else ./mlflow.db). Nothing is created here."""
+    root = cfg.storage.output_root
+    if not cfg.data.shards:
+        cfg.data.shards = f"{root.rstrip('/')}/shards"
+    d, e, t = cfg.distill, cfg.evaluate, cfg.teacher
+    d.partitions = d.partitions or 4 * d.actors
+    e.model, e.width, e.depth = e.model or t.model, e.width or t.width, e.depth or t.depth
+    if not cfg.tsgf.alpha:
+        cfg.tsgf.alpha = [0.25, 0.5, 0.25] if cfg.tsgf.window == 1 else [1.0] * (2 * cfg.tsgf.window + 1)
+    if not cfg.tracking.tracking_uri:
+        local = "://" not in root  # made absolute by _absolute_local_paths
+        cfg.tracking.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+            f"sqlite:///{os.path.join(root, 'mlflow.db')}" if local else f"sqlite:///{os.path.abspath('mlflow.db')}"
+        )
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -34,7 +34,9 @@ when this file and the schema differ.
 A config is built as **schema (the defaults below) <- a YAML file <- `key=value` overrides**. The
 YAML file is a path or the name of a config shipped in `tsgd_ray/configs/` (`default`, `ucf101`, `hmdb51`,
 `kinetics400`, `ssv2`), found from any directory.
-`tsgd-ray config CONFIG [key=value ...]` prints the resolved result. An unknown key, a wrong type or
+`tsgd-ray config CONFIG [key=value ...]` prints the resolved result: keys whose default derives
+from others (data.shards, distill.partitions, evaluate.model/width/depth, tsgf.alpha,
+tracking.tracking_uri) are filled in at load, so it shows, and MLflow records, the values used. An unknown key, a wrong type or
 a value out of range stops the program before any Ray work, with a message naming the full key.
 Lists are written `key=[a,b]` on the command line.
 """

@@ -60,15 +60,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def tracking_uri(cfg: DictConfig) -> str:
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = storage.absolute(cfg.storage.output_root)
-    if storage.is_local(root):
-        os.makedirs(root, exist_ok=True)
-        return f"sqlite:///{Path(root, 'mlflow.db')}"
-    return f"sqlite:///{Path('mlflow.db').absolute()}"
+    """tracking.tracking_uri (`load_config` fills it in when empty); a sqlite file's folder is
+    created here, on first use."""
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+    return uri
 
 
 def _artifact_location(cfg: DictConfig, uri: str) -> Optional[str]:

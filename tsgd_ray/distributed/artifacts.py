@@ -58,6 +58,7 @@ RESULTS = "results.json"
 # Settings that do not change a stage's result.
 _EXECUTION_ONLY = {
     "data": (
+        "shards",  # where the shards live, not what they hold (their manifest names that)
         "decode_actors",
         "decode_cpus_per_actor",
         "decode_batch_size",
