@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import lease, storage
 from tsgd_ray.config import to_dict
+from tsgd_ray.console import Progress
 from tsgd_ray.data.catalog import Catalog, build_catalog
 from tsgd_ray.data.shards import (
     MANIFEST,
@@ -226,7 +227,12 @@ def _prepare(cfg: DictConfig, catalog: Catalog) -> dict:
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=cfg.data.prepare_concurrency or None),
     )
-    summaries = sorted((json.loads(r["summary"]) for r in ds.take_all()), key=lambda s: s["path"])
+    progress = Progress("prepare", len(plans), "shard")
+    summaries = []
+    for row in ds.iter_rows():  # shards as they are written, in any order
+        summaries.append(json.loads(row["summary"]))
+        progress.update(len(summaries), videos=sum(s["rows"] for s in summaries))
+    summaries.sort(key=lambda s: s["path"])
     manifest = build_manifest(cfg, catalog, summaries, digest)
     storage.write_json_once(storage.join(root, MANIFEST), manifest)
     if manifest["skipped"]:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import MAX_IPC, ConfigError
+from tsgd_ray.console import Progress
 from tsgd_ray.core.augment import keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
 from tsgd_ray.core.clips import to_model_input
@@ -159,9 +160,13 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     expected = sum(s["rows"] for s in shards)
     max_bad = int(cfg.data.max_bad_fraction * expected)
     bad: dict[int, list[str]] = {}
+    progress = Progress("stats", len(shards), "shard")
+    probed: list[int] = []  # clips per finished shard
 
     def on_result(shard: int, result: dict) -> None:
         bad[shard] = result["bad"]
+        probed.append(result["clips"])
+        progress.update(len(bad), clips=sum(probed))
         total = sum(map(len, bad.values()))
         if total > max_bad:
             examples = [e for errors in bad.values() for e in errors][:3]
