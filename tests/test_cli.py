@@ -175,3 +175,26 @@ def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(ray_session, 
         if command != "evaluate":  # evaluate's error is found in preflight, before any log file opens
             logs = (tmp_path / "out" / "logs").glob(f"{command}-*.log")
             assert "Traceback" in max(logs, key=lambda p: p.stat().st_mtime).read_text()  # the chain, kept
+
+
+def test_the_log_file_of_a_run_in_object_storage_is_uploaded_at_the_end(s3_root, capsys):
+    import logging
+
+    from tsgd_ray import storage
+    from tsgd_ray.console import Console, echo
+
+    with Console(s3_root, "teacher") as console:
+        logging.getLogger("tsgd_ray.test").info("the project's line")
+        logging.getLogger("ray.data").info("Ray's own line")
+        print("(RayTrainWorker pid=1) a worker's line")
+        print("(RayTrainWorker pid=1) [tsgd-ray] teacher: epoch 1/2, loss 1.0")
+        echo("| the results |")
+        assert not storage.exists(console.uri)  # written locally while the command runs
+    out, err = capsys.readouterr()
+    kept = storage.read_bytes(console.uri).decode()
+    assert console.uri.startswith(f"{s3_root}/logs/teacher-")
+    for line in ("the project's line", "Ray's own line", "a worker's line", "[tsgd-ray] teacher: epoch 1/2"):
+        assert line in kept
+    shown = out + err
+    assert "the project's line" in shown and "[tsgd-ray] teacher: epoch 1/2" in shown and "| the results |" in out
+    assert "Ray's own line" not in shown and "a worker's line" not in shown

@@ -13,6 +13,7 @@ import torch
 from stage_helpers import imported_config, teacher_file
 
 import tsgd_ray
+from tsgd_ray import storage
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import TemporalSampling, to_yaml
 from tsgd_ray.core.clips import to_model_input
@@ -102,3 +103,22 @@ def test_export_round_trips_every_format(merged, tmp_path, capsys):
     assert "already holds an export" in capsys.readouterr().err
     with pytest.raises(ExportError, match="no merged synthetic set at"):
         SyntheticVideos(str(tmp_path))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_set_in_object_storage_reads_and_exports_the_same(merged, s3_root, tmp_path):
+    from pathlib import Path
+
+    from conftest import upload_tree
+    from safetensors.torch import load_file
+
+    from tsgd_ray.synthetic import export
+
+    upload_tree(Path(synthetic_dir(merged)), f"{s3_root}/synthetic")
+    local, remote = SyntheticVideos(synthetic_dir(merged)), SyntheticVideos(f"{s3_root}/synthetic/")
+    assert len(remote) == len(local) and remote.classes == local.classes
+    assert all(torch.equal(remote[i][0], local[i][0]) for i in (0, 9, 15))
+    summary = export(f"{s3_root}/synthetic", f"{s3_root}/exported", "safetensors")
+    (tmp_path / "part.safetensors").write_bytes(storage.read_bytes(f"{s3_root}/exported/{summary['files'][0]}"))
+    assert torch.equal(load_file(str(tmp_path / "part.safetensors"))["labels"], local.labels)
