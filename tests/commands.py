@@ -83,11 +83,11 @@ def _check_paths(argv: Sequence[str]) -> None:
 
 
 def _check_tsgd_ray(argv: Sequence[str]) -> None:
-    from tsgd_ray.cli import build_parser
+    from tsgd_ray.cli import parse_args
     from tsgd_ray.config import load_config
 
     try:
-        args = build_parser().parse_args(list(argv))
+        args = parse_args(list(argv))
     except SystemExit as exc:
         if exc.code == 0 and argv[-1] in ("--version", "--help", "-h"):
             return

@@ -198,3 +198,20 @@ def test_the_log_file_of_a_run_in_object_storage_is_uploaded_at_the_end(s3_root,
     shown = out + err
     assert "the project's line" in shown and "[tsgd-ray] teacher: epoch 1/2" in shown and "| the results |" in out
     assert "Ray's own line" not in shown and "a worker's line" not in shown
+
+
+def test_options_and_overrides_mix_in_any_order():
+    from tsgd_ray.cli import parse_args
+
+    for argv in (
+        ["run", "default", "--verbose", "distill.ipc=2", "seed=3"],
+        ["run", "--verbose", "default", "distill.ipc=2", "seed=3"],
+    ):
+        args = parse_args(argv)
+        assert args.verbose and args.config == "default" and args.overrides == ["distill.ipc=2", "seed=3"]
+    args = parse_args(["export", "default", "seed=3", "--to", "/tmp/x", "distill.ipc=2", "--format", "mp4"])
+    assert (args.to, args.fmt, args.overrides) == ("/tmp/x", "mp4", ["seed=3", "distill.ipc=2"])
+    with pytest.raises(SystemExit):
+        parse_args(["run", "default", "--loud"])
+    with pytest.raises(SystemExit):
+        parse_args(["run", "default", "--verbose", "distill.ipc=2", "stray"])
