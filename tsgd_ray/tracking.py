@@ -304,7 +304,8 @@ def live_curve(uri: str, run_id: str, step: str = "epoch", child: Optional[tuple
     of `run_id`, named `name.format(v)`, opened at its first report (`Tracker.find_child` finds it).
 
     It runs in the Ray Train controller, so the workers hold no MLflow state; the controller's
-    client is made on first use."""
+    client is made on first use. Ray Train pins the controller to the driver's node, so a sqlite
+    store on the driver's disk is the same file."""
     from ray.train import UserCallback
 
     class LiveCurve(UserCallback):
