@@ -185,7 +185,7 @@ def test_the_log_file_of_a_run_in_object_storage_is_uploaded_at_the_end(s3_root,
 
     with Console(s3_root, "teacher") as console:
         logging.getLogger("tsgd_ray.test").info("the project's line")
-        logging.getLogger("ray.data").info("Ray's own line")
+        logging.getLogger("some.library").info("Ray's own line")  # a library logger that propagates
         print("(RayTrainWorker pid=1) a worker's line")
         print("(RayTrainWorker pid=1) [tsgd-ray] teacher: epoch 1/2, loss 1.0")
         echo("| the results |")
@@ -215,3 +215,15 @@ def test_options_and_overrides_mix_in_any_order():
         parse_args(["run", "default", "--loud"])
     with pytest.raises(SystemExit):
         parse_args(["run", "default", "--verbose", "distill.ipc=2", "stray"])
+
+
+def test_a_stream_kept_after_its_command_still_writes(tmp_path, capsys):
+    """A handler made while a console was open (Ray's, bound at import) keeps its stream."""
+    import sys
+
+    from tsgd_ray.console import Console
+
+    with Console(str(tmp_path), "prepare"):
+        kept = sys.stderr
+    kept.write("after the command\n")
+    assert "after the command" in capsys.readouterr().err

@@ -62,17 +62,19 @@ class _Tee(io.TextIOBase):
     def write(self, text: str) -> int:
         self._partial += text
         *lines, self._partial = self._partial.split("\n")
+        closed = self.log.closed  # a handler that outlived its command (e.g. Ray's) writes through
         for line in lines:
-            self.log.write(line + "\n")
-            if (self.verbose or MARKER in line or _SHOW.search(line)) and line != _Tee.shown:
+            if not closed:
+                self.log.write(line + "\n")
+            if (closed or self.verbose or MARKER in line or _SHOW.search(line)) and line != _Tee.shown:
                 self.real.write(line + "\n")
                 _Tee.shown = line  # Ray may forward a worker's line twice, on stdout and stderr
-        self.log.flush()
-        self.real.flush()
+        self.flush()
         return len(text)
 
     def flush(self) -> None:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         self.real.flush()
 
     def isatty(self) -> bool:
