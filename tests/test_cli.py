@@ -227,3 +227,17 @@ def test_a_stream_kept_after_its_command_still_writes(tmp_path, capsys):
         kept = sys.stderr
     kept.write("after the command\n")
     assert "after the command" in capsys.readouterr().err
+
+
+def test_a_bug_raised_while_handling_a_user_error_stays_a_bug():
+    try:
+        try:
+            raise ConfigError("a user's mistake")
+        except ConfigError:
+            raise RuntimeError("a bug in the handler")  # noqa: B904 - the implicit context is the point
+    except RuntimeError as bug:
+        assert find_user_error(bug) is None
+    cause = ConfigError("a user's mistake")
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = cause  # raise RuntimeError(...) from cause
+    assert find_user_error(wrapped) is cause

@@ -26,7 +26,8 @@ def find_user_error(exc: BaseException, depth: int = 0) -> Optional[UserError]:
     if isinstance(cause, BaseException):
         inner.append(cause)
     inner += list(getattr(exc, "worker_failures", {}).values())  # ray.train WorkerGroupError
-    for name in ("controller_failure", "__cause__", "__context__"):
+    # `raise ... from` only: a bug raised while handling a user error (__context__) stays a bug
+    for name in ("controller_failure", "__cause__"):
         value = getattr(exc, name, None)
         if isinstance(value, BaseException):
             inner.append(value)

@@ -151,7 +151,7 @@ def _distill_stage(
     d, g = cfg.distill, GPUS[gpu]
     videos = classes * d.ipc
     partitions = max(
-        d.partitions or 4 * d.actors,
+        d.partitions,
         math.ceil(videos / d.max_videos_per_partition) if d.max_videos_per_partition else 0,
     )
     partitions = max(1, min(partitions, classes or 1))
@@ -193,7 +193,7 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     clip_bytes = 3 * math.prod(size)
     t, s, d, e = cfg.teacher, cfg.stats, cfg.distill, cfg.evaluate
     teacher = model_cost(t.model, t.width, t.depth, size, max(classes, 1))
-    student = model_cost(e.model or t.model, e.width or t.width, e.depth or t.depth, size, max(classes, 1))
+    student = model_cost(e.model, e.width, e.depth, size, max(classes, 1))
     stages = []
 
     shard_bytes = sum(x["bytes"] for x in manifest["shards"]) if manifest else 0

@@ -47,7 +47,7 @@ def read_manifest(uri: str) -> dict:
         ExportError: no merged set there.
     """
     try:
-        return storage.read_json(storage.join(uri, artifacts.SYNTHETIC_MANIFEST))
+        return artifacts.read_synthetic_manifest(uri)
     except FileNotFoundError:
         raise ExportError(
             f"no merged synthetic set at {uri} (no {artifacts.SYNTHETIC_MANIFEST}; run `tsgd-ray merge` first)"

@@ -62,7 +62,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def tracking_uri(cfg: DictConfig) -> str:
     """tracking.tracking_uri (`load_config` fills it in when empty); a sqlite file's folder is
     created here, on first use."""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = cfg.tracking.tracking_uri
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
     return uri

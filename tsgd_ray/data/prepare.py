@@ -228,10 +228,11 @@ def _prepare(cfg: DictConfig, catalog: Catalog) -> dict:
         compute=ray.data.TaskPoolStrategy(size=cfg.data.prepare_concurrency or None),
     )
     progress = Progress("prepare", len(plans), "shard")
-    summaries = []
+    summaries, videos = [], 0
     for row in ds.iter_rows():  # shards as they are written, in any order
         summaries.append(json.loads(row["summary"]))
-        progress.update(len(summaries), videos=sum(s["rows"] for s in summaries))
+        videos += summaries[-1]["rows"]
+        progress.update(len(summaries), videos=videos)
     summaries.sort(key=lambda s: s["path"])
     manifest = build_manifest(cfg, catalog, summaries, digest)
     storage.write_json_once(storage.join(root, MANIFEST), manifest)

@@ -116,10 +116,8 @@ def plan_hash(plans: list[ShardPlan], transcode_short_side: int) -> str:
 
 
 def shards_root(cfg: DictConfig) -> str:
-    """Where this config's shards live: data.shards, else <storage.output_root>/shards."""
-    if cfg.data.shards:
-        return storage.absolute(cfg.data.shards)
-    return storage.OutputRoot(cfg.storage.output_root).uri("shards")
+    """Where this config's shards live: data.shards (`load_config` fills in <output_root>/shards)."""
+    return storage.absolute(cfg.data.shards)
 
 
 def eval_split(cfg: DictConfig, splits: Iterable[str]) -> str:

@@ -72,7 +72,7 @@ def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
     uri = artifacts.plan_uri(cfg)
     storage.write_json_once(
         uri,
-        {"partitions": plan_partitions(num_classes, d.partitions or 4 * d.actors, d.ipc, d.max_videos_per_partition)},
+        {"partitions": plan_partitions(num_classes, d.partitions, d.ipc, d.max_videos_per_partition)},
     )
     return storage.read_json(uri)["partitions"]
 

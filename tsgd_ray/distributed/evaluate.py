@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module:
-    """The student architecture (evaluate.model/width/depth; empty or 0: the teacher's), seeded."""
-    e, t = cfg.evaluate, cfg.teacher
+    """The student architecture (evaluate.model/width/depth, the teacher's unless set), seeded."""
+    e = cfg.evaluate
     torch.manual_seed(seed)
-    return build_model(e.model or t.model, num_classes, clip_size(cfg), e.width or t.width, e.depth or t.depth)
+    return build_model(e.model, num_classes, clip_size(cfg), e.width, e.depth)
 
 
 def _fit_on_stream(

@@ -161,12 +161,13 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     max_bad = int(cfg.data.max_bad_fraction * expected)
     bad: dict[int, list[str]] = {}
     progress = Progress("stats", len(shards), "shard")
-    probed: list[int] = []  # clips per finished shard
+    probed = 0  # clips of the finished shards
 
     def on_result(shard: int, result: dict) -> None:
+        nonlocal probed
         bad[shard] = result["bad"]
-        probed.append(result["clips"])
-        progress.update(len(bad), clips=sum(probed))
+        probed += result["clips"]
+        progress.update(len(bad), clips=probed)
         total = sum(map(len, bad.values()))
         if total > max_bad:
             examples = [e for errors in bad.values() for e in errors][:3]
