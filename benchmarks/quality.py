@@ -55,8 +55,10 @@ from report import target_line  # noqa: E402
 
 from tsgd_ray.config import load_config, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, recovery, selection, training, tsgf  # noqa: E402
-from tsgd_ray.core.clips import to_model_input  # noqa: E402
+from tsgd_ray.core.augment import CropSettings  # noqa: E402
+from tsgd_ray.core.clips import InputSettings, to_model_input  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
+from tsgd_ray.core.tsgf import SaliencySettings  # noqa: E402
 from tsgd_ray.data.in_memory import load_split  # noqa: E402
 
 #: the benchmark's data and teacher: 800 test clips (one clip is worth 0.125 points); a teacher of
@@ -101,7 +103,7 @@ def controls(teacher, clips: torch.Tensor, labels: torch.Tensor, cfg, seed: int)
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.stack([c[torch.randperm(f, generator=g)] for c in clips])
     return {
-        name: training.topk_accuracy(training.predict(teacher, x, cfg), labels)
+        name: training.topk_accuracy(training.predict(teacher, x, InputSettings.from_config(cfg)), labels)
         for name, x in (("as is", clips), ("single frame repeated", repeated), ("frames shuffled", shuffled))
     }
 
@@ -109,15 +111,15 @@ def controls(teacher, clips: torch.Tensor, labels: torch.Tensor, cfg, seed: int)
 def crop_heat_share(heat: torch.Tensor, cfg, tsgfa: bool, draws: int = 64) -> float:
     """Mean share of a clip's heat (N, H, W) inside the student's crop boxes (TSGFA or uniform)."""
     g = torch.Generator().manual_seed(0)
-    aug = cfg.evaluate.augment
+    crop = CropSettings.from_section(cfg.evaluate.augment)
     shares = []
     for _ in range(draws):
         u = torch.rand(len(heat), 2, generator=g)
         boxes = tsgf.saliency_boxes(
             heat if tsgfa else torch.ones_like(heat),
             u,
-            tuple(aug.crop_scale),
-            tuple(aug.crop_ratio),
+            crop.scale,
+            crop.ratio,
             cfg.tsgf.crop_delta,
             g,
         )
@@ -150,7 +152,7 @@ def run_variant(variant: str, args, log) -> dict:
     if cached.exists():  # the same settings train the same teacher: reuse it across invocations
         teacher.load_state_dict(torch.load(cached, weights_only=True))
     else:
-        training.train_teacher(teacher, x_train, y_train, cfg)
+        training.train_teacher(teacher, x_train, y_train, training.TeacherSettings.from_config(cfg))
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher.eval()
@@ -164,7 +166,7 @@ def run_variant(variant: str, args, log) -> dict:
     log(f"{variant} teacher: {out['controls']}")
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
     viewed = (
-        augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, cfg.augment)
+        augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, CropSettings.from_section(cfg.augment))
         if cfg.stats.augment
         else real
     )
@@ -189,8 +191,8 @@ def run_variant(variant: str, args, log) -> dict:
             e.width or run_cfg.teacher.width,
             e.depth or run_cfg.teacher.depth,
         )
-        training.train_student(student, teacher, x, y, run_cfg, seed, heat=heat)
-        return training.topk_accuracy(training.predict(student, x_test, run_cfg), y_test)
+        training.train_student(student, teacher, x, y, training.StudentSettings.from_config(run_cfg), seed, heat=heat)
+        return training.topk_accuracy(training.predict(student, x_test, InputSettings.from_config(run_cfg)), y_test)
 
     inits = {METHODS[m][2] for m in args.methods}
     if "views" in inits:  # every clip's easiest view: the teacher's loss on each candidate view
@@ -229,14 +231,20 @@ def run_variant(variant: str, args, log) -> dict:
                 else:  # the same clips for every draw: lowest loss is not random
                     rows, labels, indices = selection.flatten(selection.lowest_loss(best_loss, y_train, k, ipc))
                     x0 = views[best_view[rows], rows]
-                heat = training.clip_heat(x0, cfg)
+                heat = training.clip_heat(x0, SaliencySettings.from_section(cfg.tsgf), InputSettings.from_config(cfg))
                 mine = [m for m in args.methods if METHODS[m][2] == init]
                 sets = {None: x0}
                 for tsgfo in sorted({METHODS[m][0] for m in mine} - {None}, key=int):
                     history: list[dict] = []
                     run_cfg = load_config(args.config, [*base, f"tsgf.enabled={tsgfo}"])
                     sets[tsgfo] = recovery.recover(
-                        teacher, x0, labels, indices, run_cfg, stats, callback=lambda s, m, h=history: h.append(m)
+                        teacher,
+                        x0,
+                        labels,
+                        indices,
+                        recovery.RecoverySettings.from_config(run_cfg),
+                        stats,
+                        callback=lambda s, m, h=history: h.append(m),
                     )
                     if init == "draw":
                         out["edits"].setdefault((tsgfo, ipc), []).append(history[-1] if history else {})

@@ -110,16 +110,22 @@ def gpu_rate(args) -> float:
             "distill.bn_target=global",
         ],
     )
-    from tsgd_ray.core.recovery import recover
+    from tsgd_ray.core.recovery import RecoverySettings, recover
 
     teacher = new_teacher(cfg, 8).cuda().eval()
     labels = torch.arange(8).repeat_interleave(args.gpu_videos // 8 or 1)[: args.gpu_videos]
     indices = torch.arange(len(labels))
     x0 = torch.randn(len(labels), 3, f, h, w, device="cuda")
-    recover(teacher, x0, labels, indices, load_config("default", ["distill.iterations=5", "device=cuda"]))  # warm-up
+    recover(
+        teacher,
+        x0,
+        labels,
+        indices,
+        RecoverySettings.from_config(load_config("default", ["distill.iterations=5", "device=cuda"])),
+    )  # warm-up
     torch.cuda.synchronize()
     started = time.perf_counter()
-    recover(teacher, x0, labels, indices, cfg)
+    recover(teacher, x0, labels, indices, RecoverySettings.from_config(cfg))
     torch.cuda.synchronize()
     return len(labels) * args.iterations / (time.perf_counter() - started)
 

@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from tsgd_ray.config import Method
 from tsgd_ray.core.models import checkpoint_bytes
-from tsgd_ray.core.training import train_teacher
+from tsgd_ray.core.training import TeacherSettings, train_teacher
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.distributed.artifacts import method_config
 
@@ -31,7 +31,7 @@ def teacher_file(folder: Path) -> Path:
     clips, labels, classes = load_split(cfg, "train")
     from tsgd_ray.distributed.teacher import new_teacher
 
-    model = train_teacher(new_teacher(cfg, len(classes)), clips, labels, cfg)
+    model = train_teacher(new_teacher(cfg, len(classes)), clips, labels, TeacherSettings.from_config(cfg))
     path = folder / "teacher.pt"
     path.write_bytes(checkpoint_bytes(model, classes))
     return path

@@ -17,6 +17,10 @@ def config(*overrides):
     return load_config(None, ["distill.iterations=6", "distill.lr=0.05", "distill.log_every=1", *overrides])
 
 
+def settings(*overrides) -> recovery.RecoverySettings:
+    return recovery.RecoverySettings.from_config(config(*overrides))
+
+
 def fit_full_batch(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
     """Adam(0.01) on cross-entropy over the whole of (x, y) for `steps` steps; ends in eval mode."""
     optimizer = torch.optim.Adam(teacher.parameters(), 0.01)
@@ -52,13 +56,19 @@ def test_partitioning_and_retries_do_not_change_the_videos():
     teacher, stats = teacher_and_stats()
     cfg = config("distill.chunk_size=4")  # ipc 2: two classes per forward pass
     init, labels, indices = synthetic_set(range(6), ipc=2)
-    whole = recovery.recover(teacher, init, labels, indices, cfg, stats)
+    whole = recovery.recover(teacher, init, labels, indices, recovery.RecoverySettings.from_config(cfg), stats)
     first, second = labels < 3, labels >= 3
-    half_a = recovery.recover(teacher, init[first], labels[first], indices[first], cfg, stats)
-    half_b = recovery.recover(teacher, init[second], labels[second], indices[second], cfg, stats)
+    half_a = recovery.recover(
+        teacher, init[first], labels[first], indices[first], recovery.RecoverySettings.from_config(cfg), stats
+    )
+    half_b = recovery.recover(
+        teacher, init[second], labels[second], indices[second], recovery.RecoverySettings.from_config(cfg), stats
+    )
     assert torch.equal(whole[first], half_a) and torch.equal(whole[second], half_b)
     shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    again = recovery.recover(teacher, init[shuffled], labels[shuffled], indices[shuffled], cfg, stats)
+    again = recovery.recover(
+        teacher, init[shuffled], labels[shuffled], indices[shuffled], recovery.RecoverySettings.from_config(cfg), stats
+    )
     assert torch.equal(again, whole[shuffled])  # input order and retries do not matter either
     assert not torch.equal(whole, init)
 
@@ -79,7 +89,13 @@ def test_recovery_lowers_the_loss_and_stays_in_the_valid_range():
     init, labels, indices = synthetic_set(range(6), ipc=1)
     history = []
     out = recovery.recover(
-        teacher, init, labels, indices, cfg, stats, callback=lambda step, m: history.append((step, m))
+        teacher,
+        init,
+        labels,
+        indices,
+        recovery.RecoverySettings.from_config(cfg),
+        stats,
+        callback=lambda step, m: history.append((step, m)),
     )
     assert [s for s, _ in history] == list(range(30))
     assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "edit_static", "edit_moving", "motion_share"}
@@ -99,11 +115,18 @@ def test_tsgfo_with_w_min_zero_leaves_static_regions_untouched():
     init[0, :, :, 0:2, :] = 0.5
     for t in range(SIZE[0]):
         init[0, :, t, 0:2, 2 * t : 2 * t + 2] = 1.5  # motion only in rows 0-1
-    out = recovery.recover(teacher, init, torch.tensor([0]), torch.tensor([0]), cfg, stats)
+    out = recovery.recover(
+        teacher, init, torch.tensor([0]), torch.tensor([0]), recovery.RecoverySettings.from_config(cfg), stats
+    )
     assert torch.equal(out[0, :, :, 8:], init[0, :, :, 8:])  # far from the motion: not one bit changed
     assert not torch.equal(out[0, :, :, :2], init[0, :, :, :2])
     off = recovery.recover(
-        teacher, init, torch.tensor([0]), torch.tensor([0]), config("tsgf.enabled=false", "distill.iterations=4"), stats
+        teacher,
+        init,
+        torch.tensor([0]),
+        torch.tensor([0]),
+        settings("tsgf.enabled=false", "distill.iterations=4"),
+        stats,
     )
     assert not torch.equal(off[0, :, :, 8:], init[0, :, :, 8:])  # the SRe2L baseline changes everything
 
@@ -112,7 +135,7 @@ def test_bn_targets_and_the_ema_of_group_statistics_each_change_the_videos_and_n
     teacher, stats = teacher_and_stats()
     init, labels, indices = synthetic_set(range(2), ipc=1)
     outs = [
-        recovery.recover(teacher, init, labels, indices, config(*keys, "distill.lambda_bn=1"), stats)
+        recovery.recover(teacher, init, labels, indices, settings(*keys, "distill.lambda_bn=1"), stats)
         for keys in (
             ["distill.bn_target=global"],
             ["distill.bn_target=class_mixture"],
@@ -132,8 +155,8 @@ def test_a_bn_term_without_bn_layers_is_refused():
     teacher(torch.zeros(1, 3, *SIZE))
     init, labels, indices = synthetic_set(range(2), ipc=1)
     with pytest.raises(recovery.RecoveryError, match="lambda_bn"):
-        recovery.recover(teacher, init, labels, indices, config())
-    out = recovery.recover(teacher, init, labels, indices, config("distill.lambda_bn=0"))
+        recovery.recover(teacher, init, labels, indices, settings())
+    out = recovery.recover(teacher, init, labels, indices, settings("distill.lambda_bn=0"))
     assert out.shape == init.shape
 
 
@@ -183,11 +206,18 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
     fit_full_batch(teacher, x, labels, steps=20)
     stats = accumulate_statistics(teacher, [(x, labels)], 8)
     indices = torch.zeros_like(labels)
-    m0 = tsgf.saliency(x, cfg.tsgf)
+    m0 = tsgf.saliency(x, tsgf.SaliencySettings.from_section(cfg.tsgf))
 
     def edits(*overrides):
-        out = recovery.recover(teacher, x, labels, indices, load_config(None, [*base, *overrides]), stats)
-        return tsgf.motion_diagnostics(tsgf.motion_sums(out, x, m0, cfg.tsgf))
+        out = recovery.recover(
+            teacher,
+            x,
+            labels,
+            indices,
+            recovery.RecoverySettings.from_config(load_config(None, [*base, *overrides])),
+            stats,
+        )
+        return tsgf.motion_diagnostics(tsgf.motion_sums(out, x, m0, tsgf.SaliencySettings.from_section(cfg.tsgf)))
 
     off = edits("tsgf.enabled=false")
     update = edits("tsgf.apply=update")
@@ -208,8 +238,8 @@ def test_the_diversity_term_spreads_the_videos_of_a_class_apart_in_feature_space
         features = training.embeddings(teacher, x)
         return recovery._similarity(features, labels, 2).item() / 2
 
-    plain = recovery.recover(teacher, init, labels, indices, config("distill.iterations=20"), stats)
+    plain = recovery.recover(teacher, init, labels, indices, settings("distill.iterations=20"), stats)
     spread = recovery.recover(
-        teacher, init, labels, indices, config("distill.iterations=20", "distill.diversity=5"), stats
+        teacher, init, labels, indices, settings("distill.iterations=20", "distill.diversity=5"), stats
     )
     assert similarity(spread) < similarity(plain) - 0.05

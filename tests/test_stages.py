@@ -16,9 +16,10 @@ from tsgd_ray import storage
 from tsgd_ray.config import ConfigError
 from tsgd_ray.core import augment, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
-from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.clips import InputSettings, to_model_input
 from tsgd_ray.core.models import ModelError
 from tsgd_ray.core.selection import seeded_priority
+from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.data.catalog import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.prepare import run_prepare
@@ -97,7 +98,14 @@ def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teac
     assert merged_classes == classes and synthetic["labels"].tolist() == init["labels"].tolist()
     assert synthetic["clips"].dtype == torch.uint8 and synthetic["clips"].shape[1:] == init["clips"].shape[1:]
     # each synthetic video carries TSGFA's map of the clip it started from, not of itself
-    init_heat = (255 * training.clip_heat(init["clips"], cfg)).round().to(torch.uint8)
+    init_heat = (
+        (
+            255
+            * training.clip_heat(init["clips"], SaliencySettings.from_section(cfg.tsgf), InputSettings.from_config(cfg))
+        )
+        .round()
+        .to(torch.uint8)
+    )
     assert torch.equal(synthetic["heat"], init_heat) and init["heat"] is None
     folder = artifacts.synthetic_dir(cfg)
     for f in manifest["files"]:  # the manifest's hash is the hash of the file the actor wrote
@@ -135,7 +143,10 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
     clips, labels, classes = load_split(viewed, "train")
     teacher = load_teacher(viewed, classes)
     x = augment.keyed_views(
-        to_model_input(clips, viewed.data.mean, viewed.data.std), load_split_ids(viewed), viewed.seed, viewed.augment
+        to_model_input(clips, viewed.data.mean, viewed.data.std),
+        load_split_ids(viewed),
+        viewed.seed,
+        augment.CropSettings.from_section(viewed.augment),
     )
     assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
     assert read_statistics(viewed) != read_statistics(one)

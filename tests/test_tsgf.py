@@ -9,8 +9,8 @@ from tsgd_ray.core import tsgf
 from tsgd_ray.core.augment import box_mask
 
 
-def tsgf_cfg(**values):
-    return OmegaConf.merge(OmegaConf.structured(TSGFConfig), values)
+def tsgf_cfg(**values) -> tsgf.SaliencySettings:
+    return tsgf.SaliencySettings.from_section(OmegaConf.merge(OmegaConf.structured(TSGFConfig), values))
 
 
 def square_clip(frames=8, size=32, start=(4, 4), step=(0, 2), side=4, background=None):

@@ -11,12 +11,33 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 #: how many uniforms `random_params` reads per clip
 UNIFORMS_PER_CLIP = 6
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """One clip transform family: random resized crop (area fraction `scale`, aspect ratio
+    `ratio`), horizontal flip when `hflip`, horizontal roll of at most `roll` of the width."""
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: bool
+    roll: float
+
+    @classmethod
+    def from_section(cls, section) -> CropSettings:
+        """From a config section with crop_scale, crop_ratio, hflip, roll (augment, evaluate.augment)."""
+        return cls(tuple(section.crop_scale), tuple(section.crop_ratio), bool(section.hflip), float(section.roll))
+
+    def params(self, u: torch.Tensor) -> torch.Tensor:
+        """`random_params` of uniforms u (N, 6) under these settings."""
+        return random_params(u, self.scale, self.ratio, self.hflip, self.roll)
 
 
 def box_sizes(
@@ -74,11 +95,10 @@ def keyed_uniforms(seed: int, keys: list[str]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).reshape(len(keys), UNIFORMS_PER_CLIP)
 
 
-def keyed_views(x: torch.Tensor, keys: list[str], seed: int, aug) -> torch.Tensor:
-    """Each clip of x (N, C, F, H, W) under the `augment` section's transform drawn from its own
-    (seed, key) stream (stats.augment: class statistics as recovery sees clips)."""
-    u = keyed_uniforms(seed, keys).to(x.device)
-    return apply_params(x, random_params(u, tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip, aug.roll))
+def keyed_views(x: torch.Tensor, keys: list[str], seed: int, crop: CropSettings) -> torch.Tensor:
+    """Each clip of x (N, C, F, H, W) under a `crop` transform drawn from its own (seed, key)
+    stream (stats.augment: class statistics as recovery sees clips)."""
+    return apply_params(x, crop.params(keyed_uniforms(seed, keys).to(x.device)))
 
 
 def identity_params(n: int, device: torch.device | str = "cpu") -> torch.Tensor:

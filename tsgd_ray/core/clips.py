@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,3 +28,30 @@ def valid_range(mean: Sequence[float], std: Sequence[float], like: torch.Tensor)
     """Per-channel (low, high) of the normalised space, shaped (1, 3, 1, 1, 1): the images of 0 and 1."""
     m, s = _per_channel(mean, like), _per_channel(std, like)
     return (0 - m) / s, (1 - m) / s
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """How decoded clips become model input: per-channel `mean` and `std` of x/255 (RGB), and
+    whether the model runs under bfloat16 autocast on CUDA (`amp`)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    amp: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> InputSettings:
+        """From the run config's data.mean, data.std and amp."""
+        return cls(tuple(cfg.data.mean), tuple(cfg.data.std), bool(cfg.amp))
+
+    def model_input(self, clips: torch.Tensor) -> torch.Tensor:
+        """`to_model_input` of uint8 clips (N, F, H, W, 3)."""
+        return to_model_input(clips, self.mean, self.std)
+
+    def normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 clips (N, F, H, W, 3) -> model input; model input is returned as it is."""
+        return self.model_input(x) if x.dtype == torch.uint8 else x
+
+    def valid_range(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`valid_range` of these settings on `like`'s device and dtype."""
+        return valid_range(self.mean, self.std, like)

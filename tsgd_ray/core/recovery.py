@@ -21,12 +21,70 @@ import torch.nn.functional as F
 
 from tsgd_ray.config import BNTarget, SaliencySource, TSGFApply
 from tsgd_ray.core import augment, tsgf
+from tsgd_ray.core.augment import CropSettings
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_moments
-from tsgd_ray.core.clips import valid_range
+from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast
+from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.errors import UserError
 
 StepCallback = Callable[[int, dict], None]
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """What `recover` does (the `distill` section, `augment`, `tsgf`, the run seed).
+
+    iterations Adam(0.5, 0.9) steps at `lr` (cosine to 0); loss = CE + lambda_bn * BN term
+    (first BN layer weighted `first_bn_weight`, targets `bn_target`, an EMA over steps when
+    bn_ema > 0) + diversity * within-group similarity; forward passes of <= chunk_size videos,
+    each seen through `crop`; callback every `log_every` steps. TSGFO when `tsgfo`: W = w_min +
+    (1 - w_min) * M scales the update or the gradient (`apply`), M from the init clip or the
+    current one (`source`, recomputed every `every` steps) under `saliency`.
+    """
+
+    seed: int
+    inputs: InputSettings
+    crop: CropSettings
+    iterations: int
+    lr: float
+    lambda_bn: float
+    first_bn_weight: float
+    bn_target: BNTarget
+    bn_ema: float
+    diversity: float
+    chunk_size: int
+    log_every: int
+    tsgfo: bool
+    apply: TSGFApply
+    source: SaliencySource
+    w_min: float
+    every: int
+    saliency: SaliencySettings
+
+    @classmethod
+    def from_config(cls, cfg) -> RecoverySettings:
+        d, t = cfg.distill, cfg.tsgf
+        return cls(
+            seed=int(cfg.seed),
+            inputs=InputSettings.from_config(cfg),
+            crop=CropSettings.from_section(cfg.augment),
+            iterations=int(d.iterations),
+            lr=float(d.lr),
+            lambda_bn=float(d.lambda_bn),
+            first_bn_weight=float(d.first_bn_weight),
+            bn_target=BNTarget(d.bn_target),
+            bn_ema=float(d.bn_ema),
+            diversity=float(d.diversity),
+            chunk_size=int(d.chunk_size),
+            log_every=int(d.log_every),
+            tsgfo=bool(t.enabled),
+            apply=TSGFApply(t.apply),
+            source=SaliencySource(t.source),
+            w_min=float(t.w_min),
+            every=int(t.every),
+            saliency=SaliencySettings.from_section(t),
+        )
 
 
 class RecoveryError(UserError, ValueError):
@@ -132,7 +190,7 @@ def recover(
     init: torch.Tensor,
     labels: torch.Tensor,
     indices: torch.Tensor,
-    cfg,
+    settings: RecoverySettings,
     stats: Optional[ClassStatistics] = None,
     callback: Optional[StepCallback] = None,
 ) -> torch.Tensor:
@@ -141,95 +199,89 @@ def recover(
     teacher: in eval mode on the device to use; its parameters are not changed.
     init: (N, 3, F, H, W) float, normalised start clips (real clips or `noise_init`).
     labels, indices: (N,) class id and per-class index of each video (its random stream).
-    cfg: the run config (seed, amp, data.mean/std, augment, tsgf, distill).
-    stats: per-class BN statistics; with distill.bn_target=class_mixture each group is matched to
-        its class's statistics, with `mixed` half to those and half to the layers' running
-        statistics, with `global` (or without stats) to the running statistics alone;
-        distill.bn_ema matches an EMA of each group's statistics over steps; distill.diversity
-        adds the within-group feature similarity.
-    callback: called every distill.log_every steps and at the last with (step, metrics) where
+    settings: see `RecoverySettings`.
+    stats: per-class BN statistics; with bn_target=class_mixture each group is matched to its
+        class's statistics, with `mixed` half to those and half to the layers' running
+        statistics, with `global` (or without stats) to the running statistics alone.
+    callback: called every settings.log_every steps and at the last with (step, metrics) where
         metrics = {loss, ce, bn, lr, edit_static, edit_moving, motion_share}: ce and bn are means
         over BN groups, the rest is `tsgf.motion_diagnostics` of the clips before that step.
     Returns the synthetic videos (N, 3, F, H, W) float32 on the CPU, in the order of `init`.
 
     Raises:
-        RecoveryError: distill.lambda_bn > 0 with a teacher that has no BatchNorm3d.
+        RecoveryError: lambda_bn > 0 with a teacher that has no BatchNorm3d.
     """
-    d = cfg.distill
+    s = settings
     device = next(teacher.parameters()).device
-    if d.lambda_bn > 0 and not batchnorm_layers(teacher):
+    if s.lambda_bn > 0 and not batchnorm_layers(teacher):
         raise RecoveryError("distill.lambda_bn > 0 needs a teacher with BatchNorm3d layers; set distill.lambda_bn=0")
     teacher.eval().requires_grad_(False)
-    low, high = valid_range(cfg.data.mean, cfg.data.std, torch.empty(0, device=device))
-    scale, ratio = tuple(cfg.augment.crop_scale), tuple(cfg.augment.crop_ratio)
-    chunks = plan_chunks(labels, indices, d.chunk_size)
+    low, high = s.inputs.valid_range(torch.empty(0, device=device))
+    chunks = plan_chunks(labels, indices, s.chunk_size)
     params = [nn.Parameter(init[c.positions].detach().float().clone().to(device)) for c in chunks]
-    streams = [[video_generator(cfg.seed, int(labels[p]), int(indices[p])) for p in c.positions] for c in chunks]
+    streams = [[video_generator(s.seed, int(labels[p]), int(indices[p])) for p in c.positions] for c in chunks]
     layers = batchnorm_layers(teacher)
-    target = BNTarget(d.bn_target)
+    target = s.bn_target
     per_class = stats.moments() if stats is not None and target != BNTarget.global_ else None
     # per chunk: [(share, per-layer (mean, var) targets)]: one target, or half global half class (EDC)
     kinds = [(1.0, per_class)] if target != BNTarget.mixed or per_class is None else [(0.5, None), (0.5, per_class)]
     targets = [[(share, _targets(layers, source, c.group_classes, device)) for share, source in kinds] for c in chunks]
     ema: list[list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = [[None] * len(layers) for _ in chunks]
-    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if d.diversity > 0 else []
-    layer_weights = [d.first_bn_weight] + [1.0] * (len(layers) - 1)
+    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if s.diversity > 0 else []
+    layer_weights = [s.first_bn_weight] + [1.0] * (len(layers) - 1)
     # per chunk, on the device once: BN group of each video, its label, the size of its group
     groups = [c.groups.to(device) for c in chunks]
     targets_y = [labels[c.positions].to(device) for c in chunks]
     group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
-    optimizer = torch.optim.Adam(params, lr=d.lr, betas=(0.5, 0.9))
+    optimizer = torch.optim.Adam(params, lr=s.lr, betas=(0.5, 0.9))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(d.iterations, 1)))
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(s.iterations, 1)))
     )
-    ts = cfg.tsgf
     x0 = [x.detach().clone() for x in params]
-    init_maps = [tsgf.saliency(x, ts) for x in x0]  # (n, 1, F, H, W) per chunk
-    weights = [tsgf.filter_weight(m, ts.w_min) for m in init_maps]  # TSGFO's W per chunk
-    on_update = ts.enabled and TSGFApply(ts.apply) == TSGFApply.update
+    init_maps = [tsgf.saliency(x, s.saliency) for x in x0]  # (n, 1, F, H, W) per chunk
+    weights = [tsgf.filter_weight(m, s.w_min) for m in init_maps]  # TSGFO's W per chunk
+    on_update = s.tsgfo and s.apply == TSGFApply.update
     n_groups = sum(len(c.group_classes) for c in chunks)
 
     with BatchNormTaps(teacher) as taps:  # hooks stay on for the whole optimisation
-        for step in range(d.iterations):
+        for step in range(s.iterations):
             totals = torch.zeros(3, device=device)  # loss, ce, bn: sums over groups
             optimizer.zero_grad(set_to_none=True)
             for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
                 u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(
                     device, non_blocking=True
                 )
-                view = augment.apply_params(
-                    x, augment.random_params(u, scale, ratio, cfg.augment.hflip, cfg.augment.roll)
-                )
+                view = augment.apply_params(x, s.crop.params(u))
                 num_groups = len(chunk.group_classes)
-                with autocast(device, cfg.amp), _penultimate(head) as features:
+                with autocast(device, s.inputs.amp), _penultimate(head) as features:
                     logits = teacher(view)
                 # sum over groups of each group's mean CE
                 ce = (F.cross_entropy(logits.float(), targets_y[k], reduction="none") / group_sizes[k]).sum()
                 bn = torch.zeros((), device=device)
-                if d.lambda_bn > 0:
+                if s.lambda_bn > 0:
                     for layer, (w, means, squares) in enumerate(zip(layer_weights, taps.means, taps.squares)):
                         mu, var = group_moments(means, squares, groups[k], num_groups)
-                        if d.bn_ema > 0:
+                        if s.bn_ema > 0:
                             if ema[k][layer] is not None:
-                                mu = d.bn_ema * ema[k][layer][0] + (1 - d.bn_ema) * mu
-                                var = d.bn_ema * ema[k][layer][1] + (1 - d.bn_ema) * var
+                                mu = s.bn_ema * ema[k][layer][0] + (1 - s.bn_ema) * mu
+                                var = s.bn_ema * ema[k][layer][1] + (1 - s.bn_ema) * var
                             ema[k][layer] = (mu.detach(), var.detach())
                         for share, layer_targets in targets[k]:
                             mu_t, var_t = layer_targets[layer]
                             bn = bn + share * w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
-                loss = ce + d.lambda_bn * bn
+                loss = ce + s.lambda_bn * bn
                 if features:
-                    loss = loss + d.diversity * _similarity(features[0].float(), groups[k], num_groups)
+                    loss = loss + s.diversity * _similarity(features[0].float(), groups[k], num_groups)
                 loss.backward()
-                if ts.enabled:
-                    if SaliencySource(ts.source) == SaliencySource.current and step % ts.every == 0:
-                        weights[k] = tsgf.filter_weight(tsgf.saliency(x, ts), ts.w_min)
+                if s.tsgfo:
+                    if s.source == SaliencySource.current and step % s.every == 0:
+                        weights[k] = tsgf.filter_weight(tsgf.saliency(x, s.saliency), s.w_min)
                     if not on_update:
                         x.grad = tsgf.filter_gradient(x.grad, weights[k])
                 totals += torch.stack([loss.detach(), ce.detach(), bn.detach()])
-            logging = callback is not None and (step % d.log_every == 0 or step == d.iterations - 1)
+            logging = callback is not None and (step % s.log_every == 0 or step == s.iterations - 1)
             if logging:
-                motion = sum(tsgf.motion_sums(x, a, m, ts) for x, a, m in zip(params, x0, init_maps))
+                motion = sum(tsgf.motion_sums(x, a, m, s.saliency) for x, a, m in zip(params, x0, init_maps))
             lr = schedule.get_last_lr()[0]
             previous = [x.detach().clone() for x in params] if on_update else None
             optimizer.step()

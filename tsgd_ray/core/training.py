@@ -8,6 +8,7 @@ per batch; the `train_*` loops run a whole in-memory set in one process.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -16,49 +17,127 @@ import torch.nn.functional as F
 
 from tsgd_ray.config import LabelKind
 from tsgd_ray.core import augment, tsgf
-from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.augment import CropSettings
+from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast
+from tsgd_ray.core.tsgf import SaliencySettings
 
 EpochCallback = Callable[[int, dict], None]
 BatchStep = Callable[[torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 
 
-def random_augment(x: torch.Tensor, aug, generator: torch.Generator) -> torch.Tensor:
-    """Clip-consistent random resized crop, flip and roll of x (N, 3, F, H, W); `aug` = augment section."""
+@dataclass(frozen=True)
+class FitSettings:
+    """AdamW (`lr`, `weight_decay`) with a cosine schedule over `epochs` passes of `batch_size` clips."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+
+    @classmethod
+    def from_section(cls, section) -> FitSettings:
+        """From the teacher or evaluate config section."""
+        return cls(int(section.epochs), int(section.batch_size), float(section.lr), float(section.weight_decay))
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Supervised teacher training: `crop` augmentation (the `augment` section), `fit`, and the
+    batch-order and augmentation stream `seed`."""
+
+    seed: int
+    inputs: InputSettings
+    crop: CropSettings
+    fit: FitSettings
+
+    @classmethod
+    def from_config(cls, cfg) -> TeacherSettings:
+        return cls(
+            int(cfg.seed),
+            InputSettings.from_config(cfg),
+            CropSettings.from_section(cfg.augment),
+            FitSettings.from_section(cfg.teacher),
+        )
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """Student training on a (synthetic) set (the `evaluate` section): `crop` plus time reversal,
+    CutMix and MixUp (evaluate.augment), TSGFA (`tsgfa`, boxes centred within `crop_delta` of a
+    salient point, maps from `saliency`), the teacher's labels (`labels`, `temperature`,
+    `mse_ce_weight`), `fit`, and an EMA of the weights with decay `ema` (0: off)."""
+
+    inputs: InputSettings
+    fit: FitSettings
+    crop: CropSettings
+    time_reverse: bool
+    cutmix: float
+    mixup: float
+    tsgfa: bool
+    crop_delta: float
+    saliency: SaliencySettings
+    labels: LabelKind
+    temperature: float
+    mse_ce_weight: float
+    ema: float
+
+    @classmethod
+    def from_config(cls, cfg) -> StudentSettings:
+        e, aug = cfg.evaluate, cfg.evaluate.augment
+        return cls(
+            inputs=InputSettings.from_config(cfg),
+            fit=FitSettings.from_section(e),
+            crop=CropSettings.from_section(aug),
+            time_reverse=bool(aug.time_reverse),
+            cutmix=float(aug.cutmix),
+            mixup=float(aug.mixup),
+            tsgfa=bool(e.tsgfa),
+            crop_delta=float(cfg.tsgf.crop_delta),
+            saliency=SaliencySettings.from_section(cfg.tsgf),
+            labels=LabelKind(e.labels),
+            temperature=float(e.temperature),
+            mse_ce_weight=float(e.mse_ce_weight),
+            ema=float(e.ema),
+        )
+
+
+def random_augment(x: torch.Tensor, crop: CropSettings, generator: torch.Generator) -> torch.Tensor:
+    """Clip-consistent random resized crop, flip and roll of x (N, 3, F, H, W) under `crop`."""
     u = torch.rand(x.shape[0], augment.UNIFORMS_PER_CLIP, generator=generator).to(x.device)
-    return augment.apply_params(
-        x, augment.random_params(u, tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip, aug.roll)
-    )
+    return augment.apply_params(x, crop.params(u))
 
 
-def student_view(x: torch.Tensor, heat: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
-    """The student's augmented view of x (N, 3, F, H, W) under evaluate.augment: time reversal,
+def student_view(
+    x: torch.Tensor, heat: torch.Tensor, settings: StudentSettings, generator: torch.Generator
+) -> torch.Tensor:
+    """The student's augmented view of x (N, 3, F, H, W): time reversal,
     CutMix, MixUp (each per clip, partners from a shuffle of the batch), then a random resized
     crop, flip and roll; one box per clip, the same on every frame. CutMix and MixUp share one
     uniform, so no clip gets both while cutmix + mixup <= 1.
 
     Crop and CutMix box centres are drawn from heat (N, H, W) >= 0, the time-mean of each clip's
-    init saliency, when evaluate.tsgfa (TSGFA), else from a flat map: the two arms differ only in
+    init saliency, when settings.tsgfa (TSGFA), else from a flat map: the two arms differ only in
     where the centres land. A CutMix box is centred on a salient point of the clip it comes from.
     """
-    aug, delta = cfg.evaluate.augment, cfg.tsgf.crop_delta
-    scale, ratio = tuple(aug.crop_scale), tuple(aug.crop_ratio)
+    delta = settings.crop_delta
+    scale, ratio = settings.crop.scale, settings.crop.ratio
     n, device = x.shape[0], x.device
     u = torch.rand(n, augment.UNIFORMS_PER_CLIP + 5, generator=generator).to(device)
     partner = torch.randperm(n, generator=generator).to(device)
     sample_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    heat = heat if cfg.evaluate.tsgfa else torch.ones_like(heat)
+    heat = heat if settings.tsgfa else torch.ones_like(heat)
     per_clip = (n, 1, 1, 1, 1)
-    if aug.time_reverse:
+    if settings.time_reverse:
         x = torch.where((u[:, 6] < 0.5).view(per_clip), x.flip(2), x)
-    if aug.cutmix > 0:
+    if settings.cutmix > 0:
         boxes = tsgf.saliency_boxes(heat[partner], u[:, 7:9], scale, ratio, delta, sample_gen)
         pasted = tsgf.saliency_cutmix(x, boxes, partner)
-        x = torch.where((u[:, 9] < aug.cutmix).view(per_clip), pasted, x)
-    if aug.mixup > 0:
+        x = torch.where((u[:, 9] < settings.cutmix).view(per_clip), pasted, x)
+    if settings.mixup > 0:
         weight = u[:, 10].view(per_clip)
-        x = torch.where((u[:, 9] >= 1 - aug.mixup).view(per_clip), weight * x + (1 - weight) * x[partner], x)
-    params = augment.random_params(u[:, :6], scale, ratio, aug.hflip, aug.roll)
+        x = torch.where((u[:, 9] >= 1 - settings.mixup).view(per_clip), weight * x + (1 - weight) * x[partner], x)
+    params = settings.crop.params(u[:, :6])
     params[:, :4] = tsgf.saliency_boxes(heat, u[:, :2], scale, ratio, delta, sample_gen)
     return augment.apply_params(x, params)
 
@@ -102,13 +181,13 @@ def teacher_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    cfg,
+    settings: TeacherSettings,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """One supervised step: CE of model(augmented x) against y; x normalised (N, 3, F, H, W).
     Returns the loss (a detached device tensor, not synced)."""
-    with autocast(x.device, cfg.amp):
-        loss = F.cross_entropy(model(random_augment(x, cfg.augment, generator)).float(), y)
+    with autocast(x.device, settings.inputs.amp):
+        loss = F.cross_entropy(model(random_augment(x, settings.crop, generator)).float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -118,22 +197,22 @@ def teacher_step(
 def _fit(
     model: nn.Module,
     num_examples: int,
-    section,
+    fit: FitSettings,
     generator: torch.Generator,
     step: BatchStep,
     callback: Optional[EpochCallback],
     ema: float = 0.0,
 ) -> nn.Module:
-    """AdamW + cosine over `section.epochs` shuffled passes (section: teacher or evaluate config);
+    """AdamW + cosine over `fit.epochs` shuffled passes of `fit.batch_size` examples;
     step(rows, optimizer) trains on one batch and returns its detached loss. ema > 0: the model
     ends with the EMA of its weights (decay `ema`, updated every step)."""
     average = WeightEMA(model, ema) if ema > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
-    schedule = cosine_schedule(optimizer, section.epochs * math.ceil(num_examples / section.batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
+    schedule = cosine_schedule(optimizer, fit.epochs * math.ceil(num_examples / fit.batch_size))
     model.train()
-    for epoch in range(section.epochs):
+    for epoch in range(fit.epochs):
         losses = []
-        for rows in _batches(num_examples, section.batch_size, generator):
+        for rows in _batches(num_examples, fit.batch_size, generator):
             losses.append(step(rows, optimizer))
             schedule.step()
             if average is not None:
@@ -146,26 +225,30 @@ def _fit(
 
 
 def train_teacher(
-    model: nn.Module, clips: torch.Tensor, labels: torch.Tensor, cfg, callback: Optional[EpochCallback] = None
+    model: nn.Module,
+    clips: torch.Tensor,
+    labels: torch.Tensor,
+    settings: TeacherSettings,
+    callback: Optional[EpochCallback] = None,
 ) -> nn.Module:
     """Train `model` (on its device) with AdamW + cosine on uint8 clips (N, F, H, W, 3) for
-    teacher.epochs; callback(epoch, {"loss"}) after each epoch. Returns the model in eval mode."""
+    settings.fit.epochs; callback(epoch, {"loss"}) after each epoch. Returns the model in eval mode."""
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        x = to_model_input(clips[rows].to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
-        return teacher_step(model, optimizer, x, labels[rows].to(device), cfg, generator)
+        x = settings.inputs.model_input(clips[rows].to(device, non_blocking=True))
+        return teacher_step(model, optimizer, x, labels[rows].to(device), settings, generator)
 
-    return _fit(model, len(clips), cfg.teacher, generator, step, callback)
+    return _fit(model, len(clips), settings.fit, generator, step, callback)
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, cfg
+    student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, settings: StudentSettings
 ) -> torch.Tensor:
-    """evaluate.labels: soft_kl = KL(softmax(t/T) || softmax(s/T)) * T^2; soft_mse = MSE to the
+    """settings.labels: soft_kl = KL(softmax(t/T) || softmax(s/T)) * T^2; soft_mse = MSE to the
     teacher logits + mse_ce_weight * CE(y); hard = CE(y) (teacher_logits unused, may be None)."""
-    e = cfg.evaluate
+    e = settings
     s = student_logits.float()
     if e.labels == LabelKind.hard:
         return F.cross_entropy(s, y)
@@ -179,11 +262,11 @@ def distillation_loss(
     return F.mse_loss(s, t) + e.mse_ce_weight * F.cross_entropy(s, y)
 
 
-def clip_heat(x: torch.Tensor, cfg, chunk: int = 64) -> torch.Tensor:
+def clip_heat(x: torch.Tensor, saliency: SaliencySettings, inputs: InputSettings, chunk: int = 64) -> torch.Tensor:
     """The TSGFA heat map (N, H, W) in [0, 1] of clips x (uint8 or model input): the time-mean of
     their saliency, computed in chunks (the map is normalised per clip, so chunks do not matter)."""
     return torch.cat(
-        [tsgf.saliency(_normalised(x[i : i + chunk], cfg), cfg.tsgf).mean(dim=(1, 2)) for i in range(0, len(x), chunk)]
+        [tsgf.saliency(inputs.normalised(x[i : i + chunk]), saliency).mean(dim=(1, 2)) for i in range(0, len(x), chunk)]
     )
 
 
@@ -193,7 +276,7 @@ def student_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    cfg,
+    settings: StudentSettings,
     generator: torch.Generator,
     heat: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -201,22 +284,21 @@ def student_step(
     or, when None, the clips' own), let the frozen teacher label the augmented clips, and fit the
     student. Returns the detached loss."""
     if heat is None:  # only TSGFA reads it: no saliency per batch for uniform crops
-        heat = clip_heat(x, cfg) if cfg.evaluate.tsgfa else x.new_ones(x.shape[0], *x.shape[-2:])
-    view = student_view(x, heat, cfg, generator)
-    with autocast(x.device, cfg.amp):
+        heat = (
+            clip_heat(x, settings.saliency, settings.inputs)
+            if settings.tsgfa
+            else x.new_ones(x.shape[0], *x.shape[-2:])
+        )
+    view = student_view(x, heat, settings, generator)
+    with autocast(x.device, settings.inputs.amp):
         with torch.no_grad():
-            teacher_logits = teacher(view) if cfg.evaluate.labels != LabelKind.hard else None
+            teacher_logits = teacher(view) if settings.labels != LabelKind.hard else None
         student_logits = student(view)
-    loss = distillation_loss(student_logits, teacher_logits, y, cfg)
+    loss = distillation_loss(student_logits, teacher_logits, y, settings)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-def _normalised(x: torch.Tensor, cfg) -> torch.Tensor:
-    """uint8 clips (N, F, H, W, 3) -> model input; model input is returned as it is."""
-    return to_model_input(x, cfg.data.mean, cfg.data.std) if x.dtype == torch.uint8 else x
 
 
 def train_student(
@@ -224,47 +306,47 @@ def train_student(
     teacher: nn.Module,
     x: torch.Tensor,
     labels: torch.Tensor,
-    cfg,
+    settings: StudentSettings,
     seed: int,
     callback: Optional[EpochCallback] = None,
     heat: Optional[torch.Tensor] = None,
 ) -> nn.Module:
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
-    are normalised per batch (4x less memory, the same numbers). evaluate.epochs with AdamW +
-    cosine (and evaluate.ema), teacher in eval mode. heat (N, H, W): the TSGFA map of each clip,
+    are normalised per batch (4x less memory, the same numbers). settings.fit with AdamW +
+    cosine (and settings.ema), teacher in eval mode. heat (N, H, W): the TSGFA map of each clip,
     carried from its init clip (synthetic sets); None: the clips' own (real clips).
     Randomness comes from `seed` only. Returns the student in eval mode."""
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     teacher.eval().requires_grad_(False)
     if heat is None:
-        heat = clip_heat(x, cfg)
+        heat = clip_heat(x, settings.saliency, settings.inputs)
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         return student_step(
             student,
             teacher,
             optimizer,
-            _normalised(x[rows], cfg).to(device),
+            settings.inputs.normalised(x[rows]).to(device),
             labels[rows].to(device),
-            cfg,
+            settings,
             generator,
             heat[rows].to(device),
         )
 
-    return _fit(student, len(x), cfg.evaluate, generator, step, callback, cfg.evaluate.ema)
+    return _fit(student, len(x), settings.fit, generator, step, callback, settings.ema)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, clips: torch.Tensor, cfg, batch_size: int = 64) -> torch.Tensor:
+def predict(model: nn.Module, clips: torch.Tensor, inputs: InputSettings, batch_size: int = 64) -> torch.Tensor:
     """Logits (N, K) on the CPU of uint8 clips (N, F, H, W, 3), model in eval mode, no augmentation."""
     device = next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(clips), batch_size):
-        x = to_model_input(clips[start : start + batch_size].to(device), cfg.data.mean, cfg.data.std)
-        with autocast(device, cfg.amp):
+        x = inputs.model_input(clips[start : start + batch_size].to(device))
+        with autocast(device, inputs.amp):
             out.append(model(x).float().cpu())
     return torch.cat(out)
 

@@ -8,6 +8,7 @@ Clips are (N, 3, F, H, W) float tensors on any device; maps are (N, 1, F, H, W).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -95,26 +96,49 @@ def frame_differences(x: torch.Tensor, compensate: Compensation = Compensation.n
     return torch.cat([diff, diff[:, -1:]], dim=1)
 
 
-def saliency(x: torch.Tensor, cfg) -> torch.Tensor:
-    """The TSGF saliency map M (N, 1, F, H, W) in [0, 1] of clips x (N, 3, F, H, W).
+@dataclass(frozen=True)
+class SaliencySettings:
+    """How `saliency` builds M: camera-motion `compensate`, spatial average-pool `spatial_kernel`
+    (pixels, 1 = off), temporal smoothing over `window` frames either side with weights `alpha`
+    (empty: the default of `temporal_weights`), `eps` added to the clip maximum, and `granularity`."""
 
-    `cfg` is the `tsgf` config section (compensate, spatial_kernel, window, alpha, eps, granularity).
-    Computed without gradient, in float32.
-    """
+    compensate: Compensation
+    spatial_kernel: int
+    window: int
+    alpha: tuple[float, ...]
+    eps: float
+    granularity: Granularity
+
+    @classmethod
+    def from_section(cls, section) -> SaliencySettings:
+        """From the `tsgf` config section."""
+        return cls(
+            Compensation(section.compensate),
+            int(section.spatial_kernel),
+            int(section.window),
+            tuple(section.alpha),
+            float(section.eps),
+            Granularity(section.granularity),
+        )
+
+
+def saliency(x: torch.Tensor, settings: SaliencySettings) -> torch.Tensor:
+    """The TSGF saliency map M (N, 1, F, H, W) in [0, 1] of clips x (N, 3, F, H, W), computed
+    without gradient, in float32."""
     with torch.no_grad():
-        d = frame_differences(x.detach().float(), Compensation(cfg.compensate))  # (N, F, H, W)
+        d = frame_differences(x.detach().float(), settings.compensate)  # (N, F, H, W)
         n, f, h, w = d.shape
-        k = cfg.spatial_kernel
+        k = settings.spatial_kernel
         if k > 1:
             d = F.avg_pool2d(d, k, stride=1, padding=k // 2, count_include_pad=False)
-        weights = temporal_weights(cfg.window, list(cfg.alpha))
-        offsets = torch.arange(-cfg.window, cfg.window + 1, device=d.device)
+        weights = temporal_weights(settings.window, settings.alpha)
+        offsets = torch.arange(-settings.window, settings.window + 1, device=d.device)
         index = _reflect(torch.arange(f, device=d.device).view(-1, 1) + offsets.view(1, -1), f)  # (F, 2k+1)
         alpha = torch.tensor(weights, device=d.device, dtype=d.dtype).view(1, 1, -1, 1, 1)
         s = (d[:, index] * alpha).sum(dim=2)  # (N, F, H, W)
-        if Granularity(cfg.granularity) == Granularity.frame:
+        if settings.granularity == Granularity.frame:
             s = s.mean(dim=(2, 3), keepdim=True).expand(n, f, h, w)
-        m = s / (s.flatten(1).amax(dim=1).view(n, 1, 1, 1) + cfg.eps)
+        m = s / (s.flatten(1).amax(dim=1).view(n, 1, 1, 1) + settings.eps)
         return m.unsqueeze(1)
 
 
@@ -141,13 +165,13 @@ def filter_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def motion_sums(x: torch.Tensor, x0: torch.Tensor, m0: torch.Tensor, cfg) -> torch.Tensor:
+def motion_sums(x: torch.Tensor, x0: torch.Tensor, m0: torch.Tensor, settings: SaliencySettings) -> torch.Tensor:
     """Sums for `motion_diagnostics` over clips x (N, 3, F, H, W) that started as x0 with init map
     m0 (N, 1, F, H, W); add the sums of several batches, then call `motion_diagnostics`. (6,) tensor."""
     moving = (m0 >= MOVING).to(x.dtype)
     static = 1 - moving
     edit = (x - x0).abs().mean(dim=1, keepdim=True)
-    m = saliency(x, cfg)
+    m = saliency(x, settings)
     return torch.stack(
         [(edit * static).sum(), static.sum(), (edit * moving).sum(), moving.sum(), (m * moving).sum(), m.sum()]
     )

@@ -37,9 +37,9 @@ from omegaconf import DictConfig
 from tsgd_ray import lease, storage
 from tsgd_ray.config import ConfigError, InitKind
 from tsgd_ray.console import Progress
-from tsgd_ray.core.clips import to_model_input, to_uint8_clips, valid_range
+from tsgd_ray.core.clips import to_uint8_clips
 from tsgd_ray.core.device import resolve_device
-from tsgd_ray.core.recovery import noise_init, recover
+from tsgd_ray.core.recovery import RecoverySettings, noise_init, recover
 from tsgd_ray.core.training import clip_heat
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import artifacts
@@ -87,12 +87,13 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
     init = artifacts.read_init(cfg, classes)
     labels, indices = init["labels"], init["indices"]
     device = next(teacher.parameters()).device
+    settings = RecoverySettings.from_config(cfg)
     if cfg.distill.init == InitKind.noise:
-        low, high = valid_range(cfg.data.mean, cfg.data.std, torch.zeros(1))
-        x0 = noise_init((3, *artifacts.clip_size(cfg)), labels, indices, cfg.seed, low, high)
+        low, high = settings.inputs.valid_range(torch.zeros(1))
+        x0 = noise_init((3, *artifacts.clip_size(cfg)), labels, indices, settings.seed, low, high)
         video_ids = [""] * len(labels)
     else:
-        x0 = to_model_input(init["clips"], cfg.data.mean, cfg.data.std)
+        x0 = settings.inputs.model_input(init["clips"])
         video_ids = init["video_ids"]
     history: list[dict] = []
     progress = Progress(f"distill partition {partition_id}", cfg.distill.iterations, "iteration", last=False)
@@ -101,9 +102,11 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
         history.append({"step": step, "time": time.time(), **metrics})
         progress.update(step + 1, loss=metrics["loss"])
 
-    videos = recover(teacher, x0.to(device), labels, indices, cfg, stats, callback=on_step)
-    clips = to_uint8_clips(videos, cfg.data.mean, cfg.data.std).numpy()
-    heats = (255 * clip_heat(x0, cfg)).round().to(torch.uint8).numpy()  # TSGFA's map, from the init clip
+    videos = recover(teacher, x0.to(device), labels, indices, settings, stats, callback=on_step)
+    clips = to_uint8_clips(videos, settings.inputs.mean, settings.inputs.std).numpy()
+    heats = (
+        (255 * clip_heat(x0, settings.saliency, settings.inputs)).round().to(torch.uint8).numpy()
+    )  # TSGFA's map, from the init clip
     file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids, heats)
     counts = torch.bincount(labels, minlength=max(classes) + 1)
     marker = {

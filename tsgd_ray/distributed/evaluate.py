@@ -25,7 +25,7 @@ from tsgd_ray import storage
 from tsgd_ray.config import Method
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
-from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
@@ -49,7 +49,7 @@ def _fit_on_stream(
 ) -> list[dict]:
     """`full`: AdamW + cosine over evaluate.epochs passes of this worker's stream of real clips (the
     EMA of the weights in the end when evaluate.ema > 0)."""
-    e = cfg.evaluate
+    e, settings = cfg.evaluate, training.StudentSettings.from_config(cfg)
     average = training.WeightEMA(student, e.ema) if e.ema > 0 else None
     optimizer = torch.optim.AdamW(student.parameters(), lr=e.lr, weight_decay=e.weight_decay)
     schedule = training.cosine_schedule(
@@ -64,9 +64,11 @@ def _fit_on_stream(
             for batch in ClipStream(
                 shard, expected // world, cfg.data.max_bad_fraction, e.batch_size, shuffle_seed=seed * 1000 + epoch
             ):
-                x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
+                x = settings.inputs.model_input(batch["clip"].to(device))
                 losses.append(
-                    training.student_step(student, teacher, optimizer, x, batch["label"].to(device), cfg, generator)
+                    training.student_step(
+                        student, teacher, optimizer, x, batch["label"].to(device), settings, generator
+                    )
                 )
                 schedule.step()
                 if average is not None:
@@ -81,7 +83,7 @@ def _test(student, shard, expected: int, world: int, cfg: DictConfig, device) ->
     """(top-1, top-5, clips) of the student on the test stream, summed over all workers."""
     counts = torch.zeros(3, dtype=torch.float64)
     for batch in ClipStream(shard, expected // world, cfg.data.max_bad_fraction, 64):
-        logits = training.predict(train_workers.unwrap(student), batch["clip"], cfg)
+        logits = training.predict(train_workers.unwrap(student), batch["clip"], InputSettings.from_config(cfg))
         n = len(batch["label"])
         counts += torch.tensor(
             [
@@ -108,6 +110,7 @@ def _student_worker(loop_config: dict) -> None:
 
     cfg, classes, method = loop_config["cfg"], loop_config["classes"], Method(loop_config["method"])
     rank, world, device = train_workers.worker_setup(cfg.evaluate, "evaluate", cfg.device)
+    settings = training.StudentSettings.from_config(cfg)
     teacher = load_teacher(cfg, classes, device)
     if method != Method.full:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
@@ -146,7 +149,7 @@ def _student_worker(loop_config: dict) -> None:
             )
         else:
             with train_workers.uneven_inputs(student):
-                training.train_student(student, teacher, x, y, cfg, worker_seed, callback=on_epoch, heat=heat)
+                training.train_student(student, teacher, x, y, settings, worker_seed, callback=on_epoch, heat=heat)
         top1, top5, n = _test(
             student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device
         )

@@ -34,9 +34,9 @@ from omegaconf import DictConfig
 from tsgd_ray import storage
 from tsgd_ray.config import MAX_IPC, ConfigError
 from tsgd_ray.console import Progress
-from tsgd_ray.core.augment import keyed_views
+from tsgd_ray.core.augment import CropSettings, keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
-from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast, resolve_device
 from tsgd_ray.core.selection import BestPerClass, seeded_priority
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
@@ -71,6 +71,8 @@ class StatsWorker(PoolActor):
     def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
         torch.set_num_threads(threads)
         self.cfg = cfg
+        self.inputs = InputSettings.from_config(cfg)
+        self.crop = CropSettings.from_section(cfg.augment)
         self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
         self.teacher = artifacts.load_teacher(cfg, classes, self.device)
         self.num_classes = len(classes)
@@ -113,13 +115,11 @@ class StatsWorker(PoolActor):
         return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
 
     def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
-        x = to_model_input(
-            torch.from_numpy(np.ascontiguousarray(clips)).to(self.device), self.cfg.data.mean, self.cfg.data.std
-        )
+        x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device))
         if self.cfg.stats.augment:
-            x = keyed_views(x, [str(v) for v in video_ids], self.cfg.seed, self.cfg.augment)
+            x = keyed_views(x, [str(v) for v in video_ids], self.cfg.seed, self.crop)
         y = torch.from_numpy(labels.astype(np.int64)).to(self.device)
-        with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.cfg.amp):
+        with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.inputs.amp):
             logits = self.teacher(x).float()
             self.stats.add(taps, y)
         return F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
@@ -134,13 +134,9 @@ class StatsWorker(PoolActor):
             ok = decoded["ok"]
             if not ok.any():
                 continue
-            x = to_model_input(
-                torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device),
-                self.cfg.data.mean,
-                self.cfg.data.std,
-            )
+            x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device))
             y = torch.from_numpy(columns["label"][ok].astype(np.int64)).to(self.device)
-            with torch.no_grad(), autocast(self.device, self.cfg.amp):
+            with torch.no_grad(), autocast(self.device, self.inputs.amp):
                 loss = F.cross_entropy(self.teacher(x).float(), y, reduction="none").double().cpu().numpy()
             improved = loss < best[ok]
             rows = np.flatnonzero(ok)[improved]

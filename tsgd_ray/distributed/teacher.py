@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from tsgd_ray import storage
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
-from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shards_root
@@ -38,6 +37,7 @@ def _train_worker(loop_config: dict) -> None:
 
     cfg, classes, expected = loop_config["cfg"], loop_config["classes"], loop_config["expected"]
     t = cfg.teacher
+    settings = training.TeacherSettings.from_config(cfg)
     rank, world, device = train_workers.worker_setup(t, "teacher", cfg.device)
     import ray.train.torch
 
@@ -67,8 +67,10 @@ def _train_worker(loop_config: dict) -> None:
         )
         with train_workers.uneven_inputs(model):
             for batch in stream:
-                x = to_model_input(batch["clip"].to(device), cfg.data.mean, cfg.data.std)
-                losses.append(training.teacher_step(model, optimizer, x, batch["label"].to(device), cfg, generator))
+                x = settings.inputs.model_input(batch["clip"].to(device))
+                losses.append(
+                    training.teacher_step(model, optimizer, x, batch["label"].to(device), settings, generator)
+                )
                 schedule.step()
         loss = torch.stack(losses).mean().item() if losses else float("nan")
         history.append({"step": epoch, "time": time.time(), "loss": loss, "bad_videos": len(stream.bad)})
