@@ -265,7 +265,6 @@ def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tm
         "evaluate.epochs=2",
         "evaluate.seeds=[0,1]",
         "evaluate.cpus_per_worker=1",
-        "data.cache_clips=true",
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "tracking.experiment=stages",
     ]

@@ -63,7 +63,6 @@ _EXECUTION_ONLY = {
         "decode_cpus_per_actor",
         "decode_batch_size",
         "prepare_concurrency",
-        "cache_clips",
         "eval_split",
     ),
     "teacher": ("cpus_per_worker", "gpus_per_worker"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from omegaconf import DictConfig
@@ -27,7 +28,6 @@ from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.models import build_model
-from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
 from tsgd_ray.distributed import artifacts, train_workers
 from tsgd_ray.distributed.artifacts import clip_size, load_teacher, seed_uri
@@ -45,25 +45,22 @@ def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module
 
 
 def _fit_on_stream(
-    student, teacher, shard, expected: int, world: int, cfg: DictConfig, seed: int, device
+    student, teacher, source: train_workers.ClipSource, rank: int, world: int, cfg: DictConfig, seed: int, device
 ) -> list[dict]:
-    """`full`: AdamW + cosine over evaluate.epochs passes of this worker's stream of real clips (the
-    EMA of the weights in the end when evaluate.ema > 0)."""
+    """`full`: AdamW + cosine over evaluate.epochs passes of this worker's share of the real
+    training clips (the EMA of the weights in the end when evaluate.ema > 0)."""
     e, settings = cfg.evaluate, training.StudentSettings.from_config(cfg)
+    batch_size = train_workers.per_worker_batch(e.batch_size, world)
     average = training.WeightEMA(student, e.ema) if e.ema > 0 else None
     optimizer = torch.optim.AdamW(student.parameters(), lr=e.lr, weight_decay=e.weight_decay)
-    schedule = training.cosine_schedule(
-        optimizer, e.epochs * train_workers.steps_per_epoch(expected, world, e.batch_size)
-    )
+    schedule = training.cosine_schedule(optimizer, e.epochs * source.steps("train", world, batch_size))
     generator = torch.Generator().manual_seed(seed)
     history = []
     student.train()
     for epoch in range(e.epochs):
         losses = []
         with train_workers.uneven_inputs(student):
-            for batch in ClipStream(
-                shard, expected // world, cfg.data.max_bad_fraction, e.batch_size, shuffle_seed=seed * 1000 + epoch
-            ):
+            for batch in source.batches("train", epoch, batch_size, rank, world, seed=seed * 1000 + epoch):
                 x = settings.inputs.model_input(batch["clip"].to(device))
                 losses.append(
                     training.student_step(
@@ -79,11 +76,14 @@ def _fit_on_stream(
     return history
 
 
-def _test(student, shard, expected: int, world: int, cfg: DictConfig, device) -> tuple[float, float, int]:
-    """(top-1, top-5, clips) of the student on the test stream, summed over all workers."""
+def _test(
+    model, source: train_workers.ClipSource, rank: int, world: int, cfg: DictConfig, device
+) -> tuple[float, float, int]:
+    """(top-1, top-5, clips) of `model` on the evaluation clips, summed over all workers."""
     counts = torch.zeros(3, dtype=torch.float64)
-    for batch in ClipStream(shard, expected // world, cfg.data.max_bad_fraction, 64):
-        logits = training.predict(train_workers.unwrap(student), batch["clip"], InputSettings.from_config(cfg))
+    inputs = InputSettings.from_config(cfg)
+    for batch in source.batches("eval", 0, 64, rank, world):
+        logits = training.predict(train_workers.unwrap(model), batch["clip"], inputs)
         n = len(batch["label"])
         counts += torch.tensor(
             [
@@ -109,8 +109,11 @@ def _student_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg, classes, method = loop_config["cfg"], loop_config["classes"], Method(loop_config["method"])
+    source = loop_config["source"]
     rank, world, device = train_workers.worker_setup(cfg.evaluate, "evaluate", cfg.device)
     settings = training.StudentSettings.from_config(cfg)
+    per_worker = replace(settings.fit, batch_size=train_workers.per_worker_batch(settings.fit.batch_size, world))
+    settings = replace(settings, fit=per_worker)  # evaluate.batch_size is global
     teacher = load_teacher(cfg, classes, device)
     if method != Method.full:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
@@ -121,9 +124,7 @@ def _student_worker(loop_config: dict) -> None:
         if storage.exists(seed_uri(cfg, method, seed)):
             continue
         if teacher_scores is None:
-            teacher_scores = _test(
-                teacher, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device
-            )
+            teacher_scores = _test(teacher, source, rank, world, cfg, device)
         started = time.time()
         student = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
         worker_seed = seed * world + rank
@@ -137,22 +138,11 @@ def _student_worker(loop_config: dict) -> None:
             ray.train.report({"seed": seed, "epoch": epoch, **metrics})  # noqa: B023 - every rank: the live curve
 
         if method == Method.full:
-            history = _fit_on_stream(
-                student,
-                teacher,
-                ray.train.get_dataset_shard("train"),
-                loop_config["expected_train"],
-                world,
-                cfg,
-                worker_seed,
-                device,
-            )
+            history = _fit_on_stream(student, teacher, source, rank, world, cfg, worker_seed, device)
         else:
             with train_workers.uneven_inputs(student):
                 training.train_student(student, teacher, x, y, settings, worker_seed, callback=on_epoch, heat=heat)
-        top1, top5, n = _test(
-            student, ray.train.get_dataset_shard("eval"), loop_config["expected_eval"], world, cfg, device
-        )
+        top1, top5, n = _test(student, source, rank, world, cfg, device)
         if rank == 0:
             storage.write_json_once(
                 seed_uri(cfg, method, seed),
@@ -205,20 +195,11 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
         from ray.train.torch import TorchTrainer
 
         check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
-        datasets = {"eval": clip_dataset(cfg, split)}
-        if method == Method.full:
-            datasets["train"] = clip_dataset(cfg, "train")
-        if cfg.data.cache_clips:
-            datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        splits = {"eval": split, **({"train": "train"} if method == Method.full else {})}
+        source = train_workers.ClipSource(cfg, splits, tested=["eval"])
         trainer = TorchTrainer(
             _student_worker,
-            train_loop_config={
-                "cfg": cfg,
-                "classes": classes,
-                "method": method.value,
-                "expected_eval": expected_rows(cfg, split),
-                "expected_train": expected_rows(cfg, "train"),
-            },
+            train_loop_config={"cfg": cfg, "classes": classes, "method": method.value, "source": source},
             scaling_config=train_workers.scaling_config(cfg.evaluate, cfg.device),
             run_config=train_workers.run_config(
                 storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"),
@@ -226,8 +207,8 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
                 cfg.ray.max_failures,
                 [live_curve(tracker.uri, run_id, child=("seed", seed_name))] if tracker else [],
             ),
-            datasets=datasets,
-            dataset_config=train_workers.data_config(datasets),
+            datasets=source.datasets,
+            dataset_config=train_workers.data_config(source.datasets),
         )
         try:
             trainer.fit()

@@ -21,7 +21,6 @@ from tsgd_ray import storage
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
-from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import train_workers
 from tsgd_ray.distributed.artifacts import TEACHER_MARKER, new_teacher, run_stage, teacher_dir, teacher_uri
@@ -35,17 +34,16 @@ def _train_worker(loop_config: dict) -> None:
     """Ray Train loop: AdamW + cosine over teacher.epochs passes of this worker's data shard."""
     import ray.train
 
-    cfg, classes, expected = loop_config["cfg"], loop_config["classes"], loop_config["expected"]
+    cfg, classes, source = loop_config["cfg"], loop_config["classes"], loop_config["source"]
     t = cfg.teacher
     settings = training.TeacherSettings.from_config(cfg)
     rank, world, device = train_workers.worker_setup(t, "teacher", cfg.device)
     import ray.train.torch
 
+    batch_size = train_workers.per_worker_batch(t.batch_size, world)
     model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    schedule = training.cosine_schedule(
-        optimizer, t.epochs * train_workers.steps_per_epoch(expected, world, t.batch_size)
-    )
+    schedule = training.cosine_schedule(optimizer, t.epochs * source.steps("train", world, batch_size))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -57,14 +55,11 @@ def _train_worker(loop_config: dict) -> None:
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         start, history = state["epoch"] + 1, state["history"]
-    shard = ray.train.get_dataset_shard("train")
     progress = Progress("teacher", t.epochs, "epoch")
     for epoch in range(start, t.epochs):
         model.train()
         losses = []
-        stream = ClipStream(
-            shard, expected // world, cfg.data.max_bad_fraction, t.batch_size, shuffle_seed=cfg.seed * 1000 + epoch
-        )
+        stream = source.batches("train", epoch, batch_size, rank, world, seed=cfg.seed * 1000 + epoch)
         with train_workers.uneven_inputs(model):
             for batch in stream:
                 x = settings.inputs.model_input(batch["clip"].to(device))
@@ -73,7 +68,7 @@ def _train_worker(loop_config: dict) -> None:
                 )
                 schedule.step()
         loss = torch.stack(losses).mean().item() if losses else float("nan")
-        history.append({"step": epoch, "time": time.time(), "loss": loss, "bad_videos": len(stream.bad)})
+        history.append({"step": epoch, "time": time.time(), "loss": loss, "bad_videos": source.bad("train", stream)})
         if rank == 0:
             progress.update(epoch + 1, loss=loss)
         with tempfile.TemporaryDirectory() as folder:
@@ -102,18 +97,16 @@ def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Mo
     if cfg.teacher.epochs == 0:
         return model, []
     check_gpus(cfg, "teacher.gpus_per_worker", cfg.teacher.gpus_per_worker)
-    dataset = clip_dataset(cfg, "train")
-    if cfg.data.cache_clips:
-        dataset = dataset.materialize()
+    source = train_workers.ClipSource(cfg, {"train": "train"})
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg, "classes": classes, "expected": expected_rows(cfg, "train")},
+        train_loop_config={"cfg": cfg, "classes": classes, "source": source},
         scaling_config=train_workers.scaling_config(cfg.teacher, cfg.device),
         run_config=train_workers.run_config(
             storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures, [curve] if curve else []
         ),
-        datasets={"train": dataset},
-        dataset_config=train_workers.data_config({"train": dataset}),
+        datasets=source.datasets,
+        dataset_config=train_workers.data_config(source.datasets),
     )
     result = trainer.fit()
     if result.checkpoint is None:

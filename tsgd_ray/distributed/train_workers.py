@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 
 from tsgd_ray import storage
+from tsgd_ray.data import clip_cache
+from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 
 
 def scaling_config(section, device: str):
@@ -84,5 +87,51 @@ def uneven_inputs(model: nn.Module):
     return model.join() if hasattr(model, "join") else contextlib.nullcontext()
 
 
-def steps_per_epoch(expected_rows: int, world_size: int, batch_size: int) -> int:
-    return max(1, math.ceil(expected_rows / world_size / batch_size))
+def per_worker_batch(batch_size: int, world_size: int) -> int:
+    """Each worker's share of a global batch (`teacher.batch_size`, `evaluate.batch_size` are
+    global: adding workers does not change the optimisation)."""
+    return max(1, math.ceil(batch_size / world_size))
+
+
+class ClipSource:
+    """Where a Ray Train run's real clips come from, by name ("train", "eval"): the clip cache
+    (`data.clip_cache`, decoded once by the driver before the run) or Ray Data datasets decoding
+    live. Built on the driver, picklable into the train loop config."""
+
+    def __init__(self, cfg: DictConfig, splits: dict[str, str], tested: Iterable[str] = ()):
+        """splits: name -> split; names in `tested` are only evaluated (one cached view)."""
+        self.cfg = cfg
+        self.expected = {name: expected_rows(cfg, split) for name, split in splits.items()}
+        self.caches: dict[str, dict] = {}
+        self.datasets = {}
+        for name, split in splits.items():
+            if cfg.data.clip_cache:
+                self.caches[name] = clip_cache.ensure(cfg, split, 1 if name in tested else None)
+            else:
+                self.datasets[name] = clip_dataset(cfg, split)
+
+    def steps(self, name: str, world: int, batch_size: int) -> int:
+        """Optimiser steps per epoch of the busiest worker."""
+        if name in self.caches:
+            return clip_cache.steps(self.caches[name], world, batch_size)
+        return max(1, math.ceil(self.expected[name] / world / batch_size))
+
+    def batches(self, name: str, epoch: int, batch_size: int, rank: int, world: int, seed: Optional[int] = None):
+        """An iterable of this worker's batches ({"clip", "label", "video_id"}) for one pass;
+        seed: shuffled with it (training), None: in order. The live source has a `bad` list."""
+        if name in self.caches:
+            return clip_cache.batches(self.cfg, self.caches[name], epoch, batch_size, rank, world, seed)
+        import ray.train
+
+        return ClipStream(
+            ray.train.get_dataset_shard(name),
+            self.expected[name] // world,
+            self.cfg.data.max_bad_fraction,
+            batch_size,
+            shuffle_seed=seed,
+        )
+
+    def bad(self, name: str, batches) -> int:
+        """Videos of `name` that failed to decode: when the cache was built, or in this pass
+        (`batches`, from `self.batches`) of a live source."""
+        return int(self.caches[name]["bad"]) if name in self.caches else len(batches.bad)
