@@ -299,8 +299,9 @@ class Tracker:
 
 def live_curve(uri: str, run_id: str, step: str = "epoch", child: Optional[tuple[str, str]] = None):
     """A Ray Train callback that logs rank 0's reported metrics to run `run_id` as they come (the
-    value of `step` as the step, every other number as a metric; reports without `step` are
-    skipped). With `child=(key, name)`, each value v of the reported `key` gets its own child run
+    value of `step` as the step, "time" (s) as the timestamp, every other number as a metric;
+    reports without `step` are skipped). A report {"rows": [...]} logs each row so (a worker that
+    reports a batch of epochs at once). With `child=(key, name)`, each value v of the reported `key` gets its own child run
     of `run_id`, named `name.format(v)`, opened at its first report (`Tracker.find_child` finds it).
 
     It runs in the Ray Train controller, so the workers hold no MLflow state; the controller's
@@ -317,7 +318,8 @@ def live_curve(uri: str, run_id: str, step: str = "epoch", child: Optional[tuple
             from mlflow.tracking import MlflowClient
 
             reported = metrics[0] if metrics else {}
-            if step not in reported:
+            rows = [r for r in reported.get("rows", [reported]) if step in r]
+            if not rows:
                 return
             self.client = self.client or MlflowClient(tracking_uri=uri)
             target = run_id
@@ -331,11 +333,12 @@ def live_curve(uri: str, run_id: str, step: str = "epoch", child: Optional[tuple
                         experiment, run_name=name.format(value), tags=tags
                     ).info.run_id
                 target = self.runs[value]
-            now = int(time.time() * 1000)
+            now = time.time()
             points = [
-                Metric(k, float(v), now, int(reported[step]))
-                for k, v in reported.items()
-                if k not in (step, child and child[0]) and isinstance(v, (int, float))
+                Metric(k, float(v), int(1000 * row.get("time", now)), int(row[step]))
+                for row in rows
+                for k, v in row.items()
+                if k not in (step, "time", child and child[0]) and isinstance(v, (int, float))
             ]
             self.client.log_batch(target, metrics=points)
 

@@ -129,13 +129,17 @@ def _student_worker(loop_config: dict) -> None:
         student = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
         worker_seed = seed * world + rank
         history: list[dict] = []
+        sent = [-1]  # the last epoch reported
         progress = Progress(f"evaluate {method.value} seed {seed}", cfg.evaluate.epochs, "epoch")
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             history.append({"step": epoch, "time": time.time(), **metrics})  # noqa: B023 - called in this iteration
             if rank == 0:
                 progress.update(epoch + 1, **metrics)  # noqa: B023
-            ray.train.report({"seed": seed, "epoch": epoch, **metrics})  # noqa: B023 - every rank: the live curve
+            if train_workers.report_due(epoch, cfg.evaluate.epochs):  # every rank: the live curve
+                unsent = [h for h in history if h["step"] > sent[0]]  # noqa: B023
+                ray.train.report({"seed": seed, "rows": unsent})  # noqa: B023
+                sent[0] = epoch  # noqa: B023
 
         if method == Method.full:
             history = _fit_on_stream(student, teacher, source, rank, world, cfg, worker_seed, device)
@@ -205,7 +209,7 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
                 storage.join(artifacts.evaluate_dir(cfg, method), "ray_train"),
                 "students",
                 cfg.ray.max_failures,
-                [live_curve(tracker.uri, run_id, child=("seed", seed_name))] if tracker else [],
+                [live_curve(tracker.uri, run_id, step="step", child=("seed", seed_name))] if tracker else [],
             ),
             datasets=source.datasets,
             dataset_config=train_workers.data_config(source.datasets),
