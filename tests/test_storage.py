@@ -101,3 +101,24 @@ def test_credentials_never_reach_error_messages(s3_root):
     with pytest.raises(Exception) as info:
         storage.read_bytes("s3://no-such-bucket-xyz/k")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(info.value)
+
+
+def test_parquet_is_read_natively_from_disk_and_s3(store_root):
+    """Parquet on local disk and S3 is read through pyarrow's own filesystems (no fsspec shim in
+    the read loop), configured from the same AWS environment as s3fs (the loopback server here)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": list(range(1000))}), buf, row_group_size=100)
+    uri = storage.join(store_root, "t.parquet")
+    storage.write_once(uri, buf.getvalue())
+    fs, _ = storage.arrow_filesystem(uri)
+    assert isinstance(fs, pafs.S3FileSystem if uri.startswith("s3://") else pafs.LocalFileSystem)
+    with storage.open_parquet(uri) as f:
+        parquet = pq.ParquetFile(f)
+        assert parquet.num_row_groups == 10
+        assert parquet.read_row_group(3).column("x").to_pylist() == list(range(300, 400))

@@ -94,13 +94,39 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def arrow_filesystem(uri: str):
-    """A pyarrow filesystem and path for `uri` (for pyarrow and Ray Data readers)."""
+    """A pyarrow filesystem and path for `uri` (for pyarrow and Ray Data readers): pyarrow's own
+    for local paths and s3:// (native C++ reads, no Python in the loop), fsspec's through a shim
+    for anything else."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), path
+    if uri.startswith("s3://"):
+        return _native_s3(), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+@functools.lru_cache(maxsize=1)
+def _native_s3():
+    """pyarrow's S3 filesystem, configured from the same AWS sources as s3fs: credentials and
+    region from the environment, AWS_PROFILE and the config files, the endpoint from
+    AWS_ENDPOINT_URL (an S3-compatible store) when set."""
+    import pyarrow.fs as pafs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    if not endpoint:
+        return pafs.S3FileSystem()
+    scheme, _, host = endpoint.partition("://")
+    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme)
+
+
+@with_retries
+def open_parquet(uri: str):
+    """A random-access file for reading the Parquet file at `uri` with pyarrow (caller closes it):
+    native reads on local disk and S3 (`arrow_filesystem`)."""
+    fs, path = arrow_filesystem(uri)
+    return fs.open_input_file(path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -230,9 +256,3 @@ def file_sizes(uri: str, extensions: Iterable[str] | None = None) -> dict[str, i
         for p, info in sorted(fs.find(path, detail=True).items())
         if (exts is None or os.path.splitext(p)[1].lower() in exts) and ".tmp-" not in p
     }
-
-
-def open_input(uri: str):
-    """A binary file object for reading `uri` (caller closes it)."""
-    fs, path = filesystem(uri)
-    return fs.open(path, "rb")

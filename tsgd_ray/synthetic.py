@@ -73,7 +73,7 @@ class SyntheticVideos(Dataset):
         self._rows: list[tuple[int, int, int]] = []  # (file, row group, row in group)
         labels = []
         for f, entry in enumerate(self.manifest["files"]):
-            with storage.open_input(storage.join(self.uri, entry["path"])) as handle:
+            with storage.open_parquet(storage.join(self.uri, entry["path"])) as handle:
                 parquet = pq.ParquetFile(handle)
                 for g in range(parquet.num_row_groups):
                     group = parquet.read_row_group(g, columns=["label"]).column("label").to_numpy()
@@ -91,7 +91,7 @@ class SyntheticVideos(Dataset):
     def __getitem__(self, i: int):
         f, g, r = self._rows[i]
         if self._cached[0] != (f, g):
-            with storage.open_input(storage.join(self.uri, self.manifest["files"][f]["path"])) as handle:
+            with storage.open_parquet(storage.join(self.uri, self.manifest["files"][f]["path"])) as handle:
                 self._cached = ((f, g), pq.ParquetFile(handle).read_row_group(g, columns=["clip"]).column("clip"))
         clip = torch.from_numpy(np.frombuffer(self._cached[1][r].as_py(), np.uint8).reshape(self.clip_shape).copy())
         label = int(self.labels[i])

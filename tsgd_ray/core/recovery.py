@@ -219,7 +219,21 @@ def recover(
     low, high = s.inputs.valid_range(torch.empty(0, device=device))
     chunks = plan_chunks(labels, indices, s.chunk_size)
     params = [nn.Parameter(init[c.positions].detach().float().clone().to(device)) for c in chunks]
-    streams = [[video_generator(s.seed, int(labels[p]), int(indices[p])) for p in c.positions] for c in chunks]
+    # every video's augmentation uniforms for the whole run, drawn once from its own stream:
+    # (n, iterations, 6) per chunk on the device, so a step indexes a tensor instead of n generators
+    uniforms = [
+        torch.stack(
+            [
+                torch.rand(
+                    s.iterations,
+                    augment.UNIFORMS_PER_CLIP,
+                    generator=video_generator(s.seed, int(labels[p]), int(indices[p])),
+                )
+                for p in c.positions
+            ]
+        ).to(device)
+        for c in chunks
+    ]
     layers = batchnorm_layers(teacher)
     target = s.bn_target
     per_class = stats.moments() if stats is not None and target != BNTarget.global_ else None
@@ -247,11 +261,8 @@ def recover(
         for step in range(s.iterations):
             totals = torch.zeros(3, device=device)  # loss, ce, bn: sums over groups
             optimizer.zero_grad(set_to_none=True)
-            for k, (chunk, x, gens) in enumerate(zip(chunks, params, streams)):
-                u = torch.stack([torch.rand(augment.UNIFORMS_PER_CLIP, generator=g) for g in gens]).to(
-                    device, non_blocking=True
-                )
-                view = augment.apply_params(x, s.crop.params(u))
+            for k, (chunk, x) in enumerate(zip(chunks, params)):
+                view = augment.apply_params(x, s.crop.params(uniforms[k][:, step]))
                 num_groups = len(chunk.group_classes)
                 with autocast(device, s.inputs.amp), _penultimate(head) as features:
                     logits = teacher(view)

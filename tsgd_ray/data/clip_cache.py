@@ -168,7 +168,7 @@ def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:
 
 
 def _read(uri: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    with storage.open_input(uri) as f:
+    with storage.open_parquet(uri) as f:
         table = pq.read_table(f)
     blobs = table.column("clip").to_pylist()
     return {

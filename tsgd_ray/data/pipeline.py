@@ -107,7 +107,7 @@ def read_shard_rows(
     Parquet row group slice of at most `rows_per_block` rows at a time, optionally only `labels`."""
     wanted = None if labels is None else np.asarray(labels, dtype=np.int64)
     for uri in batch["uri"]:
-        with storage.open_input(str(uri)) as f:
+        with storage.open_parquet(str(uri)) as f:
             for part in pq.ParquetFile(f).iter_batches(
                 batch_size=rows_per_block, columns=["video_id", "label", "video"]
             ):

@@ -346,7 +346,7 @@ def read_clip_tables(
     """
     seen = 0
     for uri in uris:
-        with storage.open_input(uri) as f:
+        with storage.open_parquet(uri) as f:
             parquet = pq.ParquetFile(f)
             label_column = parquet.schema_arrow.get_field_index("label")
             for g in range(parquet.num_row_groups):

@@ -89,7 +89,7 @@ class StatsWorker(PoolActor):
         loss_sum = 0.0
         errors: list[str] = []
         row = 0
-        with storage.open_input(uri) as f:
+        with storage.open_parquet(uri) as f:
             for batch in pq.ParquetFile(f).iter_batches(
                 batch_size=self.cfg.stats.batch_size, columns=["video_id", "label", "video"]
             ):
@@ -230,7 +230,7 @@ def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
     for r in rows:
         by_shard[r["uri"]].append(r)
     for uri, wanted in by_shard.items():
-        with storage.open_input(uri) as f:
+        with storage.open_parquet(uri) as f:
             parquet = pq.ParquetFile(f)
             starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
             for g in sorted({int(np.searchsorted(starts, r["row"], side="right") - 1) for r in wanted}):
