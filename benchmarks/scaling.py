@@ -111,7 +111,7 @@ def step_overhead(cfg, classes, steps: int, **changes) -> tuple[float, float]:
     teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)
     init = read_init(cfg, range(len(classes)))
     settings = replace(RecoverySettings.from_config(cfg), iterations=steps, **changes)
-    x0 = settings.inputs.model_input(init["clips"])[: settings.chunk_size]
+    x0 = settings.inputs.model_input(init["clips"])[: settings.chunk_size].contiguous()  # as recovery sees it
     labels, indices = init["labels"][: len(x0)], init["indices"][: len(x0)]
     teacher.eval().requires_grad_(False)
     x = x0.clone().requires_grad_(True)
@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     bare, step = step_overhead(base, classes, args.step_count)
     _, current = step_overhead(base, classes, args.step_count, source=SaliencySource.current, every=1)
     print(
-        f"(d) one chunk of {base.distill.chunk_size} videos max, one thread: bare forward+backward {1000 * bare:.1f} ms, "
+        f"(d) one chunk of {min(base.distill.chunk_size, len(classes) * args.ipc)} videos, one thread: "
+        f"bare forward+backward {1000 * bare:.1f} ms, "
         f"recovery step {1000 * step:.1f} ms (ratio {step / bare:.2f}); with saliency of the current clip every "
         f"step {1000 * current:.1f} ms (ratio {current / bare:.2f})"
     )

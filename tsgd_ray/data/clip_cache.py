@@ -168,11 +168,15 @@ def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:
 
 
 def _read(uri: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """One cache file's rows; the clips (N, *shape) uint8 are a view of the column's data buffer
+    (every clip has the same size, so the values lie back to back), not N Python bytes objects."""
     with storage.open_parquet(uri) as f:
         table = pq.read_table(f)
-    blobs = table.column("clip").to_pylist()
+    column = table.column("clip").combine_chunks()
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + len(column) + 1]
+    values = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
     return {
-        "clip": np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in blobs]),
+        "clip": values.reshape(len(column), *shape),
         "label": table.column("label").to_numpy().astype(np.int64),
         "video_id": table.column("video_id").to_pylist(),
     }
