@@ -81,3 +81,12 @@ def test_a_second_teacher_epoch_decodes_nothing(tmp_path):
     marker = run_teacher(tiny_config(tmp_path, *TEACHER, "teacher.epochs=2"))
     assert [h["bad_videos"] for h in marker["history"]] == [0, 0]
     assert all(np.isfinite(h["loss"]) for h in marker["history"])
+
+
+def test_live_decoding_still_trains_without_a_cache(tmp_path):
+    """data.clip_cache=false: the teacher decodes through Ray Data on every pass and writes no cache."""
+    cfg = tiny_config(tmp_path, *TEACHER, "teacher.epochs=2", "data.clip_cache=false")
+    run_prepare(cfg)
+    marker = run_teacher(cfg)
+    assert [h["bad_videos"] for h in marker["history"]] == [0, 0]
+    assert not (tmp_path / "clips").exists()
