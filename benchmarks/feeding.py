@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""Feeding: does the teacher wait for clips? One teacher epoch through the pipeline against the
-same epoch on tensors in memory, in one run.
+"""Feeding: does training wait for clips? An epoch through the pipeline against the same epoch on
+tensors in memory, for the teacher and for an evaluation seed, in one run.
 
     python benchmarks/feeding.py [--epochs 2 6] [overrides ...]
 
-On the embedded default's data (`tsgd-ray run default`'s 512 training clips, 8x32x32):
+On the embedded default's data (`tsgd-ray run default`'s 480 training clips, 8x32x32):
 
-    pipeline   the teacher stage (Ray Train worker reading the clip cache): the time of a run of
-               the second --epochs count minus that of the first, divided by the difference, so
-               Ray Train's start-up cancels out (the cache is built before either run)
-    memory     `core.training.train_teacher` on the same clips held as one uint8 tensor, in this
-               process with the worker's thread count, per epoch
+    pipeline   the stage as the pipeline runs it: Ray Train workers reading the clip cache. The
+               time of a run of the second --epochs count minus that of the first, divided by
+               the difference, so Ray Train's start-up and each run's fixed work (the tests of an
+               evaluation seed) cancel out; the cache is built before either run
+    memory     the same loop in this process on the clips held as one uint8 tensor, with the
+               worker's thread count, per epoch
 
-and prints seconds per epoch and pipeline / memory (target <= 1.25), plus Ray Train's fixed
-start-up cost per run.
+for the teacher (`teacher.epochs`) and for one evaluation seed of the `full` baseline (a student
+with online teacher labels and TSGFA over every real training clip, `evaluate.full_epochs`), and
+prints seconds per epoch and pipeline / memory (target <= 1.25 each).
 """
 
 from __future__ import annotations
@@ -32,9 +34,29 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from report import target  # noqa: E402
 
 
+def per_epoch(run, counts: list[int]) -> tuple[float, float]:
+    """(seconds per epoch, fixed seconds per run) of run(epochs), from runs of the two counts."""
+    seconds = {}
+    for epochs in counts:
+        started = time.perf_counter()
+        run(epochs)
+        seconds[epochs] = time.perf_counter() - started
+    short, long = counts
+    epoch = (seconds[long] - seconds[short]) / (long - short)
+    return epoch, seconds[short] - short * epoch
+
+
+def in_memory(fit) -> float:
+    """Seconds of fit(), after one warm-up call."""
+    fit()
+    started = time.perf_counter()
+    fit()
+    return time.perf_counter() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, nargs=2, default=[2, 6], help="two teacher runs, short and long")
+    parser.add_argument("--epochs", type=int, nargs=2, default=[2, 6], help="two runs per stage, short and long")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench-feeding")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -44,54 +66,61 @@ def main() -> int:
     import ray
     import torch
 
-    from tsgd_ray.config import load_config
+    from tsgd_ray.config import Method, load_config
     from tsgd_ray.core import training
     from tsgd_ray.data import clip_cache
     from tsgd_ray.data.in_memory import load_split
     from tsgd_ray.data.prepare import run_prepare
-    from tsgd_ray.distributed.artifacts import new_teacher
+    from tsgd_ray.distributed.artifacts import load_teacher, method_config, new_teacher
+    from tsgd_ray.distributed.cluster import init_ray
+    from tsgd_ray.distributed.evaluate import new_student, run_evaluate
     from tsgd_ray.distributed.teacher import run_teacher
 
     shutil.rmtree(args.workdir, ignore_errors=True)  # this benchmark's own outputs of an earlier run
-    common = [f"storage.output_root={args.workdir}", *args.overrides]
-    cfg = load_config("default", common)
-    ray.init(
-        num_cpus=cfg.ray.num_cpus or None,
-        include_dashboard=False,
-        object_store_memory=cfg.ray.object_store_mb * 2**20 or None,
-        log_to_driver=False,
-        _temp_dir=str(REPO / ".cache" / "ray-bench"),
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    common = [f"storage.output_root={args.workdir}", "evaluate.seeds=[0]", *args.overrides]
+
+    def config(*more: str):
+        return load_config("default", [*common, *more])
+
+    cfg = config()
+    init_ray(cfg)  # as `tsgd-ray run` starts it (Ray Train's controller polls every 0.25 s)
     run_prepare(cfg)
-    clip_cache.ensure(cfg, "train")  # decode once, before the timing
-    seconds = {}
-    for epochs in args.epochs:
-        run_cfg = load_config("default", [*common, f"teacher.epochs={epochs}"])
-        started = time.perf_counter()
-        run_teacher(run_cfg)
-        seconds[epochs] = time.perf_counter() - started
-        print(f"teacher stage, {epochs} epochs: {seconds[epochs]:.1f} s", flush=True)
-    short, long = args.epochs
-    pipeline = (seconds[long] - seconds[short]) / (long - short)
-    startup = seconds[short] - short * pipeline
+    for split in ("train", "test"):
+        clip_cache.ensure(cfg, split, 1 if split == "test" else None)  # decode once, before the timing
+    teacher_epoch, teacher_fixed = per_epoch(lambda n: run_teacher(config(f"teacher.epochs={n}")), args.epochs)
+    run_teacher(config("teacher.epochs=1"))  # the students' teacher
+
+    def evaluate(n: int) -> None:
+        run_evaluate(method_config(config("teacher.epochs=1", f"evaluate.full_epochs={n}"), Method.full), Method.full)
+
+    student_epoch, student_fixed = per_epoch(evaluate, args.epochs)
     ray.shutdown()
 
     clips, labels, classes = load_split(cfg, "train")
     torch.set_num_threads(max(1, math.ceil(cfg.teacher.cpus_per_worker)))
-    memory_cfg = load_config("default", [*common, "teacher.epochs=1"])
-    settings = training.TeacherSettings.from_config(memory_cfg)
-    training.train_teacher(new_teacher(memory_cfg, len(classes)), clips[:64], labels[:64], settings)  # warm-up
-    started = time.perf_counter()
-    training.train_teacher(new_teacher(memory_cfg, len(classes)), clips, labels, settings)
-    memory = time.perf_counter() - started
+    one = config("teacher.epochs=1", "evaluate.full_epochs=1")
+    teacher_settings = training.TeacherSettings.from_config(one)
+    teacher_memory = in_memory(
+        lambda: training.train_teacher(new_teacher(one, len(classes)), clips, labels, teacher_settings)
+    )
+    full = method_config(one, Method.full)
+    teacher = load_teacher(full, classes)
+    student_settings = training.StudentSettings.from_config(full)
+    torch.set_num_threads(max(1, math.ceil(cfg.evaluate.cpus_per_worker)))
+    student_memory = in_memory(
+        lambda: training.train_student(new_student(full, len(classes), 0), teacher, clips, labels, student_settings, 0)
+    )
+    print(f"{len(clips)} clips of {tuple(clips.shape[1:])}, {torch.get_num_threads()} threads")
     print(
-        f"{len(clips)} clips of {tuple(clips.shape[1:])}, batch {cfg.teacher.batch_size}, {torch.get_num_threads()} threads"
+        f"teacher: {teacher_epoch:.2f} s per epoch through the pipeline, {teacher_memory:.2f} s in memory "
+        f"(batch {cfg.teacher.batch_size}); fixed {teacher_fixed:.1f} s per run"
     )
     print(
-        f"seconds per epoch: pipeline {pipeline:.2f}, memory {memory:.2f}; Ray Train start-up {startup:.1f} s per run"
+        f"evaluation seed (full): {student_epoch:.2f} s per epoch through the pipeline, {student_memory:.2f} s in "
+        f"memory (batch {cfg.evaluate.batch_size}); fixed {student_fixed:.1f} s per run"
     )
-    target("feeding_teacher_epoch_pipeline_over_memory", pipeline / memory, "<=", 1.25)
+    target("feeding_teacher_epoch_pipeline_over_memory", teacher_epoch / teacher_memory, "<=", 1.25)
+    target("feeding_evaluation_epoch_pipeline_over_memory", student_epoch / student_memory, "<=", 1.25)
     return 0
 
 

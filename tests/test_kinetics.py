@@ -15,6 +15,7 @@ from kinetics_layout import make_kinetics_layout
 from tsgd_ray import storage
 from tsgd_ray.cli import main
 from tsgd_ray.config import load_config
+from tsgd_ray.data import clip_cache
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.distributed import artifacts
 
@@ -102,6 +103,10 @@ def test_kinetics_layout_runs_end_to_end_from_s3_and_is_tested_on_val(ray_sessio
     assert sum(p["rows"] for p in init["parts"]) == CLASSES
     stats = storage.read_json(storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER))
     assert stats["clips"] == info["present"]["train"] and stats["classes"] == CLASSES
+    # the teacher and the students read decoded clips from the clip cache in the bucket: train once, val once
+    for split in ("train", "val"):
+        cache = storage.read_json(storage.join(clip_cache.cache_dir(cfg, split), clip_cache.MARKER))
+        assert clip_cache.rows(cache) == info["present"][split] and cache["bad"] == 0
 
     # a second run finds every stage finished: nothing is listed or recomputed
     assert main(["run", "kinetics400", *overrides]) == 0
