@@ -66,15 +66,16 @@ def main() -> int:
     import ray
     import torch
 
+    from tsgd_ray.artifacts import load_teacher, new_teacher
     from tsgd_ray.config import Method, load_config
     from tsgd_ray.core import training
     from tsgd_ray.data import clip_cache
     from tsgd_ray.data.in_memory import load_split
-    from tsgd_ray.data.prepare import run_prepare
-    from tsgd_ray.distributed.artifacts import load_teacher, method_config, new_teacher
-    from tsgd_ray.distributed.cluster import init_ray
-    from tsgd_ray.distributed.evaluate import new_student, run_evaluate
-    from tsgd_ray.distributed.teacher import run_teacher
+    from tsgd_ray.methods import method_config
+    from tsgd_ray.runtime.cluster import init_ray
+    from tsgd_ray.stages.evaluate import new_student, run_evaluate
+    from tsgd_ray.stages.prepare import run_prepare
+    from tsgd_ray.stages.teacher import run_teacher
 
     shutil.rmtree(args.workdir, ignore_errors=True)  # this benchmark's own outputs of an earlier run
     common = [f"storage.output_root={args.workdir}", "evaluate.seeds=[0]", *args.overrides]

@@ -152,8 +152,8 @@ def main() -> int:
 
         from tsgd_ray import storage
         from tsgd_ray.config import load_config
-        from tsgd_ray.data.prepare import run_prepare
         from tsgd_ray.data.shards import shards_root
+        from tsgd_ray.stages.prepare import run_prepare
 
         args.workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(args.workdir / "out", ignore_errors=True)  # shards and cache of an earlier run

@@ -1,5 +1,5 @@
 """Cost curves of every stage against the size of the data (N clips) and of the synthetic set
-(K classes x IPC), on generated Kinetics-layout data (tests/kinetics_layout.py: tiny real H.264
+(K classes x IPC), on generated Kinetics-layout data (tests/support/kinetics_layout.py: tiny real H.264
 clips, hard-linked so that 16k clips cost 64 encodes), measured in one run.
 
 For each configuration, every stage runs in this driver with a local Ray (tiny teacher: 1 epoch;
@@ -9,8 +9,6 @@ recovery: 2 iterations; one student seed of 1 epoch), and per stage this records
 - driver peak RSS (this process, sampled every 0.1 s);
 - the largest RSS of any Ray worker process (actors and tasks, sampled the same way);
 - the largest file the stage wrote;
-- (stats and init run in one call, `run_stats`: their seconds come from their markers, and the
-  other figures, sampled over both, are shown for both);
 - bytes through the driver: what `ray.get` returned to this process (pickled size) plus what it
   read from storage.
 
@@ -43,8 +41,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from kinetics_layout import make_kinetics_layout  # noqa: E402
 from report import target  # noqa: E402
+from support.kinetics_layout import make_kinetics_layout  # noqa: E402
 
 STAGES = ("prepare", "teacher", "stats", "init", "distill", "merge", "evaluate")
 
@@ -110,16 +108,15 @@ def largest_file(folder: Path, since: float) -> int:
 
 
 def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: Sampler, counter: DriverBytes) -> dict:
-    from tsgd_ray import storage
     from tsgd_ray.config import Method, load_config
-    from tsgd_ray.data.prepare import run_prepare
-    from tsgd_ray.distributed import artifacts
-    from tsgd_ray.distributed.artifacts import method_config
-    from tsgd_ray.distributed.distill import run_distill
-    from tsgd_ray.distributed.evaluate import run_evaluate
-    from tsgd_ray.distributed.merge import run_merge
-    from tsgd_ray.distributed.stats import run_stats
-    from tsgd_ray.distributed.teacher import run_teacher
+    from tsgd_ray.methods import method_config
+    from tsgd_ray.stages.distill import run_distill
+    from tsgd_ray.stages.evaluate import run_evaluate
+    from tsgd_ray.stages.init import run_init
+    from tsgd_ray.stages.merge import run_merge
+    from tsgd_ray.stages.prepare import run_prepare
+    from tsgd_ray.stages.stats import run_stats
+    from tsgd_ray.stages.teacher import run_teacher
 
     cfg = load_config(
         "kinetics400",
@@ -167,17 +164,13 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
         "prepare": lambda: run_prepare(cfg),
         "teacher": lambda: run_teacher(cfg),
         "stats": lambda: run_stats(cfg),
+        "init": lambda: run_init(cfg),
         "distill": lambda: run_distill(cfg),
         "merge": lambda: run_merge(cfg),
         "evaluate": lambda: run_evaluate(cfg, Method.tsgd),
     }
     row = {}
     for stage in STAGES:
-        if stage == "init":  # run_stats did both: split its time by the two markers' own seconds
-            marker = storage.read_json(storage.join(artifacts.init_dir(cfg), artifacts.INIT_MARKER))
-            row["init"] = {**row["stats"], "seconds": marker["seconds"]}
-            row["stats"]["seconds"] -= marker["seconds"]
-            continue
         before, started = counter.total, time.time()
         sampler.stage = stage
         work[stage]()

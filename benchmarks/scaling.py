@@ -37,15 +37,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target  # noqa: E402
 
+from tsgd_ray.artifacts import load_teacher, new_teacher, read_statistics  # noqa: E402
 from tsgd_ray.config import SaliencySource, load_config  # noqa: E402
 from tsgd_ray.core.models import checkpoint_bytes  # noqa: E402
-from tsgd_ray.data.prepare import run_prepare  # noqa: E402
 from tsgd_ray.data.shards import read_manifest, shards_root  # noqa: E402
-from tsgd_ray.distributed.artifacts import distill_dir, load_teacher, new_teacher, read_statistics  # noqa: E402
-from tsgd_ray.distributed.cluster import init_ray  # noqa: E402
-from tsgd_ray.distributed.distill import PartitionWorker, load_plan, recover_partition, run_distill  # noqa: E402
-from tsgd_ray.distributed.stats import run_stats  # noqa: E402
-from tsgd_ray.distributed.teacher import run_teacher  # noqa: E402
+from tsgd_ray.layout import distill_dir  # noqa: E402
+from tsgd_ray.runtime.cluster import init_ray  # noqa: E402
+from tsgd_ray.stages.distill import PartitionWorker, load_plan, recover_partition, run_distill  # noqa: E402
+from tsgd_ray.stages.init import run_init  # noqa: E402
+from tsgd_ray.stages.prepare import run_prepare  # noqa: E402
+from tsgd_ray.stages.stats import run_stats  # noqa: E402
+from tsgd_ray.stages.teacher import run_teacher  # noqa: E402
 
 
 def prepared_config(root: Path, overrides: list[str]):
@@ -59,6 +61,7 @@ def prepared_config(root: Path, overrides: list[str]):
     cfg = load_config("default", [f"storage.output_root={root}", f"teacher.checkpoint={teacher_file}", *overrides])
     run_teacher(cfg)
     run_stats(cfg)
+    run_init(cfg)
     return cfg, classes
 
 
@@ -104,8 +107,8 @@ def step_overhead(cfg, classes, steps: int, **changes) -> tuple[float, float]:
     clips; `changes`: RecoverySettings fields to change."""
     import torch.nn.functional as F
 
+    from tsgd_ray.artifacts import read_init
     from tsgd_ray.core.recovery import RecoverySettings, recover
-    from tsgd_ray.distributed.artifacts import read_init
 
     torch.set_num_threads(1)
     teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)

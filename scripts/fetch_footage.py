@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch the real sample videos listed in ../shared/docs/DATA.md into a cache outside the repo.
+"""Fetch real sample videos (listed in FOOTAGE below) into a cache outside the repo.
 
     python scripts/fetch_footage.py [--cache DIR]
 

@@ -31,9 +31,9 @@ def command_config(cfg: DictConfig) -> int:
 
 def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
     """Catalog the dataset and write its shards and manifest."""
-    from tsgd_ray.data.prepare import run_prepare
     from tsgd_ray.data.shards import shards_root
-    from tsgd_ray.distributed.cluster import init_ray
+    from tsgd_ray.runtime.cluster import init_ray
+    from tsgd_ray.stages.prepare import run_prepare
 
     with Console(cfg.storage.output_root, "prepare", verbose):
         init_ray(cfg, verbose)
@@ -54,9 +54,9 @@ def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
 
 
 def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: bool) -> int:
-    from tsgd_ray.distributed.cluster import init_ray
-    from tsgd_ray.distributed.run import preflight, results_table, run_stages
     from tsgd_ray.plan import make_plan, render
+    from tsgd_ray.runtime.cluster import init_ray
+    from tsgd_ray.stages.pipeline import preflight, results_table, run_stages
     from tsgd_ray.tracking import Tracker
 
     catalog = preflight(cfg, stages)  # a user error found here leaves the output root untouched
@@ -77,8 +77,8 @@ def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: boo
 
 
 def command_run(cfg: DictConfig, verbose: bool = False) -> int:
-    """Run every stage (prepare, teacher, stats, distill, merge, evaluate), skipping finished ones."""
-    from tsgd_ray.distributed.run import STAGES
+    """Run every stage (prepare, teacher, stats, init, distill, merge, evaluate), skipping finished ones."""
+    from tsgd_ray.stages.pipeline import STAGES
 
     return _stages(cfg, STAGES, "run", verbose)
 
@@ -95,7 +95,8 @@ def command_export(cfg: DictConfig, to: str, fmt: str, method: str = "") -> int:
     """Export the merged synthetic set (of distill.method, or --method) as mp4, safetensors or webdataset."""
     from tsgd_ray import storage
     from tsgd_ray.config import Method
-    from tsgd_ray.distributed.artifacts import method_config, synthetic_dir
+    from tsgd_ray.layout import synthetic_dir
+    from tsgd_ray.methods import method_config
     from tsgd_ray.synthetic import export
 
     source = synthetic_dir(method_config(cfg, Method(method)) if method else cfg)
@@ -127,14 +128,14 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "config": command_config,
     "prepare": command_prepare,
     "run": command_run,
-    **{stage: _stage_command(stage) for stage in ("teacher", "stats", "distill", "merge", "evaluate")},
+    **{stage: _stage_command(stage) for stage in ("teacher", "stats", "init", "distill", "merge", "evaluate")},
     "plan": command_plan,
     "compare": command_compare,
     "export": command_export,
 }
 
 
-RAY_COMMANDS = ("prepare", "run", "teacher", "stats", "distill", "merge", "evaluate")  # quiet console, log file
+RAY_COMMANDS = ("prepare", "run", "teacher", "stats", "init", "distill", "merge", "evaluate")  # quiet console, log file
 
 
 def run_command(name: str, config: str, overrides: Sequence[str], **options) -> int:

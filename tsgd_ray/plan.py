@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from tsgd_ray import storage
+from tsgd_ray import layout, methods, storage
 from tsgd_ray.config import Method
-from tsgd_ray.data.prepare import finished_manifest
-from tsgd_ray.data.shards import shards_root
-from tsgd_ray.distributed import artifacts
+from tsgd_ray.data.shards import finished_manifest, shards_root
 
 
 @dataclass(frozen=True)
@@ -161,8 +159,8 @@ def _distill_stage(
     actor_bytes = per_partition * state + chunk * teacher.activation_bytes + 4 * teacher.params
     stage = Stage(
         f"distill/{method.value}",
-        artifacts.distill_dir(cfg),
-        done(storage.join(artifacts.synthetic_dir(cfg), artifacts.SYNTHETIC_MANIFEST)),
+        layout.distill_dir(cfg),
+        done(storage.join(layout.synthetic_dir(cfg), layout.SYNTHETIC_MANIFEST)),
         _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
         f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
         f"synthetic set {_gib(videos * (3 * math.prod(size) + size[1] * size[2]))} (uint8 clips + heat maps)",
@@ -189,7 +187,7 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     manifest = probe(finished_manifest, cfg)
     _done = lambda uri: probe(storage.exists, uri)  # noqa: E731 - True, False or None (unknown)
     train, evaluated, classes, source = _counts(cfg, manifest)
-    size = artifacts.clip_size(cfg)
+    size = layout.clip_size(cfg)
     clip_bytes = 3 * math.prod(size)
     t, s, d, e = cfg.teacher, cfg.stats, cfg.distill, cfg.evaluate
     teacher = model_cost(t.model, t.width, t.depth, size, max(classes, 1))
@@ -213,8 +211,8 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     stages.append(
         Stage(
             "teacher",
-            artifacts.teacher_dir(cfg),
-            _done(storage.join(artifacts.teacher_dir(cfg), artifacts.TEACHER_MARKER)),
+            layout.teacher_dir(cfg),
+            _done(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER)),
             "none (imported checkpoint)"
             if imported
             else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
@@ -228,8 +226,8 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     stages.append(
         Stage(
             "stats",
-            artifacts.stats_dir(cfg),
-            _done(storage.join(artifacts.stats_dir(cfg), artifacts.STATS_MARKER)),
+            layout.stats_dir(cfg),
+            _done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
             _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
             f"{train:,} clips once ({s.init_views} view(s) each)",
             f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
@@ -238,17 +236,17 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     )
 
     for method in dict.fromkeys([d.method, *e.baselines]):  # as `run` does them
-        mcfg = artifacts.method_config(cfg, method)
-        if method != Method.full:
+        mcfg = methods.method_config(cfg, method)
+        if methods.get(method).distils:
             stages.append(_distill_stage(mcfg, method, classes, size, teacher, gpu, _done))
-        clips = train if method == Method.full else classes * d.ipc
+        clips = train if not methods.get(method).distils else classes * d.ipc
         epochs = mcfg.evaluate.epochs
         per_seed = epochs * clips * (student.flops * 1.5 + teacher.flops / 3) + evaluated * student.flops / 3
         stages.append(
             Stage(
                 f"evaluate/{method.value}",
-                artifacts.evaluate_dir(mcfg, method),
-                _done(artifacts.results_uri(mcfg, method)),
+                layout.evaluate_dir(mcfg, method),
+                _done(layout.results_uri(mcfg, method)),
                 _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
                 f"{len(e.seeds)} seeds x {epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
                 "per-seed results",

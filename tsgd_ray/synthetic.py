@@ -2,7 +2,7 @@
 URI, and `export`, which writes it as MP4 files, safetensors or WebDataset shards.
 
 A merged set is the folder `tsgd-ray merge` writes (`<output_root>/distill/<hash>/synthetic`, local
-or object storage): manifest.json and Parquet clip tables (see `tsgd_ray.distributed.artifacts`).
+or object storage): manifest.json and Parquet clip tables (see `tsgd_ray.artifacts`).
 Both read it one row group at a time, so memory stays at one group whatever the set's size.
 
 Train a model on one::
@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from tsgd_ray import storage
-from tsgd_ray.distributed import artifacts
+from tsgd_ray import artifacts, layout, storage
+from tsgd_ray.data import clip_table
 from tsgd_ray.errors import UserError
 
 FORMATS = ("mp4", "safetensors", "webdataset")
@@ -50,7 +50,7 @@ def read_manifest(uri: str) -> dict:
         return artifacts.read_synthetic_manifest(uri)
     except FileNotFoundError:
         raise ExportError(
-            f"no merged synthetic set at {uri} (no {artifacts.SYNTHETIC_MANIFEST}; run `tsgd-ray merge` first)"
+            f"no merged synthetic set at {uri} (no {layout.SYNTHETIC_MANIFEST}; run `tsgd-ray merge` first)"
         ) from None
 
 
@@ -126,9 +126,9 @@ class SyntheticVideos(Dataset):
         return {**self.__dict__, "_cached": ((-1, -1), None)}
 
     def groups(self) -> Iterator[dict[str, Any]]:
-        """The set one row group at a time, as `artifacts.read_clip_tables` yields it."""
+        """The set one row group at a time, as `clip_table.read_clip_tables` yields it."""
         uris = [storage.join(self.uri, f["path"]) for f in self.manifest["files"]]
-        yield from artifacts.read_clip_tables(uris, self.clip_shape)
+        yield from clip_table.read_clip_tables(uris, self.clip_shape)
 
 
 def export(uri: str, to: str, fmt: str) -> dict:
@@ -197,10 +197,10 @@ def _batches(data: SyntheticVideos) -> Iterator[dict[str, Any]]:
         pending.append(group)
         size += group["clips"].numel()
         if size >= PART_BYTES:
-            yield artifacts.concat_clips(pending, data.clip_shape)
+            yield clip_table.concat_clips(pending, data.clip_shape)
             pending, size = [], 0
     if pending:
-        yield artifacts.concat_clips(pending, data.clip_shape)
+        yield clip_table.concat_clips(pending, data.clip_shape)
 
 
 def _safetensors(data: SyntheticVideos, to: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Recovery of synthetic videos from a frozen teacher (METHOD.md stage 2), with TSGFO.
+"""Recovery of synthetic videos from a frozen teacher (docs/method.md: recovery), with TSGFO.
 
 Synthetic videos are grouped by class: a *BN group* is up to `chunk_size` videos of one class
 (consecutive indices), and the BN term compares each group's statistics with its target. Forward

@@ -1,15 +1,18 @@
-"""Teacher and student training steps, prediction and top-k accuracy (METHOD.md stages 1 and 3).
+"""Teacher and student training steps, prediction and top-k accuracy (docs/method.md: the teacher and the students).
 
 Real clips enter as uint8 (N, F, H, W, 3) and are normalised per batch on the device; synthetic
 clips are already normalised floats (N, 3, F, H, W). One `*_step` is what a Ray Train worker runs
-per batch; the `train_*` loops run a whole in-memory set in one process.
+per batch; `fit` is the one training loop (optimiser, schedule, EMA, callbacks) that the
+`train_*` functions (a whole in-memory set in one process) and the Ray Train workers run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +26,6 @@ from tsgd_ray.core.device import autocast
 from tsgd_ray.core.tsgf import SaliencySettings
 
 EpochCallback = Callable[[int, dict], None]
-BatchStep = Callable[[torch.Tensor, torch.optim.Optimizer], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -194,34 +196,91 @@ def teacher_step(
     return loss.detach()
 
 
-def _fit(
+@dataclass
+class FitState:
+    """What a training run carries from epoch to epoch: `epoch` (0-based, the last finished one
+    once callbacks see it, -1 before the first) and `history` (one row per epoch: step, time,
+    loss). A resumable run saves `state_dict()` and passes it back as `fit(resume=...)`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+
+
+#: called after every epoch with the run's state, outside `epoch_context` (so a callback may talk
+#: to every worker, e.g. a Ray Train report, after DDP's join has brought the ranks together)
+Callback = Callable[[FitState], None]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # inside a DistributedDataParallel wrapper
+
+
+def fit(
     model: nn.Module,
-    num_examples: int,
-    fit: FitSettings,
-    generator: torch.Generator,
-    step: BatchStep,
-    callback: Optional[EpochCallback],
+    batches: Callable[[int], Iterable],
+    step: Callable[[object, torch.optim.Optimizer], torch.Tensor],
+    settings: FitSettings,
+    steps_per_epoch: int,
+    callbacks: Sequence[Callback] = (),
     ema: float = 0.0,
-) -> nn.Module:
-    """AdamW + cosine over `fit.epochs` shuffled passes of `fit.batch_size` examples;
-    step(rows, optimizer) trains on one batch and returns its detached loss. ema > 0: the model
-    ends with the EMA of its weights (decay `ema`, updated every step)."""
+    resume: Optional[dict] = None,
+    epoch_context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> FitState:
+    """The one training loop (teacher, students, `full`): AdamW (settings.lr, weight_decay) with a
+    cosine schedule over settings.epochs * steps_per_epoch steps; epoch e trains on `batches(e)`,
+    step(batch, optimizer) trains on one batch and returns its detached loss. ema > 0: the model
+    ends with the EMA of its weights (decay `ema`, updated every step). resume: a
+    `FitState.state_dict()` to continue from (the epoch after it). Each epoch's batches run inside
+    `epoch_context()` (DDP's join for ranks with uneven batch counts); the callbacks run after it.
+    Returns the final state, the model in eval mode."""
     average = WeightEMA(model, ema) if ema > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
-    schedule = cosine_schedule(optimizer, fit.epochs * math.ceil(num_examples / fit.batch_size))
-    model.train()
-    for epoch in range(fit.epochs):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    state = FitState(model, optimizer, cosine_schedule(optimizer, settings.epochs * steps_per_epoch))
+    if resume is not None:
+        state.load_state_dict(resume)
+    for epoch in range(state.epoch + 1, settings.epochs):
+        model.train()
         losses = []
-        for rows in _batches(num_examples, fit.batch_size, generator):
-            losses.append(step(rows, optimizer))
-            schedule.step()
-            if average is not None:
-                average.update(model)
-        if callback is not None:
-            callback(epoch, {"loss": torch.stack(losses).mean().item()})
+        with epoch_context():
+            for batch in batches(epoch):
+                losses.append(step(batch, optimizer))
+                state.schedule.step()
+                if average is not None:
+                    average.update(model)
+        loss = torch.stack(losses).mean().item() if losses else float("nan")
+        state.epoch = epoch
+        state.history.append({"step": epoch, "time": time.time(), "loss": loss})
+        for callback in callbacks:
+            callback(state)
     if average is not None:
         average.copy_to(model)
-    return model.eval()
+    model.eval()
+    return state
+
+
+def epoch_callback(callback: Optional[EpochCallback]) -> list[Callback]:
+    """An EpochCallback (epoch, {"loss"}) as `fit` callbacks."""
+    if callback is None:
+        return []
+    return [lambda state: callback(state.epoch, {"loss": state.history[-1]["loss"]})]
 
 
 def train_teacher(
@@ -240,7 +299,15 @@ def train_teacher(
         x = settings.inputs.model_input(clips[rows].to(device, non_blocking=True))
         return teacher_step(model, optimizer, x, labels[rows].to(device), settings, generator)
 
-    return _fit(model, len(clips), settings.fit, generator, step, callback)
+    fit(
+        model,
+        lambda epoch: _batches(len(clips), settings.fit.batch_size, generator),
+        step,
+        settings.fit,
+        math.ceil(len(clips) / settings.fit.batch_size),
+        epoch_callback(callback),
+    )
+    return model
 
 
 def distillation_loss(
@@ -310,13 +377,14 @@ def train_student(
     seed: int,
     callback: Optional[EpochCallback] = None,
     heat: Optional[torch.Tensor] = None,
+    epoch_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> nn.Module:
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
     are normalised per batch (4x less memory, the same numbers). settings.fit with AdamW +
     cosine (and settings.ema), teacher in eval mode. heat (N, H, W): the TSGFA map of each clip,
     carried from its init clip (synthetic sets); None: the clips' own (real clips).
-    Randomness comes from `seed` only. Returns the student in eval mode."""
+    Randomness comes from `seed` only; epoch_context: as `fit`'s. Returns the student in eval mode."""
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     teacher.eval().requires_grad_(False)
@@ -335,7 +403,17 @@ def train_student(
             heat[rows].to(device),
         )
 
-    return _fit(student, len(x), settings.fit, generator, step, callback, settings.ema)
+    fit(
+        student,
+        lambda epoch: _batches(len(x), settings.fit.batch_size, generator),
+        step,
+        settings.fit,
+        math.ceil(len(x) / settings.fit.batch_size),
+        epoch_callback(callback),
+        settings.ema,
+        epoch_context=epoch_context,
+    )
+    return student
 
 
 @torch.no_grad()

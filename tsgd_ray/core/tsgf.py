@@ -1,4 +1,4 @@
-"""The temporal saliency-guided filter (TSGF), as METHOD.md specifies it.
+"""The temporal saliency-guided filter (TSGF), as docs/method.md describes it.
 
 `saliency` turns clips into motion maps M in [0, 1]; `filter_weight`, `filter_update` and
 `filter_gradient` are TSGFO (recovery); `motion_diagnostics` says which pixels recovery edited;

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.data.catalog import build_catalog
+from tsgd_ray.data.catalogs import build_catalog
 from tsgd_ray.data.video import clip_rng, decode_clip, decode_view
 
 

@@ -22,8 +22,8 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import ConfigError
-from tsgd_ray.data.catalog import Catalog, VideoRecord
+from tsgd_ray.config import ConfigError, to_dict
+from tsgd_ray.data.catalogs import Catalog, VideoRecord
 from tsgd_ray.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -157,3 +157,54 @@ def read_manifest(shards_root: str) -> dict:
 def shard_uris(shards_root: str, manifest: dict, split: str) -> list[str]:
     """The URIs of the non-empty shards of `split`."""
     return [storage.join(shards_root, s["path"]) for s in manifest["shards"] if s["split"] == split and s["rows"] > 0]
+
+
+def train_shards(cfg: DictConfig) -> list[dict]:
+    """The non-empty training shards of the manifest, each {"uri", "rows"}, in manifest order."""
+    root = shards_root(cfg)
+    return [
+        {"uri": storage.join(root, s["path"]), "rows": s["rows"]}
+        for s in read_manifest(root)["shards"]
+        if s["split"] == "train" and s["rows"] > 0
+    ]
+
+
+# The settings a shard set is made from (the rest of `data` only changes how clips are decoded).
+_SHARD_SETTINGS = (
+    "dataset",
+    "root",
+    "annotations",
+    "split_id",
+    "classes",
+    "on_catalog_error",
+    "extensions",
+    "builtin",
+    "shard_target_mb",
+    "transcode_short_side",
+)
+
+
+def source_hash(cfg: DictConfig) -> str:
+    """Identifies the dataset and settings a shard set was prepared from (without listing it)."""
+    data = to_dict(cfg)["data"]
+    text = json.dumps(
+        {"schema": SCHEMA_VERSION, "seed": cfg.seed, **{k: data[k] for k in _SHARD_SETTINGS}}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finished_manifest(cfg: DictConfig) -> dict | None:
+    """The manifest of this config's finished shard set, or None; nothing is listed.
+
+    Raises:
+        ManifestError: the shards root holds a set prepared from another dataset or setting.
+    """
+    uri = storage.join(shards_root(cfg), MANIFEST)
+    if not storage.exists(uri):
+        return None
+    manifest = storage.read_json(uri)
+    if "source_hash" not in manifest:
+        raise ManifestError(f"{uri} was written by an older tsgd-ray; prepare again into a new data.shards")
+    if manifest["source_hash"] != source_hash(cfg):
+        raise ManifestError(f"{uri} describes another dataset or setting; use a new data.shards")
+    return manifest

@@ -1,0 +1,85 @@
+"""`tsgd-ray plan`: what a run will do and cost, before any spend, on every shipped config."""
+
+from __future__ import annotations
+
+import pytest
+from support.stage_helpers import imported_config, teacher_file
+
+from tsgd_ray.cli import main
+from tsgd_ray.config import config_names, load_config
+from tsgd_ray.plan import GPUS, make_plan, model_cost, render
+from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.teacher import run_teacher
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server, tmp_path):
+    """On the loopback S3 server (an empty bucket): nothing is finished, every stage has its
+    resources, reads, writes and GPU time, and a cluster config asks for GPUs on every model stage."""
+    monkeypatch.chdir(tmp_path)  # never the checkout: its outputs/ are the user's
+    cfg = load_config(name)
+    plan = make_plan(cfg)
+    stages = {s.name: s for s in plan["stages"]}
+    assert list(stages)[:5] == ["prepare", "teacher", "stats", "distill/tsgd", "evaluate/tsgd"]
+    assert all(s.finished is False and s.folder and s.resources and s.reads and s.writes for s in stages.values())
+    assert plan["counts"]["train"] > 0 and plan["counts"]["classes"] > 0 and not plan["storage_error"]
+    assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values()))
+    assert plan["dollars"] == pytest.approx(plan["gpu_hours"] * GPUS["a10g"].dollars_per_hour)
+    if name != "default":
+        for stage in ("teacher", "stats", "distill/tsgd", "evaluate/tsgd"):
+            assert "GPU: 1}" in stages[stage].resources, (stage, stages[stage].resources)
+        assert all(stages[s].gpu_hours > 0 for s in ("teacher", "distill/tsgd", "evaluate/tsgd"))
+    assert all(s.name in render(plan) for s in stages.values())
+    for baseline in cfg.evaluate.baselines:  # each baseline distils (random_real without recovery) and evaluates
+        assert f"evaluate/{baseline.value}" in stages
+        if baseline.value != "full":
+            assert (stages[f"distill/{baseline.value}"].gpu_hours == 0) == (baseline.value == "random_real")
+
+
+def test_gpu_time_and_memory_follow_the_work():
+    """Twice the recovery iterations: twice distill's GPU time; a partition too large for the GPU
+    is a warning that names the keys to change."""
+    base = load_config("kinetics400", ["storage.output_root=/nonexistent/plan"])
+    longer = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.iterations=2000"])
+    hours = [next(s.gpu_hours for s in make_plan(c)["stages"] if s.name == "distill/tsgd") for c in (base, longer)]
+    assert hours[1] == pytest.approx(2 * hours[0])
+    big = load_config(
+        "kinetics400",
+        [
+            "storage.output_root=/nonexistent/plan",
+            "distill.ipc=50",
+            "distill.partitions=1",
+            "data.num_frames=16",
+            "data.height=112",
+            "data.width=112",
+        ],
+    )
+    distill = next(s for s in make_plan(big)["stages"] if s.name == "distill/tsgd")
+    cost = model_cost("mini_c3d", 64, 4, (16, 112, 112), 400)
+    assert distill.warnings and "distill.max_videos_per_partition" in distill.warnings[0]
+    assert "20000 videos" in distill.memory and cost.activation_bytes > 300 * 2**20  # as docs/sizing.md measures
+    assert not next(s for s in make_plan(base)["stages"] if s.name == "distill/tsgd").warnings
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_plan_reads_the_manifest_and_skips_finished_stages(ray_session, tmp_path):
+    teacher = teacher_file(tmp_path / "teacher")
+    cfg = imported_config(tmp_path / "out", teacher)
+    run_prepare(cfg)
+    run_teacher(cfg)
+    plan = make_plan(cfg)
+    stages = {s.name: s for s in plan["stages"]}
+    assert plan["counts"]["source"] == "the shard manifest" and plan["counts"]["classes"] == 8
+    assert plan["counts"]["train"] == 8 * cfg.data.builtin.train_per_class
+    assert stages["prepare"].finished and stages["teacher"].finished and not stages["stats"].finished
+    assert "imported" in stages["teacher"].resources and stages["prepare"].writes.endswith("MiB of shards")
+    assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values() if not s.finished))
+
+
+def test_the_command_prints_the_plan(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # never the checkout: its outputs/ are the user's
+    assert main(["plan", "ucf101", "storage.output_root=/nonexistent/plan", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: 9,537 train / 3,783 eval videos, 101 classes") and "on a h100" in out
+    assert "total to run:" in out.splitlines()[-1]

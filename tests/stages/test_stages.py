@@ -1,0 +1,335 @@
+"""The Ray stages on the tiny built-in dataset: exactness against the in-process core, resume,
+clear errors, and the whole pipeline with MLflow (Ray Train teacher and students)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from support.stage_helpers import imported_config, teacher_file
+
+from tsgd_ray import artifacts, layout, storage
+from tsgd_ray.artifacts import load_teacher, read_init, read_statistics, read_synthetic
+from tsgd_ray.config import ConfigError
+from tsgd_ray.core import augment, training
+from tsgd_ray.core.bn_stats import accumulate_statistics
+from tsgd_ray.core.clips import InputSettings, to_model_input
+from tsgd_ray.core.models import ModelError
+from tsgd_ray.core.selection import seeded_priority
+from tsgd_ray.core.tsgf import SaliencySettings
+from tsgd_ray.data.catalogs import build_catalog
+from tsgd_ray.data.in_memory import load_split
+from tsgd_ray.data.video import decode_view, probe
+from tsgd_ray.layout import partition_marker_uri
+from tsgd_ray.stages.distill import run_distill
+from tsgd_ray.stages.init import run_init
+from tsgd_ray.stages.merge import MergeError, run_merge
+from tsgd_ray.stages.pipeline import results_table, run_stages
+from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.stats import run_stats
+from tsgd_ray.stages.teacher import run_teacher
+from tsgd_ray.tracking import Tracker, compare_runs
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def load_split_ids(cfg) -> list[str]:
+    """The video ids of the train split, in the order `load_split` decodes them."""
+    return [r.video_id for r in build_catalog(cfg).records if r.split == "train"]
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return teacher_file(tmp_path_factory.mktemp("teacher"))
+
+
+def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teacher_path):
+    cfg = imported_config(
+        tmp_path / "out",
+        teacher_path,
+        "distill.actors=2",
+        "distill.ipc=2",
+        "stats.actors=2",
+        "stats.cpus_per_actor=0.5",
+        "stats.batch_size=3",
+    )
+    run_prepare(cfg)
+    assert run_teacher(cfg)["source"] == "imported"
+    marker = run_stats(cfg)
+    run_init(cfg)
+    clips, labels, classes = load_split(cfg, "train")
+    teacher = load_teacher(cfg, classes)
+    x = to_model_input(clips, cfg.data.mean, cfg.data.std)
+    expected = accumulate_statistics(
+        teacher, [(x[i : i + 5], labels[i : i + 5]) for i in range(0, len(x), 5)], len(classes)
+    )
+    assert read_statistics(cfg) == expected  # integer sums: bit-identical whatever the shard order or actor count
+    assert marker["clips"] == len(labels) and marker["bad_videos"] == []
+
+    init = read_init(cfg, range(len(classes)))
+    assert init["labels"].tolist() == sorted([c for c in range(len(classes))] * 2)
+    assert init["indices"].tolist() == [0, 1] * len(classes)
+    # the chosen clips are the seeded-priority picks, decoded again by (shard, row): the same pixels
+    # as decoding those videos in-process
+    ids = load_split_ids(cfg)
+    for clip, label, vid in zip(init["clips"], init["labels"], init["video_ids"]):
+        row = ids.index(vid)
+        assert int(labels[row]) == int(label) and torch.equal(clip, clips[row])
+    priorities = {
+        c: sorted((seeded_priority(cfg.seed, v), v) for v, l in zip(ids, labels.tolist()) if l == c)
+        for c in range(len(classes))
+    }
+    assert [v for c in range(len(classes)) for _, v in priorities[c][:2]] == init["video_ids"]
+    one = read_init(cfg, [3])  # an actor of one class reads that class only
+    assert one["labels"].tolist() == [3, 3] and torch.equal(one["clips"], init["clips"][init["labels"] == 3])
+
+    summary = run_distill(cfg)
+    assert summary["recovered"] == 4 and summary["actor_failures"] == 0
+    manifest = run_merge(cfg)
+    synthetic, merged_classes = read_synthetic(cfg)
+    assert merged_classes == classes and synthetic["labels"].tolist() == init["labels"].tolist()
+    assert synthetic["clips"].dtype == torch.uint8 and synthetic["clips"].shape[1:] == init["clips"].shape[1:]
+    # each synthetic video carries TSGFA's map of the clip it started from, not of itself
+    init_heat = (
+        (
+            255
+            * training.clip_heat(init["clips"], SaliencySettings.from_section(cfg.tsgf), InputSettings.from_config(cfg))
+        )
+        .round()
+        .to(torch.uint8)
+    )
+    assert torch.equal(synthetic["heat"], init_heat) and init["heat"] is None
+    folder = layout.synthetic_dir(cfg)
+    for f in manifest["files"]:  # the manifest's hash is the hash of the file the actor wrote
+        assert hashlib.sha256(storage.read_bytes(storage.join(folder, f["path"]))).hexdigest() == f["sha256"]
+    halves = [read_synthetic(cfg, rank=r, world=2)[0] for r in (0, 1)]  # an evaluate worker reads its rows only
+    assert sorted(halves[0]["video_ids"] + halves[1]["video_ids"]) == sorted(synthetic["video_ids"])
+    assert len(halves[0]["labels"]) == len(halves[1]["labels"]) == len(synthetic["labels"]) // 2
+
+
+def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_path):
+    one = imported_config(tmp_path / "out", teacher_path, "distill.ipc=1")
+    three = imported_config(tmp_path / "out", teacher_path, "distill.ipc=3", "distill.init=lowest_loss")
+    run_prepare(one)
+    run_teacher(one)
+    assert layout.stats_dir(one) == layout.stats_dir(three) and layout.init_dir(one) != layout.init_dir(three)
+    first = run_stats(one)
+    run_init(one)
+    second = run_stats(three)
+    assert second["skipped"] and not first.get("skipped")  # the pass ran once; only the init set was added
+    assert not run_init(three).get("skipped")
+    candidates = artifacts.read_candidates(three)["lowest_loss"]
+    init = read_init(three, range(8))
+    for c in range(8):
+        assert [e["video_id"] for e in candidates[c][:3]] == [
+            v for v, l in zip(init["video_ids"], init["labels"]) if l == c
+        ]
+        assert [e["loss"] for e in candidates[c]] == sorted(e["loss"] for e in candidates[c])
+    with pytest.raises(ConfigError, match="distill.ipc=5: these classes have fewer"):
+        run_init(imported_config(tmp_path / "out", teacher_path, "distill.ipc=5"))
+
+    # stats.augment: a pass of its own, on one fixed recovery view per clip, whatever the batching
+    viewed = imported_config(tmp_path / "out", teacher_path, "stats.augment=true", "stats.batch_size=5")
+    assert layout.stats_dir(viewed) != layout.stats_dir(one)
+    assert not run_stats(viewed).get("skipped")
+    clips, labels, classes = load_split(viewed, "train")
+    teacher = load_teacher(viewed, classes)
+    x = augment.keyed_views(
+        to_model_input(clips, viewed.data.mean, viewed.data.std),
+        load_split_ids(viewed),
+        viewed.seed,
+        augment.CropSettings.from_section(viewed.augment),
+    )
+    assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
+    assert read_statistics(viewed) != read_statistics(one)
+
+
+def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_path, teacher_path):
+    """stats.init_views (RDED-style): a clip's loss is its best view's, the ranking follows it, and
+    the init clip is that view decoded again."""
+    import torch.nn.functional as F
+
+    cfg = imported_config(
+        tmp_path / "out", teacher_path, "distill.ipc=2", "distill.init=lowest_loss", "stats.init_views=4"
+    )
+    run_prepare(cfg)
+    run_teacher(cfg)
+    run_stats(cfg)
+    run_init(cfg)
+    clips, labels, classes = load_split(cfg, "train")
+    teacher = load_teacher(cfg, classes)
+    records = [r for r in build_catalog(cfg).records if r.split == "train"]
+    d = cfg.data
+    views = torch.stack(
+        [clips]
+        + [
+            torch.from_numpy(
+                np.stack(
+                    [
+                        decode_view(
+                            storage.read_bytes(r.uri),
+                            d.num_frames,
+                            d.height,
+                            d.width,
+                            d.frame_interval,
+                            cfg.seed,
+                            r.video_id,
+                            v,
+                        )
+                        for r in records
+                    ]
+                )
+            )
+            for v in range(1, 4)
+        ]
+    )  # (4, N, F, H, W, 3)
+    with torch.no_grad():
+        losses = torch.stack(
+            [F.cross_entropy(teacher(to_model_input(v, d.mean, d.std)), labels, reduction="none") for v in views]
+        )
+    best, best_view = losses.min(0)
+    assert (best_view > 0).float().mean() > 0.5  # with four views, the sampled clip is rarely the easiest
+    candidates = artifacts.read_candidates(cfg)["lowest_loss"]
+    init = read_init(cfg, range(len(classes)))
+    for c in range(len(classes)):
+        rows = sorted(
+            (l for l in range(len(records)) if labels[l] == c), key=lambda l: (float(best[l]), records[l].video_id)
+        )[:2]
+        assert [e["video_id"] for e in candidates[c][:2]] == [records[l].video_id for l in rows]
+        assert [e["view"] for e in candidates[c][:2]] == [int(best_view[l]) for l in rows]
+        assert [e["loss"] for e in candidates[c][:2]] == pytest.approx(
+            [float(best[l]) for l in rows], rel=1e-4, abs=1e-5
+        )
+        chosen = init["clips"][init["labels"] == c]
+        assert all(torch.equal(chosen[i], views[best_view[l], l]) for i, l in enumerate(rows))
+
+
+def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, tmp_path, teacher_path):
+    cfg = imported_config(tmp_path / "out", teacher_path)
+    run_prepare(cfg)
+    run_teacher(cfg)
+    run_stats(cfg)
+    run_init(cfg)
+    assert run_stats(cfg)["skipped"] and run_init(cfg)["skipped"] and run_teacher(cfg)["skipped"]
+    run_distill(cfg)
+    # lose one partition (as if its actor died before writing): merge names its classes
+    os.unlink(partition_marker_uri(cfg, 2))
+    os.unlink(storage.join(layout.synthetic_dir(cfg), layout.partition_file(2)))
+    classes = load_split(cfg, "test")[2]
+    with pytest.raises(MergeError, match=rf"{classes[4]} \(0\), {classes[5]} \(0\)"):
+        run_merge(cfg)
+    before = {p: os.stat(partition_marker_uri(cfg, p)).st_mtime_ns for p in (0, 1, 3)}
+    summary = run_distill(cfg)
+    assert (summary["skipped"], summary["recovered"]) == (3, 1)
+    assert {p: os.stat(partition_marker_uri(cfg, p)).st_mtime_ns for p in (0, 1, 3)} == before
+    manifest = run_merge(cfg)
+    assert manifest["num_videos"] == 8 and run_merge(cfg)["skipped"]
+    frames = probe(storage.read_bytes(storage.join(layout.synthetic_dir(cfg), manifest["preview"])))
+    assert frames.num_frames == cfg.data.num_frames and frames.width >= 2 * 64
+
+
+def test_imported_teacher_with_another_class_map_is_refused(ray_session, tmp_path, teacher_path):
+    from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
+    from tsgd_ray.stages.teacher import new_teacher
+
+    cfg = imported_config(tmp_path / "out", teacher_path)
+    run_prepare(cfg)
+    names = load_split(cfg, "test")[2]
+    model = load_checkpoint(new_teacher(cfg, len(names)), teacher_path.read_bytes(), names)
+    swapped = tmp_path / "swapped.pt"
+    swapped.write_bytes(checkpoint_bytes(model, [names[1], names[0], *names[2:]]))
+    with pytest.raises(ModelError, match="same names in another order"):
+        run_teacher(imported_config(tmp_path / "out", swapped))
+    # nothing half-written (the stage's released lease is bookkeeping, not an output)
+    assert [f for f in storage.list_files(str(tmp_path / "out" / "teacher")) if "/_lease/" not in f] == []
+
+
+def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tmp_path):
+    """The whole pipeline (Ray Train teacher and students, `full` streamed), its MLflow runs, and a
+    second run differing only in tsgf.enabled: it reuses the teacher and statistics, and the two
+    parent runs are found by search_runs and carry the same metric names."""
+    from mlflow.tracking import MlflowClient
+
+    common = [
+        "teacher.width=8",
+        "teacher.depth=2",
+        "teacher.epochs=2",
+        "teacher.cpus_per_worker=1",
+        "distill.iterations=5",
+        "evaluate.epochs=2",
+        "evaluate.seeds=[0,1]",
+        "evaluate.cpus_per_worker=1",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.experiment=stages",
+    ]
+    cfg = tiny_config(tmp_path / "out", *common, "evaluate.baselines=[random_real,full]")
+    with Tracker(cfg, "run") as tracker:
+        results = run_stages(cfg, tracker=tracker)
+    assert [r["method"] for r in results] == ["tsgd", "random_real", "full"]
+    for r in results:
+        assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
+        assert r["test_clips"] == 16
+    table = results_table(results)
+    assert "| tsgd | 1 |" in table and "| full | all |" in table
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(tracker.run_id)
+    assert parent.data.params["tsgf.enabled"] == "True" and parent.data.tags["git_commit"]
+    assert parent.data.tags["dataset_manifest_sha256"] and parent.data.tags["teacher_sha256"]
+    plan = client.download_artifacts(tracker.run_id, "plan.txt", str(tmp_path))  # the plan, with the manifest's counts
+    assert open(plan).read().startswith("plan: 32 train / 16 eval videos, 8 classes (from the shard manifest)")
+    children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
+    stages = sorted(r.data.tags["stage"] for r in children)
+    assert stages == sorted(
+        [
+            "teacher",
+            "stats",
+            "init",
+            "distill",
+            "merge",
+            "distill",
+            "merge",
+            "evaluate/tsgd",
+            "evaluate/random_real",
+            "evaluate/full",
+        ]
+    )
+    teacher_run = next(r for r in children if r.data.tags["stage"] == "teacher")
+    assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "loss")] == [0, 1]
+    distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
+    assert len(client.get_metric_history(distill_run.info.run_id, "loss")) >= 2  # the partitions' mean curve
+    merge_run = next(r for r in children if r.data.tags["stage"] == "merge")
+    logged = {a.path for a in client.list_artifacts(merge_run.info.run_id, "synthetic")}
+    assert {"synthetic/manifest.json", "synthetic/previews"} <= logged
+
+    off = tiny_config(tmp_path / "out", *common, "tsgf.enabled=false")
+    assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
+    with Tracker(off, "run") as tracker_off:
+        run_stages(off, tracker=tracker_off)
+    runs = client.search_runs([tracker.experiment_id], "tags.command = 'run' and attributes.status = 'FINISHED'")
+    by_flag = {r.data.params["tsgf.enabled"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(by_flag) == {"True", "False"}
+    assert {"tsgd/top1_mean", "tsgd/top5_mean"} <= set(by_flag["True"].data.metrics) & set(
+        by_flag["False"].data.metrics
+    )
+    off_children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker_off.run_id}'")
+    assert "teacher" not in {r.data.tags["stage"] for r in off_children}  # reused, not retrained
+
+    table = compare_runs(off).splitlines()  # `tsgd-ray compare`: newest first, only what differs
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["run", "evaluate.baselines", "tsgf.enabled"] and "tsgd top-1 %" in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(row[0][-9:-1], row[2]) for row in rows] == [
+        (tracker_off.run_id[:8], "False"),
+        (tracker.run_id[:8], "True"),
+    ]
+    top1 = header.index("tsgd top-1 %")
+    for row, run in zip(rows, (by_flag["False"], by_flag["True"])):
+        assert (
+            row[top1]
+            == f"{100 * run.data.metrics['tsgd/top1_mean']:.1f} +- {100 * run.data.metrics['tsgd/top1_std']:.1f}"
+        )

@@ -1,0 +1,127 @@
+"""The distilled set as a product: `SyntheticVideos` reads a merged set by URI, and `tsgd-ray
+export` writes it as safetensors, WebDataset shards or MP4 files that read back to the same clips."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from support.stage_helpers import imported_config, teacher_file
+
+import tsgd_ray
+from tsgd_ray import storage
+from tsgd_ray.artifacts import load_teacher, read_synthetic
+from tsgd_ray.cli import run_command
+from tsgd_ray.config import TemporalSampling, to_yaml
+from tsgd_ray.core.clips import to_model_input
+from tsgd_ray.layout import synthetic_dir
+from tsgd_ray.stages.distill import run_distill
+from tsgd_ray.stages.init import run_init
+from tsgd_ray.stages.merge import run_merge
+from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.stats import run_stats
+from tsgd_ray.stages.teacher import run_teacher
+from tsgd_ray.synthetic import ExportError, SyntheticVideos
+
+
+@pytest.fixture(scope="module")
+def merged(ray_session, tmp_path_factory):
+    """A merged tsgd set (8 classes x IPC 2) and its config."""
+    root = tmp_path_factory.mktemp("synthetic")
+    cfg = imported_config(root / "out", teacher_file(root / "teacher"), "distill.ipc=2", "distill.iterations=10")
+    run_prepare(cfg)
+    run_teacher(cfg)
+    run_stats(cfg)
+    run_init(cfg)
+    run_distill(cfg)
+    run_merge(cfg)
+    return cfg
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_synthetic_videos_reads_a_merged_set_by_uri(merged):
+    expected, classes = read_synthetic(merged)
+    data = tsgd_ray.SyntheticVideos(synthetic_dir(merged))
+    assert len(data) == 16 and data.classes == classes and data.clip_shape == (8, 32, 32, 3)
+    assert torch.equal(data.labels, expected["labels"])
+    raw = SyntheticVideos(synthetic_dir(merged), normalize=False)
+    for i in (0, 7, 15):
+        clip, label = raw[i]
+        assert clip.dtype == torch.uint8 and torch.equal(clip, expected["clips"][i]) and label == expected["labels"][i]
+        x, _ = data[i]
+        assert x.shape == (3, 8, 32, 32) and torch.allclose(
+            x, to_model_input(clip[None], merged.data.mean, merged.data.std)[0]
+        )
+    clips, labels = next(iter(torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, num_workers=0)))
+    assert clips.shape == (16, 3, 8, 32, 32) and torch.equal(labels, expected["labels"])
+    # soft labels from the set's own teacher, found through the manifest
+    soft = SyntheticVideos(synthetic_dir(merged), soft_labels=True)
+    x, label, logits = soft[3]
+    teacher = load_teacher(merged, classes)
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(x[None])[0], atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_export_round_trips_every_format(merged, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from tsgd_ray.data.video import decode_clip
+
+    expected, classes = read_synthetic(merged)
+    config = tmp_path / "merged.yaml"
+    config.write_text(to_yaml(merged))
+    outputs = {}
+    for fmt in ("safetensors", "webdataset", "mp4"):
+        outputs[fmt] = tmp_path / fmt
+        assert run_command("export", str(config), [], to=str(outputs[fmt]), fmt=fmt) == 0
+        assert "exported 16 videos of 8 classes" in capsys.readouterr().out
+        summary = json.loads((outputs[fmt] / "export.json").read_text())
+        assert summary["videos"] == 16 and summary["classes"] == classes and summary["format"] == fmt
+
+    tensors = load_file(str(outputs["safetensors"] / "part-00000.safetensors"))
+    assert torch.equal(tensors["clips"], expected["clips"]) and torch.equal(tensors["labels"], expected["labels"])
+
+    with tarfile.open(outputs["webdataset"] / "shard-00000.tar") as tar:
+        names = tar.getnames()
+        assert len(names) == 48
+        first = np.load(io.BytesIO(tar.extractfile(names[0]).read()))
+        assert names[0] == "00000-000.npy" and np.array_equal(first, expected["clips"][0].numpy())
+        assert json.loads(tar.extractfile("00000-000.json").read())["class"] == classes[0]
+
+    videos = sorted(outputs["mp4"].glob("*/*.mp4"))
+    assert len(videos) == 16 and videos[0].parent.name == classes[0]
+    decoded = decode_clip(videos[0].read_bytes(), 8, 32, 32, sampling=TemporalSampling.uniform)
+    error = np.mean((decoded.astype(float) - expected["clips"][0].numpy()) ** 2)
+    assert decoded.shape == (8, 32, 32, 3) and 10 * np.log10(255**2 / error) > 30  # H.264 crf 18: lossy, close
+
+    # an export never overwrites another; a folder without a merged set is a clear error
+    assert run_command("export", str(config), [], to=str(outputs["mp4"]), fmt="mp4") == 2
+    assert "already holds an export" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="no merged synthetic set at"):
+        SyntheticVideos(str(tmp_path))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_set_in_object_storage_reads_and_exports_the_same(merged, s3_root, tmp_path):
+    from pathlib import Path
+
+    from conftest import upload_tree
+    from safetensors.torch import load_file
+
+    from tsgd_ray.synthetic import export
+
+    upload_tree(Path(synthetic_dir(merged)), f"{s3_root}/synthetic")
+    local, remote = SyntheticVideos(synthetic_dir(merged)), SyntheticVideos(f"{s3_root}/synthetic/")
+    assert len(remote) == len(local) and remote.classes == local.classes
+    assert all(torch.equal(remote[i][0], local[i][0]) for i in (0, 9, 15))
+    summary = export(f"{s3_root}/synthetic", f"{s3_root}/exported", "safetensors")
+    (tmp_path / "part.safetensors").write_bytes(storage.read_bytes(f"{s3_root}/exported/{summary['files'][0]}"))
+    assert torch.equal(load_file(str(tmp_path / "part.safetensors"))["labels"], local.labels)

@@ -1,0 +1,351 @@
+"""infra/ validates without a cloud: the AWS cluster config passes Ray's own autoscaler config
+validation and its EC2 node configs botocore's RunInstances model; the KubeRay manifests carry the
+fields KubeRay requires; the image, the manifests and pyproject.toml agree with each other."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+from support.commands import REPO, check_command, check_runtime_env, commands_in
+
+INFRA = REPO / "infra"
+IMAGE_HOME = "/home/ray/tsgd-ray"  # where the Dockerfile puts the repository
+
+
+def _load(path):
+    return yaml.safe_load((INFRA / path).read_text())
+
+
+def _pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _dockerfile():
+    return (INFRA / "docker" / "Dockerfile").read_text()
+
+
+def _project_image() -> str:
+    return f"registry.example.com/tsgd-ray:{_pyproject()['project']['version']}"
+
+
+def _ray_version_of_image() -> str:
+    return re.search(r"^ARG RAY_VERSION=(\S+)$", _dockerfile(), re.M).group(1)
+
+
+# ---------------------------------------------------------------- AWS cluster launcher
+
+
+def _validate_cluster(config: dict) -> dict:
+    """What `ray up` does to a config before it calls the cloud: fill defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _validate_run_instances(node_config: dict) -> None:
+    """Check a node_config as the EC2 RunInstances request Ray sends (Ray adds the AMI and counts)."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("ec2")
+    request = {"ImageId": "ami-00000000", "MinCount": 1, "MaxCount": 1, **node_config}
+    report = ParamValidator().validate(request, model.operation_model("RunInstances").input_shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+def test_aws_cluster_passes_rays_validation():
+    config = _load("aws/cluster.yaml")
+    prepared = _validate_cluster(config)
+    assert prepared["provider"]["type"] == "aws" and prepared["idle_timeout_minutes"] > 0
+    for node_type in config["available_node_types"].values():
+        _validate_run_instances(node_type["node_config"])
+    for command in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]:
+        for argv in commands_in(command):
+            check_command(argv)
+
+
+def test_aws_cluster_has_cpu_head_spot_gpus_with_on_demand_fallback_and_cpu_decoders():
+    config = _load("aws/cluster.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and "GPU" not in head["resources"]
+    gpu = {name: t for name, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    spot = [n for n, t in gpu.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    on_demand = [n for n, t in gpu.items() if "InstanceMarketOptions" not in t["node_config"]]
+    assert spot and on_demand
+    for s in spot:
+        # the fallback offers the same resources, so it can take any request spot would have
+        assert any(gpu[o]["resources"] == gpu[s]["resources"] for o in on_demand)
+        assert all(gpu[s]["priority"] > gpu[o]["priority"] for o in on_demand)
+    assert any("RAY_enable_autoscaler_v2=1" in c for c in config["head_start_ray_commands"]), (
+        "priority and failure-aware fallback need autoscaler v2"
+    )
+    cpu_workers = [t for n, t in types.items() if n != config["head_node_type"] and "GPU" not in t["resources"]]
+    assert cpu_workers and all(t["min_workers"] == 0 and t["max_workers"] > 0 for t in cpu_workers)
+    assert config["docker"]["image"] == _project_image()
+    # two GPU families on spot: one family's missing capacity does not stall the run
+    assert len({gpu[n]["node_config"]["InstanceType"].split(".")[0] for n in spot}) >= 2
+
+
+def test_aws_nodes_boot_a_current_gpu_ami_pull_the_image_from_ecr_and_have_a_role():
+    config = _load("aws/cluster.yaml")
+    for name, node_type in config["available_node_types"].items():
+        node_config = node_type["node_config"]
+        # resolved per region at launch (not Ray's fallback Ubuntu 18.04 / CUDA 11 Deep Learning AMI)
+        assert node_config["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/"), name
+        assert "nvidia-driver" in node_config["ImageId"] and "ubuntu-22.04" in node_config["ImageId"]
+        assert node_config["IamInstanceProfile"]["Name"].startswith("tsgd-ray-"), name
+    head_profile = config["available_node_types"][config["head_node_type"]]["node_config"]["IamInstanceProfile"]
+    assert head_profile["Name"] == "tsgd-ray-head"
+    registry = config["docker"]["image"].split("/")[0]
+    login = [c for c in config["initialization_commands"] if "docker login" in c]
+    assert len(login) == 1 and "aws ecr get-login-password" in login[0] and login[0].endswith(registry)
+    assert f"--region {config['provider']['region']}" in login[0]
+    # the profiles' policies are documented
+    readme = (INFRA / "aws" / "README.md").read_text()
+    assert "tsgd-ray-head" in readme and "tsgd-ray-worker" in readme and "ecr:BatchGetImage" in readme
+
+
+@pytest.mark.parametrize(
+    "damage, error",
+    [
+        (lambda c: c.update(idle_timeout_minute=5), "Additional properties"),
+        (lambda c: c["available_node_types"]["gpu-spot"].update(min_workers="two"), "is not of type"),
+        (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+    ],
+)
+def test_rays_validation_catches_a_broken_cluster_config(damage, error):
+    config = _load("aws/cluster.yaml")
+    damage(config)
+    with pytest.raises(Exception) as info:
+        _validate_cluster(config)
+    assert error in str(info.value)
+
+
+def test_ec2_model_catches_a_broken_node_config():
+    node_config = dict(_load("aws/cluster.yaml")["available_node_types"]["gpu-spot"]["node_config"])
+    node_config["InstanceTyp"] = node_config.pop("InstanceType")
+    with pytest.raises(AssertionError, match="InstanceTyp"):
+        _validate_run_instances(node_config)
+
+
+# ---------------------------------------------------------------- KubeRay
+
+
+def _crd_folder() -> Path:
+    """KubeRay's published CRDs, read in place (never copied): ../shared/kuberay-crds beside this
+    checkout, or beside the repository a clean clone was made from (CI's clone lives elsewhere)."""
+    import subprocess
+
+    candidates = [REPO.parent / "shared" / "kuberay-crds"]
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
+    if origin and "://" not in origin and ":" not in origin.split("/")[0]:  # a local path, not a remote
+        candidates.append(Path(origin).resolve().parent / "shared" / "kuberay-crds")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+CRDS = _crd_folder()
+CRD_VERSIONS = ("1.4.0", "1.7.0")
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+def _manifests() -> dict[str, dict]:
+    """file name -> its one document"""
+    return {path.name: yaml.safe_load(path.read_text()) for path in sorted((INFRA / "k8s").glob("*.yaml"))}
+
+
+def _groups(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+
+
+def _containers(spec: dict) -> list[dict]:
+    return [c for g in _groups(spec) for c in g["template"]["spec"]["containers"]]
+
+
+def _without_token_env(spec: dict) -> dict:
+    """The cluster spec with the manual token-auth variables taken out of every container."""
+    spec = copy.deepcopy(spec)
+    for c in _containers(spec):
+        c["env"] = [e for e in c.get("env", []) if e["name"] not in AUTH_ENV]
+        if not c["env"]:
+            del c["env"]
+    return spec
+
+
+def _strict(schema: dict) -> dict:
+    """A CRD's openAPIV3Schema as JSON Schema, checked as `kubectl apply --validate=strict` does:
+    unknown properties are refused on every object with `properties` unless it preserves unknown
+    fields; `x-kubernetes-int-or-string` takes an integer or a string; `nullable` allows null."""
+    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    elif schema.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if "properties" in out:
+        out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(out["additionalProperties"])
+    if "items" in out:
+        out["items"] = _strict(out["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out and not schema.get("x-kubernetes-int-or-string"):
+            out[key] = [_strict(s) for s in out[key]]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _crd_validator(kind: str, version: str):
+    import jsonschema
+
+    crd = yaml.safe_load((CRDS / f"{kind.lower()}s-v{version}.yaml").read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def _crd_errors(doc: dict, version: str) -> list[str]:
+    if not CRDS.is_dir():
+        pytest.skip(f"the KubeRay CRDs are not at {CRDS}")
+    validator = _crd_validator(doc["kind"], version)
+    return sorted(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc))
+
+
+def _check_cluster_spec(spec: dict) -> None:
+    """What this project needs of a cluster spec (the CRD checks the rest)."""
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert spec["rayVersion"] == _ray_version_of_image()
+    for c in _containers(spec):
+        assert c["image"] == _project_image()
+        assert c["resources"]["requests"] == c["resources"]["limits"], "Ray sizes itself from the limits"
+    for group in spec["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    ]
+    cpu_groups = [g for g in spec["workerGroupSpecs"] if g not in gpu_groups]
+    assert gpu_groups and cpu_groups and all(g["maxReplicas"] > g["minReplicas"] for g in gpu_groups)
+    assert {"gcs", "dashboard"} <= {
+        p["name"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+
+
+@pytest.mark.parametrize("version", CRD_VERSIONS)
+def test_kuberay_manifests_pass_the_crds_strict_validation(version):
+    """Every ray.io manifest against KubeRay's own schema, unknown fields refused; rayjob-auth.yaml
+    needs KubeRay >= 1.5.1 (authOptions), and 1.4.0's schema refuses it."""
+    for name, doc in _manifests().items():
+        if not doc["apiVersion"].startswith("ray.io/"):
+            continue
+        errors = _crd_errors(doc, version)
+        if name == "rayjob-auth.yaml" and version == "1.4.0":
+            assert errors == [
+                "spec/rayClusterSpec: Additional properties are not allowed ('authOptions' was unexpected)"
+            ]
+        else:
+            assert errors == [], (name, errors)
+
+
+@pytest.mark.parametrize(
+    "damage,error",
+    [
+        (lambda d: d["spec"].update(workerGroupSpec=[]), "'workerGroupSpec' was unexpected"),  # a misspelt field
+        (lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "0 is not of type 'string'"),
+        (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="16"), "'16' is not of type 'integer'"),
+        (lambda d: d["spec"]["autoscalerOptions"].update(idleTimeout=60), "'idleTimeout' was unexpected"),
+    ],
+)
+def test_the_strict_crd_check_refuses_a_broken_manifest(damage, error):
+    doc = copy.deepcopy(_manifests()["raycluster.yaml"])
+    damage(doc)
+    assert any(error in e for e in _crd_errors(doc, CRD_VERSIONS[-1]))
+
+
+def test_kuberay_raycluster_with_token_auth():
+    cluster = _manifests()["raycluster.yaml"]
+    assert cluster["kind"] == "RayCluster" and cluster["metadata"]["name"]
+    _check_cluster_spec(cluster["spec"])
+    for c in _containers(cluster["spec"]):  # every Ray container enforces the token from one Secret
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tsgd-ray-auth", "key": "auth_token"}
+
+
+def test_kuberay_rayjobs_run_the_pipeline_from_the_image():
+    manifests = _manifests()
+    job, auth = manifests["rayjob.yaml"], manifests["rayjob-auth.yaml"]
+    for doc in (job, auth):
+        spec = doc["spec"]
+        assert (
+            doc["kind"] == "RayJob" and spec["shutdownAfterJobFinishes"] is True and spec["activeDeadlineSeconds"] > 0
+        )
+        _check_cluster_spec(spec["rayClusterSpec"])
+        # the entrypoint runs in the image, where the package (and its shipped configs) is installed
+        assert spec["entrypoint"].split()[:4] == ["python", "-m", "tsgd_ray", "run"] and IMAGE_HOME in _dockerfile()
+        check_command(shlex.split(spec["entrypoint"]))
+        check_runtime_env(json_text=json.dumps(yaml.safe_load(spec["runtimeEnvYAML"])))
+    assert job["spec"]["rayClusterSpec"] == _without_token_env(manifests["raycluster.yaml"]["spec"]), (
+        "rayjob.yaml and raycluster.yaml drifted"
+    )
+    # the submitter pulls a small CPU image of the same Ray version, not the GPU image
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    assert submitter["image"].startswith(f"rayproject/ray:{_ray_version_of_image()}-") and submitter["image"].endswith(
+        "-cpu"
+    )
+    assert "nvidia.com/gpu" not in submitter["resources"]["limits"]
+    # rayjob-auth.yaml: the same job with the operator's token auth and the submitter as a sidecar
+    expected = copy.deepcopy(job)
+    del expected["spec"]["submitterPodTemplate"]
+    expected["spec"].update(submissionMode="SidecarMode")
+    expected["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token"}
+    expected["metadata"]["name"] += "-auth"
+    assert auth == expected
+    # every ConfigMap the pods read is defined
+    names = {
+        ref["configMapRef"]["name"] for c in _containers(job["spec"]["rayClusterSpec"]) for ref in c.get("envFrom", [])
+    }
+    assert names == {manifests["configmap.yaml"]["metadata"]["name"]}
+    assert "MLFLOW_TRACKING_URI" in manifests["configmap.yaml"]["data"]
+
+
+# ---------------------------------------------------------------- image and runtime envs
+
+
+def test_dockerfile_installs_the_project_on_a_ray_image():
+    from packaging.specifiers import SpecifierSet
+
+    text = _dockerfile()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)
+    ray_spec = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("ray["))
+    assert _ray_version_of_image() in SpecifierSet(ray_spec.split("]", 1)[1])
+    for line in re.findall(r"^COPY (.*)$", text, re.M):
+        sources = [a for a in line.split()[:-1] if not a.startswith("--")]
+        assert sources and all((REPO / s).exists() for s in sources), line
+    extras = re.findall(r'"\.\[([a-z,]+)\]"', text)
+    assert extras and set(extras[0].split(",")) <= set(_pyproject()["project"]["optional-dependencies"])
+    assert "import decord, av, torch" in text  # the build proves the decoders import
+    for path in ("README.md", "../k8s/rayjob.yaml", "../aws/cluster.yaml"):
+        assert _project_image() in (INFRA / "docker" / path).read_text()
+
+
+def test_runtime_envs_are_valid_and_the_no_image_one_lists_pyprojects_dependencies():
+    for path in ("infra/runtime_env.yaml", "infra/docker/runtime_env.yaml"):
+        check_runtime_env(path, working_dir=".")
+    env = yaml.safe_load((INFRA / "docker" / "runtime_env.yaml").read_text())
+    wanted = [d.replace(" ", "") for d in _pyproject()["project"]["dependencies"] if not d.startswith("ray")]
+    assert [p.replace(" ", "") for p in env["pip"]["packages"]] == wanted

@@ -1,0 +1,86 @@
+"""The methods a run distils or evaluates, as a registry (timm's style): name -> what it distils,
+how it starts and what its students train on.
+
+A method is the run's config with a few keys set (`overrides`); stage keys hash the resulting
+config, so methods that differ only in recovery share the teacher and the statistics. Register a
+new method with `register(MethodSpec(...))` next to its name in `tsgd_ray.config.Method`; tests
+run every registered method end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from tsgd_ray.config import Method, validate
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """name; distils: runs stats -> init -> distill -> merge and trains its students on the merged
+    set (False: the students train on every real training clip); overrides(cfg): the config keys
+    this method sets; what it is, in one line."""
+
+    name: Method
+    distils: bool
+    overrides: Callable[[DictConfig], dict[str, Any]]
+    description: str
+
+
+_REGISTRY: dict[Method, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(method: Method | str) -> MethodSpec:
+    """The registered method. Raises KeyError for a name nobody registered."""
+    return _REGISTRY[Method(method)]
+
+
+def registered() -> list[Method]:
+    return list(_REGISTRY)
+
+
+register(MethodSpec(Method.tsgd, True, lambda cfg: {}, "recovery with TSGF (TSGFO), students with TSGFA"))
+register(
+    MethodSpec(Method.sre2l_video, True, lambda cfg: {"tsgf": {"enabled": False}}, "recovery without TSGF (SRe2L)")
+)
+register(
+    MethodSpec(
+        Method.random_real,
+        True,
+        lambda cfg: {"tsgf": {"enabled": False}, "distill": {"init": "real", "iterations": 0}},
+        "IPC seeded real clips per class, not optimised",
+    )
+)
+register(
+    MethodSpec(
+        Method.full,
+        False,
+        lambda cfg: {"evaluate": {"epochs": cfg.evaluate.full_epochs or cfg.evaluate.epochs}},
+        "the student trained on every real training clip (the ceiling), evaluate.full_epochs epochs",
+    )
+)
+
+
+def method_config(cfg: DictConfig, method: Method) -> DictConfig:
+    """The run's config as it distils (or, for a method that does not distil, evaluates) with
+    `method`: its overrides merged over `cfg` (a distilling method also sets distill.method).
+    Returns a read-only config.
+
+    Raises:
+        ConfigError: the merged config is invalid.
+    """
+    spec = get(method)
+    overrides = spec.overrides(cfg)
+    if spec.distils:
+        overrides = {**overrides, "distill": {"method": method.value, **overrides.get("distill", {})}}
+    out = OmegaConf.merge(cfg, overrides)
+    validate(out)
+    OmegaConf.set_readonly(out, True)
+    return out

@@ -1,0 +1,253 @@
+"""Distill stage: a pool of actors, each holding the frozen teacher, recovers class partitions.
+
+The driver plans partitions (contiguous class ranges of near-equal size: `distill.partitions`, or
+4 per actor, and more when `distill.max_videos_per_partition` asks for it) and hands them out one
+at a time through an `ElasticPool`: a partition whose actor dies goes back to the queue for any
+free actor, and once the queue is empty a straggler may be run again on an idle actor. Each actor
+reads the init clips of its partition's classes only and writes its synthetic videos directly in
+the final format (a clip table: uint8 clips, one row group per class)::
+
+    <distill_dir>/plan.json                    the partition plan (a rerun keeps the first plan)
+    <distill_dir>/synthetic/p00003.parquet     the partition's synthetic videos
+    <distill_dir>/partitions/p00003.json       the completion marker: classes, per-class counts,
+                                               the file's sha256 and size, seconds, loss curve
+
+A partition with a marker is never recomputed. Recovery draws every video's random numbers from
+its own (seed, class, index) stream, so a partition recomputed elsewhere gives the same videos up
+to the last float bits of that machine's kernels; write-once keeps the first copy and its hash.
+
+Why uint8: the synthetic clips live in [0, 1] RGB (recovery clamps them to the valid range), so
+rounding to 8 bits moves a pixel by at most 0.5/255 (0.009 in normalised units), far below the
+crop, flip and resampling noise a student sees every step; it makes the set 4x smaller than
+float32 and the same format as decoded real clips (docs/sizing.md has the measured effect).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from tsgd_ray import artifacts, layout, lease, storage
+from tsgd_ray.config import ConfigError, InitKind
+from tsgd_ray.console import Progress
+from tsgd_ray.core.clips import to_uint8_clips
+from tsgd_ray.core.device import resolve_device
+from tsgd_ray.core.recovery import RecoverySettings, noise_init, recover
+from tsgd_ray.core.training import clip_heat
+from tsgd_ray.data.shards import read_manifest, shards_root
+from tsgd_ray.runtime.cluster import check_gpus
+from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
+
+log = logging.getLogger(__name__)
+
+
+def plan_partitions(num_classes: int, num_partitions: int, ipc: int = 1, max_videos: int = 0) -> list[list[int]]:
+    """Classes 0..K-1 in contiguous ranges whose sizes differ by at most one: `num_partitions` of
+    them, or more so that none holds more than `max_videos` videos (0: no limit); at most K.
+
+    Raises:
+        ConfigError: when one class alone (ipc videos) is more than `max_videos`.
+    """
+    if max_videos and ipc > max_videos:
+        raise ConfigError(
+            f"distill.max_videos_per_partition={max_videos} is less than distill.ipc={ipc}: "
+            "a partition holds whole classes"
+        )
+    wanted = max(num_partitions, math.ceil(num_classes * ipc / max_videos) if max_videos else 0)
+    parts = np.array_split(np.arange(num_classes), min(wanted, num_classes))
+    return [p.tolist() for p in parts]
+
+
+def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
+    """The partition plan of this run: the one already written, else a new one (written now)."""
+    d = cfg.distill
+    uri = layout.plan_uri(cfg)
+    storage.write_json_once(
+        uri,
+        {"partitions": plan_partitions(num_classes, d.partitions, d.ipc, d.max_videos_per_partition)},
+    )
+    return storage.read_json(uri)["partitions"]
+
+
+def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partition_id: int, classes: list[int]) -> dict:
+    """Recover the videos of `classes`, write them and their marker (write-once); return the marker.
+    A partition whose marker exists is returned as is, marked "skipped"."""
+    marker_uri = layout.partition_marker_uri(cfg, partition_id)
+    if storage.exists(marker_uri):
+        return {**storage.read_json(marker_uri), "skipped": True}
+    started = time.time()
+    init = artifacts.read_init(cfg, classes)
+    labels, indices = init["labels"], init["indices"]
+    device = next(teacher.parameters()).device
+    settings = RecoverySettings.from_config(cfg)
+    if cfg.distill.init == InitKind.noise:
+        low, high = settings.inputs.valid_range(torch.zeros(1))
+        x0 = noise_init((3, *layout.clip_size(cfg)), labels, indices, settings.seed, low, high)
+        video_ids = [""] * len(labels)
+    else:
+        x0 = settings.inputs.model_input(init["clips"])
+        video_ids = init["video_ids"]
+    history: list[dict] = []
+    progress = Progress(f"distill partition {partition_id}", cfg.distill.iterations, "iteration", last=False)
+
+    def on_step(step: int, metrics: dict) -> None:
+        history.append({"step": step, "time": time.time(), **metrics})
+        progress.update(step + 1, loss=metrics["loss"])
+
+    videos = recover(teacher, x0.to(device), labels, indices, settings, stats, callback=on_step)
+    clips = to_uint8_clips(videos, settings.inputs.mean, settings.inputs.std).numpy()
+    heats = (
+        (255 * clip_heat(x0, settings.saliency, settings.inputs)).round().to(torch.uint8).numpy()
+    )  # TSGFA's map, from the init clip
+    file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids, heats)
+    counts = torch.bincount(labels, minlength=max(classes) + 1)
+    marker = {
+        "partition": partition_id,
+        "classes": classes,
+        "counts": {str(c): int(counts[c]) for c in classes},
+        "videos": len(labels),
+        "iterations": cfg.distill.iterations,
+        "file": file,
+        "seconds": round(time.time() - started, 3),
+        "history": history,
+        "pid": os.getpid(),
+        "node_id": _node_id(),
+    }
+    storage.write_json_once(marker_uri, marker)
+    return marker
+
+
+def mean_curve(histories: list[list[dict]]) -> list[dict]:
+    """Partitions' curves [{"step", "time", metric: value}] -> one: per step, every metric's mean
+    over the partitions that logged it, and the loss's min and max (so 64 partitions read as one)."""
+    by_step: dict[int, list[dict]] = {}
+    for history in histories:
+        for row in history:
+            by_step.setdefault(row["step"], []).append(row)
+    curve = []
+    for step, rows in sorted(by_step.items()):
+        keys = {k for r in rows for k in r} - {"step"}
+        point = {"step": step, **{k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}}
+        if all("loss" in r for r in rows):
+            point.update(loss_min=min(r["loss"] for r in rows), loss_max=max(r["loss"] for r in rows))
+        curve.append(point)
+    return curve
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+class PartitionWorker(PoolActor):
+    """A Ray actor: loads the frozen teacher and the statistics once, then recovers one partition
+    per call (reading only that partition's init clips)."""
+
+    def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        device = resolve_device(cfg.device, cfg.distill.gpus_per_actor, "distill.gpus_per_actor")
+        self.teacher = artifacts.load_teacher(cfg, classes, device)
+        self.stats = artifacts.read_statistics(cfg)
+
+    def recover(self, partition_id: int, classes: list[int]) -> dict:
+        return recover_partition(self.cfg, self.teacher, self.stats, partition_id, classes)
+
+
+class _Progress:
+    """Partitions done, synthetic video-iterations per second, and ETA, on the driver's log: at
+    most one line per EVERY seconds, and the last."""
+
+    EVERY = 30.0
+
+    def __init__(self, total: int, already_done: int):
+        self.total, self.done, self.started = total, already_done, time.time()
+        self.recovered = self.video_iterations = 0
+        self.logged = self.started
+
+    def update(self, marker: dict) -> None:
+        self.done += 1
+        self.recovered += 1
+        self.video_iterations += marker["videos"] * marker["iterations"]
+        now = time.time()
+        if now - self.logged < self.EVERY and self.done < self.total:
+            return
+        self.logged = now
+        elapsed = now - self.started
+        eta = elapsed / self.recovered * (self.total - self.done)
+        log.info(
+            "distill: %d/%d partitions, %.1f video-iterations/s, ETA %.0f s",
+            self.done,
+            self.total,
+            self.video_iterations / max(elapsed, 1e-9),
+            eta,
+        )
+
+
+def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = None) -> dict:
+    """Recover every unfinished partition with the actor pool; returns a summary.
+
+    `actor_prefix` names the actors (`<prefix>-<i>`, replacements `<prefix>-<i>-r<n>`) so that a
+    test or an operator can find them.
+    Raises:
+        PoolError: a partition lost more than ray.max_failures actors. LeaseHeld: another run
+        distils this config and storage.wait_for_lease is false.
+    """
+    classes = read_manifest(shards_root(cfg))["classes"]
+    with lease.hold(layout.distill_dir(cfg), cfg.storage.lease_seconds, cfg.storage.wait_for_lease, "distill"):
+        return _distill(cfg, classes, tracker, actor_prefix)
+
+
+def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optional[str]) -> dict:
+    plan = load_plan(cfg, len(classes))
+    finished = [p for p in range(len(plan)) if storage.exists(layout.partition_marker_uri(cfg, p))]
+    pending = [p for p in range(len(plan)) if p not in finished]
+    progress = _Progress(len(plan), len(finished))
+    log.info(
+        "distill: %d partitions, %d finished, %d to do -> %s",
+        len(plan),
+        len(finished),
+        len(pending),
+        layout.distill_dir(cfg),
+    )
+    run_id = tracker.child("distill", tags={"method": cfg.distill.method.value}) if tracker else None
+    summary = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "markers": []}
+
+    def on_result(partition: int, marker: dict) -> None:
+        summary["recovered" if not marker.get("skipped") else "skipped"] += 1
+        summary["markers"].append(marker)
+        progress.update(marker)
+
+    d = cfg.distill
+    if pending:
+        check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
+    threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
+    start = actor_starter(PartitionWorker, d.cpus_per_actor, d.gpus_per_actor, cfg, classes, threads)
+    pool = ElasticPool(
+        start, min(d.actors, max(1, len(pending))), actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures
+    )
+    if pending:
+        pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
+    summary.update(actor_failures=pool.lost, speculated=pool.speculated)
+    if tracker:
+        recovered = [m["history"] for m in summary["markers"] if not m.get("skipped")]
+        tracker.log_history(run_id, mean_curve(recovered))  # one curve, however many partitions
+        tracker.log_metrics(
+            run_id,
+            {
+                "partitions": len(plan),
+                "recovered": summary["recovered"],
+                "actor_failures": pool.lost,
+                "speculated": pool.speculated,
+            },
+        )
+        tracker.finish(run_id)
+    return summary

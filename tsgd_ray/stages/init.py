@@ -1,0 +1,127 @@
+"""Init stage: the init clips of the run's (ipc, init kind), chosen from the statistics pass's
+candidates (`stats`), decoded by Ray tasks by (shard, row) (no second pass over the data) and
+written as clip tables whose row groups hold one class each, so a distill actor reads only its
+partition's classes::
+
+    <stats_dir>/init/<ipc>-<kind>/part-00000.parquet ..., init.json (marker: parts and class ranges)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from tsgd_ray import artifacts, layout, storage
+from tsgd_ray.config import ConfigError
+from tsgd_ray.data import clip_table
+from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
+from tsgd_ray.data.shards import read_manifest, shards_root, train_shards
+from tsgd_ray.stages import skeleton
+
+INIT_PART_BYTES = 64 * 2**20  # about this many bytes of init clips per part file (whole classes)
+
+
+def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
+    """Decode the clips at (shard uri, row) of `rows` (dicts with uri, row, video_id and optionally
+    view, see `decode_view`), reading only the row groups that hold them. Returns {video_id: (F, H, W, 3) uint8}.
+
+    Raises:
+        TooManyBadVideos: a chosen clip is no longer there or no longer decodes.
+    """
+    decoder = ClipDecoder.from_config(cfg)
+    out: dict[str, np.ndarray] = {}
+    by_shard: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_shard[r["uri"]].append(r)
+    for uri, wanted in by_shard.items():
+        with storage.open_parquet(uri) as f:
+            parquet = pq.ParquetFile(f)
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            for g in sorted({int(np.searchsorted(starts, r["row"], side="right") - 1) for r in wanted}):
+                here = [r for r in wanted if starts[g] <= r["row"] < starts[g + 1]]
+                table = parquet.read_row_group(g, columns=["video_id", "label", "video"])
+                take = [r["row"] - int(starts[g]) for r in here]
+                columns = {
+                    k: table.column(k).to_numpy(zero_copy_only=False)[take] for k in ("video_id", "label", "video")
+                }
+                decoded = decoder({**columns, "view": np.array([r.get("view", 0) for r in here], dtype=np.int64)})
+                for r, vid, ok, clip, error in zip(
+                    here, decoded["video_id"], decoded["ok"], decoded["clip"], decoded["error"]
+                ):
+                    if str(vid) != r["video_id"] or not ok:
+                        raise TooManyBadVideos(
+                            f"init clip {r['video_id']} at {uri} row {r['row']} could not be "
+                            f"decoded again: {error or 'another video is there now'}"
+                        )
+                    out[r["video_id"]] = clip
+    return out
+
+
+def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
+    """A Ray task: decode the chosen rows of some whole classes and write their clip table."""
+    clips = decode_rows(cfg, chosen)
+    table = clip_table.clip_table_bytes(
+        np.stack([clips[c["video_id"]] for c in chosen]),
+        np.array([c["label"] for c in chosen]),
+        np.array([c["index"] for c in chosen]),
+        [c["video_id"] for c in chosen],
+    )
+    storage.write_once(layout.init_part_uri(cfg, part), table)
+    return {
+        "path": f"part-{part:05d}.parquet",
+        "first_class": chosen[0]["label"],
+        "last_class": chosen[-1]["label"],
+        "rows": len(chosen),
+        "bytes": len(table),
+    }
+
+
+def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
+    kind = layout.init_kind(cfg).value
+    candidates = artifacts.read_candidates(cfg)[kind]
+    ipc = cfg.distill.ipc
+    short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
+    if short:
+        raise ConfigError(
+            f"distill.ipc={ipc}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
+            f"{' ...' if len(short) > 10 else ''}"
+        )
+    shards = train_shards(cfg)
+    chosen = [
+        {**entry, "uri": shards[entry["shard"]]["uri"], "label": c, "index": i}
+        for c, rows in enumerate(candidates)
+        for i, entry in enumerate(rows[:ipc])
+    ]
+    clip_bytes = int(np.prod(layout.clip_shape(cfg)))
+    per_part = max(1, INIT_PART_BYTES // (clip_bytes * ipc)) * ipc
+    import ray
+
+    task = ray.remote(_write_init_part).options(num_cpus=0.5, max_retries=cfg.ray.max_failures)
+    parts = ray.get(
+        [
+            task.remote(cfg, p, chosen[start : start + per_part])
+            for p, start in enumerate(range(0, len(chosen), per_part))
+        ]
+    )
+    return {"ipc": ipc, "init": kind, "parts": parts, "videos": len(chosen)}
+
+
+def run_init(cfg: DictConfig, tracker=None) -> dict:
+    """The init clips of this (ipc, init kind), unless written; returns the init marker.
+
+    Raises:
+        MissingInput: the stats stage has not finished. TooManyBadVideos: a chosen clip no longer
+        decodes. ConfigError: a class with fewer than distill.ipc clips.
+    """
+    classes = read_manifest(shards_root(cfg))["classes"]
+    return skeleton.run_stage(
+        cfg,
+        "init",
+        storage.join(layout.init_dir(cfg), layout.INIT_MARKER),
+        lambda run_id: _write_init(cfg, classes, run_id, tracker),
+        tracker,
+        {"method": cfg.distill.method.value},
+    )

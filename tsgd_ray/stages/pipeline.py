@@ -1,0 +1,148 @@
+"""The whole pipeline, or some of its stages, for the run's method and its baselines.
+
+prepare -> teacher -> for each method in [distill.method, *evaluate.baselines]:
+(stats -> init -> distill -> merge, for the methods that distil) -> evaluate. Every stage skips what is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from tsgd_ray import methods, storage
+from tsgd_ray.config import Method
+from tsgd_ray.data.catalogs import Catalog, build_catalog
+from tsgd_ray.data.shards import MANIFEST, eval_split, finished_manifest, read_manifest, shards_root
+from tsgd_ray.methods import method_config
+from tsgd_ray.plan import make_plan, render
+from tsgd_ray.stages.distill import run_distill
+from tsgd_ray.stages.evaluate import run_evaluate
+from tsgd_ray.stages.init import run_init
+from tsgd_ray.stages.merge import run_merge
+from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.stats import run_stats
+from tsgd_ray.stages.teacher import run_teacher
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "teacher", "stats", "init", "distill", "merge", "evaluate")
+
+
+def methods_of(cfg: DictConfig) -> list[Method]:
+    """distill.method, then evaluate.baselines in order, without repeats."""
+    return list(dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines]))
+
+
+def preflight(cfg: DictConfig, stages=STAGES) -> Optional[Catalog]:
+    """Checks that need no Ray, before any: with evaluate among `stages`, that the dataset has the
+    evaluation split (from the finished shard manifest, else from the catalog, which is returned
+    so that prepare does not list the dataset again).
+
+    Raises:
+        ConfigError: no data.eval_split split. CatalogError, ManifestError: as prepare.
+    """
+    manifest = finished_manifest(cfg)
+    catalog = None
+    if manifest is None and "prepare" in stages:
+        catalog = build_catalog(cfg)
+        splits = {r.split for r in catalog.records}
+    else:
+        splits = set(read_manifest(shards_root(cfg))["counts"]) if manifest is None else set(manifest["counts"])
+    if "evaluate" in stages:
+        eval_split(cfg, splits)
+    return catalog
+
+
+def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[Catalog] = None) -> list[dict]:
+    """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run).
+    `catalog`: the dataset's catalog when the caller has built it (see `preflight`).
+
+    Raises:
+        ConfigError: when evaluate is asked for and the dataset has no data.eval_split split.
+    """
+    if "prepare" in stages:
+        run_prepare(cfg, catalog)
+    if "evaluate" in stages:
+        eval_split(cfg, read_manifest(shards_root(cfg))["counts"])
+    if tracker:
+        manifest = storage.read_bytes(storage.join(shards_root(cfg), MANIFEST))
+        digest = hashlib.sha256(manifest).hexdigest()
+        tracker.set_tags(tracker.run_id, {"dataset_manifest_sha256": digest})
+        tracker.log_text(tracker.run_id, "shards/manifest.json", manifest.decode())
+        counts = json.loads(manifest)["counts"]
+        tracker.log_dataset(
+            tracker.run_id,
+            f"{cfg.data.dataset.value}-shards",
+            digest,
+            shards_root(cfg),
+            {
+                "classes": len(json.loads(manifest)["classes"]),
+                **{f"{split}_videos": sum(c.values()) for split, c in counts.items()},
+            },
+            "train",
+        )
+        tracker.log_text(tracker.run_id, "plan.txt", render(make_plan(cfg)) + "\n")  # counts from the manifest now
+    if "teacher" in stages:
+        marker = run_teacher(cfg, tracker)
+        if tracker:
+            tracker.set_tags(tracker.run_id, {"teacher_sha256": marker["sha256"]})
+    results = []
+    for method in methods_of(cfg):
+        result = run_method(cfg, method, stages, tracker)
+        if result is not None:
+            results.append(result)
+            if tracker:
+                tracker.log_metrics(
+                    tracker.run_id,
+                    {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
+                )
+                if len(results) == 1:  # one teacher for every method
+                    tracker.log_metrics(
+                        tracker.run_id,
+                        {f"teacher/{k}": result[f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in result},
+                    )
+    if tracker and results:
+        tracker.log_table(tracker.run_id, "results.json", results_rows(results))
+        tracker.log_text(tracker.run_id, "results.md", results_table(results) + "\n")
+    return results
+
+
+def run_method(cfg: DictConfig, method: Method, stages=STAGES, tracker=None) -> Optional[dict]:
+    """The per-method stages of `stages` for `method` (stats, init, distill, merge where it
+    distils; evaluate); returns the evaluation results, or None when evaluate is not among them."""
+    method_cfg = method_config(cfg, method)
+    if methods.get(method).distils:
+        for stage, run in (("stats", run_stats), ("init", run_init), ("distill", run_distill), ("merge", run_merge)):
+            if stage in stages:
+                run(method_cfg, tracker)
+    return run_evaluate(method_cfg, method, tracker) if "evaluate" in stages else None
+
+
+def results_rows(results: list[dict]) -> list[dict]:
+    """One row per method: method, IPC, top-1/top-5 mean and std and the teacher's (in %)."""
+    return [
+        {
+            "method": r["method"],
+            "ipc": r["ipc"] or 0,
+            "seeds": len(r["seeds"]),
+            **{f"{k}_{s}": round(100 * r[f"{k}_{s}"], 2) for k in ("top1", "top5") for s in ("mean", "std")},
+            "teacher_top1": round(100 * r.get("teacher_top1", float("nan")), 2),
+        }
+        for r in results
+    ]
+
+
+def results_table(results: list[dict]) -> str:
+    """A Markdown table: method, IPC, top-1 and top-5 (mean +- std over seeds, in %)."""
+    lines = ["| method | IPC | top-1 % | top-5 % | seeds |", "|---|---|---|---|---|"]
+    for r in results:
+        ipc = "all" if r["ipc"] is None else str(r["ipc"])
+        lines.append(
+            f"| {r['method']} | {ipc} | {100 * r['top1_mean']:.1f} +- {100 * r['top1_std']:.1f} | "
+            f"{100 * r['top5_mean']:.1f} +- {100 * r['top5_std']:.1f} | {len(r['seeds'])} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Statistics stage: one pass of the frozen teacher over the training shards.
+
+Probe actors (`stats.actors`, each holding the teacher) take whole training shards from an
+`ElasticPool`, read them one row group at a time, decode, and keep per actor:
+
+- a `ClassStatistics` of exact integer per-class sums of every BN layer's input moments, so the
+  result is bit-identical whatever the shard order or actor count;
+- per class, the MAX_IPC best init candidates by seeded random priority and by teacher loss, each
+  named by (video id, shard, row); with `stats.init_views` > 1 the loss is the best of that many
+  candidate views per clip, and the candidate names its view.
+
+Each actor hands both over once at the end: what reaches the driver grows with actors x classes,
+not with clips. The `init` stage then decodes the chosen candidates::
+
+    <stats_dir>/statistics.pt, candidates.json, stats.json (marker: clips, bad videos, mean loss)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from tsgd_ray import artifacts, layout, storage
+from tsgd_ray.config import MAX_IPC
+from tsgd_ray.console import Progress
+from tsgd_ray.core.augment import CropSettings, keyed_views
+from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
+from tsgd_ray.core.clips import InputSettings
+from tsgd_ray.core.device import autocast, resolve_device
+from tsgd_ray.core.selection import BestPerClass, seeded_priority
+from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
+from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root, train_shards
+from tsgd_ray.runtime.cluster import check_gpus
+from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
+from tsgd_ray.stages import skeleton
+
+log = logging.getLogger(__name__)
+
+INIT_KINDS = ("real", "lowest_loss")  # candidates ranked by seeded priority, and by teacher loss
+
+
+class StatsWorker(PoolActor):
+    """A Ray actor holding the frozen teacher: whole shards in, per-class sums and candidates kept.
+
+    `probe(shard, uri)` returns a small summary {clips, loss_sum, bad}; `collect()` hands over
+    {"statistics": state dict, "candidates": {kind: BestPerClass}} and resets them.
+    """
+
+    def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.inputs = InputSettings.from_config(cfg)
+        self.crop = CropSettings.from_section(cfg.augment)
+        self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
+        self.teacher = artifacts.load_teacher(cfg, classes, self.device)
+        self.num_classes = len(classes)
+        self.decoder = ClipDecoder.from_config(cfg, threads=threads)
+        self.channels = [m.num_features for m in batchnorm_layers(self.teacher)]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stats = ClassStatistics.empty(self.num_classes, self.channels)
+        self.best = {kind: BestPerClass(MAX_IPC) for kind in INIT_KINDS}
+
+    def probe(self, shard: int, uri: str) -> dict:
+        clips = 0
+        loss_sum = 0.0
+        errors: list[str] = []
+        row = 0
+        with storage.open_parquet(uri) as f:
+            for batch in pq.ParquetFile(f).iter_batches(
+                batch_size=self.cfg.stats.batch_size, columns=["video_id", "label", "video"]
+            ):
+                columns = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in ("video_id", "label", "video")}
+                decoded = self.decoder(columns)
+                ok = decoded["ok"]
+                errors.extend(str(e) for e in decoded["error"][~ok])
+                if ok.any():
+                    losses = self._forward(decoded["clip"][ok], decoded["label"][ok], decoded["video_id"][ok])
+                    view_losses, views = self._best_views({k: v[ok] for k, v in columns.items()}, losses)
+                    rows = row + np.flatnonzero(ok)
+                    for r, vid, label, loss, view_loss, view in zip(
+                        rows, decoded["video_id"][ok], decoded["label"][ok], losses, view_losses, views
+                    ):
+                        entry = {"video_id": str(vid), "shard": shard, "row": int(r), "loss": float(loss)}
+                        self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
+                        self.best["lowest_loss"].add(
+                            label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)}
+                        )
+                    clips += int(ok.sum())
+                    loss_sum += float(losses.sum())
+                row += len(ok)
+        return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
+
+    def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
+        x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device))
+        if self.cfg.stats.augment:
+            x = keyed_views(x, [str(v) for v in video_ids], self.cfg.seed, self.crop)
+        y = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+        with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.inputs.amp):
+            logits = self.teacher(x).float()
+            self.stats.add(taps, y)
+        return F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
+
+    def _best_views(self, columns: dict, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lowest teacher loss over the stats.init_views candidate views, that view) per clip;
+        view 0 is the clip as sampled, whose loss is `losses`. A view that fails to decode is not
+        a candidate (the clip itself did decode)."""
+        best, views = losses.copy(), np.zeros(len(losses), dtype=np.int64)
+        for view in range(1, self.cfg.stats.init_views):
+            decoded = self.decoder({**columns, "view": np.full(len(losses), view)})
+            ok = decoded["ok"]
+            if not ok.any():
+                continue
+            x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device))
+            y = torch.from_numpy(columns["label"][ok].astype(np.int64)).to(self.device)
+            with torch.no_grad(), autocast(self.device, self.inputs.amp):
+                loss = F.cross_entropy(self.teacher(x).float(), y, reduction="none").double().cpu().numpy()
+            improved = loss < best[ok]
+            rows = np.flatnonzero(ok)[improved]
+            best[rows], views[rows] = loss[improved], view
+        return best, views
+
+    def collect(self) -> dict:
+        out = {"statistics": self.stats.state_dict(), "candidates": {k: b.trim() for k, b in self.best.items()}}
+        self._reset()
+        return out
+
+
+def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
+    shards = train_shards(cfg)
+    if not shards:
+        raise ManifestError(f"no training videos in the shards under {shards_root(cfg)}")
+    expected = sum(s["rows"] for s in shards)
+    max_bad = int(cfg.data.max_bad_fraction * expected)
+    bad: dict[int, list[str]] = {}
+    progress = Progress("stats", len(shards), "shard")
+    probed = 0  # clips of the finished shards
+
+    def on_result(shard: int, result: dict) -> None:
+        nonlocal probed
+        bad[shard] = result["bad"]
+        probed += result["clips"]
+        progress.update(len(bad), clips=probed)
+        total = sum(map(len, bad.values()))
+        if total > max_bad:
+            examples = [e for errors in bad.values() for e in errors][:3]
+            raise TooManyBadVideos(
+                f"{total} of {expected} training videos failed to decode, more than "
+                f"data.max_bad_fraction allows ({max_bad}); e.g. {examples}"
+            )
+
+    s = cfg.stats
+    check_gpus(cfg, "stats.gpus_per_actor", s.gpus_per_actor)
+    start = actor_starter(
+        StatsWorker, s.cpus_per_actor, s.gpus_per_actor, cfg, classes, max(1, math.floor(s.cpus_per_actor))
+    )
+    pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
+    done, states = pool.run(
+        range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result, collect="collect"
+    )
+    stats = ClassStatistics.from_state_dict(states[0]["statistics"])
+    best = states[0]["candidates"]
+    for state in states[1:]:
+        stats = stats.merge(ClassStatistics.from_state_dict(state["statistics"]))
+        for kind in INIT_KINDS:
+            best[kind].merge(state["candidates"][kind])
+    missing = stats.missing_classes()
+    if missing:
+        raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
+    artifacts.write_statistics(cfg, stats)
+    candidates = {kind: best[kind].best(len(classes)) for kind in INIT_KINDS}
+    artifacts.write_candidates(cfg, candidates)
+    clips = sum(r["clips"] for r in done.values())
+    all_bad = [e for s in sorted(done) for e in done[s]["bad"]]
+    marker = {
+        "clips": clips,
+        "bad_videos": all_bad,
+        "classes": len(classes),
+        "shards": len(shards),
+        "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
+        "actors_lost": pool.lost,
+    }
+    if tracker:
+        tracker.log_metrics(
+            run_id,
+            {
+                "clips": clips,
+                "bad_videos": len(all_bad),
+                "actors_lost": pool.lost,
+                "mean_teacher_loss": marker["mean_teacher_loss"],
+            },
+        )
+    log.info("stats: %d clips in %d shards, %d bad", clips, len(shards), len(all_bad))
+    return marker
+
+
+def run_stats(cfg: DictConfig, tracker=None) -> dict:
+    """The statistics pass, unless finished; returns its marker.
+
+    Raises:
+        FileNotFoundError: no teacher yet. TooManyBadVideos: as the data pipeline, or a class with no
+        decodable clip.
+    """
+    classes = read_manifest(shards_root(cfg))["classes"]
+    return skeleton.run_stage(
+        cfg,
+        "stats",
+        storage.join(layout.stats_dir(cfg), layout.STATS_MARKER),
+        lambda run_id: _probe_pass(cfg, classes, run_id, tracker),
+        tracker,
+        {"method": cfg.distill.method.value},
+    )

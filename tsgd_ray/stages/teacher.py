@@ -1,0 +1,159 @@
+"""Teacher stage: Ray Train DDP over the clip cache (or clips decoded live), or a user's checkpoint imported.
+
+Writes ``<teacher_dir>/teacher.pt`` (state dict + class map, loadable with weights_only=True) and
+then ``teacher.json`` (the completion marker: sha256, source, loss per epoch). Ray Train keeps a
+checkpoint per epoch under ``<teacher_dir>/ray_train``; a rerun after a crash resumes from the
+latest one, and a rerun after success does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tsgd_ray import storage
+from tsgd_ray.artifacts import new_teacher
+from tsgd_ray.console import Progress
+from tsgd_ray.core import training
+from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
+from tsgd_ray.data.shards import read_manifest, shards_root
+from tsgd_ray.layout import TEACHER_MARKER, teacher_dir, teacher_uri
+from tsgd_ray.runtime import ray_train
+from tsgd_ray.runtime.cluster import check_gpus
+from tsgd_ray.stages.skeleton import run_stage
+from tsgd_ray.tracking import is_mlflow_uri, live_curve, read_mlflow_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Ray Train loop: `training.fit` over teacher.epochs passes of this worker's share of the
+    clips, a checkpoint (and a live-curve report) after every epoch; resumes from the latest."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, classes, source = loop_config["cfg"], loop_config["classes"], loop_config["source"]
+    t = cfg.teacher
+    settings = training.TeacherSettings.from_config(cfg)
+    rank, world, device = ray_train.worker_setup(t, "teacher", cfg.device)
+    batch_size = ray_train.per_worker_batch(t.batch_size, world)
+    model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder, "state.pt"), map_location="cpu", weights_only=True)
+        generator.set_state(resume["generator"])
+    progress = Progress("teacher", t.epochs, "epoch")
+    streams: dict[int, object] = {}
+
+    def batches(epoch: int):
+        streams[epoch] = source.batches("train", epoch, batch_size, rank, world, seed=cfg.seed * 1000 + epoch)
+        return streams[epoch]
+
+    def step(batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        x = settings.inputs.model_input(batch["clip"].to(device))
+        return training.teacher_step(model, optimizer, x, batch["label"].to(device), settings, generator)
+
+    def checkpoint_and_report(state: training.FitState) -> None:
+        row = state.history[-1]
+        row["bad_videos"] = source.bad("train", streams.pop(state.epoch))
+        if rank == 0:
+            progress.update(state.epoch + 1, loss=row["loss"])
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                torch.save({**state.state_dict(), "generator": generator.get_state()}, Path(folder, "state.pt"))
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"epoch": state.epoch, "loss": row["loss"]}, checkpoint=saved)
+
+    training.fit(
+        model,
+        batches,
+        step,
+        settings.fit,
+        source.steps("train", world, batch_size),
+        [checkpoint_and_report],
+        resume=resume,
+        epoch_context=lambda: ray_train.uneven_inputs(model),
+    )
+
+
+def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train the teacher with Ray Train; `curve`: a controller-side callback (`tracking.live_curve`)."""
+    from ray.train.torch import TorchTrainer
+
+    model = new_teacher(cfg, len(classes))
+    if cfg.teacher.epochs == 0:
+        return model, []
+    check_gpus(cfg, "teacher.gpus_per_worker", cfg.teacher.gpus_per_worker)
+    source = ray_train.ClipSource(cfg, {"train": "train"})
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg, "classes": classes, "source": source},
+        scaling_config=ray_train.scaling_config(cfg.teacher, cfg.device),
+        run_config=ray_train.run_config(
+            storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures, [curve] if curve else []
+        ),
+        datasets=source.datasets,
+        dataset_config=ray_train.data_config(source.datasets),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"teacher training under {teacher_dir(cfg)} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder, "state.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model, state["history"]
+
+
+def run_teacher(cfg: DictConfig, tracker=None) -> dict:
+    """Train (or import) the teacher unless this config's teacher is finished; returns its marker.
+
+    Raises:
+        ManifestError: shards not prepared. ModelError: an imported checkpoint that does not fit.
+    """
+    classes = read_manifest(shards_root(cfg))["classes"]
+
+    def work(run_id) -> dict:
+        source_uri = cfg.teacher.checkpoint
+        if source_uri:
+            data = (
+                read_mlflow_checkpoint(cfg, source_uri) if is_mlflow_uri(source_uri) else storage.read_bytes(source_uri)
+            )
+            model = load_checkpoint(new_teacher(cfg, len(classes)), data, classes)
+            history, source = [], "imported"
+        else:
+            model, history = _train(cfg, classes, live_curve(tracker.uri, run_id) if tracker else None)
+            source = "trained"
+        storage.write_once(
+            teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
+        )
+        stored = storage.read_bytes(teacher_uri(cfg))
+        digest = hashlib.sha256(stored).hexdigest()  # of what is stored
+        if tracker:  # the trained teacher's curve was logged live, epoch by epoch
+            tracker.set_tags(run_id, {"teacher_sha256": digest, "source": source})
+            if source == "trained":  # reusable elsewhere as teacher.checkpoint=models:/<id>
+                t = cfg.teacher
+                model_uri = tracker.log_teacher(
+                    run_id,
+                    stored,
+                    {"model": t.model, "width": t.width, "depth": t.depth, "classes": len(classes), "sha256": digest},
+                )
+                tracker.set_tags(tracker.run_id, {"teacher_model": model_uri})
+                log.info("teacher: logged to MLflow as %s (teacher.checkpoint=%s reuses it)", model_uri, model_uri)
+        return {
+            "uri": teacher_uri(cfg),
+            "sha256": digest,
+            "source": source,
+            "classes": len(classes),
+            "history": history,
+        }
+
+    return run_stage(cfg, "teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, tracker)
