@@ -83,7 +83,7 @@ def measure_cache(cfg) -> tuple[int, float, float]:
 
     marker = clip_cache.ensure(cfg, "train")
     start = time.perf_counter()
-    held = [b["clip"] for b in clip_cache.batches(cfg, marker, 0, 32, shuffle_seed=1)]
+    held = [b["clip"] for b in clip_cache.batches(marker, 0, 32, shuffle_seed=1)]
     cache_seconds = time.perf_counter() - start
     clips = np.concatenate([h.numpy() for h in held])
     order = np.random.default_rng(1).permutation(len(clips))

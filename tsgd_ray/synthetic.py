@@ -92,8 +92,9 @@ class SyntheticVideos(Dataset):
         f, g, r = self._rows[i]
         if self._cached[0] != (f, g):
             with storage.open_parquet(storage.join(self.uri, self.manifest["files"][f]["path"])) as handle:
-                self._cached = ((f, g), pq.ParquetFile(handle).read_row_group(g, columns=["clip"]).column("clip"))
-        clip = torch.from_numpy(np.frombuffer(self._cached[1][r].as_py(), np.uint8).reshape(self.clip_shape).copy())
+                group = pq.ParquetFile(handle).read_row_group(g, columns=["clip"])
+            self._cached = ((f, g), clip_table.rows(group, self.clip_shape)["clip"])
+        clip = torch.from_numpy(self._cached[1][r].copy())
         label = int(self.labels[i])
         if self.normalize or self._teacher is not None:
             model_input = self._model_input(clip)

@@ -33,18 +33,16 @@ def test_the_cache_holds_the_clips_live_decoding_gives(tmp_path):
     marker = clip_cache.ensure(cfg, "train")
     assert marker["bad"] == 0 and clip_cache.rows(marker) == expected == 32
     assert all(0 < f["rows"] <= 5 for f in marker["views"][0]["files"])  # a file per decode batch of <= 5
-    cached = by_video(clip_cache.batches(cfg, marker, 0, 7))
+    cached = by_video(clip_cache.batches(marker, 0, 7))
     assert cached.keys() == live.keys()
     assert all(np.array_equal(cached[v], live[v]) for v in live)
 
     # ranks split the clips between them, every clip once, within one file's rows of each other
-    shares = [list(by_video(clip_cache.batches(cfg, marker, 0, 4, rank=r, world=3))) for r in range(3)]
+    shares = [list(by_video(clip_cache.batches(marker, 0, 4, rank=r, world=3))) for r in range(3)]
     assert sorted(v for share in shares for v in share) == sorted(live)
     assert max(map(len, shares)) - min(map(len, shares)) <= 5  # one file
     # a training pass shuffles by its seed: the same seed, the same order
-    orders = [
-        [v for b in clip_cache.batches(cfg, marker, 0, 4, shuffle_seed=s) for v in b["video_id"]] for s in (1, 1, 2)
-    ]
+    orders = [[v for b in clip_cache.batches(marker, 0, 4, shuffle_seed=s) for v in b["video_id"]] for s in (1, 1, 2)]
     assert orders[0] == orders[1] != orders[2] and sorted(orders[2]) == sorted(live)
 
     # built once: asking again reads the marker, whatever happened to the videos since
@@ -59,7 +57,7 @@ def test_random_sampling_trains_each_epoch_on_its_own_window(tmp_path):
     cfg = tiny_config(tmp_path, "data.sampling=random", "data.frame_interval=1", "data.views_per_video=2")
     run_prepare(cfg)
     marker = clip_cache.ensure(cfg, "train")
-    epochs = [by_video(clip_cache.batches(cfg, marker, e, 8)) for e in range(3)]
+    epochs = [by_video(clip_cache.batches(marker, e, 8)) for e in range(3)]
     moved = sum(not np.array_equal(epochs[0][v], epochs[1][v]) for v in epochs[0])
     assert moved >= len(epochs[0]) // 2  # 9 windows per video: most of them differ
     assert all(np.array_equal(epochs[0][v], epochs[2][v]) for v in epochs[0])  # epoch 2 reads view 0 again

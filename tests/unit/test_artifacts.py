@@ -80,3 +80,20 @@ def test_best_per_class_does_not_depend_on_order_or_on_how_it_is_split():
     best0 = sorted((k, e["video_id"]) for c, k, e in entries if c == 0)[:5]
     assert [e["video_id"] for e in whole.best(4)[0]] == [v for _, v in best0]
     assert seeded_priority(0, "a") == seeded_priority(0, "a") != seeded_priority(1, "a")
+
+
+def test_one_reader_gives_a_tables_clips_as_one_view_of_the_column_buffer():
+    """The clip cache's files are clip tables too (rows as decoded, lz4): `clip_table.rows` reads
+    them back as they were written, the clips a view of the column's buffer, not a copy per clip."""
+    import io
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (5, 2, 4, 4, 3), dtype=np.uint8)
+    labels = np.array([3, 1, 2, 1, 0])
+    data = clip_table.clip_table_bytes(
+        clips, labels, None, [f"v{i}" for i in range(5)], views=np.full(5, 2), by_class=False, compression="lz4"
+    )
+    got = clip_table.rows(pq.read_table(io.BytesIO(data)), clips.shape[1:])
+    assert np.array_equal(got["clip"], clips) and got["label"].tolist() == labels.tolist()
+    assert got["view"].tolist() == [2] * 5 and got["video_id"] == [f"v{i}" for i in range(5)] and got["heat"] is None
+    assert not got["clip"].flags.owndata

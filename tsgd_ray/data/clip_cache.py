@@ -7,8 +7,8 @@ decoding the videos again::
     <output_root>/clips/<key>/<split>/cache.json                      the marker (written last)
 
 `key` names the shard set (its plan hash) and the decode settings (frames, size, interval,
-sampling, and the seed and view count where sampling is random). A file holds the good clips of
-one decoded block: clip (F, H, W, 3) uint8 bytes, label, video id, view; its name is a hash of its
+sampling, and the seed and view count where sampling is random). A file is a clip table
+(`tsgd_ray.data.clip_table`) of the good clips of one decoded block, rows as decoded; its name is a hash of its
 video ids and view, so a rebuild after a failure writes the same files again (write-once) and
 orphans of a different block split are never read (only the marker's files are). Undecodable
 videos are counted once, at build time.
@@ -21,7 +21,6 @@ e % views_per_video. Other samplings are deterministic: one view.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -30,13 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
+from tsgd_ray.data import clip_table
+from tsgd_ray.data.clip_table import clip_table_bytes
 from tsgd_ray.data.pipeline import READ_CPUS, TooManyBadVideos, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.storage import OutputRoot
@@ -44,7 +44,7 @@ from tsgd_ray.storage import OutputRoot
 log = logging.getLogger(__name__)
 
 MARKER = "cache.json"
-SCHEMA = pa.schema([("clip", pa.binary()), ("label", pa.int32()), ("video_id", pa.string()), ("view", pa.int16())])
+FORMAT = 2  # of the files: clip tables (`tsgd_ray.data.clip_table`); part of the key
 #: a worker reads this many files ahead of the one it trains on
 PREFETCH = 2
 
@@ -59,6 +59,7 @@ def cache_key(cfg: DictConfig) -> str:
     d = cfg.data
     random_sampling = d.sampling == TemporalSampling.random
     settings = {
+        "format": FORMAT,
         "shards": read_manifest(shards_root(cfg))["plan_hash"],
         "frames": d.num_frames,
         "size": [d.height, d.width],
@@ -83,18 +84,16 @@ def _write_block(batch: dict[str, np.ndarray], folder: str, view: int) -> dict[s
     name = hashlib.sha256(json.dumps([view, ids]).encode()).hexdigest()[:20]
     path = f"view-{view}/part-{name}.parquet"
     if ids:
-        table = pa.table(
-            {
-                "clip": pa.array([c.tobytes() for c in batch["clip"][ok]], pa.binary()),
-                "label": pa.array(batch["label"][ok], pa.int32()),
-                "video_id": pa.array(ids, pa.string()),
-                "view": pa.array(np.full(len(ids), view), pa.int16()),
-            },
-            schema=SCHEMA,
+        data = clip_table_bytes(
+            np.asarray(batch["clip"][ok]),
+            np.asarray(batch["label"][ok]),
+            None,
+            ids,
+            views=np.full(len(ids), view),
+            by_class=False,
+            compression="lz4",
         )
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="lz4", use_dictionary=False)
-        storage.write_once(storage.join(folder, path), buf.getvalue())
+        storage.write_once(storage.join(folder, path), data)
     return {"path": np.array([path]), "rows": np.array([len(ids)]), "errors": np.array([json.dumps(errors)])}
 
 
@@ -103,7 +102,8 @@ def ensure(cfg: DictConfig, split: str, num_views: Optional[int] = None) -> dict
 
     num_views: how many views to build (default `views(cfg)`; 1 for a split only ever tested).
     Returns {"split", "views": [{"files": [{"path", "rows"}], "rows"}], "bad": int, "errors": [...],
-    "shape": [F, H, W, 3]}; file paths are relative to `cache_dir(cfg, split)`.
+    "shape": [F, H, W, 3], "folder": the cache's folder (not stored)}; file paths are relative to
+    that folder, so readers never derive it (and read the shard manifest) again.
 
     Raises:
         TooManyBadVideos: more than data.max_bad_fraction of the split failed to decode.
@@ -115,7 +115,7 @@ def ensure(cfg: DictConfig, split: str, num_views: Optional[int] = None) -> dict
     if storage.exists(marker_uri):
         marker = storage.read_json(marker_uri)
         if len(marker["views"]) >= wanted:
-            return marker
+            return {**marker, "folder": folder}
     expected = expected_rows(cfg, split)
     built, errors = [], []
     for view in range(wanted):
@@ -148,10 +148,10 @@ def ensure(cfg: DictConfig, split: str, num_views: Optional[int] = None) -> dict
     if not storage.write_json_once(marker_uri, marker):  # another run finished first, or with fewer views
         existing = storage.read_json(marker_uri)
         if len(existing["views"]) >= wanted:
-            return existing
+            return {**existing, "folder": folder}
         storage.remove(marker_uri)  # the files of its views are among ours: replace it with the larger one
         storage.write_json_once(marker_uri, marker)
-    return marker
+    return {**marker, "folder": folder}
 
 
 def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:
@@ -168,22 +168,12 @@ def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:
 
 
 def _read(uri: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    """One cache file's rows; the clips (N, *shape) uint8 are a view of the column's data buffer
-    (every clip has the same size, so the values lie back to back), not N Python bytes objects."""
+    """One cache file's clips (a view of the column's buffer, `clip_table.rows`), labels and ids."""
     with storage.open_parquet(uri) as f:
-        table = pq.read_table(f)
-    column = table.column("clip").combine_chunks()
-    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + len(column) + 1]
-    values = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    return {
-        "clip": values.reshape(len(column), *shape),
-        "label": table.column("label").to_numpy().astype(np.int64),
-        "video_id": table.column("video_id").to_pylist(),
-    }
+        return clip_table.rows(pq.read_table(f, columns=["clip", "label", "video_id"]), shape)
 
 
 def batches(
-    cfg: DictConfig,
     marker: dict,
     epoch: int,
     batch_size: int,
@@ -191,7 +181,7 @@ def batches(
     world: int = 1,
     shuffle_seed: Optional[int] = None,
 ) -> Iterator[dict]:
-    """This rank's share of the cached clips of view `epoch % views`, in batches.
+    """This rank's share of the cached clips of view `epoch % views`, in batches (marker: from `ensure`).
 
     shuffle_seed: None reads files and rows in order (tests); else files in a seeded order and rows
     shuffled within a buffer of about 4 batches. Files are read PREFETCH ahead in threads.
@@ -203,7 +193,7 @@ def batches(
     rng = random.Random(shuffle_seed)
     if shuffle_seed is not None:
         rng.shuffle(files)
-    folder, shape = cache_dir(cfg, marker["split"]), tuple(marker["shape"])
+    folder, shape = marker["folder"], tuple(marker["shape"])
     buffer: list[dict] = []
     held = 0
 

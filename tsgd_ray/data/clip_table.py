@@ -1,8 +1,15 @@
-"""The clip table: a Parquet file of decoded uint8 clips (init clips, synthetic videos), and its reader.
+"""The one format of decoded clips on disk (the clip cache, init clips, synthetic videos) and its
+one reader.
 
-Rows of CLIP_SCHEMA sorted by (label, index), with row groups that never mix classes and stay
-under ROW_GROUP_BYTES, so a reader takes just the classes (or the rows) it needs, one row group at
-a time.
+A clip table is a Parquet file of CLIP_SCHEMA rows: the clip as uint8 (F, H, W, 3) bytes, RGB,
+frames first (the layout of decoded clips), its label, its index within its class, the video it
+came from, which decoded window of that video it is, and an optional heat map. Every clip of a
+table has the same size, so the values of the `clip` column lie back to back in its data buffer:
+`rows` reads them as one (N, F, H, W, 3) view of that buffer, not N Python bytes objects.
+
+Init clips and synthetic videos are written `by_class`: rows sorted by (label, index), row groups
+that never mix classes and stay under ROW_GROUP_BYTES, so a reader takes just the classes (or the
+rows) it needs, one row group at a time. A clip-cache file is one decoded block, rows as decoded.
 """
 
 from __future__ import annotations
@@ -22,50 +29,99 @@ ROW_GROUP_BYTES = 128 * 2**20
 CLIP_SCHEMA = pa.schema(
     [
         ("label", pa.int32()),
-        ("index", pa.int32()),  # the video's index within its class (its random stream)
-        ("video_id", pa.string()),  # the real clip it started from ("" for noise init)
+        ("index", pa.int32()),  # the video's index within its class (its random stream); 0 in the clip cache
+        ("video_id", pa.string()),  # the real video it came from ("" for noise init)
+        ("view", pa.int16()),  # which decoded window of that video (the clip cache's views; 0 elsewhere)
         ("clip", pa.binary()),  # uint8 (F, H, W, 3), RGB, frames first: the layout of decoded clips
         # synthetic videos: uint8 (H, W), 255 * the time-mean of the init clip's saliency (TSGFA's map);
-        # empty in init tables
+        # empty elsewhere
         ("heat", pa.binary()),
     ]
 )
 
 
+def _table(
+    clips: np.ndarray,
+    labels: np.ndarray,
+    video_ids: Sequence[str],
+    rows: np.ndarray,
+    indices: Optional[np.ndarray],
+    views: Optional[np.ndarray],
+    heats: Optional[np.ndarray],
+) -> pa.Table:
+    return pa.table(
+        {
+            "label": pa.array(labels[rows], pa.int32()),
+            "index": pa.array(indices[rows] if indices is not None else np.zeros(len(rows)), pa.int32()),
+            "video_id": pa.array([str(video_ids[i]) for i in rows], pa.string()),
+            "view": pa.array(views[rows] if views is not None else np.zeros(len(rows)), pa.int16()),
+            "clip": pa.array([clips[i].tobytes() for i in rows], pa.binary()),
+            "heat": pa.array([heats[i].tobytes() if heats is not None else b"" for i in rows], pa.binary()),
+        },
+        schema=CLIP_SCHEMA,
+    )
+
+
 def clip_table_bytes(
     clips: np.ndarray,
     labels: np.ndarray,
-    indices: np.ndarray,
+    indices: Optional[np.ndarray],
     video_ids: Sequence[str],
     heats: Optional[np.ndarray] = None,
+    views: Optional[np.ndarray] = None,
+    by_class: bool = True,
+    compression: str = "none",
 ) -> bytes:
     """A Parquet clip table of uint8 clips (N, F, H, W, 3) (and uint8 heat maps (N, H, W), if
-    given): rows in (label, index) order, row groups of one class each (split further to stay under
-    ROW_GROUP_BYTES)."""
-    order = np.lexsort((indices, labels))
-    per_group = max(1, ROW_GROUP_BYTES // max(1, clips[0].nbytes)) if len(clips) else 1
+    given). by_class: rows in (label, index) order, row groups of one class each (split further to
+    stay under ROW_GROUP_BYTES); else rows as given, in one row group."""
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, CLIP_SCHEMA, compression="none", use_dictionary=False) as writer:
-        for label in np.unique(labels):
-            rows = order[labels[order] == label]
-            for start in range(0, len(rows), per_group):
-                part = rows[start : start + per_group]
-                writer.write_table(
-                    pa.table(
-                        {
-                            "label": pa.array(labels[part], pa.int32()),
-                            "index": pa.array(indices[part], pa.int32()),
-                            "video_id": pa.array([str(video_ids[i]) for i in part], pa.string()),
-                            "clip": pa.array([clips[i].tobytes() for i in part], pa.binary()),
-                            "heat": pa.array(
-                                [heats[i].tobytes() if heats is not None else b"" for i in part], pa.binary()
-                            ),
-                        },
-                        schema=CLIP_SCHEMA,
-                    ),
-                    row_group_size=len(part),
-                )
+    with pq.ParquetWriter(buf, CLIP_SCHEMA, compression=compression, use_dictionary=False) as writer:
+        if by_class:
+            order = np.lexsort((indices, labels))
+            per_group = max(1, ROW_GROUP_BYTES // max(1, clips[0].nbytes)) if len(clips) else 1
+            groups = [
+                part
+                for label in np.unique(labels)
+                for rows in [order[labels[order] == label]]
+                for part in np.split(rows, range(per_group, len(rows), per_group))
+            ]
+        else:
+            groups = [np.arange(len(labels))]
+        for part in groups:
+            writer.write_table(_table(clips, labels, video_ids, part, indices, views, heats), row_group_size=len(part))
     return buf.getvalue()
+
+
+def _packed(column: pa.ChunkedArray, shape: Sequence[int]) -> Optional[np.ndarray]:
+    """The values of a binary column of equal-sized items as one (N, *shape) uint8 view of its data
+    buffer (no copy for a single chunk); None when the items are empty."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return np.empty((0, *shape), np.uint8)
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
+    if offsets[-1] == offsets[0]:
+        return None
+    values = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    return values.reshape(len(array), *shape)
+
+
+def rows(table: pa.Table, shape: Sequence[int]) -> dict[str, Any]:
+    """A clip table's rows as arrays: {"clip": (N, *shape) uint8 view of the column's buffer,
+    "label", "index", "view": (N,) int64, "video_id": [N], "heat": (N, H, W) uint8 view or None}.
+    Columns missing from `table` (read with `columns=`) are left out."""
+    out: dict[str, Any] = {}
+    names = table.column_names
+    if "clip" in names:
+        out["clip"] = _packed(table.column("clip"), shape)
+    if "heat" in names:
+        out["heat"] = _packed(table.column("heat"), shape[1:3])
+    for name in ("label", "index", "view"):
+        if name in names:
+            out[name] = table.column(name).to_numpy().astype(np.int64)
+    if "video_id" in names:
+        out["video_id"] = table.column("video_id").to_pylist()
+    return out
 
 
 def read_clip_tables(
@@ -92,24 +148,20 @@ def read_clip_tables(
                     and not any(st.min <= c <= st.max for c in classes)
                 ):
                     continue
-                table = parquet.read_row_group(g)
-                labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+                group = rows(parquet.read_row_group(g), shape)
+                labels = group["label"]
                 keep = np.ones(len(labels), bool) if classes is None else np.isin(labels, list(classes))
                 positions = np.flatnonzero(keep)
                 take = positions[(seen + np.arange(len(positions))) % world == rank]
                 seen += len(positions)
                 if not len(take):
                     continue
-                blobs = table.column("clip").take(pa.array(take)).to_pylist()
-                heat = table.column("heat").take(pa.array(take)).to_pylist() if "heat" in table.column_names else []
                 yield {
-                    "clips": torch.from_numpy(np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in blobs])),
-                    "heat": torch.from_numpy(np.stack([np.frombuffer(h, np.uint8).reshape(shape[1:3]) for h in heat]))
-                    if heat and all(heat)
-                    else None,
+                    "clips": torch.from_numpy(group["clip"][take]),
+                    "heat": torch.from_numpy(group["heat"][take]) if group["heat"] is not None else None,
                     "labels": torch.from_numpy(labels[take]),
-                    "indices": torch.from_numpy(np.asarray(table.column("index").to_numpy(), dtype=np.int64)[take]),
-                    "video_ids": table.column("video_id").take(pa.array(take)).to_pylist(),
+                    "indices": torch.from_numpy(group["index"][take]),
+                    "video_ids": [group["video_id"][i] for i in take],
                 }
 
 

@@ -138,7 +138,7 @@ class ClipSource:
         """An iterable of this worker's batches ({"clip", "label", "video_id"}) for one pass;
         seed: shuffled with it (training), None: in order. The live source has a `bad` list."""
         if name in self.caches:
-            return clip_cache.batches(self.cfg, self.caches[name], epoch, batch_size, rank, world, seed)
+            return clip_cache.batches(self.caches[name], epoch, batch_size, rank, world, seed)
         import ray.train
 
         return ClipStream(
