@@ -5,14 +5,15 @@ import json
 import pytest
 from conftest import UCF_CLASSES, make_ucf101_tree, tiny_config, write_video
 
-from tsgd_ray.data.catalogs import CatalogError, build_catalog
+from tsgd_ray.config import DatasetKind
+from tsgd_ray.data.catalogs import CATALOGS, CatalogError, build_catalog
 
 
 def cfg_for(tmp_path, dataset, root, *overrides):
     return tiny_config(tmp_path / "out", f"data.dataset={dataset}", f"data.root={root}", *overrides)
 
 
-def test_ucf101_split_lists(tmp_path):
+def ucf101_layout(tmp_path):
     make_ucf101_tree(tmp_path / "ucf")
     catalog = build_catalog(cfg_for(tmp_path, "ucf101", tmp_path / "ucf"))
     assert catalog.classes == UCF_CLASSES
@@ -67,7 +68,7 @@ def test_ucf101_other_split_and_missing_annotations(tmp_path):
         build_catalog(cfg_for(tmp_path, "ucf101", tmp_path / "ucf", f"data.annotations={tmp_path / 'nowhere'}"))
 
 
-def test_hmdb51_split_files(tmp_path):
+def hmdb51_layout(tmp_path):
     root = tmp_path / "hmdb"
     splits = root / "testTrainMulti_7030_splits"
     splits.mkdir(parents=True)
@@ -85,7 +86,7 @@ def test_hmdb51_split_files(tmp_path):
     assert not any("clip_3" in r.uri for r in catalog.records)  # tag 0: unused in this split
 
 
-def test_kinetics_csv_nested_and_flat_files(tmp_path):
+def kinetics_layout(tmp_path):
     root = tmp_path / "k400"
     write_video(root / "train" / "playing guitar" / "abcdefghijk_000010_000020.mp4")
     write_video(root / "train" / "yoga" / "AAAAAAAAAAA_000000_000010.mp4")
@@ -110,7 +111,7 @@ def test_kinetics_csv_nested_and_flat_files(tmp_path):
     assert len(catalog.skipped) == 1
 
 
-def test_ssv2_json(tmp_path):
+def ssv2_layout(tmp_path):
     root = tmp_path / "ssv2"
     labels = {"Pushing something from left to right": "1", "Approaching something with your camera": "0"}
     (root / "labels").mkdir(parents=True)
@@ -150,7 +151,7 @@ def test_ssv2_json(tmp_path):
     }
 
 
-def test_generic_csv(tmp_path):
+def csv_layout(tmp_path):
     root = tmp_path / "mine"
     write_video(root / "clips" / "a.mp4")
     write_video(root / "clips" / "b.mkv")
@@ -167,8 +168,7 @@ def test_generic_csv(tmp_path):
     assert catalog.skipped[0]["uri"].endswith("clips/c.mp4")
 
 
-@pytest.mark.parametrize("with_splits", [True, False])
-def test_class_folders(tmp_path, with_splits):
+def folder_layout(tmp_path, with_splits):
     root = tmp_path / "folders"
     prefix = ["train/", "test/"] if with_splits else ["", ""]
     write_video(root / f"{prefix[0]}run" / "1.mp4")
@@ -190,3 +190,28 @@ def test_ucf101_in_s3(tmp_path, s3_root):
     upload_tree(tmp_path / "ucf", s3_root)
     catalog = build_catalog(cfg_for(tmp_path, "ucf101", s3_root))
     assert len(catalog.records) == 15 and all(r.uri.startswith(s3_root + "/UCF-101/") for r in catalog.records)
+
+
+# each registered catalog's tiny generated layout (real encoded videos), and what it must read there
+LAYOUTS = {
+    DatasetKind.ucf101: [ucf101_layout],
+    DatasetKind.hmdb51: [hmdb51_layout],
+    DatasetKind.kinetics: [kinetics_layout],
+    DatasetKind.ssv2: [ssv2_layout],
+    DatasetKind.csv: [csv_layout],
+    DatasetKind.folder: [
+        lambda tmp_path: folder_layout(tmp_path / "split", True),
+        lambda tmp_path: folder_layout(tmp_path / "flat", False),
+    ],
+}
+
+
+def test_every_dataset_kind_has_a_catalog():
+    assert set(CATALOGS) == set(DatasetKind) - {DatasetKind.builtin}  # builtin: a generated class-folder tree
+
+
+@pytest.mark.parametrize("kind", sorted(CATALOGS, key=lambda k: k.value), ids=lambda k: k.value)
+def test_every_registered_catalog_reads_a_tiny_generated_layout(kind, tmp_path):
+    assert kind in LAYOUTS, f"catalog {kind.value} is registered without a tiny layout here"
+    for layout in LAYOUTS[kind]:
+        layout(tmp_path)
