@@ -153,7 +153,7 @@ def _check_python(argv: Sequence[str]) -> None:
 
             assert main([*args, "--check"]) == 0
         elif module != "pytest":
-            raise AssertionError(f"python -m {module}: no check for this module in tests/commands.py")
+            raise AssertionError(f"python -m {module}: no check for this module in tests/support/commands.py")
         return
     script = argv[0]
     assert (REPO / script).is_file(), f"python {script}: no such file"
@@ -180,7 +180,7 @@ def _check_docker(argv: Sequence[str]) -> None:
         assert (REPO / dockerfile).is_file(), f"docker build: no {dockerfile}"
         assert (REPO / args[-1]).is_dir(), f"docker build: the context {args[-1]} is not a folder"
     else:
-        assert argv[0] in ("push", "run", "tag", "login"), f"docker {argv[0]}: no check in tests/commands.py"
+        assert argv[0] in ("push", "run", "tag", "login"), f"docker {argv[0]}: no check in tests/support/commands.py"
 
 
 def expand(argv: Sequence[str], env: dict[str, str]) -> list[str]:
@@ -213,4 +213,4 @@ def check_command(argv: Sequence[str]) -> None:
     elif program == "docker":
         _check_docker(args)
     elif program not in UNCHECKED:
-        raise AssertionError(f"{shlex.join(argv)}: no check for {program!r} in tests/commands.py")
+        raise AssertionError(f"{shlex.join(argv)}: no check for {program!r} in tests/support/commands.py")

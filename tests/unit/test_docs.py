@@ -1,5 +1,5 @@
 """The docs cannot rot silently: the configuration reference is the schema's, and every command
-shown in README.md, docs/ and infra/ parses (see tests/commands.py for what "parses" means)."""
+shown in README.md, docs/ and infra/ parses (see tests/support/commands.py for what "parses" means)."""
 
 from __future__ import annotations
 

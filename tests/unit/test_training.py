@@ -1,5 +1,8 @@
 """Augmentation, teacher and student training, selection baselines, on small real tensors."""
 
+import contextlib
+import copy
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -243,3 +246,52 @@ def test_load_split_decodes_the_builtin_dataset(tmp_path):
     clips, labels, classes = load_split(cfg, "test")
     assert clips.shape == (16, 8, 32, 32, 3) and clips.dtype == torch.uint8
     assert sorted(labels.tolist()) == sorted(list(range(8)) * 2) and len(classes) == 8
+
+
+def _regression_fit(resume=None, callbacks=(), epoch_context=contextlib.nullcontext):
+    """A linear regression trained by `training.fit`: 4 epochs of 3 batches; returns (model, state)."""
+    generator = torch.Generator().manual_seed(0)
+    data, target = torch.randn(12, 4, generator=generator), torch.randn(12, 1, generator=generator)
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 1)
+
+    def step(rows, optimizer):
+        loss = ((model(data[rows]) - target[rows]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    settings = training.FitSettings(epochs=4, batch_size=4, lr=0.05, weight_decay=0.01)
+    batches = lambda epoch: [slice(i, i + 4) for i in range(0, 12, 4)]  # noqa: E731
+    state = training.fit(model, batches, step, settings, 3, callbacks, resume=resume, epoch_context=epoch_context)
+    return model, state
+
+
+def test_fit_resumed_from_a_saved_state_ends_where_the_uninterrupted_run_ends():
+    saved = {}
+
+    def keep_epoch_one(state):
+        if state.epoch == 1:
+            saved["state"] = copy.deepcopy(state.state_dict())
+
+    whole, state = _regression_fit(callbacks=[keep_epoch_one])
+    resumed, resumed_state = _regression_fit(resume=saved["state"])
+    assert torch.equal(whole.weight, resumed.weight) and torch.equal(whole.bias, resumed.bias)
+    assert [h["loss"] for h in resumed_state.history] == [h["loss"] for h in state.history]
+    assert [h["step"] for h in state.history] == [0, 1, 2, 3] and not whole.training
+
+
+def test_fit_calls_back_after_each_epochs_context_has_closed():
+    """A callback may be a collective across workers (a Ray Train report): it must run after DDP's
+    join has closed for the epoch, never inside it (two workers waited on each other for ever)."""
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def join():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    _regression_fit(callbacks=[lambda state: seen.append((state.epoch, inside[0]))], epoch_context=join)
+    assert seen == [(0, False), (1, False), (2, False), (3, False)]

@@ -1,4 +1,4 @@
-"""Teacher and student training steps, prediction and top-k accuracy (docs/method.md: the teacher and the students).
+"""Training: the one loop (`fit`), teacher and student steps, prediction and top-k accuracy (docs/method.md).
 
 Real clips enter as uint8 (N, F, H, W, 3) and are normalised per batch on the device; synthetic
 clips are already normalised floats (N, 3, F, H, W). One `*_step` is what a Ray Train worker runs
