@@ -17,12 +17,10 @@ from tsgd_ray.config.schema import Config, ConfigError, fields_meta, keys_where,
 
 
 def shipped_configs() -> Path:
-    """The folder of the shipped configs: the checkout's top-level configs/, or in an installed
-    wheel the package data `tsgd_ray/configs` it is packaged as."""
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(importlib.resources.files("tsgd_ray") / "configs"))
+    """The folder of the shipped configs: in an installed wheel the package data `tsgd_ray/configs`,
+    else (a checkout, editable or on PYTHONPATH) the top-level configs/ beside the package."""
+    packaged = Path(str(importlib.resources.files("tsgd_ray"))) / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 
 
 def _as_config_error(exc: OmegaConfBaseException) -> ConfigError:
