@@ -1,6 +1,7 @@
 """tsgd-ray: distil video datasets with Temporal Saliency-Guided Distillation on Ray.
 
-`tsgd_ray.SyntheticVideos(uri)` reads a distilled set as a torch Dataset (see tsgd_ray.synthetic).
+`tsgd_ray.SyntheticVideos(uri)` reads a distilled set as a torch Dataset (see tsgd_ray.synthetic);
+`tsgd_ray.replay(clips, view_params, logits, generator)` applies one of its stored views per clip.
 """
 
 from importlib import metadata
@@ -16,4 +17,8 @@ def __getattr__(name: str):
         from tsgd_ray.synthetic import SyntheticVideos
 
         return SyntheticVideos
+    if name == "replay":
+        from tsgd_ray.core.labels import replay
+
+        return replay
     raise AttributeError(f"module 'tsgd_ray' has no attribute {name!r}")

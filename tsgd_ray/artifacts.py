@@ -116,11 +116,13 @@ def write_synthetic_part(
     indices: np.ndarray,
     video_ids: Sequence[str],
     heats: np.ndarray,
+    stored: Optional[tuple[np.ndarray, np.ndarray]] = None,
 ) -> dict:
-    """Write a partition's synthetic clips and their init heat maps (uint8 (N, H, W)), write-once;
-    returns {path, sha256, bytes, rows} of the file that is in storage (another writer's, if it won
-    the race: then its hash)."""
-    data = clip_table_bytes(clips, labels, indices, video_ids, heats)
+    """Write a partition's synthetic clips, their init heat maps (uint8 (N, H, W)) and stored
+    labels (view parameters (N, K, 7) float32, logits (N, K, classes) float16; None: none),
+    write-once; returns {path, sha256, bytes, rows} of the file that is in storage (another
+    writer's, if it won the race: then its hash)."""
+    data = clip_table_bytes(clips, labels, indices, video_ids, heats, stored=stored)
     uri = storage.join(synthetic_dir(cfg), partition_file(partition_id))
     if not storage.write_once(uri, data):
         data = storage.read_bytes(uri)

@@ -13,6 +13,15 @@ Train a model on one::
     data = SyntheticVideos("s3://bucket/tsgd/ucf101/distill/3f2a.../synthetic")
     for clips, labels in DataLoader(data, batch_size=16, shuffle=True, num_workers=2):
         loss = torch.nn.functional.cross_entropy(model(clips), labels)  # clips (16, 3, F, H, W)
+
+or with the labels stored in the set (no teacher needed; evaluate.labels=stored does the same)::
+
+    from tsgd_ray import replay
+
+    data = SyntheticVideos(uri, stored_labels=True)
+    for clips, labels, views, logits in DataLoader(data, batch_size=16, shuffle=True):
+        x, target = replay(clips, views, logits, generator)  # one stored view per clip, its logits
+        loss = kl_div(log_softmax(model(x) / 4, 1), softmax(target / 4, 1), reduction="batchmean") * 16
 """
 
 from __future__ import annotations
@@ -59,14 +68,24 @@ class SyntheticVideos(Dataset):
 
     `dataset[i]` is (clip, label): the clip float32 (3, F, H, W) normalised with the set's mean and
     std (the teacher's input), or uint8 (F, H, W, 3) with `normalize=False`; the label an int.
-    With `soft_labels=True` a third item is the set's teacher's logits (num_classes,) for the clip.
-    `classes` names the labels; `clip_shape` is (F, H, W, 3); `manifest` is the set's manifest.
+    With `stored_labels=True` two more items: the stored views' parameters (K, 7) float32 and the
+    teacher's logits on them (K, num_classes) float32 (`tsgd_ray.replay` applies one per clip).
+    With `soft_labels=True` one more: the set's teacher's logits (num_classes,) on the clip as is
+    (this loads the teacher). `classes` names the labels; `clip_shape` is (F, H, W, 3);
+    `manifest` is the set's manifest; `stored_views` is K (0: the set stores no labels).
     Items are read one Parquet row group at a time (one class per group), cached per process.
+
+    Raises:
+        ExportError: no merged set at `uri`, or stored labels asked of a set that has none.
     """
 
-    def __init__(self, uri: str, normalize: bool = True, soft_labels: bool = False):
+    def __init__(self, uri: str, normalize: bool = True, soft_labels: bool = False, stored_labels: bool = False):
         self.uri = uri.rstrip("/")
         self.manifest = read_manifest(self.uri)
+        self.stored_views = (self.manifest.get("stored_labels") or {}).get("views", 0)
+        if stored_labels and not self.stored_views:
+            raise ExportError(f"{self.uri}: this set stores no labels (distill.labels.views was 0, or an older set)")
+        self.stored_labels = stored_labels
         self.classes: list[str] = self.manifest["classes"]
         self.clip_shape = tuple(self.manifest["clip_shape"])
         self.normalize = normalize
@@ -91,14 +110,18 @@ class SyntheticVideos(Dataset):
     def __getitem__(self, i: int):
         f, g, r = self._rows[i]
         if self._cached[0] != (f, g):
+            columns = ["clip", "view_params", "logits"] if self.stored_labels else ["clip"]
             with storage.open_parquet(storage.join(self.uri, self.manifest["files"][f]["path"])) as handle:
-                group = pq.ParquetFile(handle).read_row_group(g, columns=["clip"])
-            self._cached = ((f, g), clip_table.rows(group, self.clip_shape)["clip"])
-        clip = torch.from_numpy(self._cached[1][r].copy())
+                group = pq.ParquetFile(handle).read_row_group(g, columns=columns)
+            self._cached = ((f, g), clip_table.rows(group, self.clip_shape))
+        rows = self._cached[1]
+        clip = torch.from_numpy(rows["clip"][r].copy())
         label = int(self.labels[i])
         if self.normalize or self._teacher is not None:
             model_input = self._model_input(clip)
         item = (model_input if self.normalize else clip, label)
+        if self.stored_labels:
+            item += (torch.from_numpy(rows["view_params"][r]), torch.from_numpy(rows["logits"][r]).float())
         if self._teacher is not None:
             with torch.no_grad():
                 item += (self._teacher(model_input[None])[0],)
@@ -136,9 +159,13 @@ def export(uri: str, to: str, fmt: str) -> dict:
     """Write the merged set at `uri` under `to` as `fmt` (one of FORMATS); returns a summary.
 
     - mp4: `<class>/<index>-<init video id>.mp4` (H.264 crf 18: lossy) per video, and classes.json;
+      stored labels in labels.safetensors (`view_params`, `logits` in the order of the metadata's
+      `files`);
     - safetensors: `part-00000.safetensors` ... with `clips` uint8 (N, F, H, W, 3) and `labels`
-      int64 (N,), the class names in each file's metadata;
-    - webdataset: `shard-00000.tar` ... with `<key>.npy` (uint8 clip), `<key>.cls` and `<key>.json`.
+      int64 (N,), and the stored labels `view_params` float32 (N, K, 7) and `logits` float16
+      (N, K, classes), the class names in each file's metadata;
+    - webdataset: `shard-00000.tar` ... with `<key>.npy` (uint8 clip), `<key>.cls`, `<key>.json`,
+      and the stored labels `<key>.view_params.npy`, `<key>.logits.npy`.
 
     Every file is written once: an export into a folder that already holds one stops.
 
@@ -154,6 +181,7 @@ def export(uri: str, to: str, fmt: str) -> dict:
         raise ExportError(f"{to} already holds an export ({index}); choose another --to")
     files = {"mp4": _mp4, "safetensors": _safetensors, "webdataset": _webdataset}[fmt](data, to)
     summary = {
+        "stored_labels": data.manifest.get("stored_labels"),
         "source": uri,
         "format": fmt,
         "videos": len(data),
@@ -178,7 +206,7 @@ def _write(to: str, name: str, payload: bytes) -> str:
 def _mp4(data: SyntheticVideos, to: str) -> list[str]:
     from tsgd_ray.data.video import encode_mp4
 
-    files = []
+    files, stored = [], []
     for group in data.groups():
         for clip, label, index, video_id in zip(group["clips"], group["labels"], group["indices"], group["video_ids"]):
             frames = clip.numpy()
@@ -186,7 +214,14 @@ def _mp4(data: SyntheticVideos, to: str) -> list[str]:
             source = re.sub(r"[^\w.-]+", "_", video_id)  # the init clip's video id, as a file name
             name = f"{data.classes[int(label)]}/{int(index):03d}{'-' + source if source else ''}.mp4"
             files.append(_write(to, name, encode_mp4(frames, fps=8)))
+        if group["view_params"] is not None:
+            stored.append(group)
     _write(to, "classes.json", json.dumps(data.classes).encode())
+    if stored:  # one small file beside the videos: the labels of every one, in `files` order
+        from safetensors.torch import save
+
+        tensors = {name: torch.cat([g[name] for g in stored]) for name in ("view_params", "logits")}
+        files.append(_write(to, "labels.safetensors", save(tensors, metadata={"files": json.dumps(files)})))
     return files
 
 
@@ -209,12 +244,21 @@ def _safetensors(data: SyntheticVideos, to: str) -> list[str]:
 
     files = []
     for part, batch in enumerate(_batches(data)):
+        tensors = {"clips": batch["clips"].contiguous(), "labels": batch["labels"]}
+        if batch["view_params"] is not None:
+            tensors.update(view_params=batch["view_params"], logits=batch["logits"])
         payload = save(
-            {"clips": batch["clips"].contiguous(), "labels": batch["labels"]},
+            tensors,
             metadata={"classes": json.dumps(data.classes), "layout": "uint8 RGB (N, F, H, W, 3)"},
         )
         files.append(_write(to, f"part-{part:05d}.safetensors", payload))
     return files
+
+
+def _npy(tensor: torch.Tensor) -> bytes:
+    array = io.BytesIO()
+    np.save(array, tensor.numpy())
+    return array.getvalue()
 
 
 def _webdataset(data: SyntheticVideos, to: str) -> list[str]:
@@ -222,16 +266,16 @@ def _webdataset(data: SyntheticVideos, to: str) -> list[str]:
     for part, batch in enumerate(_batches(data)):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for clip, label, index in zip(batch["clips"], batch["labels"], batch["indices"]):
+            for row, (clip, label, index) in enumerate(zip(batch["clips"], batch["labels"], batch["indices"])):
                 key = f"{int(label):05d}-{int(index):03d}"
-                array = io.BytesIO()
-                np.save(array, clip.numpy())
                 meta = {"label": int(label), "class": data.classes[int(label)], "index": int(index)}
-                for suffix, payload in (
-                    ("npy", array.getvalue()),
-                    ("cls", str(int(label)).encode()),
-                    ("json", json.dumps(meta).encode()),
-                ):
+                members = [("npy", _npy(clip)), ("cls", str(int(label)).encode()), ("json", json.dumps(meta).encode())]
+                if batch["view_params"] is not None:
+                    members += [
+                        ("view_params.npy", _npy(batch["view_params"][row])),
+                        ("logits.npy", _npy(batch["logits"][row])),
+                    ]
+                for suffix, payload in members:
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))

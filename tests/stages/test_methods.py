@@ -56,3 +56,27 @@ def test_two_students_finish_when_their_rows_split_into_uneven_batches(ray_sessi
     run_teacher(cfg)
     result = run_method(cfg, Method.tsgd)
     assert result["test_clips"] == 3 * 2 and len(result["top1"]) == 1
+
+
+@pytest.mark.timeout(600)
+def test_each_label_regime_is_one_switch(ray_session, tmp_path, three_class_teacher):
+    """One distilled set, students under stored labels (no teacher) and hard labels; `full` has no
+    stored set and is labelled online; the regime is in the results and on the MLflow run."""
+    from tsgd_ray.config import ConfigError
+    from tsgd_ray.stages.evaluate import label_regime
+    from tsgd_ray.tracking import Tracker
+
+    base = [THREE, "distill.iterations=5", "distill.labels.views=4"]
+    stored = imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=stored", "evaluate.views=4")
+    run_prepare(stored)
+    run_teacher(stored)
+    assert run_method(stored, Method.tsgd)["labels"] == "stored(K=4)"
+    assert label_regime(stored, Method.full) == "online(soft_kl)"  # no stored set: labelled online
+    hard = imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=hard")
+    with Tracker(hard, "run") as tracker:
+        result = run_method(hard, Method.tsgd, tracker=tracker)
+    assert result["labels"] == "hard" and 0 <= result["top1_mean"] <= 1
+    (evaluate_run,) = tracker.client.search_runs([tracker.experiment_id], "tags.stage = 'evaluate/tsgd'")
+    assert evaluate_run.data.tags["labels"] == "hard"
+    with pytest.raises(ConfigError, match="evaluate.views"):
+        imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=stored", "evaluate.views=5")

@@ -90,7 +90,7 @@ def test_export_round_trips_every_format(merged, tmp_path, capsys):
 
     with tarfile.open(outputs["webdataset"] / "shard-00000.tar") as tar:
         names = tar.getnames()
-        assert len(names) == 48
+        assert len(names) == 16 * 5  # clip, class, metadata, and the stored views and logits
         first = np.load(io.BytesIO(tar.extractfile(names[0]).read()))
         assert names[0] == "00000-000.npy" and np.array_equal(first, expected["clips"][0].numpy())
         assert json.loads(tar.extractfile("00000-000.json").read())["class"] == classes[0]
@@ -125,3 +125,58 @@ def test_a_set_in_object_storage_reads_and_exports_the_same(merged, s3_root, tmp
     summary = export(f"{s3_root}/synthetic", f"{s3_root}/exported", "safetensors")
     (tmp_path / "part.safetensors").write_bytes(storage.read_bytes(f"{s3_root}/exported/{summary['files'][0]}"))
     assert torch.equal(load_file(str(tmp_path / "part.safetensors"))["labels"], local.labels)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_stored_labels_ship_with_the_set_and_train_a_student_without_the_teacher(merged, tmp_path):
+    """The distill actors store 16 views per clip with the teacher's logits; SyntheticVideos and
+    every export carry them; a student replays them with no teacher in sight."""
+    from safetensors.torch import load_file
+
+    from tsgd_ray.core.labels import apply_view
+    from tsgd_ray.core.models import build_model
+    from tsgd_ray.synthetic import export
+
+    expected, classes = read_synthetic(merged)
+    data = SyntheticVideos(synthetic_dir(merged), stored_labels=True)
+    assert data.stored_views == 16 and data.manifest["stored_labels"]["view_params"][-1] == "reverse"
+    x, label, views, logits = data[5]
+    assert views.shape == (16, 7) and logits.shape == (16, 8) and logits.dtype == torch.float32
+    assert torch.equal(views, expected["view_params"][5]) and torch.equal(logits, expected["logits"][5].float())
+    teacher = load_teacher(merged, classes)
+    with torch.no_grad():  # each stored logit vector is the teacher's on that view of the stored clip
+        on_views = teacher(apply_view(x[None].expand(16, -1, -1, -1, -1), views))
+    assert torch.allclose(logits, on_views, atol=2e-2, rtol=1e-2)
+
+    for fmt in ("safetensors", "webdataset", "mp4"):
+        export(synthetic_dir(merged), str(tmp_path / fmt), fmt)
+    part = load_file(str(tmp_path / "safetensors" / "part-00000.safetensors"))
+    assert torch.equal(part["view_params"], expected["view_params"]) and torch.equal(part["logits"], expected["logits"])
+    with tarfile.open(tmp_path / "webdataset" / "shard-00000.tar") as tar:
+        shipped = np.load(io.BytesIO(tar.extractfile("00000-001.logits.npy").read()))
+    assert np.array_equal(shipped, expected["logits"][1].numpy())
+    beside_mp4 = load_file(str(tmp_path / "mp4" / "labels.safetensors"))
+    assert torch.equal(beside_mp4["logits"], expected["logits"])
+
+    torch.manual_seed(0)
+    student = build_model("mini_r2plus1d", 8, (8, 32, 32), 8, 2)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(15):
+        for clips, _labels, views, logits in torch.utils.data.DataLoader(data, batch_size=16, shuffle=False):
+            view, target = tsgd_ray.replay(clips, views, logits, generator)
+            loss = torch.nn.functional.kl_div(
+                torch.log_softmax(student(view) / 4, 1), torch.softmax(target / 4, 1), reduction="batchmean"
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
+    bare = tmp_path / "no-labels-set"  # a set merged with distill.labels.views=0
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps({**data.manifest, "stored_labels": None}))
+    with pytest.raises(ExportError, match="stores no labels"):
+        SyntheticVideos(str(bare), stored_labels=True)

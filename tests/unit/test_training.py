@@ -148,14 +148,6 @@ def test_a_student_trained_on_uint8_clips_is_the_one_trained_on_their_model_inpu
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("key", ["time_reverse=true", "cutmix=0.5", "mixup=0.5"])
-def test_class_changing_student_transforms_with_hard_labels_are_a_config_error(key):
-    from tsgd_ray.config import ConfigError
-
-    with pytest.raises(ConfigError, match=f"evaluate.augment.{key.split('=')[0]}: .*teacher labels"):
-        load_config(None, [f"evaluate.augment.{key}", "evaluate.labels=hard"])
-
-
 def test_student_views_reverse_time_and_centre_crops_on_the_heat():
     cfg = load_config(
         None,

@@ -143,7 +143,8 @@ def key_docs() -> Iterator[tuple[str, str, list[KeyDoc]]]:
             if dataclasses.is_dataclass(tp):
                 nested.append((tp, f"{key}."))
                 continue
-            parts = [comments.get((cls.__name__, f.name), ""), _choices(tp, comments)]
+            owner = next(c for c in cls.__mro__ if f.name in getattr(c, "__annotations__", {}))  # an inherited field
+            parts = [comments.get((owner.__name__, f.name), ""), _choices(tp, comments)]
             if key in ranges:
                 parts.append(f"Must be {ranges[key]}")
             meaning = " ".join(_sentence(part) for part in parts if part)

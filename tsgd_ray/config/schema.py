@@ -74,7 +74,8 @@ class Granularity(str, enum.Enum):
 class LabelKind(str, enum.Enum):
     soft_kl = "soft_kl"  # KL to the teacher's softened outputs on each augmented batch, times T^2
     soft_mse = "soft_mse"  # MSE to the teacher's logits plus evaluate.mse_ce_weight * CE (Video-DC)
-    hard = "hard"  # cross-entropy with the class labels (the older protocol)
+    stored = "stored"  # replay the set's stored views (distill.labels) and their logits, KL as soft_kl; no teacher
+    hard = "hard"  # cross-entropy with the class labels, the teacher's label-preserving `augment` crops; no teacher
 
 
 class TSGFApply(str, enum.Enum):
@@ -173,6 +174,8 @@ class BuiltinDatasetConfig:
 
     train_per_class: int = setting(60, must=at_least(1))  # training videos per class
     test_per_class: int = setting(20, must=at_least(1))  # test videos per class
+    # validation videos per class (held-out digits, like test): where defaults are chosen
+    val_per_class: int = setting(0, must=NON_NEGATIVE)
     frames: int = setting(16, must=at_least(4))  # frames per video
     # frame height and width, pixels
     size: int = setting(64, must=(lambda v: v >= 32 and v % 2 == 0, "an even number >= 32"))
@@ -258,12 +261,12 @@ class AugmentConfig:
 
 
 @dataclass
-class StudentAugmentConfig:
-    """The student's own augmentation (evaluate.augment), apart from the teacher's.
+class ViewAugmentConfig:
+    """The views a student sees, whose labels the teacher gives (evaluate.augment; the stored
+    views of distill.labels.augment).
 
-    Under teacher relabelling (evaluate.labels soft_kl or soft_mse) the teacher labels every
-    augmented clip, so transforms that change the class (a flipped "move left", a reversed
-    "open") are safe; time_reverse, cutmix and mixup need it.
+    The teacher labels every view, so transforms that change the class (a flipped "move left", a
+    reversed "open") are safe.
     """
 
     hflip: bool = True  # mirror half the clips
@@ -271,6 +274,16 @@ class StudentAugmentConfig:
     crop_scale: list[float] = setting(factory=lambda: [0.08, 1.0], must=CROP_SCALE)  # area fraction range
     crop_ratio: list[float] = setting(factory=lambda: [0.75, 1.3333], must=CROP_RATIO)  # aspect ratio range
     roll: float = setting(0.1, must=BELOW_ONE)  # horizontal roll jitter, at most this fraction of the width
+
+
+@dataclass
+class StudentAugmentConfig(ViewAugmentConfig):
+    """The student's own augmentation under online labels (evaluate.labels soft_kl or soft_mse).
+
+    Stored labels replay the set's stored views instead; hard labels use the teacher's
+    label-preserving `augment` section.
+    """
+
     # Share of clips that get a box of another clip of the batch pasted into every frame (CutMix;
     # box sizes drawn like the crop's).
     cutmix: float = setting(0.0, must=FRACTION)
@@ -336,6 +349,17 @@ class StatsConfig:
 
 
 @dataclass
+class StoredLabelsConfig:
+    """Labels that ship with the set (FKD-style): per synthetic clip, `views` augmented views
+    (their parameters drawn from the clip's own (seed, class, index) stream) with the teacher's
+    logits on each, fp16. A student replays them with evaluate.labels=stored, without the teacher."""
+
+    views: int = setting(16, must=NON_NEGATIVE)  # K views stored per clip; 0: none
+    tsgfa: bool = True  # crop centres drawn from the clip's init saliency (as evaluate.tsgfa)
+    augment: ViewAugmentConfig = field(default_factory=ViewAugmentConfig)
+
+
+@dataclass
 class DistillConfig:
     method: Method = Method.tsgd  # what the run distils (baselines go in evaluate.baselines)
     ipc: int = setting(1, must=(lambda v: 1 <= v <= MAX_IPC, f"in [1, {MAX_IPC}]"))  # synthetic videos per class
@@ -364,6 +388,7 @@ class DistillConfig:
     # GPUs per recovery actor (1 on a GPU cluster)
     gpus_per_actor: float = setting(0.0, must=NON_NEGATIVE, execution_only=True)
     cpus_per_actor: float = setting(0.5, must=NON_NEGATIVE, execution_only=True)  # CPUs Ray reserves per recovery actor
+    labels: StoredLabelsConfig = field(default_factory=StoredLabelsConfig)  # stored with the set
 
 
 @dataclass
@@ -379,7 +404,8 @@ class EvaluateConfig:
     model: str = setting("", derived=_teachers("model"))  # the student architecture; empty: the teacher's
     width: int = setting(0, must=NON_NEGATIVE, derived=_teachers("width"))  # student width (mini_c3d); 0: the teacher's
     depth: int = setting(0, must=NON_NEGATIVE, derived=_teachers("depth"))  # student depth (mini_c3d); 0: the teacher's
-    labels: LabelKind = LabelKind.soft_kl  # what the student learns from
+    labels: LabelKind = LabelKind.soft_kl  # what the student learns from: online (soft_*), stored or hard
+    views: int = setting(16, must=at_least(1))  # labels=stored: replay the first this many stored views per clip
     temperature: float = setting(4.0, must=POSITIVE)  # softmax temperature T of labels=soft_kl
     mse_ce_weight: float = setting(0.1, must=NON_NEGATIVE)  # labels=soft_mse: MSE to the teacher logits + this * CE
     # TSGFA: draw crop (and CutMix box) centres from each clip's init saliency; false: uniformly.
@@ -506,17 +532,11 @@ def validate(cfg: DictConfig) -> None:
             f"tsgf.alpha: must hold 2*tsgf.window+1 = {2 * cfg.tsgf.window + 1} non-negative "
             f"weights with a positive sum (or be empty for uniform), got {alpha}"
         )
-    student_aug = cfg.evaluate.augment
-    for key, on in (
-        ("time_reverse", student_aug.time_reverse),
-        ("cutmix", student_aug.cutmix > 0),
-        ("mixup", student_aug.mixup > 0),
-    ):
-        if on and cfg.evaluate.labels == LabelKind.hard:
-            raise ConfigError(
-                f"evaluate.augment.{key}: changes or mixes classes and needs teacher labels; "
-                "use evaluate.labels=soft_kl or soft_mse, or turn it off"
-            )
+    if cfg.evaluate.labels == LabelKind.stored and cfg.evaluate.views > cfg.distill.labels.views:
+        raise ConfigError(
+            f"evaluate.views: the set stores distill.labels.views={cfg.distill.labels.views} views per clip; "
+            f"got {cfg.evaluate.views}"
+        )
     if cfg.distill.method == Method.full:  # the one method that distils nothing (tsgd_ray.methods)
         raise ConfigError(
             "distill.method: full trains on every real clip and distils nothing; add it to evaluate.baselines instead"

@@ -85,14 +85,14 @@ def apply_params(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return out.view(n, c, f, height, width)
 
 
-def keyed_uniforms(seed: int, keys: list[str]) -> torch.Tensor:
-    """(N, UNIFORMS_PER_CLIP) uniforms in [0, 1), each row fixed by (seed, key): a clip's view that
-    does not depend on the batch, shard or order it is seen in."""
+def keyed_uniforms(seed: int, keys: list[str], count: int = UNIFORMS_PER_CLIP, stream: str = "view") -> torch.Tensor:
+    """(N, count) uniforms in [0, 1), count <= 8, each row fixed by (seed, stream, key): a clip's
+    view that does not depend on the batch, shard or order it is seen in."""
     rows = []
     for key in keys:
-        digest = hashlib.blake2b(f"{seed}:view:{key}".encode(), digest_size=8 * UNIFORMS_PER_CLIP).digest()
-        rows.append([int.from_bytes(digest[8 * i : 8 * i + 8], "big") / 2.0**64 for i in range(UNIFORMS_PER_CLIP)])
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(keys), UNIFORMS_PER_CLIP)
+        digest = hashlib.blake2b(f"{seed}:{stream}:{key}".encode(), digest_size=8 * count).digest()
+        rows.append([int.from_bytes(digest[8 * i : 8 * i + 8], "big") / 2.0**64 for i in range(count)])
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(keys), count)
 
 
 def keyed_views(x: torch.Tensor, keys: list[str], seed: int, crop: CropSettings) -> torch.Tensor:

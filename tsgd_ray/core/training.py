@@ -23,6 +23,7 @@ from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.augment import CropSettings
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast
+from tsgd_ray.core.labels import replay
 from tsgd_ray.core.tsgf import SaliencySettings
 
 EpochCallback = Callable[[int, dict], None]
@@ -66,9 +67,10 @@ class TeacherSettings:
 @dataclass(frozen=True)
 class StudentSettings:
     """Student training on a (synthetic) set (the `evaluate` section): `crop` plus time reversal,
-    CutMix and MixUp (evaluate.augment), TSGFA (`tsgfa`, boxes centred within `crop_delta` of a
-    salient point, maps from `saliency`), the teacher's labels (`labels`, `temperature`,
-    `mse_ce_weight`), `fit`, and an EMA of the weights with decay `ema` (0: off)."""
+    CutMix and MixUp (evaluate.augment; under hard labels the teacher's label-preserving `augment`
+    crops alone), TSGFA (`tsgfa`, boxes centred within `crop_delta` of a salient point, maps from
+    `saliency`), the labels (`labels`: online teacher, the first `views` stored views, or hard;
+    `temperature`, `mse_ce_weight`), `fit`, and an EMA of the weights with decay `ema` (0: off)."""
 
     inputs: InputSettings
     fit: FitSettings
@@ -83,17 +85,19 @@ class StudentSettings:
     temperature: float
     mse_ce_weight: float
     ema: float
+    views: int
 
     @classmethod
     def from_config(cls, cfg) -> StudentSettings:
         e, aug = cfg.evaluate, cfg.evaluate.augment
+        hard = LabelKind(e.labels) == LabelKind.hard  # class labels: only label-preserving transforms
         return cls(
             inputs=InputSettings.from_config(cfg),
             fit=FitSettings.from_section(e),
-            crop=CropSettings.from_section(aug),
-            time_reverse=bool(aug.time_reverse),
-            cutmix=float(aug.cutmix),
-            mixup=float(aug.mixup),
+            crop=CropSettings.from_section(cfg.augment if hard else aug),
+            time_reverse=bool(aug.time_reverse) and not hard,
+            cutmix=0.0 if hard else float(aug.cutmix),
+            mixup=0.0 if hard else float(aug.mixup),
             tsgfa=bool(e.tsgfa),
             crop_delta=float(cfg.tsgf.crop_delta),
             saliency=SaliencySettings.from_section(cfg.tsgf),
@@ -101,6 +105,7 @@ class StudentSettings:
             temperature=float(e.temperature),
             mse_ce_weight=float(e.mse_ce_weight),
             ema=float(e.ema),
+            views=int(e.views),
         )
 
 
@@ -313,14 +318,14 @@ def train_teacher(
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, settings: StudentSettings
 ) -> torch.Tensor:
-    """settings.labels: soft_kl = KL(softmax(t/T) || softmax(s/T)) * T^2; soft_mse = MSE to the
-    teacher logits + mse_ce_weight * CE(y); hard = CE(y) (teacher_logits unused, may be None)."""
+    """settings.labels: soft_kl and stored = KL(softmax(t/T) || softmax(s/T)) * T^2; soft_mse = MSE
+    to the teacher logits + mse_ce_weight * CE(y); hard = CE(y) (teacher_logits unused, may be None)."""
     e = settings
     s = student_logits.float()
     if e.labels == LabelKind.hard:
         return F.cross_entropy(s, y)
     t = teacher_logits.float()
-    if e.labels == LabelKind.soft_kl:
+    if e.labels in (LabelKind.soft_kl, LabelKind.stored):
         temp = e.temperature
         return (
             F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean")
@@ -339,27 +344,35 @@ def clip_heat(x: torch.Tensor, saliency: SaliencySettings, inputs: InputSettings
 
 def student_step(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: Optional[nn.Module],
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     settings: StudentSettings,
     generator: torch.Generator,
     heat: Optional[torch.Tensor] = None,
+    stored: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """One student step on normalised clips x (N, 3, F, H, W): augment (`student_view`, heat (N, H, W)
-    or, when None, the clips' own), let the frozen teacher label the augmented clips, and fit the
-    student. Returns the detached loss."""
-    if heat is None:  # only TSGFA reads it: no saliency per batch for uniform crops
-        heat = (
-            clip_heat(x, settings.saliency, settings.inputs)
-            if settings.tsgfa
-            else x.new_ones(x.shape[0], *x.shape[-2:])
-        )
-    view = student_view(x, heat, settings, generator)
+    """One student step on normalised clips x (N, 3, F, H, W) and fit the student: under stored
+    labels, replay one of the first settings.views stored views per clip (`stored`: their params
+    (N, K, 7) and logits (N, K, classes)); else augment (`student_view`, heat (N, H, W) or, when
+    None, the clips' own) and, under online labels, let the frozen teacher label the views (None
+    for stored or hard labels). Returns the detached loss."""
+    teacher_logits = None
+    if settings.labels == LabelKind.stored:
+        view, teacher_logits = replay(x, stored[0][:, : settings.views], stored[1][:, : settings.views], generator)
+    else:
+        if heat is None:  # only TSGFA reads it: no saliency per batch for uniform crops
+            heat = (
+                clip_heat(x, settings.saliency, settings.inputs)
+                if settings.tsgfa
+                else x.new_ones(x.shape[0], *x.shape[-2:])
+            )
+        view = student_view(x, heat, settings, generator)
     with autocast(x.device, settings.inputs.amp):
-        with torch.no_grad():
-            teacher_logits = teacher(view) if settings.labels != LabelKind.hard else None
+        if settings.labels in (LabelKind.soft_kl, LabelKind.soft_mse):
+            with torch.no_grad():
+                teacher_logits = teacher(view)
         student_logits = student(view)
     loss = distillation_loss(student_logits, teacher_logits, y, settings)
     optimizer.zero_grad(set_to_none=True)
@@ -370,7 +383,7 @@ def student_step(
 
 def train_student(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: Optional[nn.Module],
     x: torch.Tensor,
     labels: torch.Tensor,
     settings: StudentSettings,
@@ -378,17 +391,28 @@ def train_student(
     callback: Optional[EpochCallback] = None,
     heat: Optional[torch.Tensor] = None,
     epoch_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    stored: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> nn.Module:
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
     are normalised per batch (4x less memory, the same numbers). settings.fit with AdamW +
-    cosine (and settings.ema), teacher in eval mode. heat (N, H, W): the TSGFA map of each clip,
-    carried from its init clip (synthetic sets); None: the clips' own (real clips).
-    Randomness comes from `seed` only; epoch_context: as `fit`'s. Returns the student in eval mode."""
+    cosine (and settings.ema), teacher in eval mode (None under stored or hard labels). heat
+    (N, H, W): the TSGFA map of each clip, carried from its init clip (synthetic sets); None: the
+    clips' own (real clips). stored: the set's views (N, K, 7) and logits (N, K, classes), needed
+    by settings.labels=stored. Randomness comes from `seed` only; epoch_context: as `fit`'s.
+    Returns the student in eval mode.
+
+    Raises:
+        ValueError: stored labels asked for and `stored` None or holding fewer than settings.views.
+    """
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    teacher.eval().requires_grad_(False)
-    if heat is None:
+    if settings.labels == LabelKind.stored and (stored is None or stored[0].shape[1] < settings.views):
+        held = 0 if stored is None else stored[0].shape[1]
+        raise ValueError(f"evaluate.labels=stored replays {settings.views} views per clip; the set stores {held}")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    if heat is None and settings.labels != LabelKind.stored:
         heat = clip_heat(x, settings.saliency, settings.inputs)
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -400,7 +424,8 @@ def train_student(
             labels[rows].to(device),
             settings,
             generator,
-            heat[rows].to(device),
+            heat[rows].to(device) if heat is not None else None,
+            (stored[0][rows], stored[1][rows]) if stored is not None else None,
         )
 
     fit(

@@ -197,19 +197,26 @@ def saliency_boxes(
     ratio: tuple[float, float],
     delta: float,
     generator: torch.Generator | None = None,
+    u_centre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boxes (N, 4) = (cx, cy, w, h), normalised, whose centres are drawn from spatial heat maps.
 
     heat (N, H, W) >= 0 (TSGFA: the time-mean of M); a centre is drawn with probability
     proportional to heat/sum(heat) + delta/(H*W) (an all-zero map gives uniform), then moved the
     least needed to keep the box in the image. Sizes come from uniforms u_size (N, 2) as in a
-    random resized crop. `generator` must live on heat's device.
+    random resized crop. The centre comes from uniforms u_centre (N,) by inverse CDF when given
+    (a clip's own stream), else from `generator`, which must live on heat's device.
     """
     n, h, w = heat.shape
     flat = heat.flatten(1).float()
     p = flat / flat.sum(dim=1, keepdim=True).clamp(min=1e-12) + delta / (h * w)
     p = torch.where(flat.sum(dim=1, keepdim=True) > 0, p, torch.ones_like(p))
-    pixel = torch.multinomial(p, 1, generator=generator).squeeze(1)
+    if u_centre is None:
+        pixel = torch.multinomial(p, 1, generator=generator).squeeze(1)
+    else:
+        cdf = p.cumsum(1)
+        target = (u_centre.to(cdf) * cdf[:, -1]).unsqueeze(1)
+        pixel = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=h * w - 1)
     cy = (2 * (pixel // w).float() + 1) / h - 1
     cx = (2 * (pixel % w).float() + 1) / w - 1
     bw, bh = box_sizes(u_size[:, 0], u_size[:, 1], scale, ratio)

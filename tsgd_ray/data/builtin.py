@@ -15,7 +15,8 @@ and the single-frame control hold for it too.
 Every frame of every class is drawn from the same distribution (position uniform on a torus with
 wrap-around, angle uniform, scale from one shared law; digit, colour and background texture
 random), so a single-frame classifier stays at chance. Digits are scikit-learn's 1797 real 8x8
-handwritten digits: even indices for the train split, odd for the test split.
+handwritten digits: even indices for the train split, odd for the test and val splits (val: other
+videos of the same held-out digits, generated only when data.builtin.val_per_class > 0).
 
 Videos are written as H.264 MP4 files in a class-folder layout ``<split>/<class>/<id>.mp4``,
 deterministically from the seed, then prepared like any real dataset.
@@ -42,7 +43,8 @@ CLASS_PAIRS = [
     ("zoom_in", "zoom_out"),
 ]
 CLASSES = [name for pair in CLASS_PAIRS for name in pair]
-_SPLIT_CODE = {"train": 0, "test": 1}
+_SPLIT_CODE = {"train": 0, "test": 1, "val": 2}
+_DIGITS = {"train": 0, "test": 1, "val": 1}  # even digit images for train, odd ones for held-out splits
 
 TRANSLATION = 0.5  # of the frame size, over the clip
 ROTATION = math.pi  # radians over the clip
@@ -60,7 +62,7 @@ def _digits(split: str) -> np.ndarray:
     from sklearn.datasets import load_digits
 
     images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
-    return images[_SPLIT_CODE[split] :: 2]
+    return images[_DIGITS[split] :: 2]
 
 
 def _texture(rng: np.random.Generator, size: int) -> torch.Tensor:
@@ -182,6 +184,8 @@ def generate_pair(
 def builtin_root(cfg: DictConfig) -> str:
     """Where the built-in videos of this config live: under the cache root, keyed by their settings."""
     settings = OmegaConf.to_container(cfg.data.builtin, resolve=True)
+    if not settings["val_per_class"]:  # no val videos: the same videos as before the split existed
+        del settings["val_per_class"]
     settings["generator"] = [TRANSLATION, ROTATION, ZOOM, LOG_SCALE_RANGE, DIGIT_SIZE, DISTRACTORS, PAN, SHAKE, FLICKER]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = cfg.storage.cache_root or storage.join(cfg.storage.output_root, "cache")
@@ -198,7 +202,8 @@ def ensure_builtin_dataset(cfg: DictConfig) -> str:
     if storage.exists(marker):
         return root
     b = cfg.data.builtin
-    counts = {"train": b.train_per_class, "test": b.test_per_class}
+    counts = {"train": b.train_per_class, "test": b.test_per_class, "val": b.val_per_class}
+    counts = {split: n for split, n in counts.items() if n}
     for split, per_class in counts.items():
         digits = _digits(split)
         for pair, (forward_name, backward_name) in enumerate(CLASS_PAIRS):

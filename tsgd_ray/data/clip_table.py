@@ -36,8 +36,16 @@ CLIP_SCHEMA = pa.schema(
         # synthetic videos: uint8 (H, W), 255 * the time-mean of the init clip's saliency (TSGFA's map);
         # empty elsewhere
         ("heat", pa.binary()),
+        # synthetic videos with stored labels (tsgd_ray.core.labels): float32 (K, 7) view parameters
+        # and float16 (K, classes) teacher logits on those views; empty elsewhere
+        ("view_params", pa.binary()),
+        ("logits", pa.binary()),
     ]
 )
+
+
+def _binary(values: Optional[np.ndarray], rows: np.ndarray) -> pa.Array:
+    return pa.array([values[i].tobytes() if values is not None else b"" for i in rows], pa.binary())
 
 
 def _table(
@@ -48,6 +56,7 @@ def _table(
     indices: Optional[np.ndarray],
     views: Optional[np.ndarray],
     heats: Optional[np.ndarray],
+    stored: Optional[tuple[np.ndarray, np.ndarray]],
 ) -> pa.Table:
     return pa.table(
         {
@@ -55,8 +64,10 @@ def _table(
             "index": pa.array(indices[rows] if indices is not None else np.zeros(len(rows)), pa.int32()),
             "video_id": pa.array([str(video_ids[i]) for i in rows], pa.string()),
             "view": pa.array(views[rows] if views is not None else np.zeros(len(rows)), pa.int16()),
-            "clip": pa.array([clips[i].tobytes() for i in rows], pa.binary()),
-            "heat": pa.array([heats[i].tobytes() if heats is not None else b"" for i in rows], pa.binary()),
+            "clip": _binary(clips, rows),
+            "heat": _binary(heats, rows),
+            "view_params": _binary(stored[0] if stored else None, rows),
+            "logits": _binary(stored[1] if stored else None, rows),
         },
         schema=CLIP_SCHEMA,
     )
@@ -71,10 +82,13 @@ def clip_table_bytes(
     views: Optional[np.ndarray] = None,
     by_class: bool = True,
     compression: str = "none",
+    stored: Optional[tuple[np.ndarray, np.ndarray]] = None,
 ) -> bytes:
-    """A Parquet clip table of uint8 clips (N, F, H, W, 3) (and uint8 heat maps (N, H, W), if
-    given). by_class: rows in (label, index) order, row groups of one class each (split further to
-    stay under ROW_GROUP_BYTES); else rows as given, in one row group."""
+    """A Parquet clip table of uint8 clips (N, F, H, W, 3) (and uint8 heat maps (N, H, W), and
+    stored labels: view parameters float32 (N, K, 7) with logits float16 (N, K, classes), if
+    given; `views` is the decoded window of each clip). by_class: rows in (label, index) order,
+    row groups of one class each (split further to stay under ROW_GROUP_BYTES); else rows as
+    given, in one row group."""
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, CLIP_SCHEMA, compression=compression, use_dictionary=False) as writer:
         if by_class:
@@ -89,33 +103,44 @@ def clip_table_bytes(
         else:
             groups = [np.arange(len(labels))]
         for part in groups:
-            writer.write_table(_table(clips, labels, video_ids, part, indices, views, heats), row_group_size=len(part))
+            table = _table(clips, labels, video_ids, part, indices, views, heats, stored)
+            writer.write_table(table, row_group_size=len(part))
     return buf.getvalue()
 
 
-def _packed(column: pa.ChunkedArray, shape: Sequence[int]) -> Optional[np.ndarray]:
-    """The values of a binary column of equal-sized items as one (N, *shape) uint8 view of its data
-    buffer (no copy for a single chunk); None when the items are empty."""
+def _packed(column: pa.ChunkedArray, shape: Sequence[int], dtype=np.uint8) -> Optional[np.ndarray]:
+    """The values of a binary column of equal-sized items as one (N, *shape) array of `dtype`: a
+    view of its data buffer for uint8 (no copy for a single chunk), a copy for wider types (the
+    buffer need not be aligned); None when the items are empty. `shape` may hold one -1."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if len(array) == 0:
-        return np.empty((0, *shape), np.uint8)
+        return None if -1 in shape else np.empty((0, *shape), dtype)
     offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
     if offsets[-1] == offsets[0]:
         return None
     values = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    if dtype != np.uint8:
+        values = values.copy().view(dtype)
     return values.reshape(len(array), *shape)
 
 
 def rows(table: pa.Table, shape: Sequence[int]) -> dict[str, Any]:
     """A clip table's rows as arrays: {"clip": (N, *shape) uint8 view of the column's buffer,
-    "label", "index", "view": (N,) int64, "video_id": [N], "heat": (N, H, W) uint8 view or None}.
-    Columns missing from `table` (read with `columns=`) are left out."""
+    "label", "index", "view": (N,) int64, "video_id": [N], "heat": (N, H, W) uint8 view or None,
+    "view_params": (N, K, 7) float32 or None, "logits": (N, K, classes) float16 or None}.
+    Columns missing from `table` (read with `columns=`, or a table written before they existed)
+    are left out, except that "view_params" and "logits" are then None."""
     out: dict[str, Any] = {}
     names = table.column_names
     if "clip" in names:
         out["clip"] = _packed(table.column("clip"), shape)
     if "heat" in names:
         out["heat"] = _packed(table.column("heat"), shape[1:3])
+    params = table.column("view_params") if "view_params" in names else None
+    out["view_params"] = _packed(params, (-1, 7), np.float32) if params is not None else None
+    out["logits"] = None
+    if out["view_params"] is not None and "logits" in names:
+        out["logits"] = _packed(table.column("logits"), (out["view_params"].shape[1], -1), np.float16)
     for name in ("label", "index", "view"):
         if name in names:
             out[name] = table.column(name).to_numpy().astype(np.int64)
@@ -131,7 +156,8 @@ def read_clip_tables(
     None), and of those rows only every `world`-th from `rank` (counted over all rows read).
 
     Yields {"clips": (n, F, H, W, 3) uint8 tensor, "labels": (n,), "indices": (n,), "video_ids": [n],
-    "heat": (n, H, W) uint8 tensor, or None where the table holds no heat maps}.
+    "heat": (n, H, W) uint8 tensor, "view_params": (n, K, 7) float32, "logits": (n, K, classes) float16,
+    each of the last three None where the table holds none}.
     """
     seen = 0
     for uri in uris:
@@ -156,9 +182,13 @@ def read_clip_tables(
                 seen += len(positions)
                 if not len(take):
                     continue
+                optional = {
+                    name: torch.from_numpy(group[name][take]) if group.get(name) is not None else None
+                    for name in ("heat", "view_params", "logits")
+                }
                 yield {
                     "clips": torch.from_numpy(group["clip"][take]),
-                    "heat": torch.from_numpy(group["heat"][take]) if group["heat"] is not None else None,
+                    **optional,
                     "labels": torch.from_numpy(labels[take]),
                     "indices": torch.from_numpy(group["index"][take]),
                     "video_ids": [group["video_id"][i] for i in take],
@@ -174,12 +204,17 @@ def concat_clips(parts: Sequence[dict[str, Any]], shape: Sequence[int]) -> dict[
             "indices": torch.empty(0, dtype=torch.int64),
             "video_ids": [],
             "heat": None,
+            "view_params": None,
+            "logits": None,
         }
-    heats = [p["heat"] for p in parts]
+    optional = {}
+    for name in ("heat", "view_params", "logits"):
+        values = [p.get(name) for p in parts]
+        optional[name] = torch.cat(values) if all(v is not None for v in values) else None
     return {
         "clips": torch.cat([p["clips"] for p in parts]),
         "labels": torch.cat([p["labels"] for p in parts]),
         "indices": torch.cat([p["indices"] for p in parts]),
         "video_ids": [v for p in parts for v in p["video_ids"]],
-        "heat": torch.cat(heats) if all(h is not None for h in heats) else None,
+        **optional,
     }

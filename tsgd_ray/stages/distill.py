@@ -5,7 +5,8 @@ The driver plans partitions (contiguous class ranges of near-equal size: `distil
 at a time through an `ElasticPool`: a partition whose actor dies goes back to the queue for any
 free actor, and once the queue is empty a straggler may be run again on an idle actor. Each actor
 reads the init clips of its partition's classes only and writes its synthetic videos directly in
-the final format (a clip table: uint8 clips, one row group per class)::
+the final format (a clip table: uint8 clips, one row group per class, with the labels stored
+for each clip: distill.labels.views views and the teacher's logits on each)::
 
     <distill_dir>/plan.json                    the partition plan (a rerun keeps the first plan)
     <distill_dir>/synthetic/p00003.parquet     the partition's synthetic videos
@@ -37,8 +38,9 @@ from omegaconf import DictConfig
 from tsgd_ray import artifacts, layout, lease, storage
 from tsgd_ray.config import ConfigError, InitKind
 from tsgd_ray.console import Progress
-from tsgd_ray.core.clips import to_uint8_clips
+from tsgd_ray.core.clips import InputSettings, to_uint8_clips
 from tsgd_ray.core.device import resolve_device
+from tsgd_ray.core.labels import ViewSettings, clip_keys, label_views, view_params
 from tsgd_ray.core.recovery import RecoverySettings, noise_init, recover
 from tsgd_ray.core.training import clip_heat
 from tsgd_ray.data.shards import read_manifest, shards_root
@@ -102,11 +104,12 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
         progress.update(step + 1, loss=metrics["loss"])
 
     videos = recover(teacher, x0.to(device), labels, indices, settings, stats, callback=on_step)
-    clips = to_uint8_clips(videos, settings.inputs.mean, settings.inputs.std).numpy()
-    heats = (
-        (255 * clip_heat(x0, settings.saliency, settings.inputs)).round().to(torch.uint8).numpy()
-    )  # TSGFA's map, from the init clip
-    file = artifacts.write_synthetic_part(cfg, partition_id, clips, labels.numpy(), indices.numpy(), video_ids, heats)
+    clips = to_uint8_clips(videos, settings.inputs.mean, settings.inputs.std)
+    heats = (255 * clip_heat(x0, settings.saliency, settings.inputs)).round().to(torch.uint8)  # TSGFA's, of the init
+    stored = stored_labels(cfg, teacher, clips, labels, indices, heats)
+    file = artifacts.write_synthetic_part(
+        cfg, partition_id, clips.numpy(), labels.numpy(), indices.numpy(), video_ids, heats.numpy(), stored
+    )
     counts = torch.bincount(labels, minlength=max(classes) + 1)
     marker = {
         "partition": partition_id,
@@ -122,6 +125,23 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
     }
     storage.write_json_once(marker_uri, marker)
     return marker
+
+
+def stored_labels(
+    cfg: DictConfig, teacher: torch.nn.Module, clips: torch.Tensor, labels, indices, heats: torch.Tensor
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The labels stored with uint8 clips (N, F, H, W, 3) as written (distill.labels): their
+    view parameters (N, K, 7) float32 and the teacher's logits (N, K, classes) float16 on each
+    view, from the clips' heat maps (N, H, W) uint8; None when distill.labels.views is 0."""
+    views = cfg.distill.labels.views
+    if not views:
+        return None
+    inputs, device = InputSettings.from_config(cfg), next(teacher.parameters()).device
+    params = view_params(
+        heats.float() / 255, clip_keys(labels, indices), cfg.seed, views, ViewSettings.from_config(cfg)
+    )
+    logits = label_views(teacher, inputs.model_input(clips.to(device)), params, inputs.amp)
+    return params.numpy(), logits.numpy()
 
 
 def mean_curve(histories: list[list[dict]]) -> list[dict]:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import artifacts, layout, methods, storage
 from tsgd_ray.artifacts import load_teacher
-from tsgd_ray.config import Method
+from tsgd_ray.config import ConfigError, LabelKind, Method
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import InputSettings
@@ -106,6 +106,8 @@ def _student_worker(loop_config: dict) -> None:
     source = loop_config["source"]
     rank, world, device = ray_train.worker_setup(cfg.evaluate, "evaluate", cfg.device)
     settings = training.StudentSettings.from_config(cfg)
+    if settings.labels == LabelKind.stored and not methods.get(method).distils:
+        settings = replace(settings, labels=LabelKind.soft_kl)  # no stored set: the teacher labels online
     per_worker = replace(settings.fit, batch_size=ray_train.per_worker_batch(settings.fit.batch_size, world))
     settings = replace(settings, fit=per_worker)  # evaluate.batch_size is global
     teacher = load_teacher(cfg, classes, device)
@@ -113,6 +115,7 @@ def _student_worker(loop_config: dict) -> None:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's rows, uint8
         x, y = mine["clips"], mine["labels"]
         heat = mine["heat"].float() / 255 if mine["heat"] is not None else None  # TSGFA's init maps
+        stored = (mine["view_params"], mine["logits"]) if mine["view_params"] is not None else None
     teacher_scores = None  # the ceiling: the teacher on the same test clips, once per worker group
     for seed in cfg.evaluate.seeds:
         if storage.exists(seed_uri(cfg, method, seed)):
@@ -149,6 +152,7 @@ def _student_worker(loop_config: dict) -> None:
                 callback=on_epoch,
                 heat=heat,
                 epoch_context=lambda: ray_train.uneven_inputs(student),  # noqa: B023
+                stored=stored,
             )
         top1, top5, n = _test(student, source, rank, world, cfg, device)
         if rank == 0:
@@ -187,12 +191,35 @@ def summarise(method: Method, ipc: int, per_seed: list[dict]) -> dict:
     return out
 
 
+def label_regime(cfg: DictConfig, method: Method) -> str:
+    """What the students of `method` learn from, as recorded in MLflow: online (soft_kl or
+    soft_mse), stored(K=...) or hard."""
+    labels = LabelKind(cfg.evaluate.labels)
+    if labels == LabelKind.stored and methods.get(method).distils:
+        return f"stored(K={cfg.evaluate.views})"
+    if labels == LabelKind.hard:
+        return "hard"
+    return f"online({LabelKind.soft_kl.value if labels == LabelKind.stored else labels.value})"
+
+
+def _check_stored(cfg: DictConfig, method: Method) -> None:
+    if cfg.evaluate.labels != LabelKind.stored or not methods.get(method).distils:
+        return
+    held = (artifacts.read_synthetic_manifest(cfg).get("stored_labels") or {}).get("views", 0)
+    if held < cfg.evaluate.views:
+        raise ConfigError(
+            f"evaluate.labels=stored: the {method.value} set stores {held} views per clip, evaluate.views asks "
+            f"for {cfg.evaluate.views}; distil with distill.labels.views >= {cfg.evaluate.views}"
+        )
+
+
 def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
     """Train and test students of `method` (cfg: `methods.method_config(cfg, method)`) unless
     finished; returns the results (see `summarise`).
 
     Raises:
-        ConfigError: the dataset has no data.eval_split split.
+        ConfigError: the dataset has no data.eval_split split, or stored labels are asked of a set
+        that holds fewer than evaluate.views.
     """
     manifest = read_manifest(shards_root(cfg))
     classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
@@ -203,6 +230,7 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
         from ray.train.torch import TorchTrainer
 
         check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
+        _check_stored(cfg, method)
         splits = {"eval": split, **({"train": "train"} if not methods.get(method).distils else {})}
         source = ray_train.ClipSource(cfg, splits, tested=["eval"])
         trainer = TorchTrainer(
@@ -225,7 +253,7 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
                 tracker.fail_children(run_id)  # seed runs the live curve opened
             raise
         per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
-        results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split}
+        results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split, "labels": regime}
         if tracker:
             for r in per_seed:
                 name, started = seed_name.format(r["seed"]), r.get("started")
@@ -253,6 +281,12 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
         )
         return results
 
+    regime = label_regime(cfg, method)
     return skeleton.run_stage(
-        cfg, f"evaluate/{method.value}", layout.results_uri(cfg, method), work, tracker, {"method": method.value}
+        cfg,
+        f"evaluate/{method.value}",
+        layout.results_uri(cfg, method),
+        work,
+        tracker,
+        {"method": method.value, "labels": regime},
     )

@@ -5,7 +5,8 @@ reads only the partition markers, checks that every class has exactly `distill.i
 writes once::
 
     <synthetic_dir>/manifest.json     the files with their sha256, sizes and class ranges, the class
-                                      map, clip shape and dtype, ipc, config hash, teacher sha256
+                                      map, clip shape and dtype, ipc, stored labels (views per
+                                      clip), config hash, teacher sha256
     <synthetic_dir>/previews/grid.mp4 the first 16 classes (rows): up to 4 videos each, beside
                                       their saliency maps (read from those classes' files only)
 
@@ -26,6 +27,7 @@ from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.config import config_hash
 from tsgd_ray.core import tsgf
 from tsgd_ray.core.clips import InputSettings
+from tsgd_ray.core.labels import PARAM_NAMES
 from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.data import clip_table
 from tsgd_ray.data.shards import read_manifest, shards_root
@@ -164,6 +166,13 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
             "std": list(cfg.data.std),
             "files": files,
             "bytes": sum(f["bytes"] for f in files),
+            "stored_labels": {  # what `SyntheticVideos(..., stored_labels=True)` and evaluate.labels=stored read
+                "views": cfg.distill.labels.views,
+                "view_params": list(PARAM_NAMES),
+                "logits": "float16 (views, classes) per clip: the teacher's logits on each view",
+            }
+            if cfg.distill.labels.views
+            else None,
             "config_hash": config_hash(cfg, ["seed", "data", "augment", "teacher", "tsgf", "distill"]),
             "teacher_sha256": storage.read_json(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER))["sha256"],
             "teacher": {
