@@ -1,36 +1,32 @@
-"""Quality benchmark: does TSGD beat its baselines, and what does each of its parts do?
+"""Quality benchmark: does a TSGD set train a student better than as many real clips picked at random?
 
-On the built-in motion-digits dataset (8 classes in time-reversed pairs; the test split, 100 clips
-per class, is never seen by the teacher or the distiller), in one process on the CPU, per variant
-(`plain`, `cluttered`):
+The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md prints it):
 
-1. train the teacher; score it on the test clips as they are, with one frame repeated and with
-   the frames shuffled (controls: a teacher that reads motion collapses on both);
-2. per IPC and init draw (IPC real clips per class drawn with seed `draw`): the recovered sets
-   without TSGFO (sre2l_video) and with it, and what recovery edited (mean |x - x0| on static and
-   on moving pixels, the share of saliency left on the init's motion); where TSGFA's crops land
-   (the share of the init heat inside a crop, TSGFA against the same crops drawn uniformly);
-3. students, one per (draw, seed), per protocol (`soft`: online teacher labels with the config's
-   evaluate.augment; `soft_forward` / `soft_reversed`: the same without / with time reversal; `hard`: class labels,
-   label-preserving crops only) for each method:
-       random_real  the init clips, uniform crops
-       sre2l_video  recovery without TSGFO, uniform crops
-       tsgfo_only   recovery with TSGFO, uniform crops
-       tsgfa_only   recovery without TSGFO, TSGFA crops
-       tsgd         recovery with TSGFO, TSGFA crops
-       views_real   each class's lowest-loss clips at their easiest of --init-views views (RDED-style)
-       views_tsgd   tsgd from those clips
-   top-1 on the test split at the last step; paired differences (same draw, same seed) +- SE;
-4. full: students on every real training clip, for --full-steps steps (the ceiling).
+- Data: the built-in motion-digits dataset (8 classes in time-reversed pairs). The teacher trains on
+  the train split; students are scored on `--split`: `val` (held-out digits, for choosing
+  defaults) or `test` (final tables only), at the last step.
+- Arms, per IPC and init draw (IPC real clips per class drawn with seed `draw`): `random_real` (the
+  draw's clips as they are) and `tsgd` (recovered from them), optionally `sre2l_video`. Every arm
+  gets the same student and augmentation, TSGFA crops included (the parity arm: random_real with
+  the same crops); `full` (every real training clip) gets the same student steps too (`--steps`).
+- Label regimes (one switch each): `online` (the teacher relabels every augmented batch),
+  `stored<K>` (the K views stored with the set and their teacher logits, replayed; no teacher),
+  `hard` (class labels, the teacher's label-preserving crops; no teacher).
+- Student: `--student` (default mini_r2plus1d, another architecture than the mini_c3d teacher).
+- Statistics: draws x seeds students per cell; paired differences on the same (draw, seed); the SE
+  over the per-draw mean differences (df = draws - 1); per-draw differences and the worst draw
+  printed. DD-Ranking's measures: IOR (improvement over random under the same evaluation) and
+  HLR (hard-label recovery: full - method, hard labels).
+- Diversity of each set: mean within-class cosine of the teacher's penultimate features, and the
+  mean entropy (nats) of the teacher's softmax over the stored views.
+- Targets (pre-registered): in the teacher-free regimes (stored16, hard), tsgd - random_real > 2 SE
+  and >= 0 on every draw; online: tsgd - random_real >= -1 SE; stored16: tsgd at the largest IPC
+  >= 0.9 of full at the same steps.
 
-Students train for about --steps optimiser steps whatever the set size, so that small and large
-sets get the same budget. The table is reproducible: the same command gives the same numbers.
+    python benchmarks/quality.py --split test --out docs/QUALITY.md     # the main table (~1 h on 2 cores)
+    python benchmarks/quality.py --split val --ipc 10 --regimes stored1 stored4 stored16 stored64 ...
 
-    python benchmarks/quality.py --steps 120 --out docs/QUALITY.md   # the main table (about 50 min)
-    python benchmarks/quality.py --variants plain --ipc 10 --methods random_real sre2l_video tsgfo_only tsgfa_only tsgd \\
-        --protocols soft soft_reversed hard --seeds 0 1 2 --full-steps 0 --steps 120 --out docs/QUALITY-arms.md  # ~25 min
-
-(docs/QUALITY*.md say which overrides reproduce the committed tables exactly.)
+The table is reproducible: the same command gives the same numbers.
 """
 
 from __future__ import annotations
@@ -54,97 +50,78 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from report import target_line  # noqa: E402
 
 from tsgd_ray.config import load_config, to_dict  # noqa: E402
-from tsgd_ray.core import augment, bn_stats, recovery, selection, training, tsgf  # noqa: E402
+from tsgd_ray.core import augment, bn_stats, labels, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.augment import CropSettings  # noqa: E402
-from tsgd_ray.core.clips import InputSettings, to_model_input  # noqa: E402
+from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
 from tsgd_ray.core.tsgf import SaliencySettings  # noqa: E402
 from tsgd_ray.data.in_memory import load_split  # noqa: E402
 
-#: the benchmark's data and teacher: 800 test clips (one clip is worth 0.125 points); a teacher of
-#: width 16 (84% on plain, half the cost of 32) trained 40 epochs (the cluttered variant needs them)
+#: the benchmark's data and teacher: 100 held-out clips per class in each of val and test; a
+#: teacher of width 16 trained 40 epochs (the cluttered variant needs them)
 DATA = [
     "storage.output_root=.cache/quality",
     "data.builtin.test_per_class=100",
+    "data.builtin.val_per_class=100",
     "teacher.width=16",
     "teacher.epochs=40",
 ]
-#: method -> (recovery with TSGFO? None: no recovery, TSGFA crops?, init: the draw's random real
-#: clips, or each class's lowest-loss clips at their easiest of --init-views views)
-METHODS = {
-    "random_real": (None, False, "draw"),
-    "sre2l_video": (False, False, "draw"),
-    "tsgfo_only": (True, False, "draw"),
-    "tsgfa_only": (False, True, "draw"),
-    "tsgd": (True, True, "draw"),
-    "views_real": (None, False, "views"),
-    "views_tsgd": (True, True, "views"),
-}
-#: protocol -> student overrides
-PROTOCOLS = {
-    "soft": [],
-    "soft_forward": ["evaluate.augment.time_reverse=false"],  # the same, never playing a clip backwards
-    "soft_reversed": ["evaluate.augment.time_reverse=true"],  # the same, half the clips played backwards
-    "hard": [
-        "evaluate.labels=hard",
-        "evaluate.augment.hflip=false",
-        "evaluate.augment.time_reverse=false",
-        "evaluate.augment.cutmix=0",
-        "evaluate.augment.mixup=0",
-    ],
-}
+#: method -> recovery with TSGFO (None: the init clips as they are)
+METHODS = {"random_real": None, "sre2l_video": False, "tsgd": True}
+TEACHER_FREE = ("stored16", "hard")
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
 
 
-def controls(teacher, clips: torch.Tensor, labels: torch.Tensor, cfg, seed: int) -> dict[str, float]:
-    """Teacher top-1 on test clips as they are, with the middle frame repeated, and shuffled."""
+def regime_overrides(regime: str) -> list[str]:
+    """online | hard | stored<K> -> the evaluate overrides of that label regime."""
+    if regime == "online":
+        return ["evaluate.labels=soft_kl"]
+    if regime == "hard":
+        return ["evaluate.labels=hard"]
+    if regime.startswith("stored") and regime[6:].isdigit():
+        return ["evaluate.labels=stored", f"evaluate.views={int(regime[6:])}"]
+    raise SystemExit(f"--regimes: online, hard or stored<K>, got {regime!r}")
+
+
+def controls(teacher, clips: torch.Tensor, y: torch.Tensor, cfg, seed: int) -> dict[str, float]:
+    """Teacher top-1 on clips as they are, with the middle frame repeated, and shuffled."""
     f = clips.shape[1]
     repeated = clips[:, f // 2 : f // 2 + 1].expand_as(clips).contiguous()
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.stack([c[torch.randperm(f, generator=g)] for c in clips])
     return {
-        name: training.topk_accuracy(training.predict(teacher, x, InputSettings.from_config(cfg)), labels)
+        name: training.topk_accuracy(training.predict(teacher, x, InputSettings.from_config(cfg)), y)
         for name, x in (("as is", clips), ("single frame repeated", repeated), ("frames shuffled", shuffled))
     }
 
 
-def crop_heat_share(heat: torch.Tensor, cfg, tsgfa: bool, draws: int = 64) -> float:
-    """Mean share of a clip's heat (N, H, W) inside the student's crop boxes (TSGFA or uniform)."""
-    g = torch.Generator().manual_seed(0)
-    crop = CropSettings.from_section(cfg.evaluate.augment)
-    shares = []
-    for _ in range(draws):
-        u = torch.rand(len(heat), 2, generator=g)
-        boxes = tsgf.saliency_boxes(
-            heat if tsgfa else torch.ones_like(heat),
-            u,
-            crop.scale,
-            crop.ratio,
-            cfg.tsgf.crop_delta,
-            g,
-        )
-        mask = augment.box_mask(boxes, *heat.shape[1:])[:, 0, 0]
-        shares.append(((heat * mask).sum(dim=(1, 2)) / heat.sum(dim=(1, 2)).clamp(min=1e-12)).mean())
-    return torch.stack(shares).mean().item()
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the paired differences a - b (points)."""
-    diffs = [100 * (x - y) for x, y in zip(a, b)]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
-    return statistics.fmean(diffs), se
+def diversity(teacher, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Mean within-class cosine of the teacher's features of normalised clips x (classes with >= 2
+    clips), and the mean entropy (nats) of the softmax of the stored logits (N, K, classes)."""
+    feats = F.normalize(training.embeddings(teacher, x), dim=1)
+    cosines = []
+    for c in y.unique():
+        f = feats[y == c]
+        if len(f) > 1:
+            sim = f @ f.T
+            cosines.append(((sim.sum() - sim.diagonal().sum()) / (len(f) * (len(f) - 1))).item())
+    p = F.softmax(logits.float(), dim=-1)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(-1).mean().item()
+    return {"cosine": statistics.fmean(cosines) if cosines else float("nan"), "entropy": entropy}
 
 
 def run_variant(variant: str, args, log) -> dict:
-    """Everything for one built-in variant: teacher controls, diagnostics, scores per
-    (protocol, method, ipc) as lists over (draw, seed), full."""
+    """One built-in variant: teacher controls, and scores[(regime, method, ipc)] = {draw: [per seed]}."""
     base = [*DATA, f"data.builtin.variant={variant}", *args.overrides]
     cfg = load_config(args.config, base)
     x_train, y_train, classes = load_split(cfg, "train")
-    x_test, y_test, _ = load_split(cfg, "test")
+    x_eval, y_eval, _ = load_split(cfg, args.split)
     k = len(classes)
     size = (cfg.data.num_frames, cfg.data.height, cfg.data.width)
-    log(f"{variant}: {len(x_train)} train / {len(x_test)} test clips of {tuple(x_train.shape[1:])}, {k} classes")
+    inputs = InputSettings.from_config(cfg)
+    log(
+        f"{variant}: {len(x_train)} train / {len(x_eval)} {args.split} clips of {tuple(x_train.shape[1:])}, {k} classes"
+    )
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
     settings = json.dumps({key: to_dict(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, sort_keys=True)
@@ -156,14 +133,8 @@ def run_variant(variant: str, args, log) -> dict:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher.eval()
-    out: dict = {
-        "cfg": cfg,
-        "controls": controls(teacher, x_test, y_test, cfg, cfg.seed),
-        "scores": {},
-        "edits": {},
-        "crops": {},
-    }
-    log(f"{variant} teacher: {out['controls']}")
+    out: dict = {"cfg": cfg, "controls": controls(teacher, x_eval, y_eval, cfg, cfg.seed), "scores": {}, "sets": {}}
+    log(f"{variant} teacher on {args.split}: {out['controls']}")
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
     viewed = (
         augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, CropSettings.from_section(cfg.augment))
@@ -173,125 +144,100 @@ def run_variant(variant: str, args, log) -> dict:
     stats = bn_stats.accumulate_statistics(
         teacher, [(viewed[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
     )
+    views = labels.ViewSettings.from_config(cfg)
+    most_views = max([int(r[6:]) for r in args.regimes if r.startswith("stored")] + [1])
 
-    def student_cfg(protocol: str, tsgfa: bool, n: int, steps: int):
-        probe = load_config(args.config, base)
-        epochs = math.ceil(steps / math.ceil(n / probe.evaluate.batch_size))
-        return load_config(
-            args.config, [*base, *PROTOCOLS[protocol], f"evaluate.tsgfa={tsgfa}", f"evaluate.epochs={epochs}"]
+    def stored_labels(x_u8: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, heat: torch.Tensor):
+        params = labels.view_params(heat, labels.clip_keys(y, idx), cfg.seed, most_views, views)
+        return params, labels.label_views(teacher, inputs.model_input(x_u8), params)
+
+    def score(x_u8, y, heat, stored, regime: str, seed: int) -> float:
+        steps_per_epoch = math.ceil(len(y) / cfg.evaluate.batch_size)
+        run_cfg = load_config(
+            args.config,
+            [
+                *base,
+                *regime_overrides(regime),
+                f"evaluate.epochs={math.ceil(args.steps / steps_per_epoch)}",
+                f"evaluate.model={args.student}",
+            ],
         )
-
-    def score(x, y, heat, run_cfg, seed: int) -> float:
         torch.manual_seed(seed)
         e = run_cfg.evaluate
-        student = build_model(
-            e.model or run_cfg.teacher.model,
-            k,
-            size,
-            e.width or run_cfg.teacher.width,
-            e.depth or run_cfg.teacher.depth,
+        student = build_model(e.model, k, size, e.width, e.depth)
+        training.train_student(
+            student, teacher, x_u8, y, training.StudentSettings.from_config(run_cfg), seed, heat=heat, stored=stored
         )
-        training.train_student(student, teacher, x, y, training.StudentSettings.from_config(run_cfg), seed, heat=heat)
-        return training.topk_accuracy(training.predict(student, x_test, InputSettings.from_config(run_cfg)), y_test)
+        return training.topk_accuracy(training.predict(student, x_eval, inputs), y_eval)
 
-    inits = {METHODS[m][2] for m in args.methods}
-    if "views" in inits:  # every clip's easiest view: the teacher's loss on each candidate view
-        views = torch.stack(
-            [real]
-            + [
-                to_model_input(load_split(cfg, "train", view=v)[0], cfg.data.mean, cfg.data.std)
-                for v in range(1, args.init_views)
-            ]
-        )
-        with torch.no_grad():
-            view_losses = torch.stack(
-                [
-                    torch.cat(
-                        [
-                            F.cross_entropy(teacher(v[i : i + 64]), y_train[i : i + 64], reduction="none")
-                            for i in range(0, len(v), 64)
-                        ]
-                    )
-                    for v in views
-                ]
-            )
-        best_loss, best_view = view_losses.min(0)
-        out["views"] = {
-            "picked_view": (best_view > 0).float().mean().item(),
-            "loss_view0": view_losses[0].mean().item(),
-            "loss_best": best_loss.mean().item(),
-        }
-        log(f"{variant} init views: {out['views']}")
+    saliency = SaliencySettings.from_section(cfg.tsgf)
     for ipc in args.ipc:
         for draw in args.draws:
-            for init in sorted(inits):
-                if init == "draw":
-                    rows, labels, indices = selection.flatten(selection.random_real(y_train, k, ipc, draw))
-                    x0 = real[rows]
-                else:  # the same clips for every draw: lowest loss is not random
-                    rows, labels, indices = selection.flatten(selection.lowest_loss(best_loss, y_train, k, ipc))
-                    x0 = views[best_view[rows], rows]
-                heat = training.clip_heat(x0, SaliencySettings.from_section(cfg.tsgf), InputSettings.from_config(cfg))
-                mine = [m for m in args.methods if METHODS[m][2] == init]
-                sets = {None: x0}
-                for tsgfo in sorted({METHODS[m][0] for m in mine} - {None}, key=int):
-                    history: list[dict] = []
-                    run_cfg = load_config(args.config, [*base, f"tsgf.enabled={tsgfo}"])
-                    sets[tsgfo] = recovery.recover(
-                        teacher,
-                        x0,
-                        labels,
-                        indices,
-                        recovery.RecoverySettings.from_config(run_cfg),
-                        stats,
-                        callback=lambda s, m, h=history: h.append(m),
+            rows, y, idx = selection.flatten(selection.random_real(y_train, k, ipc, draw))
+            x0 = real[rows]
+            heat = training.clip_heat(x0, saliency, inputs)
+            for method in args.methods:
+                if METHODS[method] is None:
+                    x_set = x_train[rows]
+                else:
+                    run_cfg = load_config(args.config, [*base, f"tsgf.enabled={METHODS[method]}"])
+                    settings_r = recovery.RecoverySettings.from_config(run_cfg)
+                    x_set = to_uint8_clips(
+                        recovery.recover(teacher, x0, y, idx, settings_r, stats), inputs.mean, inputs.std
                     )
-                    if init == "draw":
-                        out["edits"].setdefault((tsgfo, ipc), []).append(history[-1] if history else {})
-                if init == "draw":
-                    for tsgfa in (False, True):
-                        out["crops"].setdefault((tsgfa, ipc), []).append(
-                            crop_heat_share(heat, student_cfg("soft", tsgfa, 1, 1), tsgfa)
-                        )
-                for protocol in args.protocols:
-                    for method in mine:
-                        tsgfo, tsgfa, _ = METHODS[method]
-                        for seed in args.seeds:
-                            acc = score(
-                                sets[tsgfo], labels, heat, student_cfg(protocol, tsgfa, len(labels), args.steps), seed
-                            )
-                            out["scores"].setdefault((protocol, method, ipc), []).append(acc)
-                        log(
-                            f"{variant} ipc={ipc} draw={draw} {protocol} {method}: "
-                            f"{[round(100 * a, 1) for a in out['scores'][(protocol, method, ipc)][-len(args.seeds) :]]}"
-                        )
-    if args.full_steps:
-        for protocol in args.protocols:
-            out["scores"][(protocol, "full", 0)] = [
-                score(x_train, y_train, None, student_cfg(protocol, False, len(x_train), args.full_steps), seed)
-                for seed in args.full_seeds
-            ]
-            log(f"{variant} {protocol} full: {out['scores'][(protocol, 'full', 0)]}")
+                stored = stored_labels(x_set, y, idx, heat)
+                out["sets"].setdefault((method, ipc), []).append(
+                    diversity(teacher, inputs.model_input(x_set), y, stored[1])
+                )
+                for regime in args.regimes:
+                    if regime == "online" and ipc not in (args.online_ipc or args.ipc):
+                        continue
+                    accs = [score(x_set, y, heat.float(), stored, regime, seed) for seed in args.seeds]
+                    out["scores"].setdefault((regime, method, ipc), {})[draw] = accs
+                    log(f"{variant} ipc={ipc} draw={draw} {regime} {method}: {[round(100 * a, 1) for a in accs]}")
+    if args.full:
+        heat = training.clip_heat(x_train, saliency, inputs)
+        stored = stored_labels(x_train, y_train, torch.arange(len(y_train)), heat)
+        for regime in args.regimes:
+            accs = [score(x_train, y_train, heat, stored, regime, seed) for seed in args.seeds]
+            out["scores"][(regime, "full", 0)] = {0: accs}
+            log(f"{variant} {regime} full: {[round(100 * a, 1) for a in accs]}")
     return out
+
+
+def per_draw_differences(s: dict, regime: str, method: str, ipc: int) -> list[float]:
+    """Points: per draw, the mean over seeds of method - random_real on the same (draw, seed)."""
+    a, b = s[(regime, method, ipc)], s[(regime, "random_real", ipc)]
+    return [100 * statistics.fmean(x - y for x, y in zip(a[d], b[d])) for d in sorted(a)]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("inf")
+    return statistics.fmean(values), se
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="default")
-    parser.add_argument("--variants", nargs="+", default=["plain", "cluttered"], choices=["plain", "cluttered"])
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=["plain", "cluttered"])
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="what students are scored on")
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 5, 10])
-    parser.add_argument("--methods", nargs="+", default=["random_real", "sre2l_video", "tsgd"], choices=list(METHODS))
-    parser.add_argument("--protocols", nargs="+", default=["soft"], choices=list(PROTOCOLS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="student seeds")
-    parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="seeds of the init clip draws")
-    parser.add_argument("--steps", type=int, default=160, help="student optimiser steps per run")
-    parser.add_argument("--full-steps", type=int, default=600, help="optimiser steps of a `full` student; 0: skip")
-    parser.add_argument("--full-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--init-views", type=int, default=4, help="candidate views per clip for the views_* methods")
+    parser.add_argument("--methods", nargs="+", default=["random_real", "tsgd"], choices=list(METHODS))
+    parser.add_argument("--regimes", nargs="+", default=["stored16", "hard", "online"])
+    parser.add_argument("--online-ipc", type=int, nargs="*", default=[], help="IPCs of the online regime (all)")
+    parser.add_argument("--student", default="mini_r2plus1d")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="init clip draws")
+    parser.add_argument("--steps", type=int, default=120, help="student optimiser steps, every arm and full")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="", help="write the Markdown report here (e.g. docs/QUALITY.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if "random_real" not in args.methods:
+        raise SystemExit("--methods: random_real is the reference every difference is taken against")
+    for regime in args.regimes:
+        regime_overrides(regime)
     torch.set_num_threads(args.threads)
     started = time.time()
 
@@ -300,8 +246,8 @@ def main(argv=None) -> int:
 
     results = {variant: run_variant(variant, args, log) for variant in args.variants}
     report = render(args, results, time.time() - started)
-    if args.out and Path(args.out).exists() and NOTES in Path(args.out).read_text():
-        report += Path(args.out).read_text().split(NOTES, 1)[1].lstrip("\n").join([NOTES + "\n\n", ""])
+    if args.out and Path(args.out).exists() and NOTES in Path(args.out).read_text():  # keep the notes below
+        report += "\n" + Path(args.out).read_text().split(NOTES, 1)[1].lstrip("\n")
     print(report)
     for line in report.splitlines():  # end with the target lines alone
         if line.strip().startswith("target "):
@@ -311,141 +257,119 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cell(scores: list[float]) -> str:
-    std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-    return f"{100 * statistics.mean(scores):.1f} +- {100 * std:.1f}"
-
-
-def _diff_cell(diff: tuple[float, float]) -> str:
-    return f"{diff[0]:+.1f} +- {diff[1]:.1f}"
-
-
 def render(args, results: dict, seconds: float) -> str:
     cfg = next(iter(results.values()))["cfg"]
-    e, d, t = cfg.evaluate, cfg.distill, cfg.tsgf
+    e, d, lab = cfg.evaluate, cfg.distill, cfg.distill.labels
     lines = [
         "# Quality benchmark (built-in motion-digits dataset)",
         "",
         f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
-        f"Run time: {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads. Clips {cfg.data.num_frames}x"
-        f"{cfg.data.height}x{cfg.data.width}, {len(args.draws)} init draws x "
-        f"{len(args.seeds)} student seeds per cell, {cfg.data.builtin.test_per_class * 8} test clips. Teacher "
-        f"{cfg.teacher.model} width {cfg.teacher.width} depth {cfg.teacher.depth}, {cfg.teacher.epochs} epochs. Recovery "
-        f"{d.iterations} iterations, lr {d.lr}, lambda_bn {d.lambda_bn}, bn_target {d.bn_target.value}; TSGFO apply "
-        f"{t.apply.value}, source {t.source.value}, w_min {t.w_min}, compensate {t.compensate.value}. Students width "
-        f"{e.width or cfg.teacher.width} depth {e.depth or cfg.teacher.depth}, ~{args.steps} steps (full: "
-        f"{args.full_steps}), soft protocol: labels {e.labels.value} (T={e.temperature}), crops "
-        f"{list(e.augment.crop_scale)}, hflip {e.augment.hflip}, time_reverse {e.augment.time_reverse}, cutmix "
-        f"{e.augment.cutmix}, mixup {e.augment.mixup}, ema {e.ema}.",
+        f"Run time: {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads. Scored on the "
+        f"`{args.split}` split ({cfg.data.builtin[args.split + '_per_class']} clips per class). Clips {cfg.data.num_frames}x"
+        f"{cfg.data.height}x{cfg.data.width}; {len(args.draws)} init draws x {len(args.seeds)} student seeds per "
+        f"cell. Teacher {cfg.teacher.model} width {cfg.teacher.width}, {cfg.teacher.epochs} epochs. Recovery "
+        f"{d.iterations} iterations, lr {d.lr}. Student {args.student} width {e.width or cfg.teacher.width}, "
+        f"{args.steps} steps for every arm and for full, batch {e.batch_size}, lr {e.lr}. Online: "
+        f"evaluate.augment crops {list(e.augment.crop_scale)}, hflip {e.augment.hflip}, time_reverse "
+        f"{e.augment.time_reverse}, TSGFA {e.tsgfa}, T={e.temperature}. Stored views: crops "
+        f"{list(lab.augment.crop_scale)}, hflip {lab.augment.hflip}, TSGFA {lab.tsgfa}. Hard: the teacher's "
+        f"crops {list(cfg.augment.crop_scale)}, hflip {cfg.augment.hflip}.",
+        "",
+        "Cells: top-1 % mean +- SE over draws (each draw: the mean over seeds). Differences: tsgd - "
+        "random_real on the same (draw, seed), mean +- SE over the per-draw means, then each draw's.",
     ]
     targets: list[str] = []
     for variant, r in results.items():
+        s = r["scores"]
         lines += [
             "",
             f"## Variant `{variant}`",
             "",
-            "Teacher controls (top-1 %): "
+            f"Teacher controls on `{args.split}` (top-1 %): "
             + ", ".join(f"{name} {100 * v:.1f}" for name, v in r["controls"].items())
             + ".",
             "",
-        ]
-        lines += [
-            "What recovery edits (last step, mean over draws; |x - x0| in normalised units) and where crops land:",
+            "Sets: within-class feature cosine (teacher) and stored-label entropy (nats), mean over draws:",
             "",
-            "| IPC | arm | edit static | edit moving | saliency on init motion |",
-            "|---|---|---|---|---|",
+            "| method | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |",
+            "|---|" + "---|" * len(args.ipc),
         ]
-        for (tsgfo, ipc), hist in sorted(r["edits"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            mean = {
-                key: statistics.fmean(h[key] for h in hist) for key in ("edit_static", "edit_moving", "motion_share")
-            }
-            lines.append(
-                f"| {ipc} | {'TSGFO' if tsgfo else 'no TSGFO'} | {mean['edit_static']:.3f} | "
-                f"{mean['edit_moving']:.3f} | {100 * mean['motion_share']:.0f}% |"
-            )
-        if "views" in r:
-            v = r["views"]
-            lines.append(
-                f"\nInit views ({args.init_views} per clip): the easiest view is not the sampled clip for "
-                f"{100 * v['picked_view']:.0f}% of clips; mean teacher loss {v['loss_view0']:.3f} on the sampled "
-                f"clips, {v['loss_best']:.3f} on each clip's easiest view."
-            )
-        for ipc in args.ipc:
-            if (True, ipc) in r["crops"]:
-                lines.append(
-                    f"\nIPC {ipc}: share of the init heat inside a student crop: TSGFA "
-                    f"{100 * statistics.fmean(r['crops'][(True, ipc)]):.0f}%, uniform "
-                    f"{100 * statistics.fmean(r['crops'][(False, ipc)]):.0f}%."
-                )
-        for protocol in args.protocols:
-            s = r["scores"]
+        for method in args.methods:
+            cells = []
+            for i in args.ipc:
+                rows = r["sets"][(method, i)]
+                cosine = statistics.fmean(x["cosine"] for x in rows)  # nan: one clip per class
+                cosine_text = "-" if math.isnan(cosine) else f"{cosine:.3f}"
+                cells.append(f"{cosine_text} / {statistics.fmean(x['entropy'] for x in rows):.2f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for regime in args.regimes:
+            ipcs = [i for i in args.ipc if (regime, "random_real", i) in s]
             lines += [
                 "",
-                f"### Student top-1 %, protocol `{protocol}` (mean +- std over draws x seeds)",
+                f"### Regime `{regime}`",
                 "",
-                "| method | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |",
-                "|---|" + "---|" * len(args.ipc),
+                "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+                "|---|" + "---|" * len(ipcs),
             ]
             for method in args.methods:
-                lines.append(f"| {method} | " + " | ".join(_cell(s[(protocol, method, i)]) for i in args.ipc) + " |")
-            if (protocol, "full", 0) in s:
+                cells = []
+                for i in ipcs:
+                    m, se = mean_se([100 * statistics.fmean(v) for v in s[(regime, method, i)].values()])
+                    cells.append(f"{m:.1f} +- {se:.1f}")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            if (regime, "full", 0) in s:
+                full = [100 * a for a in s[(regime, "full", 0)][0]]
                 lines.append(
-                    f"| full ({len(args.full_seeds)} seeds) | "
-                    + " | ".join(_cell(s[(protocol, "full", 0)]) for _ in args.ipc)
+                    f"| full ({len(full)} seeds, +- std) | "
+                    + " | ".join(
+                        f"{statistics.fmean(full):.1f} +- {mean_se(full)[1] * math.sqrt(len(full)):.1f}" for _ in ipcs
+                    )
                     + " |"
                 )
-            lines += [
-                "",
-                "Paired differences (points, mean +- SE over the same draws and seeds):",
-                "",
-                "| difference | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |",
-                "|---|" + "---|" * len(args.ipc),
-            ]
-            for method, base in [
-                (m, b)
-                for m in args.methods
-                for b in ("sre2l_video", "random_real", "tsgd")
-                if b in args.methods and m not in (b, "random_real") and (b != "tsgd" or METHODS[m][2] == "views")
-            ]:
-                lines.append(
-                    f"| {method} - {base} | "
-                    + " | ".join(_diff_cell(paired(s[(protocol, method, i)], s[(protocol, base, i)])) for i in args.ipc)
-                    + " |"
-                )
-        if "tsgd" in args.methods:
-            targets += _targets(variant, r["scores"], args)
+            for method in [m for m in args.methods if m != "random_real"]:
+                lines += ["", f"{method} - random_real (points):", ""]
+                for i in ipcs:
+                    diffs = per_draw_differences(s, regime, method, i)
+                    m, se = mean_se(diffs)
+                    lines.append(
+                        f"- IPC {i}: {m:+.1f} +- {se:.1f} (SE, df {len(diffs) - 1}); per draw "
+                        + ", ".join(f"{x:+.1f}" for x in diffs)
+                        + f"; worst {min(diffs):+.1f}"
+                    )
+                    if method == "tsgd":
+                        targets += _targets(variant, regime, i, m, se, min(diffs))
+            if regime == "stored16" and (regime, "full", 0) in s and "tsgd" in args.methods:
+                top = max(ipcs)
+                ratio = statistics.fmean(
+                    statistics.fmean(v) for v in s[(regime, "tsgd", top)].values()
+                ) / statistics.fmean(s[(regime, "full", 0)][0])
+                targets.append(target_line(f"{variant}_ipc{top}_{regime}_tsgd_over_full", ratio, ">=", 0.9))
+        if ("hard", "full", 0) in s:
+            full_hard = 100 * statistics.fmean(s[("hard", "full", 0)][0])
+            lines += ["", "DD-Ranking's hard-label recovery (full - method, hard labels, points):", ""]
+            for method in args.methods:
+                cells = [
+                    f"IPC {i} {full_hard - 100 * statistics.fmean(statistics.fmean(v) for v in s[('hard', method, i)].values()):.1f}"
+                    for i in args.ipc
+                    if ("hard", method, i) in s
+                ]
+                lines.append(f"- {method}: " + ", ".join(cells))
     if targets:
-        lines += ["", "## Targets", "", *("    " + line for line in targets)]
+        lines += ["", "## Targets (fixed before the runs)", "", *("    " + line for line in targets)]
     return "\n".join(lines) + "\n\n" + NOTES + "\n"
 
 
-def _targets(variant: str, s: dict, args) -> list[str]:
-    out = []
-    for i in args.ipc:
-        if "sre2l_video" in args.methods:
-            best = max(
-                args.protocols,
-                key=lambda p: (
-                    paired(s[(p, "tsgd", i)], s[(p, "sre2l_video", i)])[0]
-                    / max(paired(s[(p, "tsgd", i)], s[(p, "sre2l_video", i)])[1], 1e-9)
-                ),
-            )
-            mean, se = paired(s[(best, "tsgd", i)], s[(best, "sre2l_video", i)])
-            out.append(
-                target_line(f"{variant}_ipc{i}_tsgd_minus_sre2l_video_over_se_{best}", mean / max(se, 1e-9), ">", 2.0)
-            )
-        if "random_real" in args.methods:
-            worst = min(paired(s[(p, "tsgd", i)], s[(p, "random_real", i)])[0] for p in args.protocols)
-            out.append(
-                target_line(f"{variant}_ipc{i}_tsgd_minus_random_real_points_worst_protocol", worst, ">", 0.0, 1)
-            )
-    top = max(args.ipc)
-    for p in args.protocols:
-        if (p, "full", 0) in s:
-            ratio = statistics.fmean(s[(p, "tsgd", top)]) / statistics.fmean(s[(p, "full", 0)])
-            out.append(target_line(f"{variant}_ipc{top}_tsgd_over_full_{p}", ratio, ">=", 0.85))
-    return out
+def _targets(variant: str, regime: str, ipc: int, mean: float, se: float, worst: float) -> list[str]:
+    name = f"{variant}_ipc{ipc}_{regime}_tsgd_minus_random_real"
+    if regime in TEACHER_FREE:
+        return [
+            target_line(f"{name}_over_se", mean / max(se, 1e-9), ">", 2.0),
+            target_line(f"{name}_worst_draw_points", worst, ">=", 0.0, 1),
+        ]
+    if regime == "online":
+        return [target_line(f"{name}_over_se", mean / max(se, 1e-9), ">=", -1.0)]
+    return []
 
 
 if __name__ == "__main__":

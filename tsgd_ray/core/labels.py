@@ -22,6 +22,7 @@ from tsgd_ray.core.augment import CropSettings
 from tsgd_ray.core.device import autocast
 
 VIEW_PARAMS = 7
+UNIFORMS_PER_VIEW = 8  # 6 for the crop, flip and roll, 1 for time reversal, 1 for the box centre
 PARAM_NAMES = ("cx", "cy", "w", "h", "flip", "roll", "reverse")
 
 
@@ -56,8 +57,8 @@ def view_params(heat: torch.Tensor, keys: list[str], seed: int, views: int, sett
     """(N, views, VIEW_PARAMS) float32 transforms for clips with heat maps (N, H, W) >= 0, view k of
     clip i fixed by (seed, keys[i], k)."""
     n = len(keys)
-    u = augment.keyed_uniforms(seed, [f"{key}:{k}" for key in keys for k in range(views)], 8, "label-view")
-    u = u.view(n, views, 8)
+    streams = [f"{key}:{k}" for key in keys for k in range(views)]
+    u = augment.keyed_uniforms(seed, streams, UNIFORMS_PER_VIEW, "label-view").view(n, views, UNIFORMS_PER_VIEW)
     flat_heat = heat.float() if settings.tsgfa else torch.ones_like(heat, dtype=torch.float32)
     out = torch.empty(n, views, VIEW_PARAMS)
     for k in range(views):
