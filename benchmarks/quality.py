@@ -320,13 +320,9 @@ def render(args, results: dict, seconds: float) -> str:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             if (regime, "full", 0) in s:
                 full = [100 * a for a in s[(regime, "full", 0)][0]]
-                lines.append(
-                    f"| full ({len(full)} seeds, +- std) | "
-                    + " | ".join(
-                        f"{statistics.fmean(full):.1f} +- {mean_se(full)[1] * math.sqrt(len(full)):.1f}" for _ in ipcs
-                    )
-                    + " |"
-                )
+                spread = f" +- {statistics.stdev(full):.1f}" if len(full) > 1 else ""
+                label = f"full ({len(full)} seeds{', +- std' if spread else ''})"
+                lines.append(f"| {label} | " + " | ".join(f"{statistics.fmean(full):.1f}{spread}" for _ in ipcs) + " |")
             for method in [m for m in args.methods if m != "random_real"]:
                 lines += ["", f"{method} - random_real (points):", ""]
                 for i in ipcs:
