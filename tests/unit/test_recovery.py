@@ -98,7 +98,7 @@ def test_recovery_lowers_the_loss_and_stays_in_the_valid_range():
         callback=lambda step, m: history.append((step, m)),
     )
     assert [s for s, _ in history] == list(range(30))
-    assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "edit_static", "edit_moving", "motion_share"}
+    assert set(history[0][1]) == {"loss", "ce", "bn", "lr", "stopped", "edit_static", "edit_moving", "motion_share"}
     assert history[0][1]["edit_moving"] == 0 and history[-1][1]["edit_moving"] > 0  # noise init: every pixel moves
     assert history[-1][1]["ce"] < 0.5 * history[0][1]["ce"]
     assert history[0][1]["lr"] == pytest.approx(0.1) and history[-1][1]["lr"] < 0.01
@@ -243,3 +243,53 @@ def test_the_diversity_term_spreads_the_videos_of_a_class_apart_in_feature_space
         teacher, init, labels, indices, settings("distill.iterations=20", "distill.diversity=5"), stats
     )
     assert similarity(spread) < similarity(plain) - 0.05
+
+
+def test_a_confident_video_stops_changing_and_the_others_go_on():
+    teacher, stats = teacher_and_stats()
+    init, labels, indices = synthetic_set(range(6), ipc=2)
+    with torch.no_grad():
+        confidence = torch.softmax(teacher(init), 1).gather(1, labels.view(-1, 1)).squeeze(1)
+    threshold = float(confidence.median())  # about half the videos start above it (on the whole clip)
+    history = []
+    out = recovery.recover(
+        teacher,
+        init,
+        labels,
+        indices,
+        settings("distill.iterations=10", f"distill.stop_confidence={threshold}"),
+        stats,
+        callback=lambda step, m: history.append(m["stopped"]),
+    )
+    unchanged = (out - init).flatten(1).abs().amax(1) == 0
+    assert 0 < unchanged.sum() < len(init)  # some stopped (at step 0 or later), some kept going
+    # those stopped on their first view are never changed; the share stopped only grows
+    assert history[0] == pytest.approx(unchanged.float().mean().item())
+    assert history == sorted(history) and history[-1] > history[0]  # recovery made some sure enough
+    # a video's stop depends only on its own views: recovered alone, it ends the same
+    alone = recovery.recover(
+        teacher,
+        init[:2],
+        labels[:2],
+        indices[:2],
+        settings("distill.iterations=10", f"distill.stop_confidence={threshold}"),
+        stats,
+    )
+    torch.testing.assert_close(alone, out[:2])
+
+
+def test_the_init_target_keeps_the_teacher_less_sure_than_the_one_hot_label_does():
+    teacher, stats = teacher_and_stats()
+    init, labels, indices = synthetic_set(range(6), ipc=2)
+
+    def entropy(x):
+        with torch.no_grad():
+            p = torch.softmax(teacher(x), 1)
+        return -(p * p.clamp(min=1e-12).log()).sum(1).mean().item()
+
+    one_hot = recovery.recover(teacher, init, labels, indices, settings("distill.iterations=20"), stats)
+    soft = recovery.recover(
+        teacher, init, labels, indices, settings("distill.iterations=20", "distill.init_target=1"), stats
+    )
+    assert entropy(soft) > entropy(one_hot) + 0.1
+    print({"init": entropy(init), "one_hot": entropy(one_hot), "soft": entropy(soft)})

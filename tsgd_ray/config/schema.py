@@ -374,6 +374,13 @@ class DistillConfig:
     # Weight of a within-class diversity term: the mean cosine similarity between the teacher's
     # penultimate features of the videos of one class (only where a class has >= 2 videos).
     diversity: float = setting(0.0, must=NON_NEGATIVE)
+    # Weight a of the teacher's own view of each init clip in the cross-entropy target:
+    # (1 - a) * one-hot + a * softmax(teacher(init clip) / init_temperature); 0: the one-hot label.
+    init_target: float = setting(0.0, must=FRACTION)
+    init_temperature: float = setting(2.0, must=POSITIVE)  # softens that prediction (T > 1: softer)
+    # Stop changing a video once an EMA (0.7 on the past) of the teacher's probability of its class
+    # on its views reaches this; 0: never (every video takes every step).
+    stop_confidence: float = setting(0.0, must=BELOW_ONE)
     init: InitKind = InitKind.real  # how synthetic videos start
     # most synthetic videos in one forward pass (whole classes are packed)
     chunk_size: int = setting(50, must=at_least(1))

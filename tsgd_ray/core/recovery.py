@@ -38,7 +38,10 @@ class RecoverySettings:
     iterations Adam(0.5, 0.9) steps at `lr` (cosine to 0); loss = CE + lambda_bn * BN term
     (first BN layer weighted `first_bn_weight`, targets `bn_target`, an EMA over steps when
     bn_ema > 0) + diversity * within-group similarity; forward passes of <= chunk_size videos,
-    each seen through `crop`; callback every `log_every` steps. TSGFO when `tsgfo`: W = w_min +
+    each seen through `crop`; callback every `log_every` steps. The CE target is the one-hot label
+    mixed with weight `init_target` with the teacher's softmax at `init_temperature` on the whole
+    init clip. A video stops changing once an EMA (0.7 on the past) of the teacher's probability of
+    its class on its views reaches `stop_confidence` (0: never). TSGFO when `tsgfo`: W = w_min +
     (1 - w_min) * M scales the update or the gradient (`apply`), M from the init clip or the
     current one (`source`, recomputed every `every` steps) under `saliency`.
     """
@@ -53,6 +56,9 @@ class RecoverySettings:
     bn_target: BNTarget
     bn_ema: float
     diversity: float
+    init_target: float
+    init_temperature: float
+    stop_confidence: float
     chunk_size: int
     log_every: int
     tsgfo: bool
@@ -76,6 +82,9 @@ class RecoverySettings:
             bn_target=BNTarget(d.bn_target),
             bn_ema=float(d.bn_ema),
             diversity=float(d.diversity),
+            init_target=float(d.init_target),
+            init_temperature=float(d.init_temperature),
+            stop_confidence=float(d.stop_confidence),
             chunk_size=int(d.chunk_size),
             log_every=int(d.log_every),
             tsgfo=bool(t.enabled),
@@ -185,6 +194,17 @@ def _similarity(features: torch.Tensor, groups: torch.Tensor, num_groups: int) -
     return (per_group / counts.clamp(min=1)).sum()
 
 
+def _ce_target(teacher: nn.Module, init: torch.Tensor, labels: torch.Tensor, s: RecoverySettings) -> torch.Tensor:
+    """The CE target of each video: its labels (N,) when s.init_target is 0, else (N, classes)
+    probabilities (1 - a) * one-hot + a * softmax(teacher(init) / s.init_temperature)."""
+    if s.init_target == 0:
+        return labels
+    with torch.no_grad(), autocast(init.device, s.inputs.amp):
+        logits = teacher(init).float()
+    soft = F.softmax(logits / s.init_temperature, dim=1)
+    return (1 - s.init_target) * F.one_hot(labels, logits.shape[1]).float() + s.init_target * soft
+
+
 def recover(
     teacher: nn.Module,
     init: torch.Tensor,
@@ -204,8 +224,9 @@ def recover(
         class's statistics, with `mixed` half to those and half to the layers' running
         statistics, with `global` (or without stats) to the running statistics alone.
     callback: called every settings.log_every steps and at the last with (step, metrics) where
-        metrics = {loss, ce, bn, lr, edit_static, edit_moving, motion_share}: ce and bn are means
-        over BN groups, the rest is `tsgf.motion_diagnostics` of the clips before that step.
+        metrics = {loss, ce, bn, lr, stopped, edit_static, edit_moving, motion_share}: ce and bn are
+        means over BN groups, stopped the share of videos no longer changed, the rest is
+        `tsgf.motion_diagnostics` of the clips before that step.
     Returns the synthetic videos (N, 3, F, H, W) float32 on the CPU, in the order of `init`.
 
     Raises:
@@ -243,9 +264,10 @@ def recover(
     ema: list[list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = [[None] * len(layers) for _ in chunks]
     head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if s.diversity > 0 else []
     layer_weights = [s.first_bn_weight] + [1.0] * (len(layers) - 1)
-    # per chunk, on the device once: BN group of each video, its label, the size of its group
+    # per chunk, on the device once: BN group of each video, its CE target, the size of its group
     groups = [c.groups.to(device) for c in chunks]
-    targets_y = [labels[c.positions].to(device) for c in chunks]
+    labels_on = [labels[c.positions].to(device) for c in chunks]
+    targets_y = [_ce_target(teacher, x.detach(), y, s) for x, y in zip(params, labels_on)]
     group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
     optimizer = torch.optim.Adam(params, lr=s.lr, betas=(0.5, 0.9))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -256,6 +278,9 @@ def recover(
     weights = [tsgf.filter_weight(m, s.w_min) for m in init_maps]  # TSGFO's W per chunk
     on_update = s.tsgfo and s.apply == TSGFApply.update
     n_groups = sum(len(c.group_classes) for c in chunks)
+    stopping = s.stop_confidence > 0
+    confidence = [torch.zeros(len(c.positions), device=device) for c in chunks]  # EMA over steps
+    stopped = [torch.zeros(len(c.positions), dtype=torch.bool, device=device) for c in chunks]
 
     with BatchNormTaps(teacher) as taps:  # hooks stay on for the whole optimisation
         for step in range(s.iterations):
@@ -268,6 +293,11 @@ def recover(
                     logits = teacher(view)
                 # sum over groups of each group's mean CE
                 ce = (F.cross_entropy(logits.float(), targets_y[k], reduction="none") / group_sizes[k]).sum()
+                if stopping:
+                    with torch.no_grad():
+                        p = F.softmax(logits.float(), dim=1).gather(1, labels_on[k].view(-1, 1)).squeeze(1)
+                        confidence[k] = p if step == 0 else 0.7 * confidence[k] + 0.3 * p
+                        stopped[k] |= confidence[k] >= s.stop_confidence
                 bn = torch.zeros((), device=device)
                 if s.lambda_bn > 0:
                     for layer, (w, means, squares) in enumerate(zip(layer_weights, taps.means, taps.squares)):
@@ -294,17 +324,21 @@ def recover(
             if logging:
                 motion = sum(tsgf.motion_sums(x, a, m, s.saliency) for x, a, m in zip(params, x0, init_maps))
             lr = schedule.get_last_lr()[0]
-            previous = [x.detach().clone() for x in params] if on_update else None
+            previous = [x.detach().clone() for x in params] if on_update or stopping else None
             optimizer.step()
             schedule.step()
             with torch.no_grad():
                 for k, x in enumerate(params):
-                    if previous is not None:
+                    if on_update:
                         x.copy_(tsgf.filter_update(previous[k], x, weights[k]))
                     torch.maximum(torch.minimum(x, high, out=x), low, out=x)
+                    if stopping:
+                        x[stopped[k]] = previous[k][stopped[k]]
             if logging:
                 loss_v, ce_v, bn_v = (totals / n_groups).tolist()
-                callback(step, {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, **tsgf.motion_diagnostics(motion)})
+                share = (sum(int(m.sum()) for m in stopped) / len(labels)) if stopping else 0.0
+                metrics = {"loss": loss_v, "ce": ce_v, "bn": bn_v, "lr": lr, "stopped": share}
+                callback(step, {**metrics, **tsgf.motion_diagnostics(motion)})
 
     out = torch.empty_like(init, dtype=torch.float32, device="cpu")
     for chunk, x in zip(chunks, params):
