@@ -6,7 +6,9 @@ The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md 
   the train split; students are scored on `--split`: `val` (held-out digits, for choosing
   defaults) or `test` (final tables only), at the last step.
 - Arms, per IPC and init draw (IPC real clips per class drawn with seed `draw`): `random_real` (the
-  draw's clips as they are) and `tsgd` (recovered from them), optionally `sre2l_video`. Every arm
+  draw's clips as they are) and `tsgd` (recovered from them), optionally `sre2l_video`, init
+  choices among a seeded pool (`kcenter_*`, `moderate_*`: see METHODS) and tsgd arms with their
+  own overrides (`--arms`). Every arm
   gets the same student and augmentation, TSGFA crops included (the parity arm: random_real with
   the same crops); `full` (every real training clip) gets the same student steps too (`--steps`).
 - Label regimes (one switch each): `online` (the teacher relabels every augmented batch),
@@ -66,8 +68,20 @@ DATA = [
     "teacher.width=16",
     "teacher.epochs=40",
 ]
-#: method -> recovery with TSGFO (None: the init clips as they are)
-METHODS = {"random_real": None, "sre2l_video": False, "tsgd": True}
+#: method -> (how its init clips are chosen, recovery with TSGFO; None: the clips as they are).
+#: random: IPC clips per class drawn with seed `draw`; kcenter / moderate: greedy k-center on the
+#: teacher's features / the clips nearest the class's median teacher loss, among a pool of
+#: POOL x IPC clips per class drawn with seed `draw`
+METHODS = {
+    "random_real": ("random", None),
+    "sre2l_video": ("random", False),
+    "tsgd": ("random", True),
+    "kcenter_real": ("kcenter", None),
+    "kcenter_tsgd": ("kcenter", True),
+    "moderate_real": ("moderate", None),
+    "moderate_tsgd": ("moderate", True),
+}
+POOL = 4
 TEACHER_FREE = ("stored16", "hard")
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
 
@@ -171,16 +185,27 @@ def run_variant(variant: str, args, log) -> dict:
         return training.topk_accuracy(training.predict(student, x_eval, inputs), y_eval)
 
     saliency = SaliencySettings.from_section(cfg.tsgf)
+    with torch.no_grad():
+        features = training.embeddings(teacher, real)
+        losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
     for ipc in args.ipc:
         for draw in args.draws:
-            rows, y, idx = selection.flatten(selection.random_real(y_train, k, ipc, draw))
-            x0 = real[rows]
-            heat = training.clip_heat(x0, saliency, inputs)
+            pool = selection.random_real(y_train, k, min(POOL * ipc, int(torch.bincount(y_train).min())), draw)
+            inits = {
+                "random": selection.random_real(y_train, k, ipc, draw),
+                "kcenter": selection.k_center(features, y_train, k, ipc, pool),
+                "moderate": selection.moderate(losses, y_train, k, ipc, pool),
+            }
             for method in args.methods:
-                if METHODS[method] is None:
+                init, tsgfo = METHODS.get(method, ("random", True))
+                rows, y, idx = selection.flatten(inits[init])
+                x0 = real[rows]
+                heat = training.clip_heat(x0, saliency, inputs)
+                if tsgfo is None:
                     x_set = x_train[rows]
                 else:
-                    run_cfg = load_config(args.config, [*base, f"tsgf.enabled={METHODS[method]}"])
+                    arm = [f"tsgf.enabled={tsgfo}", *args.arm_overrides.get(method, [])]
+                    run_cfg = load_config(args.config, [*base, *arm])
                     settings_r = recovery.RecoverySettings.from_config(run_cfg)
                     x_set = to_uint8_clips(
                         recovery.recover(teacher, x0, y, idx, settings_r, stats), inputs.mean, inputs.std
@@ -223,6 +248,13 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="val", choices=["val", "test"], help="what students are scored on")
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--methods", nargs="+", default=["random_real", "tsgd"], choices=list(METHODS))
+    parser.add_argument(
+        "--arms",
+        nargs="*",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="more tsgd arms, each with its own overrides (e.g. stop:distill.stop_confidence=0.9)",
+    )
     parser.add_argument("--regimes", nargs="+", default=["stored16", "hard", "online"])
     parser.add_argument("--online-ipc", type=int, nargs="*", default=[], help="IPCs of the online regime (all)")
     parser.add_argument("--student", default="mini_r2plus1d")
@@ -234,6 +266,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="", help="write the Markdown report here (e.g. docs/QUALITY.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    args.arm_overrides = {}
+    for arm in args.arms:
+        name, _, overrides = arm.partition(":")
+        if not name or name in METHODS or not overrides:
+            raise SystemExit(f"--arms: NAME:KEY=VALUE[,KEY=VALUE] with a new name, got {arm!r}")
+        args.arm_overrides[name] = overrides.split(",")
+        args.methods.append(name)
     if "random_real" not in args.methods:
         raise SystemExit("--methods: random_real is the reference every difference is taken against")
     for regime in args.regimes:
@@ -279,6 +318,16 @@ def render(args, results: dict, seconds: float) -> str:
         "Cells: top-1 % mean +- SE over draws (each draw: the mean over seeds). Differences: tsgd - "
         "random_real on the same (draw, seed), mean +- SE over the per-draw means, then each draw's.",
     ]
+    if args.arm_overrides:
+        lines += [
+            "",
+            "Arms beyond the methods: "
+            + "; ".join(
+                f"`{name}` = tsgd with {', '.join(f'`{o}`' for o in overrides)}"
+                for name, overrides in args.arm_overrides.items()
+            )
+            + ".",
+        ]
     targets: list[str] = []
     for variant, r in results.items():
         s = r["scores"]

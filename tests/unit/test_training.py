@@ -233,6 +233,23 @@ def test_herding_starts_from_the_clip_nearest_the_class_mean():
     assert choice == {0: [2, 3], 1: [4, 5]}
 
 
+def test_k_center_covers_the_class_and_moderate_skips_both_ends():
+    # class 0: three tight directions (0, 45 and 90 degrees) with near copies; class 1 elsewhere
+    angles = torch.tensor([0.0, 0.01, 0.02, 0.78, 0.79, 1.57, 1.56, 3.0, 3.1, 3.05])
+    features = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    choice = selection.k_center(features, labels, 2, ipc=3)
+    assert choice[0][0] in (3, 4)  # the middle direction is nearest the class mean
+    assert sorted(angles[choice[0]].round().tolist()) == [0.0, 1.0, 2.0]  # one clip per direction
+    assert selection.k_center(features, labels, 2, ipc=2, candidates={0: [0, 1, 2, 5], 1: [7, 8]})[0] == [2, 5]
+    same = torch.ones(4, 2)  # identical clips: still four different rows
+    assert sorted(selection.k_center(same, torch.zeros(4, dtype=torch.long), 1, ipc=4)[0]) == [0, 1, 2, 3]
+    losses = torch.tensor([0.1, 5.0, 1.0, 0.9, 1.5, 0.0, 9.0, 1.0, 1.0, 1.0])
+    assert sorted(selection.moderate(losses, labels, 2, ipc=3)[0]) == [2, 3, 4]  # class 0: median 1.0
+    with pytest.raises(ValueError, match="fewer candidates"):
+        selection.moderate(losses, labels, 2, ipc=3, candidates={0: [0, 1], 1: [7, 8]})
+
+
 def test_load_split_decodes_the_builtin_dataset(tmp_path):
     cfg = tiny_config(tmp_path)
     clips, labels, classes = load_split(cfg, "test")

@@ -9,6 +9,8 @@ Raises TooFewClips when a class has fewer than `ipc` clips.
 from __future__ import annotations
 
 import hashlib
+import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,6 +65,59 @@ def herding(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc:
             total += f[best]
             available[best] = False
         chosen[c] = picked
+    return chosen
+
+
+def _pools(labels, num_classes: int, ipc: int, candidates: Optional[dict[int, list[int]]]) -> list[np.ndarray]:
+    """Per class, the rows to choose from: `candidates[c]` (a seeded pool), else all of its rows."""
+    rows = _class_rows(labels, num_classes, ipc)
+    if candidates is None:
+        return rows
+    short = [c for c in range(num_classes) if len(candidates[c]) < ipc]
+    if short:
+        raise TooFewClips(f"ipc={ipc}: classes {short[:10]} have fewer candidates")
+    return [np.asarray(candidates[c]) for c in range(num_classes)]
+
+
+def k_center(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ipc: int,
+    candidates: Optional[dict[int, list[int]]] = None,
+) -> dict[int, list[int]]:
+    """Greedy k-center per class in cosine distance over features (N, D): start from the clip
+    nearest the mean of the class's (unit) features, then repeatedly add the clip farthest from
+    every clip chosen so far (ties by row). `candidates`: per class, the rows to choose from."""
+    unit = torch.nn.functional.normalize(features.double().cpu(), dim=1)
+    chosen: dict[int, list[int]] = {}
+    for c, r in enumerate(_pools(labels, num_classes, ipc, candidates)):
+        f = unit[torch.as_tensor(r)]
+        picked = [int((f @ f.mean(0)).argmax())]
+        nearest = 1 - f @ f[picked[0]]  # distance of each candidate to its nearest chosen clip
+        nearest[picked[0]] = -math.inf
+        for _ in range(1, ipc):
+            picked.append(int(nearest.argmax()))
+            nearest = torch.minimum(nearest, 1 - f @ f[picked[-1]])
+            nearest[picked[-1]] = -math.inf  # never twice, even among identical clips
+        chosen[c] = [int(r[i]) for i in picked]
+    return chosen
+
+
+def moderate(
+    losses: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ipc: int,
+    candidates: Optional[dict[int, list[int]]] = None,
+) -> dict[int, list[int]]:
+    """The `ipc` clips per class whose teacher loss is nearest the class's median loss (neither
+    the easiest nor the hardest; ties by row). `candidates`: per class, the rows to choose from."""
+    losses_np = losses.cpu().double().numpy()
+    chosen = {}
+    for c, r in enumerate(_pools(labels, num_classes, ipc, candidates)):
+        gap = np.abs(losses_np[r] - np.median(losses_np[r]))
+        chosen[c] = r[np.lexsort((r, gap))[:ipc]].tolist()
     return chosen
 
 
