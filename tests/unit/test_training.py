@@ -133,7 +133,7 @@ def test_students_learn_from_a_few_clips(motion_teacher, protocol):
 
 def test_a_student_trained_on_uint8_clips_is_the_one_trained_on_their_model_input(motion_teacher):
     """Evaluate workers keep their synthetic rows as uint8 and normalise per batch: same weights."""
-    cfg = motion_config("evaluate.epochs=3")
+    cfg = motion_config("evaluate.epochs=3", "evaluate.labels=soft_kl")
     clips, labels = direction_clips(70, seed=4)  # more than one 64-clip saliency chunk
     students = []
     for x in (clips, to_model_input(clips, cfg.data.mean, cfg.data.std)):

@@ -411,7 +411,9 @@ class EvaluateConfig:
     model: str = setting("", derived=_teachers("model"))  # the student architecture; empty: the teacher's
     width: int = setting(0, must=NON_NEGATIVE, derived=_teachers("width"))  # student width (mini_c3d); 0: the teacher's
     depth: int = setting(0, must=NON_NEGATIVE, derived=_teachers("depth"))  # student depth (mini_c3d); 0: the teacher's
-    labels: LabelKind = LabelKind.soft_kl  # what the student learns from: online (soft_*), stored or hard
+    # What the student learns from: the views and logits stored with the set (how a user trains on a
+    # shipped set, without the teacher), the teacher online (soft_*) or the class labels (hard).
+    labels: LabelKind = LabelKind.stored
     views: int = setting(16, must=at_least(1))  # labels=stored: replay the first this many stored views per clip
     temperature: float = setting(4.0, must=POSITIVE)  # softmax temperature T of labels=soft_kl
     mse_ce_weight: float = setting(0.1, must=NON_NEGATIVE)  # labels=soft_mse: MSE to the teacher logits + this * CE
