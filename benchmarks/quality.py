@@ -2,7 +2,9 @@
 
 The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md prints it):
 
-- Data: the built-in motion-digits dataset (8 classes in time-reversed pairs). The teacher trains on
+- Data (`--variants`): the built-in motion digits, `plain` or `cluttered` (8 classes in time-reversed
+  pairs), and `footage` (benchmarks/footage.py: 6 classes of camera motion over real videos, in
+  time-reversed pairs, whole source videos held out for val and test). The teacher trains on
   the train split; students are scored on `--split`: `val` (held-out digits, for choosing
   defaults) or `test` (final tables only), at the last step.
 - Arms, per IPC and init draw (IPC real clips per class drawn with seed `draw`): `random_real` (the
@@ -49,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from footage import ensure_footage_dataset  # noqa: E402
 from report import target_line  # noqa: E402
 
 from tsgd_ray.config import load_config, to_dict  # noqa: E402
@@ -83,6 +86,11 @@ METHODS = {
 }
 POOL = 4
 TEACHER_FREE = ("stored16", "hard")
+DATASETS = {
+    "plain": "the built-in motion digits",
+    "cluttered": "the built-in motion digits, cluttered (distractors, camera pan and shake, flicker)",
+    "footage": "motion footage (camera pans and zooms over real videos, whole sources held out)",
+}
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
 
 
@@ -124,9 +132,17 @@ def diversity(teacher, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -
     return {"cosine": statistics.fmean(cosines) if cosines else float("nan"), "entropy": entropy}
 
 
+def variant_overrides(variant: str) -> list[str]:
+    """plain | cluttered (the built-in variants) | footage (benchmarks/footage.py) -> data overrides."""
+    if variant == "footage":
+        root = ensure_footage_dataset()
+        return ["data.dataset=folder", f"data.root={root}", "data.height=48", "data.width=48", "data.frame_interval=1"]
+    return [f"data.builtin.variant={variant}"]
+
+
 def run_variant(variant: str, args, log) -> dict:
-    """One built-in variant: teacher controls, and scores[(regime, method, ipc)] = {draw: [per seed]}."""
-    base = [*DATA, f"data.builtin.variant={variant}", *args.overrides]
+    """One dataset variant: teacher controls, and scores[(regime, method, ipc)] = {draw: [per seed]}."""
+    base = [*DATA, *variant_overrides(variant), *args.overrides]
     cfg = load_config(args.config, base)
     x_train, y_train, classes = load_split(cfg, "train")
     x_eval, y_eval, _ = load_split(cfg, args.split)
@@ -147,7 +163,15 @@ def run_variant(variant: str, args, log) -> dict:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher.eval()
-    out: dict = {"cfg": cfg, "controls": controls(teacher, x_eval, y_eval, cfg, cfg.seed), "scores": {}, "sets": {}}
+    out: dict = {
+        "cfg": cfg,
+        "classes": k,
+        "train_clips": len(y_train),
+        "eval_per_class": len(y_eval) // k,
+        "controls": controls(teacher, x_eval, y_eval, cfg, cfg.seed),
+        "scores": {},
+        "sets": {},
+    }
     log(f"{variant} teacher on {args.split}: {out['controls']}")
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
     viewed = (
@@ -244,7 +268,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="default")
-    parser.add_argument("--variants", nargs="+", default=["plain"], choices=["plain", "cluttered"])
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=["plain", "cluttered", "footage"])
     parser.add_argument("--split", default="val", choices=["val", "test"], help="what students are scored on")
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--methods", nargs="+", default=["random_real", "tsgd"], choices=list(METHODS))
@@ -253,7 +277,7 @@ def main(argv=None) -> int:
         nargs="*",
         default=[],
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-        help="more tsgd arms, each with its own overrides (e.g. stop:distill.stop_confidence=0.9)",
+        help="more tsgd arms, each recovered with its own overrides (e.g. div:distill.diversity=1); students as every arm",
     )
     parser.add_argument("--regimes", nargs="+", default=["stored16", "hard", "online"])
     parser.add_argument("--online-ipc", type=int, nargs="*", default=[], help="IPCs of the online regime (all)")
@@ -300,13 +324,12 @@ def render(args, results: dict, seconds: float) -> str:
     cfg = next(iter(results.values()))["cfg"]
     e, d, lab = cfg.evaluate, cfg.distill, cfg.distill.labels
     lines = [
-        "# Quality benchmark (built-in motion-digits dataset)",
+        "# Quality benchmark (" + ", ".join(DATASETS[v] for v in results) + ")",
         "",
         f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
         f"Run time: {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads. Scored on the "
-        f"`{args.split}` split ({cfg.data.builtin[args.split + '_per_class']} clips per class). Clips {cfg.data.num_frames}x"
-        f"{cfg.data.height}x{cfg.data.width}; {len(args.draws)} init draws x {len(args.seeds)} student seeds per "
+        f"`{args.split}` split; {len(args.draws)} init draws x {len(args.seeds)} student seeds per "
         f"cell. Teacher {cfg.teacher.model} width {cfg.teacher.width}, {cfg.teacher.epochs} epochs. Recovery "
         f"{d.iterations} iterations, lr {d.lr}. Student {args.student} width {e.width or cfg.teacher.width}, "
         f"{args.steps} steps for every arm and for full, batch {e.batch_size}, lr {e.lr}. Online: "
@@ -334,6 +357,9 @@ def render(args, results: dict, seconds: float) -> str:
         lines += [
             "",
             f"## Variant `{variant}`",
+            "",
+            f"{DATASETS[variant]}: clips {r['cfg'].data.num_frames}x{r['cfg'].data.height}x{r['cfg'].data.width}, "
+            f"{r['classes']} classes, {r['train_clips']} training clips, {r['eval_per_class']} `{args.split}` clips per class.",
             "",
             f"Teacher controls on `{args.split}` (top-1 %): "
             + ", ".join(f"{name} {100 * v:.1f}" for name, v in r["controls"].items())
