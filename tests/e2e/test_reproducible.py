@@ -9,6 +9,7 @@ import torch
 from tsgd_ray.core.models import build_model
 
 OVERRIDES = [
+    "evaluate.labels=soft_kl",  # the online teacher: the student augmentation below is its own
     "evaluate.epochs=4",
     "evaluate.batch_size=8",
     "evaluate.augment.time_reverse=true",

@@ -106,7 +106,7 @@ def test_hard_labels_keep_the_teachers_label_preserving_crops():
     s = training.StudentSettings.from_config(cfg)
     assert s.labels == LabelKind.hard and s.crop.scale == tuple(cfg.augment.crop_scale) and not s.crop.hflip
     assert not s.time_reverse and s.cutmix == 0.0 and s.mixup == 0.0
-    online = training.StudentSettings.from_config(load_config("default", []))
+    online = training.StudentSettings.from_config(load_config("default", ["evaluate.labels=soft_kl"]))
     assert online.crop.scale == tuple(cfg.evaluate.augment.crop_scale) and online.crop.hflip
 
 
