@@ -15,7 +15,7 @@ The sources come from scripts/fetch_footage.py (a cache outside the repo). The c
 as H.264 MP4 in a class-folder tree (data.dataset=folder) under a root named by the settings;
 a marker is written last, so a second call returns at once.
 
-    python benchmarks/footage.py [--root DIR]    # writes the tree, prints its root
+    python benchmarks/footage.py [--cache DIR] [--seed N]    # writes the tree, prints its root
 """
 
 from __future__ import annotations

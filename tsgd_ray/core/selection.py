@@ -88,7 +88,7 @@ def k_center(
 ) -> dict[int, list[int]]:
     """Greedy k-center per class in cosine distance over features (N, D): start from the clip
     nearest the mean of the class's (unit) features, then repeatedly add the clip farthest from
-    every clip chosen so far (ties by row). `candidates`: per class, the rows to choose from."""
+    every clip chosen so far (ties: the earlier candidate). `candidates`: per class, the rows to choose from."""
     unit = torch.nn.functional.normalize(features.double().cpu(), dim=1)
     chosen: dict[int, list[int]] = {}
     for c, r in enumerate(_pools(labels, num_classes, ipc, candidates)):
