@@ -74,7 +74,7 @@ def measure_recovery(cfg, videos: int, iterations: int) -> None:
     from tsgd_ray.core.device import resolve_device
     from tsgd_ray.core.models import build_model
 
-    device = resolve_device("auto")
+    device = resolve_device("auto", 1 if torch.cuda.is_available() else 0)  # this process owns the machine
     shape = (cfg.data.num_frames, cfg.data.height, cfg.data.width)
     classes = 400
     model = build_model(cfg.teacher.model, classes, shape, cfg.teacher.width, cfg.teacher.depth).to(device).eval()

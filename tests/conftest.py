@@ -105,11 +105,13 @@ def ray_session(s3_server):
 
 
 def tiny_config(output_root: str | Path, *overrides: str):
-    """A config for tests: small built-in dataset, small clips, output under `output_root`."""
+    """A config for tests: small built-in dataset, small clips, output under `output_root`, on the
+    CPU (a GPU test says device=auto or cuda)."""
     return load_config(
         None,
         [
             f"storage.output_root={output_root}",
+            "device=cpu",
             "data.builtin.train_per_class=4",
             "data.builtin.test_per_class=2",
             "data.num_frames=8",

@@ -40,8 +40,8 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
     run_prepare(cfg)
     run_teacher(cfg)
     with pytest.raises(DeviceError, match="stats.gpus_per_actor=1"):
-        run_stats(imported_config(tmp_path / "out", teacher, "stats.gpus_per_actor=1"))
-    trained = tiny_config(tmp_path / "out", "teacher.gpus_per_worker=1", "teacher.epochs=1")  # the same shards
+        run_stats(imported_config(tmp_path / "out", teacher, "device=auto", "stats.gpus_per_actor=1"))
+    trained = tiny_config(tmp_path / "out", "device=auto", "teacher.gpus_per_worker=1", "teacher.epochs=1")  # the same shards
     with pytest.raises(DeviceError, match="teacher.gpus_per_worker=1"):
         run_teacher(trained)
     assert not storage.exists(teacher_uri(trained))
@@ -49,7 +49,7 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
     actor = (
         ray.remote(PartitionWorker)
         .options(num_cpus=0.1, num_gpus=1)
-        .remote(imported_config(tmp_path / "out", teacher, "distill.gpus_per_actor=1"), ["a"], 1)
+        .remote(imported_config(tmp_path / "out", teacher, "device=auto", "distill.gpus_per_actor=1"), ["a"], 1)
     )
     with pytest.raises(DeviceError, match="distill.gpus_per_actor=1 gives this stage a GPU"):
         ray.get(actor.ready.remote())
@@ -58,7 +58,7 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
     path = tmp_path / "gpu.yaml"
     path.write_text(to_yaml(imported_config(tmp_path / "out", teacher)))
     capsys.readouterr()
-    assert run_command("stats", str(path), ["stats.gpus_per_actor=1"]) == 2
+    assert run_command("stats", str(path), ["device=auto", "stats.gpus_per_actor=1"]) == 2
     err = capsys.readouterr().err
     assert (
         err.strip().splitlines()[-1].startswith("tsgd-ray stats: error: stats.gpus_per_actor=1 gives this stage a GPU")

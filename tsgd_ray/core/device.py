@@ -36,7 +36,9 @@ def require_cuda(report: dict, key: str, gpus: float) -> None:
 
 
 def resolve_device(name: str, gpus: float = 0.0, key: str = "") -> torch.device:
-    """`auto` -> cuda when available, else cpu; otherwise the named device.
+    """The device of a process that Ray gave `gpus` GPUs: `auto` -> cuda when `gpus` > 0, else cpu
+    (recent Ray no longer hides a node's GPUs from actors that reserved none, and such an actor must
+    not run on a GPU Ray lent to another); otherwise the named device.
 
     Raises:
         DeviceError: `gpus` > 0 were requested (under config key `key`) for a device other than
@@ -45,8 +47,21 @@ def resolve_device(name: str, gpus: float = 0.0, key: str = "") -> torch.device:
     if name != "cpu":
         require_cuda(cuda_report(), key, gpus)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if gpus > 0 else "cpu")
     return torch.device(name)
+
+
+def reserved_gpus(device: str, gpus: float) -> float:
+    """The GPUs to ask Ray for: `gpus`, or none when the config's device is cpu (a CPU run must not
+    hold GPUs it will not use)."""
+    return 0.0 if device == "cpu" else gpus
+
+
+def tune_for(device: torch.device) -> None:
+    """Per-process CUDA settings for fixed clip shapes: cuDNN picks its fastest kernels once per
+    shape (cudnn.benchmark); a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device: torch.device, enabled: bool):

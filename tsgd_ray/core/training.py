@@ -420,7 +420,7 @@ def train_student(
             student,
             teacher,
             optimizer,
-            settings.inputs.normalised(x[rows]).to(device),
+            settings.inputs.normalised(x[rows].to(device, non_blocking=True)),  # uint8 over the bus
             labels[rows].to(device),
             settings,
             generator,

@@ -15,19 +15,30 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
+from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
 from tsgd_ray.data import clip_cache
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 
 
 def scaling_config(section, device: str):
-    """A ScalingConfig from a section with num_workers, cpus_per_worker, gpus_per_worker."""
+    """A ScalingConfig from a section with num_workers, cpus_per_worker, gpus_per_worker (no GPUs
+    when the device is cpu)."""
     from ray.train import ScalingConfig
 
-    use_gpu = section.gpus_per_worker > 0 and device != "cpu"
-    resources = {"CPU": section.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = section.gpus_per_worker
-    return ScalingConfig(num_workers=section.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+    gpus = reserved_gpus(device, section.gpus_per_worker)
+    resources = {"CPU": section.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return ScalingConfig(num_workers=section.num_workers, use_gpu=gpus > 0, resources_per_worker=resources)
+
+
+def torch_config(section, device: str):
+    """The workers' process group: NCCL on whole GPUs; gloo on CPU and where workers share a GPU
+    (a fraction of one each), since NCCL refuses two ranks on one device ("Duplicate GPU detected",
+    ray-project/ray#48012) while gloo all-reduces CUDA tensors through the host."""
+    from ray.train.torch import TorchConfig
+
+    gpus = reserved_gpus(device, section.gpus_per_worker)
+    whole = gpus >= 1 or section.num_workers == 1
+    return TorchConfig(backend="nccl" if gpus > 0 and whole else "gloo")
 
 
 def run_config(storage_uri: str, name: str, max_failures: int, callbacks: Sequence = ()):
@@ -69,12 +80,12 @@ def worker_setup(section, key: str, device: str) -> tuple[int, int, torch.device
     import ray.train
     import ray.train.torch
 
-    from tsgd_ray.core.device import resolve_device
-
     resolve_device(device, section.gpus_per_worker, f"{key}.gpus_per_worker")
     torch.set_num_threads(max(1, math.ceil(section.cpus_per_worker)))
     context = ray.train.get_context()
-    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    where = ray.train.torch.get_device()
+    tune_for(where)
+    return context.get_world_rank(), context.get_world_size(), where
 
 
 def unwrap(model: nn.Module) -> nn.Module:

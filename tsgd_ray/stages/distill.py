@@ -39,7 +39,7 @@ from tsgd_ray import artifacts, layout, lease, storage
 from tsgd_ray.config import ConfigError, InitKind
 from tsgd_ray.console import Progress
 from tsgd_ray.core.clips import InputSettings, to_uint8_clips
-from tsgd_ray.core.device import resolve_device
+from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
 from tsgd_ray.core.labels import ViewSettings, clip_keys, label_views, view_params
 from tsgd_ray.core.recovery import RecoverySettings, noise_init, recover
 from tsgd_ray.core.training import clip_heat
@@ -175,6 +175,7 @@ class PartitionWorker(PoolActor):
         torch.set_num_threads(threads)
         self.cfg = cfg
         device = resolve_device(cfg.device, cfg.distill.gpus_per_actor, "distill.gpus_per_actor")
+        tune_for(device)
         self.teacher = artifacts.load_teacher(cfg, classes, device)
         self.stats = artifacts.read_statistics(cfg)
 
@@ -249,8 +250,9 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
     d = cfg.distill
     if pending:
         check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
-    threads = max(1, math.floor(d.cpus_per_actor)) if d.gpus_per_actor == 0 else 1
-    start = actor_starter(PartitionWorker, d.cpus_per_actor, d.gpus_per_actor, cfg, classes, threads)
+    gpus = reserved_gpus(cfg.device, d.gpus_per_actor)
+    threads = max(1, math.floor(d.cpus_per_actor)) if gpus == 0 else 1
+    start = actor_starter(PartitionWorker, d.cpus_per_actor, gpus, cfg, classes, threads)
     pool = ElasticPool(
         start, min(d.actors, max(1, len(pending))), actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures
     )

@@ -237,6 +237,7 @@ def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
             _student_worker,
             train_loop_config={"cfg": cfg, "classes": classes, "method": method.value, "source": source},
             scaling_config=ray_train.scaling_config(cfg.evaluate, cfg.device),
+            torch_config=ray_train.torch_config(cfg.evaluate, cfg.device),
             run_config=ray_train.run_config(
                 storage.join(layout.evaluate_dir(cfg, method), "ray_train"),
                 "students",

@@ -33,7 +33,7 @@ from tsgd_ray.console import Progress
 from tsgd_ray.core.augment import CropSettings, keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
 from tsgd_ray.core.clips import InputSettings
-from tsgd_ray.core.device import autocast, resolve_device
+from tsgd_ray.core.device import autocast, reserved_gpus, resolve_device, tune_for
 from tsgd_ray.core.selection import BestPerClass, seeded_priority
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root, train_shards
@@ -59,6 +59,7 @@ class StatsWorker(PoolActor):
         self.inputs = InputSettings.from_config(cfg)
         self.crop = CropSettings.from_section(cfg.augment)
         self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
+        tune_for(self.device)
         self.teacher = artifacts.load_teacher(cfg, classes, self.device)
         self.num_classes = len(classes)
         self.decoder = ClipDecoder.from_config(cfg, threads=threads)
@@ -159,9 +160,8 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
 
     s = cfg.stats
     check_gpus(cfg, "stats.gpus_per_actor", s.gpus_per_actor)
-    start = actor_starter(
-        StatsWorker, s.cpus_per_actor, s.gpus_per_actor, cfg, classes, max(1, math.floor(s.cpus_per_actor))
-    )
+    gpus = reserved_gpus(cfg.device, s.gpus_per_actor)
+    start = actor_starter(StatsWorker, s.cpus_per_actor, gpus, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
     pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
     done, states = pool.run(
         range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result, collect="collect"

@@ -98,6 +98,7 @@ def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Mo
         _train_worker,
         train_loop_config={"cfg": cfg, "classes": classes, "source": source},
         scaling_config=ray_train.scaling_config(cfg.teacher, cfg.device),
+        torch_config=ray_train.torch_config(cfg.teacher, cfg.device),
         run_config=ray_train.run_config(
             storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures, [curve] if curve else []
         ),

@@ -1,0 +1,68 @@
+"""Where work runs: a process without a Ray GPU stays on the CPU, the process group suits how GPUs are
+shared, and (where CUDA exists) the CUDA path computes what the CPU path computes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_recovery import config, synthetic_set, teacher_and_stats
+
+from tsgd_ray.core import recovery
+from tsgd_ray.core.device import reserved_gpus, resolve_device
+from tsgd_ray.runtime.ray_train import scaling_config, torch_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def section(gpus: float, workers: int) -> SimpleNamespace:
+    return SimpleNamespace(gpus_per_worker=gpus, num_workers=workers, cpus_per_worker=1.0)
+
+
+def test_auto_stays_on_the_cpu_where_ray_gave_no_gpu_even_when_cuda_is_visible(monkeypatch):
+    """Recent Ray leaves a node's GPUs visible to actors that reserved none: such an actor must not
+    take a GPU that Ray lent to another worker."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", 0, "stats.gpus_per_actor") == torch.device("cpu")
+    assert resolve_device("auto", 1, "stats.gpus_per_actor") == torch.device("cuda")
+    assert resolve_device("cuda:1", 0) == torch.device("cuda:1")  # an explicit device is the user's choice
+
+
+def test_a_cpu_run_reserves_no_gpus():
+    assert reserved_gpus("cpu", 1) == 0 and reserved_gpus("auto", 0.5) == 0.5
+    cpu = scaling_config(section(1, 2), "cpu")
+    assert not cpu.use_gpu and "GPU" not in cpu.resources_per_worker
+    gpu = scaling_config(section(1, 2), "auto")
+    assert gpu.use_gpu and gpu.resources_per_worker["GPU"] == 1
+
+
+@pytest.mark.parametrize(
+    "gpus, workers, device, backend",
+    [
+        (1, 4, "auto", "nccl"),  # whole GPUs
+        (0.5, 1, "auto", "nccl"),  # one worker has no peer on its GPU
+        (0.5, 2, "auto", "gloo"),  # two ranks may share a GPU: NCCL would refuse them
+        (0, 2, "auto", "gloo"),  # CPU workers
+        (1, 2, "cpu", "gloo"),  # GPUs asked for, but the run is on the CPU
+    ],
+)
+def test_the_process_group_backend_suits_how_workers_hold_gpus(gpus, workers, device, backend):
+    assert torch_config(section(gpus, workers), device).backend == backend
+
+
+@cuda
+def test_recovery_on_cuda_agrees_with_the_cpu():
+    teacher, stats = teacher_and_stats()
+    init, labels, indices = synthetic_set(range(6), ipc=2)
+    settings = recovery.RecoverySettings.from_config(config())
+    on_cpu = recovery.recover(teacher, init, labels, indices, settings, stats)
+    on_gpu = recovery.recover(teacher.cuda(), init, labels, indices, settings, stats)
+    assert torch.isfinite(on_gpu).all()
+    assert (on_gpu - on_cpu).abs().max() < 0.1 * (on_cpu - init).abs().max()  # TF32 convolutions and kernel order
+
+
+@cuda
+def test_the_cuda_device_is_taken_only_with_a_gpu():
+    assert resolve_device("auto", 1, "distill.gpus_per_actor").type == "cuda"
+    assert resolve_device("auto", 0, "distill.gpus_per_actor").type == "cpu"
