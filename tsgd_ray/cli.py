@@ -108,6 +108,14 @@ def command_export(cfg: DictConfig, to: str, fmt: str, method: str = "") -> int:
     return 0
 
 
+def command_doctor(cfg: DictConfig) -> int:
+    """Check this machine, or every node of the cluster, for the config: torch, CUDA, decoders, storage, MLflow, Ray."""
+    from tsgd_ray.doctor import run_doctor
+
+    run_doctor(cfg, echo)
+    return 0
+
+
 def command_compare(cfg: DictConfig) -> int:
     """Compare the finished runs of the config's MLflow experiment: differing params, top-1/top-5."""
     from tsgd_ray.tracking import compare_runs
@@ -130,6 +138,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "run": command_run,
     **{stage: _stage_command(stage) for stage in ("teacher", "stats", "init", "distill", "merge", "evaluate")},
     "plan": command_plan,
+    "doctor": command_doctor,
     "compare": command_compare,
     "export": command_export,
 }

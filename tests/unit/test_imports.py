@@ -17,6 +17,7 @@ ALLOWED_BELOW = {
     "tracking": {"tracking", "config", "storage", "errors"},
     "layout": {"config", "storage", "methods"},
     "methods": {"config"},
+    "doctor": {"core", "data", "layout", "runtime", "storage", "tracking", "errors", "config"},
     "artifacts": {"core", "data", "layout", "storage", "errors", "config"},
 }
 

@@ -26,6 +26,7 @@ from tsgd_ray.stages.merge import run_merge
 from tsgd_ray.stages.prepare import run_prepare
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
+from tsgd_ray.tracking.runs import check_store
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,11 @@ def preflight(cfg: DictConfig, stages=STAGES) -> Optional[Catalog]:
     so that prepare does not list the dataset again).
 
     Raises:
-        ConfigError: no data.eval_split split. CatalogError, ManifestError: as prepare.
+        ConfigError: no data.eval_split split; a cluster job keeping MLflow's store in a local
+        file while its output root is in object storage (`check_store`). CatalogError,
+        ManifestError: as prepare.
     """
+    check_store(cfg)
     manifest = finished_manifest(cfg)
     catalog = None
     if manifest is None and "prepare" in stages:

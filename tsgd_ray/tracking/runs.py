@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig
 
 from tsgd_ray import storage
-from tsgd_ray.config import config_hash, to_dict, to_yaml
+from tsgd_ray.config import ConfigError, config_hash, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,29 @@ def tracking_uri(cfg: DictConfig) -> str:
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
     return uri
+
+
+def is_local_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a file on the machine that opens it (sqlite, file, a path)."""
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def check_store(cfg: DictConfig) -> None:
+    """Before any work: a job on a Ray cluster (ray.address or RAY_ADDRESS set) whose output root
+    is in object storage must not keep MLflow's store in a local file, which stays on the head
+    node (in the job's working directory by default) and is lost when the cluster goes down.
+
+    Raises:
+        ConfigError: that combination, naming the fix.
+    """
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    uri = cfg.tracking.tracking_uri
+    if on_cluster and not storage.is_local(cfg.storage.output_root) and is_local_store(uri):
+        raise ConfigError(
+            f"storage.output_root={cfg.storage.output_root} is in object storage but MLflow would keep its "
+            f"store in {redact(uri)} on the head node, lost when the cluster goes down: set "
+            "tracking.tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server (infra/mlflow/README.md)"
+        )
 
 
 def _artifact_location(cfg: DictConfig, uri: str) -> Optional[str]:
