@@ -103,22 +103,28 @@ def arrow_filesystem(uri: str):
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), path
     if uri.startswith("s3://"):
-        return _native_s3(), path
+        return _native_s3(path.split("/", 1)[0]), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-@functools.lru_cache(maxsize=1)
-def _native_s3():
-    """pyarrow's S3 filesystem, configured from the same AWS sources as s3fs: credentials and
-    region from the environment, AWS_PROFILE and the config files, the endpoint from
-    AWS_ENDPOINT_URL (an S3-compatible store) when set."""
+@functools.lru_cache(maxsize=64)
+def _native_s3(bucket: str):
+    """pyarrow's S3 filesystem for `bucket`, configured from the same AWS sources as s3fs:
+    credentials from the environment, AWS_PROFILE and the config files, the endpoint from
+    AWS_ENDPOINT_URL (an S3-compatible store) when set. On AWS it is built for the bucket's own
+    region (one filesystem serves one region: a bucket elsewhere would fail every read while s3fs
+    listings work); the configured region where that cannot be looked up."""
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    if not endpoint:
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme)
+    try:
+        return pafs.S3FileSystem(region=pafs.resolve_s3_region(bucket))
+    except OSError as exc:  # no network to AWS, or a name S3 does not know: reads will say more
+        log.warning("could not look up the region of s3://%s (%s); using the configured one", bucket, exc)
         return pafs.S3FileSystem()
-    scheme, _, host = endpoint.partition("://")
-    return pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme)
 
 
 @with_retries

@@ -5,6 +5,7 @@ fields KubeRay requires; the image, the manifests and pyproject.toml agree with 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import json
 import re
@@ -111,9 +112,61 @@ def test_aws_nodes_boot_a_current_gpu_ami_pull_the_image_from_ecr_and_have_a_rol
     login = [c for c in config["initialization_commands"] if "docker login" in c]
     assert len(login) == 1 and "aws ecr get-login-password" in login[0] and login[0].endswith(registry)
     assert f"--region {config['provider']['region']}" in login[0]
-    # the profiles' policies are documented
+    # the profiles' policies are files the README's commands apply
     readme = (INFRA / "aws" / "README.md").read_text()
-    assert "tsgd-ray-head" in readme and "tsgd-ray-worker" in readme and "ecr:BatchGetImage" in readme
+    for name in ("ec2-trust.json", "data-policy.json", "head-policy.json"):
+        assert f"file://infra/aws/{name}" in readme
+    assert "AmazonEC2ContainerRegistryReadOnly" in readme
+
+
+def _allows(policy: dict, action: str, resource: str) -> bool:
+    """Whether an IAM policy's Allow statements grant `action` on `resource` (wildcards as IAM's)."""
+    listed = lambda value: value if isinstance(value, list) else [value]  # noqa: E731
+    return any(
+        st["Effect"] == "Allow"
+        and any(fnmatch.fnmatchcase(action, a) for a in listed(st["Action"]))
+        and any(fnmatch.fnmatchcase(resource, r) for r in listed(st["Resource"]))
+        for st in policy["Statement"]
+    )
+
+
+def test_the_head_role_can_launch_every_worker_node_type():
+    """The head's autoscaler launches the workers with its own role: EC2 calls, passing the workers'
+    role, and resolving each node type's `resolve:ssm:` AMI parameter (EC2 looks it up with the
+    launcher's permissions, so without ssm:GetParameters every worker launch fails)."""
+    config = _load("aws/cluster.yaml")
+    head = json.loads((INFRA / "aws" / "head-policy.json").read_text())
+    region = config["provider"]["region"]
+    for action in ("ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances"):
+        assert _allows(head, action, "*"), action
+    for name, node_type in config["available_node_types"].items():
+        if name == config["head_node_type"]:
+            continue
+        node_config = node_type["node_config"]
+        role = node_config["IamInstanceProfile"]["Name"]  # profile and role share the name (README.md)
+        assert _allows(head, "iam:PassRole", f"arn:aws:iam::123456789012:role/{role}"), name
+        parameter = node_config["ImageId"].removeprefix("resolve:ssm:")
+        assert _allows(head, "ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{parameter}"), name
+    assert not _allows(head, "iam:PassRole", "arn:aws:iam::123456789012:role/admin")  # only the workers' role
+    data = json.loads((INFRA / "aws" / "data-policy.json").read_text())
+    assert _allows(data, "s3:PutObject", "arn:aws:s3:::my-bucket/tsgd/k400/shards/x.parquet")
+    assert not _allows(data, "s3:DeleteObject", "arn:aws:s3:::my-bucket/tsgd/k400/shards/x.parquet")
+
+
+def test_the_aws_cluster_enforces_token_auth_with_the_laptops_token():
+    """Every `ray start` turns token auth on, and `ray up` copies the laptop's token to Ray's default
+    path on every node, so the client, the head and the workers share one token."""
+    config = _load("aws/cluster.yaml")
+    for command in (
+        c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c
+    ):
+        assert "RAY_AUTH_MODE=token ray start" in command or "RAY_AUTH_MODE=token RAY_enable" in command, command
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    readme = (INFRA / "aws" / "README.md").read_text()
+    assert "ray get-auth-token --generate" in readme and "export RAY_AUTH_MODE=token" in readme
+    assert f'pip install "ray[default]=={_ray_version_of_image()}"' in readme  # the client's Ray is the image's
+    assert "create-service-linked-role --aws-service-name spot.amazonaws.com" in readme
+    assert "G and VT" in readme  # a new account's GPU quotas are 0
 
 
 @pytest.mark.parametrize(
@@ -175,8 +228,10 @@ def _containers(spec: dict) -> list[dict]:
 
 
 def _without_token_env(spec: dict) -> dict:
-    """The cluster spec with the manual token-auth variables taken out of every container."""
+    """The cluster spec with the manual token-auth variables taken out of every container and
+    of the autoscaler."""
     spec = copy.deepcopy(spec)
+    del spec["autoscalerOptions"]["env"]
     for c in _containers(spec):
         c["env"] = [e for e in c.get("env", []) if e["name"] not in AUTH_ENV]
         if not c["env"]:
@@ -280,10 +335,14 @@ def test_kuberay_raycluster_with_token_auth():
     cluster = _manifests()["raycluster.yaml"]
     assert cluster["kind"] == "RayCluster" and cluster["metadata"]["name"]
     _check_cluster_spec(cluster["spec"])
-    for c in _containers(cluster["spec"]):  # every Ray container enforces the token from one Secret
-        env = {e["name"]: e for e in c["env"]}
+    # every Ray container enforces the token from one Secret, and the autoscaler sidecar (which KubeRay
+    # gives none of the containers' env) presents it, or it cannot read the demand and never scales up
+    for env_list in [c["env"] for c in _containers(cluster["spec"])] + [cluster["spec"]["autoscalerOptions"]["env"]]:
+        env = {e["name"]: e for e in env_list}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tsgd-ray-auth", "key": "auth_token"}
+    steps = (INFRA / "k8s" / "README.md").read_text().split("## A standing cluster")[1]
+    assert "kubectl create serviceaccount tsgd-ray" in steps  # the pods run as it
 
 
 def test_kuberay_rayjobs_run_the_pipeline_from_the_image():

@@ -122,3 +122,27 @@ def test_parquet_is_read_natively_from_disk_and_s3(store_root):
         parquet = pq.ParquetFile(f)
         assert parquet.num_row_groups == 10
         assert parquet.read_row_group(3).column("x").to_pylist() == list(range(300, 400))
+
+
+def test_the_native_s3_filesystem_takes_each_buckets_region(monkeypatch):
+    """One pyarrow S3 filesystem serves one region: on AWS each bucket gets its own region's (a
+    bucket in another region would fail every Parquet read while s3fs listings work)."""
+    import pyarrow.fs as pafs
+
+    regions = {"eu-data": "eu-central-1", "us-data": "us-west-2"}
+
+    def resolve(bucket):
+        if bucket not in regions:
+            raise OSError("no such bucket")
+        return regions[bucket]
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setattr(pafs, "resolve_s3_region", resolve)
+    storage._native_s3.cache_clear()
+    try:
+        assert storage.arrow_filesystem("s3://eu-data/k400/a.parquet")[0].region == "eu-central-1"
+        assert storage.arrow_filesystem("s3://us-data/x.parquet")[0].region == "us-west-2"
+        assert storage.arrow_filesystem("s3://elsewhere/x.parquet")[0].region == "us-east-1"  # the configured one
+    finally:
+        storage._native_s3.cache_clear()
