@@ -41,7 +41,9 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
     run_teacher(cfg)
     with pytest.raises(DeviceError, match="stats.gpus_per_actor=1"):
         run_stats(imported_config(tmp_path / "out", teacher, "device=auto", "stats.gpus_per_actor=1"))
-    trained = tiny_config(tmp_path / "out", "device=auto", "teacher.gpus_per_worker=1", "teacher.epochs=1")  # the same shards
+    trained = tiny_config(
+        tmp_path / "out", "device=auto", "teacher.gpus_per_worker=1", "teacher.epochs=1"
+    )  # the same shards
     with pytest.raises(DeviceError, match="teacher.gpus_per_worker=1"):
         run_teacher(trained)
     assert not storage.exists(teacher_uri(trained))

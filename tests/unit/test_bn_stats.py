@@ -97,3 +97,25 @@ def test_a_model_without_batchnorm_has_no_taps():
     with BatchNormTaps(model) as taps:
         model(torch.randn(1, 3, 4, 8, 8))
     assert taps.means == [] and taps.layers == []
+
+
+def test_taps_on_bf16_activations_accumulate_in_fp32_and_keep_their_gradient():
+    """Under autocast on CUDA the BatchNorm inputs are bf16: the taps give the fp32 moments of those
+    values (without an fp32 copy kept for backward) and the same gradient as the fp32 path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm3d(4)).eval().bfloat16()
+    x = (torch.randn(3, 4, 2, 5, 5) * 2 + 1).bfloat16().requires_grad_(True)
+    reference = x.detach().float().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with BatchNormTaps(model) as taps:
+            model(x)
+    # whatever backward keeps at the activation's size stays bf16 (an fp32 copy doubles the memory)
+    assert all(t.dtype == torch.bfloat16 for t in saved if t.numel() == x.numel())
+    assert taps.means[0].dtype == torch.float32 and taps.squares[0].dtype == torch.float32
+    expected_mean, expected_square = reference.mean(dim=(2, 3, 4)), reference.square().mean(dim=(2, 3, 4))
+    torch.testing.assert_close(taps.means[0], expected_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(taps.squares[0], expected_square, rtol=1e-5, atol=1e-5)
+    (taps.means[0].sum() + taps.squares[0].sum()).backward()
+    (expected_mean.sum() + expected_square.sum()).backward()
+    torch.testing.assert_close(x.grad.float(), reference.grad, rtol=1e-2, atol=1e-3)

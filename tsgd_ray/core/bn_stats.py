@@ -37,9 +37,14 @@ class BatchNormTaps:
 
     def _hook(self, index: int):
         def record(module, inputs, output):
-            x = inputs[0].float()
-            self.means[index] = x.mean(dim=(2, 3, 4))
-            self.squares[index] = x.square().mean(dim=(2, 3, 4))
+            x, dims = inputs[0], (2, 3, 4)
+            if x.dtype == torch.float32:
+                self.means[index] = x.mean(dim=dims)
+                self.squares[index] = x.square().mean(dim=dims)
+            else:  # bf16 under autocast: accumulate in fp32 without keeping an fp32 copy for backward
+                positions = x.shape[2] * x.shape[3] * x.shape[4]
+                self.means[index] = x.mean(dim=dims, dtype=torch.float32)
+                self.squares[index] = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square() / positions
 
         return record
 
