@@ -286,6 +286,11 @@ def _on_node(cfg: DictConfig, node: dict, ref, server: bool) -> list[Check]:
     return checks
 
 
+def _where(node: dict) -> str:
+    """A node's label in the report: its address and the start of its Ray node id."""
+    return f"{node['NodeManagerAddress']}/{node['NodeID'][:8]}"
+
+
 def run_doctor(cfg: DictConfig, say: Callable[[str], None] = print) -> int:
     """Every check, on every alive node (Ray started or joined as the config says); `say` gets
     each line as it is known. Returns the number of checks.
@@ -327,10 +332,10 @@ def run_doctor(cfg: DictConfig, say: Callable[[str], None] = print) -> int:
             work[task.remote(cfg, gpus, node["NodeID"], server)] = node
         done, late = ray.wait(list(work), num_returns=len(work), timeout=WAIT_SECONDS)
         for ref in done:
-            report(work[ref]["NodeManagerAddress"], _on_node(cfg, work[ref], ref, server))
+            report(_where(work[ref]), _on_node(cfg, work[ref], ref, server))
         for ref in late:
             fix = "a busy or lost node: rerun when it is idle"
-            report(work[ref]["NodeManagerAddress"], [Check("node", False, f"no answer in {WAIT_SECONDS:.0f} s", fix)])
+            report(_where(work[ref]), [Check("node", False, f"no answer in {WAIT_SECONDS:.0f} s", fix)])
     if failed:
         raise DoctorError(f"{len(failed)} of {count} checks failed; the first: {failed[0]}")
     return count

@@ -3,8 +3,13 @@ stop before any work when a cluster job would keep MLflow's store where `ray dow
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import ConfigError
@@ -50,6 +55,39 @@ def test_doctor_fails_with_the_fix_where_a_gpu_node_has_a_cpu_only_torch(ray_ses
     (last,) = err.strip().splitlines()[-1:]
     assert last.startswith("tsgd-ray doctor: error: ") and "checks failed; the first: FAIL" in last
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_doctor_checks_every_node_of_a_cluster(tmp_path):
+    """A 3-node cluster (its own process: one Ray per process): every node answers for itself, and
+    the node whose declared GPU torch cannot use is the one that fails."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "support" / "doctor_cluster.py"),
+            str(tmp_path / "out"),
+            str(REPO / ".cache" / f"ray-doctor-{os.getpid()}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_node = {node: [line for line in report["lines"] if f"/{node[:8]}]" in line] for node in report["nodes"]}
+    assert len(by_node) == 3 and all(by_node.values())
+    failing = {node for node, lines in by_node.items() if any(line.startswith("FAIL") for line in lines)}
+    assert len(failing) == 1  # the GPU node with a CPU-only torch
+    (gpu_node,) = failing
+    assert any(" torch: " in line and line.startswith("FAIL") for line in by_node[gpu_node])
+    assert any("actor with 0 GPU" in line and line.startswith("ok") for line in by_node[gpu_node])
+    for node, lines in by_node.items():
+        assert {"storage", "decord", "compute"} <= {line.split("] ", 1)[1].split(":")[0] for line in lines}, node
+    failed = {line.split("] ", 1)[1].split(":")[0] for line in by_node[gpu_node] if line.startswith("FAIL")}
+    assert failed == {"torch", "compute", "actor with 0.5 GPU"}
+    assert report["error"].startswith("3 of ") and "install a CUDA build of torch" in report["error"]
 
 
 def test_a_cluster_job_with_remote_outputs_needs_a_tracking_server(tmp_path, monkeypatch):
