@@ -246,8 +246,8 @@ def _visibility(cfg: DictConfig, node_id: str, gpus: float) -> Check:
     )
 
 
-def _auth(connected: bool) -> Check:
-    """Ray's auth mode and where its token would come from (never the token itself)."""
+def _auth() -> Check:
+    """Ray's auth mode and where its token comes from (never the token itself), once connected."""
     mode = os.environ.get("RAY_AUTH_MODE", "Ray's default")
     if os.environ.get("RAY_AUTH_TOKEN"):
         source = "RAY_AUTH_TOKEN"
@@ -255,7 +255,7 @@ def _auth(connected: bool) -> Check:
         source = "RAY_AUTH_TOKEN_PATH"
     else:
         source = "~/.ray/auth_token" if (Path.home() / ".ray" / "auth_token").exists() else "none"
-    return Check("ray auth", connected, f"mode {mode}, token from {source}", "infra/README.md: token auth")
+    return Check("ray auth", True, f"mode {mode}, token from {source}")
 
 
 def _store(cfg: DictConfig) -> list[Check]:
@@ -269,10 +269,10 @@ def _connect(cfg: DictConfig) -> list[Check]:
     from tsgd_ray.runtime.cluster import init_ray
 
     init_ray(cfg)
-    return [_auth(True)]
+    return [_auth()]
 
 
-def _on_node(cfg: DictConfig, node: dict, ref, server: bool) -> list[Check]:
+def _on_node(cfg: DictConfig, node: dict, ref) -> list[Check]:
     """The node's own checks (`ref`), its Ray against this client's, and its actors' GPU view."""
     import ray
 
@@ -282,7 +282,9 @@ def _on_node(cfg: DictConfig, node: dict, ref, server: bool) -> list[Check]:
         fix = f"pip install ray=={theirs} on this client (client and cluster must match)"
         checks.append(Check("ray version", False, f"node {theirs}, this client {ray.__version__}", fix))
     if node["Resources"].get("GPU", 0) and cfg.device != "cpu":
-        checks += [_visibility(cfg, node["NodeID"], g) for g in (0.0, 0.5)]
+        for gpus in (0.0, 0.5):
+            name, fix = f"actor with {gpus:g} GPU", "see the node's torch line"
+            checks += _guard(name, fix, lambda gpus=gpus: [_visibility(cfg, node["NodeID"], gpus)])
     return checks
 
 
@@ -332,7 +334,7 @@ def run_doctor(cfg: DictConfig, say: Callable[[str], None] = print) -> int:
             work[task.remote(cfg, gpus, node["NodeID"], server)] = node
         done, late = ray.wait(list(work), num_returns=len(work), timeout=WAIT_SECONDS)
         for ref in done:
-            report(_where(work[ref]), _on_node(cfg, work[ref], ref, server))
+            report(_where(work[ref]), _on_node(cfg, work[ref], ref))
         for ref in late:
             fix = "a busy or lost node: rerun when it is idle"
             report(_where(work[ref]), [Check("node", False, f"no answer in {WAIT_SECONDS:.0f} s", fix)])

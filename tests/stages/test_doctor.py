@@ -96,7 +96,8 @@ def test_a_cluster_job_with_remote_outputs_needs_a_tracking_server(tmp_path, mon
     remote = ["storage.output_root=s3://bucket/runs", "ray.address=auto"]
     with pytest.raises(ConfigError, match=r"lost when the cluster goes down: set tracking.tracking_uri"):
         check_store(tiny_config(tmp_path, *remote))  # the default: ./mlflow.db in the job's folder
-    check_store(tiny_config(tmp_path, *remote, "tracking.tracking_uri=http://mlflow.internal:5000"))
+    for server in ("http://mlflow.internal:5000", "databricks"):  # a server or a hosted store keeps it
+        check_store(tiny_config(tmp_path, *remote, f"tracking.tracking_uri={server}"))
     check_store(tiny_config(tmp_path, "storage.output_root=s3://bucket/runs"))  # a local Ray: the laptop keeps it
     check_store(tiny_config(tmp_path, "ray.address=auto"))  # a local output root holds the store
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # inside `ray job submit`

@@ -69,8 +69,11 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def is_local_store(uri: str) -> bool:
-    """Whether an MLflow tracking URI is a file on the machine that opens it (sqlite, file, a path)."""
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+    """Whether an MLflow tracking URI is a file on the machine that opens it (sqlite, file, a path);
+    servers (http, https) and hosted stores (databricks) are not."""
+    if uri.startswith(("sqlite:", "file:")):
+        return True
+    return "://" not in uri and uri.split(":")[0] not in ("databricks", "databricks-uc")
 
 
 def check_store(cfg: DictConfig) -> None:
