@@ -61,6 +61,17 @@ def test_gpu_time_and_memory_follow_the_work():
     assert not next(s for s in make_plan(base)["stages"] if s.name == "distill/tsgd").warnings
 
 
+@pytest.mark.parametrize("release, train, classes", [(400, 240_000, 400), (600, 392_000, 600), (700, 545_000, 700)])
+def test_before_prepare_a_kinetics_plan_counts_its_release(release, train, classes):
+    """Kinetics-700 is not planned with Kinetics-400's counts: more videos, more classes, more GPU time."""
+    cfg = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", f"data.release={release}"])
+    plan = make_plan(cfg)
+    assert (plan["counts"]["train"], plan["counts"]["classes"]) == (train, classes)
+    assert plan["counts"]["source"] == f"kinetics{release}'s nominal size (not prepared yet)"
+    k400 = make_plan(load_config("kinetics400", ["storage.output_root=/nonexistent/plan"]))
+    assert (plan["gpu_hours"] > k400["gpu_hours"]) == (release > 400)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_the_plan_reads_the_manifest_and_skips_finished_stages(ray_session, tmp_path):

@@ -195,6 +195,9 @@ class DataConfig:
     # UCF101 / HMDB51 official split, 1..3
     split_id: int = setting(1, must=(lambda v: v in (1, 2, 3), "one of 1, 2, 3"))
     classes: list[str] = field(default_factory=list)  # restrict to these class names (e.g. MiniUCF)
+    # dataset=kinetics: which release data.annotations holds (400, 600 or 700). Only `tsgd-ray plan`
+    # reads it, for the video and class counts before prepare (afterwards the shard manifest's).
+    release: int = setting(400, must=(lambda v: v in (400, 600, 700), "400, 600 or 700"), execution_only=True)
     on_catalog_error: OnCatalogError = OnCatalogError.error  # missing files, unknown labels
     # Video file extensions a catalog picks up (case-insensitive).
     extensions: list[str] = field(default_factory=lambda: ["mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg"])
