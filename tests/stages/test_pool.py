@@ -3,6 +3,7 @@ state is lost have their items redone (nothing counted twice or lost)."""
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import time
@@ -59,9 +60,9 @@ def test_a_straggler_is_run_again_on_an_idle_actor(ray_session, tmp_path):
 
 def test_a_lost_stateful_actor_has_all_its_items_redone(ray_session, tmp_path):
     pool = ElasticPool(_starter(flag=str(tmp_path / "die"), die_on=7), 2, f"stateful-{os.getpid()}", 2)
-    done, states = pool.run(range(10), lambda actor, i: actor.work.remote(i), collect="collect")
+    done, total = pool.run(range(10), lambda actor, i: actor.work.remote(i), collect="collect", fold=operator.add)
     assert sorted(done) == list(range(10)) and pool.lost == 1
-    assert sum(states) == sum(range(10))  # the dead actor's sum was never used; its items were redone
+    assert total == sum(range(10))  # the dead actor's sum was never used; its items were redone
 
 
 def test_an_item_that_kills_every_actor_stops_the_pool(ray_session, tmp_path):
@@ -79,3 +80,43 @@ def test_an_item_that_kills_every_actor_stops_the_pool(ray_session, tmp_path):
     )
     with pytest.raises(PoolError, match="item 0 lost 2 actors"):
         pool.run([0], lambda actor, i: actor.work.remote(i))
+
+
+def test_states_are_folded_as_they_arrive_a_few_at_a_time(ray_session, tmp_path):
+    """Five actors hand over their states, at most COLLECT_WINDOW at once, and the driver folds each
+    in on arrival: what it holds does not grow with the number of actors."""
+    from tsgd_ray.runtime.pool import COLLECT_WINDOW
+
+    class Slow(Summer):
+        def work(self, item: int) -> int:
+            Path(self.flag, f"up-{os.getpid()}").touch()
+            deadline = time.time() + 60  # every actor gets items: wait until all five are up
+            while len(list(Path(self.flag).glob("up-*"))) < 5 and time.time() < deadline:
+                time.sleep(0.05)
+            return super().work(item)
+
+        def collect(self) -> int:
+            started = time.time()
+            time.sleep(0.5)
+            Path(self.flag, f"span-{os.getpid()}").write_text(f"{started} {time.time()}")
+            return super().collect()
+
+    import ray
+
+    pool = ElasticPool(
+        lambda name: ray.remote(Slow).options(name=name, num_cpus=0.2, max_restarts=0).remote(str(tmp_path)),
+        5,
+        f"fold-{os.getpid()}",
+        1,
+    )
+    folds = []
+
+    def fold(a: int, b: int) -> int:
+        folds.append((a, b))
+        return a + b
+
+    done, total = pool.run(range(20), lambda actor, i: actor.work.remote(i), collect="collect", fold=fold)
+    spans = [tuple(map(float, p.read_text().split())) for p in tmp_path.glob("span-*")]
+    assert total == sum(range(20)) and len(spans) == 5 and len(folds) == 4
+    most = max(sum(start < t < end for start, end in spans) for t in [s for s, _ in spans])
+    assert most <= COLLECT_WINDOW

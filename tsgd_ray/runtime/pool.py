@@ -10,7 +10,9 @@
   idempotent and write-once, so the loser is harmless).
 - `collect`: for actors that accumulate state over their items (the statistics probes), each actor
   is asked once at the end for its state, which it hands over and resets; if it dies before, every
-  item it did goes back to the queue, and nothing it held is used.
+  item it did goes back to the queue, and nothing it held is used. States are folded into one as
+  they arrive, at most COLLECT_WINDOW asked for at a time: the driver holds the running result and
+  one state, whatever the number of actors.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 SLOW_FACTOR = 2.0
 WAIT_WARNING_SECONDS = 60.0
 MIN_SPECULATE_SECONDS = 1.0
+COLLECT_WINDOW = 2  # states being handed over at once
 
 
 def actor_starter(actor_class: type, cpus: float, gpus: float, *args) -> Callable[[str], Any]:
@@ -95,9 +98,12 @@ class ElasticPool:
         on_result: Optional[Callable[[Hashable, Any], None]] = None,
         speculate: bool = False,
         collect: Optional[str] = None,
-    ) -> tuple[dict, list]:
+        fold: Optional[Callable[[Any, Any], Any]] = None,
+    ) -> tuple[dict, Any]:
         """Run `call(actor, item)` (returns an ObjectRef) for every item; returns ({item: result},
-        [collected states]) where states come from `actor.<collect>()` of every actor that did items.
+        folded) where, with `collect`, folded = fold(...fold(s1, s2)..., sn) over the states
+        `actor.<collect>()` of every actor that did items, in the order they arrive (so `fold` must be
+        associative and commutative); without `collect`, None.
 
         Raises:
             PoolError: an item lost more than max_failures actors.
@@ -113,7 +119,9 @@ class ElasticPool:
         idle: list[int] = []
         failures: collections.Counter = collections.Counter()
         durations: list[float] = []
-        states: list = []
+        if collect and fold is None:
+            raise ValueError("collect needs a fold")
+        folded: Any = None
         failed_starts = 0
         for slot in range(min(self.size, len(items)) or 1):
             self._launch(slot, starting)
@@ -199,10 +207,10 @@ class ElasticPool:
                     if on_result:
                         on_result(item, result)
                 if not collect:
-                    return done, states
-                states += self._collect(collect, done_by, lose)
+                    return done, None
+                folded = self._collect(collect, fold, folded, done_by, lose)
                 if len(done) == len(items):
-                    return done, states
+                    return done, folded
         finally:
             for actor in self.actors.values():
                 ray.kill(actor)
@@ -230,17 +238,29 @@ class ElasticPool:
                 slot,
             )
 
-    def _collect(self, method: str, done_by: dict, lose) -> list:
-        """Each actor's state, once; an actor lost now has its items put back (by `lose`)."""
+    def _collect(self, method: str, fold: Callable, folded: Any, done_by: dict, lose) -> Any:
+        """`folded` with each actor's state folded in, COLLECT_WINDOW states asked for at a time; an
+        actor lost now has its items put back (by `lose`) and nothing of it is folded."""
         import ray
         from ray.exceptions import RayActorError
 
-        states = []
-        refs = {getattr(self.actors[slot], method).remote(): slot for slot in list(done_by) if done_by[slot]}
-        for ref, slot in refs.items():
+        slots = collections.deque(slot for slot in list(done_by) if done_by[slot])
+        asked: dict = {}  # ref -> slot
+        while slots or asked:
+            while slots and len(asked) < COLLECT_WINDOW:
+                slot = slots.popleft()
+                asked[getattr(self.actors[slot], method).remote()] = slot
+            ready, _ = ray.wait(list(asked), num_returns=1, timeout=WAIT_WARNING_SECONDS)
+            if not ready:
+                log.warning("%s: waiting for %d actor(s) to hand over their state", self.name, len(asked))
+                continue
+            slot = asked.pop(ready[0])
             try:
-                states.append(ray.get(ref))
-                done_by[slot] = []  # handed over: losing this actor later costs none of them
+                state = ray.get(ready[0])
             except RayActorError as exc:
                 lose(slot, None, exc)
-        return states
+                continue
+            folded = state if folded is None else fold(folded, state)
+            done_by[slot] = []  # handed over: losing this actor later costs none of them
+            del state
+        return folded

@@ -9,8 +9,10 @@ Probe actors (`stats.actors`, each holding the teacher) take whole training shar
   named by (video id, shard, row); with `stats.init_views` > 1 the loss is the best of that many
   candidate views per clip, and the candidate names its view.
 
-Each actor hands both over once at the end: what reaches the driver grows with actors x classes,
-not with clips. The `init` stage then decodes the chosen candidates::
+Each actor hands both over once at the end, and the driver folds them in as they arrive: it holds
+the running sums and one actor's at a time (classes x BN channels x 16 B each, plus MAX_IPC
+candidates per class), whatever the number of actors. The `init` stage then decodes the chosen
+candidates::
 
     <stats_dir>/statistics.pt, candidates.json, stats.json (marker: clips, bad videos, mean loss)
 """
@@ -135,6 +137,14 @@ class StatsWorker(PoolActor):
         return out
 
 
+def merge_states(a: dict, b: dict) -> dict:
+    """Two actors' `collect()` states as one (exact: integer sums, candidates by key)."""
+    stats = ClassStatistics.from_state_dict(a["statistics"]).merge(ClassStatistics.from_state_dict(b["statistics"]))
+    for kind in INIT_KINDS:
+        a["candidates"][kind].merge(b["candidates"][kind])
+    return {"statistics": stats.state_dict(), "candidates": a["candidates"]}
+
+
 def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     shards = train_shards(cfg)
     if not shards:
@@ -163,15 +173,14 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     gpus = reserved_gpus(cfg.device, s.gpus_per_actor)
     start = actor_starter(StatsWorker, s.cpus_per_actor, gpus, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
     pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
-    done, states = pool.run(
-        range(len(shards)), lambda actor, i: actor.probe.remote(i, shards[i]["uri"]), on_result, collect="collect"
+    done, state = pool.run(
+        range(len(shards)),
+        lambda actor, i: actor.probe.remote(i, shards[i]["uri"]),
+        on_result,
+        collect="collect",
+        fold=merge_states,
     )
-    stats = ClassStatistics.from_state_dict(states[0]["statistics"])
-    best = states[0]["candidates"]
-    for state in states[1:]:
-        stats = stats.merge(ClassStatistics.from_state_dict(state["statistics"]))
-        for kind in INIT_KINDS:
-            best[kind].merge(state["candidates"][kind])
+    stats, best = ClassStatistics.from_state_dict(state["statistics"]), state["candidates"]
     missing = stats.missing_classes()
     if missing:
         raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
