@@ -11,6 +11,7 @@ from conftest import tiny_config
 from tsgd_ray import storage
 from tsgd_ray.config import ConfigError
 from tsgd_ray.data import clip_cache
+from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shard_uris, shards_root
 from tsgd_ray.stages.prepare import run_prepare
@@ -79,6 +80,23 @@ def test_a_second_teacher_epoch_decodes_nothing(tmp_path):
     marker = run_teacher(tiny_config(tmp_path, *TEACHER, "teacher.epochs=2"))
     assert [h["bad_videos"] for h in marker["history"]] == [0, 0]
     assert all(np.isfinite(h["loss"]) for h in marker["history"])
+
+
+def test_teacher_workers_read_a_remote_cache_through_the_node_cache(s3_root, tmp_path):
+    """On S3 with data.node_cache_dir set: the teacher's worker keeps every file it read in the
+    node's folder, and a later pass over them reads no byte from the store."""
+    node_dir = tmp_path / "node"
+    cfg = tiny_config(s3_root, *TEACHER, "teacher.epochs=2", f"data.node_cache_dir={node_dir}")
+    run_prepare(cfg)
+    history = run_teacher(cfg)["history"]
+    assert history[0]["store_bytes"] > 0 and history[1]["store_bytes"] == 0  # the second epoch: none
+    marker = clip_cache.ensure(cfg, "train")
+    node = NodeCache.for_config(cfg)
+    kept = {p for _, _, p in node.files()}
+    assert {node.path(storage.join(marker["folder"], f["path"])) for f in marker["views"][0]["files"]} <= kept
+    remote = [b for b in clip_cache.batches(marker, 0, 8, node=node)]
+    assert sum(len(b["video_id"]) for b in remote) == clip_cache.rows(marker)
+    assert node.counters["remote_bytes"] == 0 and node.counters["hits"] == len(marker["views"][0]["files"])
 
 
 def test_live_decoding_still_trains_without_a_cache(tmp_path):

@@ -228,6 +228,12 @@ class DataConfig:
     # split needs ~145 GB per view); false: decode live on every pass (no disk; random sampling
     # then needs the cache, see views_per_video).
     clip_cache: bool = True
+    # A folder on each node's local disk where the workers of that node keep the clip-cache files
+    # they read from a remote output root (downloaded once per node, least recently used evicted
+    # past node_cache_gib); empty: read from the output root on every pass. Local roots are read
+    # in place.
+    node_cache_dir: str = setting("", execution_only=True)
+    node_cache_gib: float = setting(100.0, must=POSITIVE, execution_only=True)  # the node cache's bound
     # sampling=random: windows cached per video; epoch e trains on window e % views_per_video
     views_per_video: int = setting(4, must=at_least(1))
     # Deliver clips in shard order whatever decoder finishes first, so that a run is reproducible

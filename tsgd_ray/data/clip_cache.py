@@ -3,7 +3,7 @@
 Teacher epochs, the `full` baseline's epochs and every evaluation seed read these files instead of
 decoding the videos again::
 
-    <output_root>/clips/<key>/<split>/view-<v>/part-<hash>.parquet   one decoded block each
+    <output_root>/clips/<key>/<split>/view-<v>/<hash[:2]>/part-<hash>.parquet   one decoded block each
     <output_root>/clips/<key>/<split>/cache.json                      the marker (written last)
 
 `key` names the shard set (its plan hash) and the decode settings (frames, size, interval,
@@ -37,6 +37,7 @@ from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
 from tsgd_ray.data import clip_table
 from tsgd_ray.data.clip_table import clip_table_bytes
+from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import READ_CPUS, TooManyBadVideos, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.storage import OutputRoot
@@ -82,7 +83,7 @@ def _write_block(batch: dict[str, np.ndarray], folder: str, view: int) -> dict[s
     errors = [str(e) for e in batch["error"][~ok]]
     ids = [str(v) for v in batch["video_id"][ok]]
     name = hashlib.sha256(json.dumps([view, ids]).encode()).hexdigest()[:20]
-    path = f"view-{view}/part-{name}.parquet"
+    path = f"view-{view}/{name[:2]}/part-{name}.parquet"  # hashed prefixes spread S3's request load
     if ids:
         data = clip_table_bytes(
             np.asarray(batch["clip"][ok]),
@@ -167,9 +168,10 @@ def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:
     return mine
 
 
-def _read(uri: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    """One cache file's clips (a view of the column's buffer, `clip_table.rows`), labels and ids."""
-    with storage.open_parquet(uri) as f:
+def _read(uri: str, shape: tuple[int, ...], node: Optional[NodeCache]) -> dict[str, Any]:
+    """One cache file's clips (a view of the column's buffer, `clip_table.rows`), labels and ids,
+    through the node cache when there is one."""
+    with node.open(uri) if node else storage.open_parquet(uri) as f:
         return clip_table.rows(pq.read_table(f, columns=["clip", "label", "video_id"]), shape)
 
 
@@ -180,9 +182,12 @@ def batches(
     rank: int = 0,
     world: int = 1,
     shuffle_seed: Optional[int] = None,
+    node: Optional[NodeCache] = None,
 ) -> Iterator[dict]:
     """This rank's share of the cached clips of view `epoch % views`, in batches (marker: from `ensure`).
 
+    node: the node-local cache remote files are read through (`NodeCache.for_config`); None reads
+    the output root directly.
     shuffle_seed: None reads files and rows in order (tests); else files in a seeded order and rows
     shuffled within a buffer of about 4 batches. Files are read PREFETCH ahead in threads.
     Yields {"clip": (B, F, H, W, 3) uint8 tensor, "label": (B,) int64 tensor, "video_id": list[str]}
@@ -222,11 +227,11 @@ def batches(
         held = len(rest)
 
     with ThreadPoolExecutor(PREFETCH) as pool:
-        pending = [pool.submit(_read, storage.join(folder, f["path"]), shape) for f in files[:PREFETCH]]
+        pending = [pool.submit(_read, storage.join(folder, f["path"]), shape, node) for f in files[:PREFETCH]]
         for i in range(len(files)):
             block = pending.pop(0).result()
             if i + PREFETCH < len(files):
-                pending.append(pool.submit(_read, storage.join(folder, files[i + PREFETCH]["path"]), shape))
+                pending.append(pool.submit(_read, storage.join(folder, files[i + PREFETCH]["path"]), shape, node))
             buffer.append(block)
             held += len(block["label"])
             if held >= 4 * batch_size or shuffle_seed is None:

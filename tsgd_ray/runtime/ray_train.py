@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from tsgd_ray import storage
 from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
 from tsgd_ray.data import clip_cache
+from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 
 
@@ -149,7 +150,8 @@ class ClipSource:
         """An iterable of this worker's batches ({"clip", "label", "video_id"}) for one pass;
         seed: shuffled with it (training), None: in order. The live source has a `bad` list."""
         if name in self.caches:
-            return clip_cache.batches(self.caches[name], epoch, batch_size, rank, world, seed)
+            node = NodeCache.for_config(self.cfg)
+            return clip_cache.batches(self.caches[name], epoch, batch_size, rank, world, seed, node)
         import ray.train
 
         return ClipStream(
@@ -159,6 +161,11 @@ class ClipSource:
             batch_size,
             shuffle_seed=seed,
         )
+
+    def store_bytes(self) -> int:
+        """Bytes this process's node cache has downloaded from the output root so far (0 without one)."""
+        node = NodeCache.for_config(self.cfg)
+        return node.counters["remote_bytes"] if node else 0
 
     def bad(self, name: str, batches) -> int:
         """Videos of `name` that failed to decode: when the cache was built, or in this pass

@@ -52,6 +52,7 @@ def _train_worker(loop_config: dict) -> None:
         generator.set_state(resume["generator"])
     progress = Progress("teacher", t.epochs, "epoch")
     streams: dict[int, object] = {}
+    downloaded = [source.store_bytes()]
 
     def batches(epoch: int):
         streams[epoch] = source.batches("train", epoch, batch_size, rank, world, seed=cfg.seed * 1000 + epoch)
@@ -64,6 +65,8 @@ def _train_worker(loop_config: dict) -> None:
     def checkpoint_and_report(state: training.FitState) -> None:
         row = state.history[-1]
         row["bad_videos"] = source.bad("train", streams.pop(state.epoch))
+        row["store_bytes"] = source.store_bytes() - downloaded[0]  # through rank 0's node cache
+        downloaded[0] += row["store_bytes"]
         if rank == 0:
             progress.update(state.epoch + 1, loss=row["loss"])
         with tempfile.TemporaryDirectory() as folder:
