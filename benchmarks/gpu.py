@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import subprocess
 import sys
 import tempfile
@@ -329,6 +330,45 @@ def default_run(device: torch.device, temp: Path, dry: bool) -> float:
     return seconds
 
 
+def calibration_rows(name: str, report: dict) -> list[dict]:
+    """The measurements as rows of the plan's calibration table (`tsgd_ray.calibration`): recovery
+    video-iterations/s (the largest chunk) and teacher train clips/s per model and clip size, for
+    the device class in `name` (h100, a10g, ...). Merge them with
+    `python benchmarks/calibrate.py --merge <this script's --out file>`."""
+    found = re.search(r"\b(h100|h200|a100|a10g|l40s|l4)\b", name.lower())
+    device = found[1] if found else "cpu"
+    if device == "cpu":  # --dry: CPU figures at several threads, not the per-thread rows the plan reads
+        return []
+    source = f"benchmarks/gpu.py on {name}, {time.strftime('%Y-%m-%d')}"
+    rows = {}
+    for r in report["recovery"]:
+        key = (r["model"], r["width"], tuple(r["size"]))
+        if key not in rows or r["chunk"] > rows[key]["chunk"]:
+            rows[key] = r
+    out = [
+        {
+            "kind": "compute",
+            "device": device,
+            "work": "recovery",
+            "model": m,
+            "width": w,
+            "depth": 4,
+            "clip": list(size),
+        }
+        | {"rate": r["video_iterations_per_s"], "source": source}
+        for (m, w, size), r in rows.items()
+    ]
+    widths = {(r["model"], tuple(r["size"])): r["width"] for r in report["recovery"]}
+    for r in report["training"]:
+        if r["role"] == "teacher":
+            width = widths[(r["model"], tuple(r["size"]))]
+            out.append(
+                {"kind": "compute", "device": device, "work": "train", "model": r["model"], "width": width, "depth": 4}
+                | {"clip": r["size"], "rate": r["clips_per_s"], "source": source}
+            )
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="every part on the CPU at small sizes (CI)")
@@ -356,6 +396,7 @@ def main(argv=None) -> int:
         }
         if not args.skip_run:
             report["default_run_seconds"] = default_run(device, temp, args.dry)
+    report["calibration_rows"] = calibration_rows(name, report)
     out = Path(args.out or REPO / ".cache" / "gpu-benchmark" / f"{name.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))

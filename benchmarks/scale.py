@@ -168,7 +168,40 @@ def scale_config(data_root: Path, out: Path, ipc: int, max_videos: int, *overrid
     return method_config(cfg, Method.tsgd)
 
 
-def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: Sampler, counter: DriverBytes) -> dict:
+#: the plan's stages against the stages this benchmark times (stats includes init; distill, merge)
+PLANNED = {"teacher": ("teacher",), "stats": ("stats", "init"), "distill/tsgd": ("distill", "merge")}
+PLANNED["evaluate/tsgd"] = ("evaluate",)
+
+
+def calibrate_for(data_root: Path, workdir: Path) -> list[dict]:
+    """Calibration rows for the benchmark's config (benchmarks/calibrate.py), measured on the
+    generated layout's encoded videos and this run's Ray; the stages' fixed costs from a run on a
+    tiny layout of their own (10 classes x 10 clips), before any measured configuration."""
+    from calibrate import measure
+
+    tiny = workdir / "calibrate-data"
+    make_kinetics_layout(tiny, 10, 10, 2, distinct=16)
+    stages = scale_config(tiny, workdir / "calibrate-out", 1, 10)
+    cfg = scale_config(data_root, workdir / "calibrate-out", 1, 1)
+    return measure(cfg, sorted((data_root / "_encoded").glob("*.mp4")), "benchmarks/scale.py", stages)
+
+
+def planned_over_measured(cfg, row: dict, table: list[dict]) -> dict[str, float]:
+    """Per planned stage: the plan's wall time (cpu device, calibration `table`) / the measured one."""
+    from tsgd_ray.plan import make_plan
+
+    stages = {st.name: st for st in make_plan(cfg, "cpu", table)["stages"]}
+    for name, measured in PLANNED.items():
+        print(
+            f"  {name}: planned {stages[name].wall_s:.1f} s ({stages[name].timing}), measured "
+            f"{sum(row[s]['seconds'] for s in measured):.1f} s"
+        )
+    return {name: stages[name].wall_s / sum(row[s]["seconds"] for s in measured) for name, measured in PLANNED.items()}
+
+
+def run_config(
+    data_root: Path, out: Path, ipc: int, max_videos: int, sampler: Sampler, counter: DriverBytes, table: list[dict]
+) -> dict:
     from tsgd_ray.config import Method
     from tsgd_ray.stages.distill import run_distill
     from tsgd_ray.stages.evaluate import run_evaluate
@@ -202,6 +235,7 @@ def run_config(data_root: Path, out: Path, ipc: int, max_videos: int, sampler: S
             "largest_file": largest_file(out, started),
             "driver_bytes": counter.total - before,
         }
+    row["plan"] = planned_over_measured(cfg, row, table)
     return row
 
 
@@ -345,16 +379,19 @@ def main() -> int:
     DataContext.get_current().enable_progress_bars = False
     sampler, counter = Sampler(), DriverBytes()
     try:
+        calibrated: list[dict] = []
 
         def sweep(points: list[tuple[int, int]], ipc: int) -> list[dict]:
             rows = []
             for k, n in points:
                 data = workdir / f"data-k{k}-n{n}"
                 make_kinetics_layout(data, k, n // k, 2, missing=3, distinct=64)
+                if not calibrated:  # once, on this data's videos, before any stage runs
+                    calibrated.extend(calibrate_for(data, workdir))
                 out = workdir / f"out-k{k}-n{n}-ipc{ipc}"
                 shutil.rmtree(out, ignore_errors=True)
                 started = time.time()
-                rows.append(run_config(data, out, ipc, args.max_videos, sampler, counter))
+                rows.append(run_config(data, out, ipc, args.max_videos, sampler, counter, calibrated))
                 print(f"K={k} N={n} IPC={ipc}: {time.time() - started:.0f} s", flush=True)
             return rows
 
@@ -368,6 +405,16 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     lines = []
+    ratios = [r for row in n_rows + k_rows for r in row["plan"].values()]
+    if ratios:
+        print("\nthe plan's wall time / the measured one, per stage (cpu device, calibrated before the runs)")
+        for title, xs, rows in (("N", args.n, n_rows), ("K x IPC", [k * args.ipc for k in args.k], k_rows)):
+            for x, row in zip(xs, rows):
+                print(f"  {title}={x}: " + ", ".join(f"{name} {r:.2f}" for name, r in row["plan"].items()))
+        lines += [
+            ("plan_time_over_measured_min", min(ratios), ">=", 0.5),
+            ("plan_time_over_measured_max", max(ratios), "<=", 2.0),
+        ]
     if n_rows:
         table(f"against N (K={args.n_k}, IPC 1)", args.n, n_rows)
         by_n = slopes("N", args.n, n_rows)

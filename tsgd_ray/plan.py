@@ -1,11 +1,17 @@
 """The plan of a run before any spend: per stage, whether it is finished, what it asks Ray for,
-what it reads and writes, the memory of one actor, and GPU-hours and cost.
+what it reads and writes, the memory of one actor, its wall time, the GPU-hours it books, how busy
+those GPUs are, and the cost.
 
 `make_plan(cfg, gpu)` does no heavy work: it reads stage markers and the shard manifest (when
 prepare has run), and counts the model's FLOPs and saved activations on torch's meta device.
-Before prepare, video and class counts are the dataset's nominal sizes (NOMINAL). GPU time is
-FLOPs / GPUS[gpu].tflops, an assumed effective throughput (docs/sizing.md: measure it with
-benchmarks/sizing.py on a GPU node); decoding runs on CPUs beside it and is not counted.
+Before prepare, video and class counts are the dataset's nominal sizes (NOMINAL).
+
+Time: a stage's workers each process clips at the slower of two rates, compute (the device) and
+feed (their CPUs decoding videos or reading the clip cache), from the calibration table
+(`tsgd_ray.calibration`); a compute rate without a measured row is FLOPs at GPUS[gpu].tflops, an
+assumed throughput, and the plan says which. Wall time = start-up + phases; booked GPU-hours =
+wall x GPUs (what the bill counts); busy = the share of that time the GPUs compute. A stage that
+asks for no GPU runs on the cpu device's rates. Node start-up and autoscaling come on top.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from tsgd_ray import layout, methods, storage
-from tsgd_ray.config import Method
+from tsgd_ray import calibration, layout, methods, storage
+from tsgd_ray.config import LabelKind, Method
 from tsgd_ray.data.shards import finished_manifest, shards_root
 
 
@@ -25,13 +31,17 @@ class GPU:
     memory_gib: float
     tflops: float  # assumed effective bf16 throughput on small 3D CNNs (docs/sizing.md)
     dollars_per_hour: float  # on-demand, us-west-2 list price of the usual instance (docs/sizing.md)
+    step_ms: float = 0.0  # assumed fixed cost of a training step (launches, DDP all-reduce, optimiser)
 
 
 GPUS = {
-    "a10g": GPU(24, 20, 1.21),  # g5.2xlarge
-    "l4": GPU(24, 15, 0.98),  # g6.2xlarge
-    "h100": GPU(80, 150, 12.29),  # one eighth of a p5.48xlarge
+    "a10g": GPU(24, 20, 1.21, 15),  # g5.2xlarge
+    "l4": GPU(24, 15, 0.98, 15),  # g6.2xlarge
+    "h100": GPU(80, 150, 12.29, 10),  # one eighth of a p5.48xlarge
+    "cpu": GPU(0, 0.05, 0.0),  # per core; a stage without GPUs runs here (measured rows include steps)
 }
+#: below this share of booked GPU time spent computing, a stage gets a warning
+STARVED = 0.5
 #: (train videos, evaluation videos, classes) of the public releases, used before prepare (rounded
 #: down from the release papers; a real copy misses a few percent). Kinetics by data.release.
 NOMINAL = {
@@ -54,9 +64,12 @@ class Stage:
     resources: str
     reads: str
     writes: str
-    gpu_hours: float = 0.0
+    gpu_hours: float = 0.0  # booked: wall x GPUs
     memory: str = ""
     warnings: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    busy: float | None = None  # share of the booked GPU time spent computing; None without GPUs
+    timing: str = ""  # how the time splits, and where the rates come from
 
 
 @dataclass(frozen=True)
@@ -128,8 +141,81 @@ def _resources(count: int, cpus: float, gpus: float) -> str:
     return f"{count} x {{CPU: {cpus:g}, GPU: {gpus:g}}}"
 
 
-def _hours(flops: float, gpu: GPU) -> float:
-    return flops / (gpu.tflops * 1e12) / 3600
+#: FLOPs per unit of work, as multiples of ModelCost.flops (forward + backward to the input)
+WORK_FLOPS = {"train": 1.5, "forward": 1 / 3, "recovery": AUGMENT_OVERHEAD}
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds / 3600:.1f} h"
+        if seconds >= 3600
+        else f"{seconds / 60:.1f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )
+
+
+class _Timer:
+    """Wall time of a stage from the calibration table: per phase, units of work over parallel
+    workers, each at the slower of its compute and feed rates."""
+
+    def __init__(self, table: list[dict], gpu: str):
+        self.table, self.gpu = table, gpu
+
+    def compute(self, device: str, work: str, section, cost: ModelCost, clip, cpus: float) -> tuple[float, str]:
+        """(units/s of one worker, "measured" or "assumed") for `work` with the model of `section`."""
+        row = calibration.compute(self.table, device, work, section.model, section.width, section.depth, clip)
+        threads = max(1.0, cpus) if device == "cpu" else 1.0
+        if row:
+            return row["rate"] * threads, "measured"
+        return GPUS[device].tflops * 1e12 * threads / (WORK_FLOPS[work] * cost.flops), "assumed"
+
+    def stepped(self, device: str, compute: tuple[float, str], batch: int) -> tuple[float, str]:
+        """An assumed `compute` (clips/s, source) in steps of `batch` clips that each cost
+        GPUS[device].step_ms on top (FLOPs count no launches, all-reduce or optimiser): a worker's
+        share of a small global batch keeps its GPU waiting on steps. Measured rates include them."""
+        rate, source = compute
+        step = GPUS[device].step_ms / 1e3
+        if not step or source != "assumed":
+            return compute
+        return batch / (batch / rate + step), f"{source}, {batch} a step + {step * 1e3:g} ms assumed"
+
+    def feed(self, work: str, clip, cpus: float) -> tuple[float, str]:
+        """(clips/s one worker's `cpus` decode or read, where the rate comes from); (inf, "") without a row."""
+        found = calibration.feed(self.table, work, clip)
+        return (found[0] * max(1.0, cpus), found[1]) if found else (math.inf, "")
+
+    def time(self, stage: "Stage", gpus: float, start: str, phases: list[tuple]) -> None:
+        """Set stage.wall_s, busy, gpu_hours and timing. gpus: booked over the stage; phases:
+        (what, units, parallel, compute (units/s per worker, source) or None while the GPUs
+        wait, feed (units/s per worker, source) or None when the work is in memory)."""
+        wall = calibration.start(self.table, start)
+        computing = 0.0
+        parts = [f"start {_duration(wall)}" if wall else "start not measured"]
+        for what, units, parallel, compute, feed in phases:
+            rates = [x[0] for x in (compute, feed) if x is not None]
+            seconds = units / (parallel * min(rates)) if units and rates else 0.0
+            wall += seconds
+            computing += units / (parallel * compute[0]) if compute and units else 0.0
+            rate = ", ".join(
+                f"{label} {x[0]:,.0f}/s {x[1]}" if math.isfinite(x[0]) else f"{label} not measured"
+                for label, x in (("compute", compute), ("feed", feed))
+                if x
+            )
+            parts.append(f"{what}: {_duration(seconds)} ({rate} per worker)")
+        stage.wall_s = wall
+        stage.gpu_hours = wall * gpus / 3600
+        stage.busy = computing / wall if gpus and wall else None
+        stage.timing = "; ".join(parts)
+        if stage.busy is not None and computing and stage.busy < STARVED:
+            stage.warnings.append(
+                f"starves its GPUs: they would compute {stage.busy:.0%} of the {_duration(wall)} they are booked; "
+                "the CPU work in its timing (decoding, reading) is the limit"
+            )
+
+
+def _device(gpu: str, gpus_per_worker: float) -> str:
+    return gpu if gpus_per_worker > 0 else "cpu"
 
 
 class _Probe:
@@ -148,10 +234,11 @@ class _Probe:
 
 
 def _distill_stage(
-    cfg: DictConfig, method: Method, classes: int, size: tuple[int, int, int], teacher: ModelCost, gpu: str, done
+    cfg: DictConfig, method: Method, classes: int, size: tuple[int, int, int], teacher: ModelCost, timer: _Timer, done
 ) -> Stage:
-    """distill + merge of `method` (cfg: its method_config): partitions, one actor's memory, GPU time."""
-    d, g = cfg.distill, GPUS[gpu]
+    """distill + merge of `method` (cfg: its method_config): partitions, one actor's memory, time."""
+    d, gpu = cfg.distill, timer.gpu
+    g = GPUS[gpu]
     videos = classes * d.ipc
     partitions = max(
         d.partitions,
@@ -169,9 +256,24 @@ def _distill_stage(
         _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
         f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
         f"synthetic set {_gib(videos * (3 * math.prod(size) + size[1] * size[2]))} (uint8 clips + heat maps)",
-        _hours(videos * d.iterations * teacher.flops * AUGMENT_OVERHEAD, g),
-        f"{_gib(actor_bytes)} per actor ({per_partition} videos x {_gib(state)} state "
+        memory=f"{_gib(actor_bytes)} per actor ({per_partition} videos x {_gib(state)} state "
         f"+ chunks of {chunk} x {_gib(teacher.activation_bytes)} activations + teacher)",
+    )
+    device = _device(gpu, d.gpus_per_actor)
+    rounds = math.ceil(partitions / max(1, d.actors))  # partitions run side by side, one per actor
+    timer.time(
+        stage,
+        d.actors * d.gpus_per_actor if device != "cpu" else 0,
+        "distill",
+        [
+            (
+                f"{d.iterations} iterations x {videos:,} videos ({rounds} round(s) of partitions)",
+                rounds * per_partition * d.iterations,
+                1,
+                timer.compute(device, "recovery", cfg.teacher, teacher, size, d.cpus_per_actor),
+                None,
+            )
+        ],
     )
     if d.gpus_per_actor and actor_bytes > g.memory_gib * 2**30 * 0.9:
         stage.warnings.append(
@@ -181,13 +283,67 @@ def _distill_stage(
     return stage
 
 
-def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
-    """The plan: {"counts": ..., "stages": [Stage, ...], "gpu_hours", "dollars", "gpu"}.
+def _evaluate_stage(
+    cfg: DictConfig, method: Method, train: int, evaluated: int, classes: int, size, teacher, student, timer, done
+) -> Stage:
+    """The students of `method` (cfg: its method_config): its seeds one after another in one Ray
+    Train run, each trained then tested; online labels add a teacher forward per clip."""
+    e, d = cfg.evaluate, cfg.distill
+    real = not methods.get(method).distils
+    clips = train if real else classes * d.ipc
+    device = _device(timer.gpu, e.gpus_per_worker)
+    rate, source = timer.compute(device, "train", e, student, size, e.cpus_per_worker)
+    if e.labels not in (LabelKind.stored, LabelKind.hard):  # the teacher labels every view online
+        labels, _ = timer.compute(device, "forward", cfg.teacher, teacher, size, e.cpus_per_worker)
+        rate = 1 / (1 / rate + 1 / labels)
+    per_worker = math.ceil(e.batch_size / e.num_workers)  # as ray_train.per_worker_batch
+    stage = Stage(
+        f"evaluate/{method.value}",
+        layout.evaluate_dir(cfg, method),
+        done(layout.results_uri(cfg, method)),
+        _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
+        f"{len(e.seeds)} seeds x {e.epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
+        "per-seed results",
+    )
+    seeds = len(e.seeds)
+    timer.time(
+        stage,
+        e.num_workers * e.gpus_per_worker if device != "cpu" else 0,
+        "evaluate",
+        [
+            (
+                f"{seeds} seed(s) x {e.epochs} epochs x {clips:,} clips",
+                seeds * e.epochs * clips,
+                e.num_workers,
+                timer.stepped(device, (rate, source), per_worker),
+                timer.feed("read", size, e.cpus_per_worker),  # the clip cache, or the set's arrays
+            ),
+            (
+                f"{seeds} test(s) of {evaluated:,} clips",
+                seeds * evaluated,
+                e.num_workers,
+                timer.compute(device, "forward", e, student, size, e.cpus_per_worker),
+                timer.feed("read", size, e.cpus_per_worker),
+            ),
+        ],
+    )
+    if e.num_workers > 1 and per_worker < 8:
+        stage.warnings.append(
+            f"{per_worker} clip(s) per worker per step (evaluate.batch_size {e.batch_size} over {e.num_workers} workers)"
+        )
+    return stage
+
+
+def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = None) -> dict:
+    """The plan: {"counts": ..., "stages": [Stage, ...], "gpu_hours", "dollars", "gpu", "wall_s"}.
+
+    table: calibration rows (default: the shipped table, `tsgd_ray.calibration`).
 
     Raises:
         KeyError: an unknown `gpu` (one of GPUS).
     """
     g = GPUS[gpu]
+    table = calibration.load() if table is None else table
     probe = _Probe()
     manifest = probe(finished_manifest, cfg)
     _done = lambda uri: probe(storage.exists, uri)  # noqa: E731 - True, False or None (unknown)
@@ -200,89 +356,130 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g") -> dict:
     stages = []
 
     shard_bytes = sum(x["bytes"] for x in manifest["shards"]) if manifest else 0
-    stages.append(
-        Stage(
-            "prepare",
-            shards_root(cfg),
-            None if probe.error else manifest is not None,
-            f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each",
-            f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
-            f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)",
-        )
+    stage = Stage(
+        "prepare",
+        shards_root(cfg),
+        None if probe.error else manifest is not None,
+        f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each",
+        f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
+        f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)",
     )
+    per_core = calibration.prepare(table, cfg.data.transcode_short_side)
+    if per_core and cfg.data.root:  # the built-in dataset is generated, not probed and transcoded
+        core_hours = (train + evaluated) / per_core / 3600
+        stage.timing = f"{core_hours:,.1f} core-hours (probe + transcode, {per_core:.2f} videos/s per core, measured)"
+        if cfg.data.prepare_concurrency:
+            stage.wall_s = core_hours * 3600 / cfg.data.prepare_concurrency
+    stages.append(stage)
 
-    teacher_flops = t.epochs * train * 1.5 * teacher.flops  # weight gradients add about half
+    timer = _Timer(table, gpu)
+    views = cfg.data.views_per_video if cfg.data.sampling.value == "random" else 1
+    decoders = cfg.data.decode_actors * cfg.data.decode_cpus_per_actor
     imported = bool(t.checkpoint)
-    stages.append(
-        Stage(
-            "teacher",
-            layout.teacher_dir(cfg),
-            _done(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER)),
-            "none (imported checkpoint)"
-            if imported
-            else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
-            t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
-            f"teacher.pt, {_gib(4 * teacher.params)} ({teacher.params:,} parameters)",
-            0.0 if imported else _hours(teacher_flops, g),
-        )
+    stage = Stage(
+        "teacher",
+        layout.teacher_dir(cfg),
+        _done(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER)),
+        "none (imported checkpoint)" if imported else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
+        t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
+        f"teacher.pt, {_gib(4 * teacher.params)} ({teacher.params:,} parameters)",
     )
+    if not imported:
+        device = _device(gpu, t.gpus_per_worker)
+        phases = []
+        if cfg.data.clip_cache:  # built before the workers train, while their GPUs wait
+            phases.append(
+                (
+                    f"clip cache: decode {train * views + evaluated:,} clips",
+                    train * views + evaluated,
+                    cfg.data.decode_actors,
+                    None,
+                    timer.feed("decode", size, cfg.data.decode_cpus_per_actor),
+                )
+            )
+        phases.append(
+            (
+                f"{t.epochs} epochs x {train:,} clips",
+                t.epochs * train,
+                t.num_workers,
+                timer.stepped(
+                    device,
+                    timer.compute(device, "train", t, teacher, size, t.cpus_per_worker),
+                    math.ceil(t.batch_size / t.num_workers),
+                ),
+                timer.feed("read" if cfg.data.clip_cache else "decode", size, t.cpus_per_worker),
+            )
+        )
+        timer.time(stage, t.num_workers * t.gpus_per_worker if device != "cpu" else 0, "teacher", phases)
+    stages.append(stage)
 
     statistics_bytes = 2 * 8 * classes * teacher.bn_channels  # int64 sums and squares per class and channel
-    stages.append(
-        Stage(
-            "stats",
-            layout.stats_dir(cfg),
-            _done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
-            _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
-            f"{train:,} clips once ({s.init_views} view(s) each)",
-            f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
-            _hours(train * s.init_views * teacher.flops / 3, g),
-        )
+    stage = Stage(
+        "stats",
+        layout.stats_dir(cfg),
+        _done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
+        _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
+        f"{train:,} clips once ({s.init_views} view(s) each)",
+        f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
     )
+    device = _device(gpu, s.gpus_per_actor)
+    timer.time(
+        stage,
+        s.actors * s.gpus_per_actor if device != "cpu" else 0,
+        "stats",
+        [
+            (
+                f"decode and probe {train * s.init_views:,} clips",
+                train * s.init_views,
+                s.actors,
+                timer.compute(device, "forward", t, teacher, size, s.cpus_per_actor),
+                timer.feed("decode", size, s.cpus_per_actor),
+            ),
+            (
+                f"init: decode {classes * d.ipc:,} chosen clips",
+                classes * d.ipc,
+                1,
+                None,
+                timer.feed("decode", size, decoders),
+            ),
+        ],
+    )
+    stages.append(stage)
 
     for method in dict.fromkeys([d.method, *e.baselines]):  # as `run` does them
         mcfg = methods.method_config(cfg, method)
         if methods.get(method).distils:
-            stages.append(_distill_stage(mcfg, method, classes, size, teacher, gpu, _done))
-        clips = train if not methods.get(method).distils else classes * d.ipc
-        epochs = mcfg.evaluate.epochs
-        per_seed = epochs * clips * (student.flops * 1.5 + teacher.flops / 3) + evaluated * student.flops / 3
-        stages.append(
-            Stage(
-                f"evaluate/{method.value}",
-                layout.evaluate_dir(mcfg, method),
-                _done(layout.results_uri(mcfg, method)),
-                _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
-                f"{len(e.seeds)} seeds x {epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
-                "per-seed results",
-                _hours(len(e.seeds) * per_seed, g),
-            )
-        )
+            stages.append(_distill_stage(mcfg, method, classes, size, teacher, timer, _done))
+        stages.append(_evaluate_stage(mcfg, method, train, evaluated, classes, size, teacher, student, timer, _done))
 
-    todo = sum(st.gpu_hours for st in stages if not st.finished)
+    todo = [st for st in stages if not st.finished]
     return {
+        "wall_s": sum(st.wall_s for st in todo),
         "counts": {"train": train, "eval": evaluated, "classes": classes, "source": source},
         "stages": stages,
         "gpu": gpu,
-        "gpu_hours": todo,
-        "dollars": todo * g.dollars_per_hour,
+        "gpu_hours": sum(st.gpu_hours for st in todo),
+        "dollars": sum(st.gpu_hours for st in todo) * g.dollars_per_hour,
         "storage_error": probe.error,
     }
 
 
 def render(plan: dict) -> str:
     """The plan as text: one block per stage, then the total."""
-    c, g = plan["counts"], GPUS[plan["gpu"]]
+    c, gpu = plan["counts"], plan["gpu"]
     lines = [
         f"plan: {c['train']:,} train / {c['eval']:,} eval videos, {c['classes']} classes (from {c['source']}); "
-        f"GPU times on a {plan['gpu']} at an assumed {g.tflops:g} TFLOPS"
+        f"times on a {gpu} (compute rates 'assumed' are FLOPs at {GPUS[gpu].tflops:g} TFLOPS, "
+        "'measured' come from the calibration table)"
     ]
     if plan["storage_error"]:
         lines.append(f"which stages are finished is unknown: {plan['storage_error']}")
     for st in plan["stages"]:
         state = "finished, skipped" if st.finished else "to run" if st.finished is False else "unknown"
-        if not st.finished and st.gpu_hours:
-            state += f", ~{st.gpu_hours:.2f} GPU-h"
+        if not st.finished and st.wall_s:
+            state += f", ~{_duration(st.wall_s)} wall"
+            if st.gpu_hours:
+                state += f", ~{st.gpu_hours:.2f} GPU-h booked, GPUs {st.busy:.0%} busy"
         lines += [
             f"{st.name:<22} {state}",
             f"  folder     {st.folder}",
@@ -292,9 +489,12 @@ def render(plan: dict) -> str:
         ]
         if st.memory:
             lines.append(f"  memory     {st.memory}")
+        if st.timing:
+            lines.append(f"  time       {st.timing}")
         lines += [f"  WARNING    {w}" for w in st.warnings]
     lines.append(
-        f"total to run: ~{plan['gpu_hours']:.2f} GPU-hours, ~${plan['dollars']:.2f} at ${g.dollars_per_hour:g}/h on demand "
-        "(compute only: node start-up and idle time come on top; docs/sizing.md)"
+        f"total to run: ~{_duration(plan['wall_s'])} wall, ~{plan['gpu_hours']:.2f} GPU-hours booked, "
+        f"~${plan['dollars']:.2f} at ${GPUS[gpu].dollars_per_hour:g}/h on demand "
+        "(node start-up and autoscaling come on top; docs/sizing.md)"
     )
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from support.stage_helpers import imported_config, teacher_file
 
@@ -24,6 +26,7 @@ def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server, tmp_path)
     assert all(s.finished is False and s.folder and s.resources and s.reads and s.writes for s in stages.values())
     assert plan["counts"]["train"] > 0 and plan["counts"]["classes"] > 0 and not plan["storage_error"]
     assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values()))
+    assert plan["wall_s"] == pytest.approx(sum(s.wall_s for s in stages.values())) and plan["wall_s"] > 0
     assert plan["dollars"] == pytest.approx(plan["gpu_hours"] * GPUS["a10g"].dollars_per_hour)
     if name != "default":
         for stage in ("teacher", "stats", "distill/tsgd", "evaluate/tsgd"):
@@ -33,7 +36,8 @@ def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server, tmp_path)
     for baseline in cfg.evaluate.baselines:  # each baseline distils (random_real without recovery) and evaluates
         assert f"evaluate/{baseline.value}" in stages
         if baseline.value != "full":
-            assert (stages[f"distill/{baseline.value}"].gpu_hours == 0) == (baseline.value == "random_real")
+            recovers = not stages[f"distill/{baseline.value}"].timing.split("; ")[1].startswith("0 iterations")
+            assert recovers == (baseline.value != "random_real")
 
 
 def test_gpu_time_and_memory_follow_the_work():
@@ -41,7 +45,9 @@ def test_gpu_time_and_memory_follow_the_work():
     is a warning that names the keys to change."""
     base = load_config("kinetics400", ["storage.output_root=/nonexistent/plan"])
     longer = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.iterations=2000"])
-    hours = [next(s.gpu_hours for s in make_plan(c)["stages"] if s.name == "distill/tsgd") for c in (base, longer)]
+    hours = [
+        next(s.gpu_hours for s in make_plan(c, table=[])["stages"] if s.name == "distill/tsgd") for c in (base, longer)
+    ]
     assert hours[1] == pytest.approx(2 * hours[0])
     big = load_config(
         "kinetics400",
@@ -88,9 +94,52 @@ def test_the_plan_reads_the_manifest_and_skips_finished_stages(ray_session, tmp_
     assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values() if not s.finished))
 
 
+SIZE = [8, 64, 64]  # the kinetics400 config's clips
+TABLE = [
+    {"kind": "compute", "device": "h100", "work": "train", "model": "mini_c3d", "width": 64, "depth": 4, "clip": SIZE}
+    | {"rate": 1000.0, "source": "test"},
+    {"kind": "feed", "work": "read", "clip": SIZE, "rate": 100.0, "source": "test"},
+    {"kind": "feed", "work": "decode", "clip": SIZE, "rate": 50.0, "source": "test"},
+    {"kind": "start", "work": "teacher", "seconds": 30.0, "source": "test"},
+]
+
+
+def teacher_stage(table, *overrides):
+    cfg = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", *overrides])
+    return next(s for s in make_plan(cfg, "h100", table)["stages"] if s.name == "teacher")
+
+
+def test_a_stage_takes_the_slower_of_its_measured_compute_and_feed():
+    """The teacher (8 workers x 4 CPUs, 20 epochs x 240k clips, 32 one-CPU decoders) booked for
+    start-up, the clip cache build (GPUs waiting) and epochs at min(GPU, 4 CPUs reading); more CPUs
+    per worker raise its busy fraction; without rows, FLOPs at the assumed throughput."""
+    starved = teacher_stage(TABLE)
+    start, build, epochs = 30.0, 260_000 / (32 * 50.0), 20 * 240_000 / (8 * min(1000.0, 4 * 100.0))
+    assert starved.wall_s == pytest.approx(start + build + epochs)
+    assert starved.busy == pytest.approx(20 * 240_000 / (8 * 1000.0) / starved.wall_s)
+    assert starved.gpu_hours == pytest.approx(starved.wall_s * 8 / 3600)  # booked, not computing
+    assert "compute 1,000/s measured" in starved.timing and "feed 400/s measured" in starved.timing
+    assert any("starves its GPUs" in w for w in starved.warnings) and starved.busy < 0.5
+
+    fed = teacher_stage(TABLE, "teacher.cpus_per_worker=10")
+    assert fed.busy > 0.5 and fed.wall_s < starved.wall_s and not fed.warnings
+
+    assumed = teacher_stage([])
+    assert "assumed" in assumed.timing and "start not measured" in assumed.timing
+    assert assumed.busy == pytest.approx(1.0)  # nothing measured to wait for
+    on_cpus = make_plan(load_config("kinetics400", ["storage.output_root=/nonexistent/plan"]), "cpu")
+    assert on_cpus["gpu_hours"] == 0 and on_cpus["wall_s"] > 0  # planning a run on CPUs: time, no GPU
+
+
 def test_the_command_prints_the_plan(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # never the checkout: its outputs/ are the user's
     assert main(["plan", "ucf101", "storage.output_root=/nonexistent/plan", "--gpu", "h100"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("plan: 9,537 train / 3,783 eval videos, 101 classes") and "on a h100" in out
     assert "total to run:" in out.splitlines()[-1]
+
+    assert main(["plan", "kinetics400", "storage.output_root=/nonexistent/plan", "--gpu", "h100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    teacher = next(line for line in lines if line.startswith("teacher "))
+    assert re.search(r"~[\d.]+ (s|min|h) wall, ~[\d.]+ GPU-h booked, GPUs \d+% busy$", teacher), teacher
+    assert re.match(r"total to run: ~[\d.]+ (s|min|h) wall, ~[\d.]+ GPU-hours booked", lines[-1])

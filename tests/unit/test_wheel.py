@@ -37,6 +37,7 @@ def test_the_wheel_holds_every_module_and_config_and_runs_from_anywhere(tmp_path
     assert sources - names == set()  # a package missing from pyproject's list would be left out
     configs = {f"tsgd_ray/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     assert configs and configs <= names
+    assert "tsgd_ray/calibration.json" in names  # the plan's measured rates
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
