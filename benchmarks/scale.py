@@ -241,7 +241,16 @@ def run_config(
 
 # mini_c3d at width 128: 1,408 BN channels, 15.8 MB of sums per actor at 700 classes (the default
 # teacher has 352; r2plus1d_18 about 12,500, which at 64 actors was 9 GB on the driver)
-ACTORS_OVERRIDES = ("teacher.width=128", "teacher.depth=4", "stats.batch_size=32")
+def actors_overrides(width: int) -> tuple[str, ...]:
+    """The actors sweep's teacher: mini_c3d of `width` (BN channels, so sums per class, grow with
+    it), untrained (the hand-over's size does not depend on its weights)."""
+    return (f"teacher.width={width}", "teacher.depth=4", "teacher.epochs=0", "stats.batch_size=32")
+
+
+def anon_bytes() -> int:
+    """This process's private resident memory (RssAnon of /proc/self/status), bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 def stats_child(spec: dict) -> None:
@@ -259,17 +268,38 @@ def stats_child(spec: dict) -> None:
         Path(spec["out"]),
         1,
         500,
-        *ACTORS_OVERRIDES,
+        *actors_overrides(spec["width"]),
         f"stats.actors={actors}",
         f"stats.cpus_per_actor={min(1.0, 2 / actors)}",
     )
+    private = [anon_bytes()]  # the driver's own memory: RSS also counts object-store pages it read
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            private.append(anon_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
     before, started = psutil.Process().memory_info().rss, time.time()
+    sampler.start()
     run_stats(cfg)
+    stop.set()
+    sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"seconds": time.time() - started, "rss_before": before, "rss_peak": peak}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.time() - started,
+                "rss_before": before,
+                "rss_peak": peak,
+                "private_growth": max(private) - private[0],
+                "private_peak": max(private),
+            }
+        )
+    )
 
 
-def actors_sweep(workdir: Path, k: int, n: int, actor_counts: list[int]) -> list[dict]:
+def actors_sweep(workdir: Path, k: int, n: int, actor_counts: list[int], width: int) -> list[dict]:
     """Prepare and teacher once; then the stats stage once per actor count, each in a fresh driver."""
     import ray
 
@@ -279,13 +309,19 @@ def actors_sweep(workdir: Path, k: int, n: int, actor_counts: list[int]) -> list
 
     data, out = workdir / f"data-k{k}-n{n}", workdir / f"out-actors-k{k}-n{n}"
     make_kinetics_layout(data, k, n // k, 2, missing=3, distinct=64)
-    cfg = scale_config(data, out, 1, 500, *ACTORS_OVERRIDES)
+    cfg = scale_config(data, out, 1, 500, *actors_overrides(width))
     run_prepare(cfg)
     run_teacher(cfg)
     rows = []
     for actors in actor_counts:
         shutil.rmtree(layout.stats_dir(cfg), ignore_errors=True)  # a local folder: run the stage again
-        spec = {"address": ray.get_runtime_context().gcs_address, "data": str(data), "out": str(out), "actors": actors}
+        spec = {
+            "address": ray.get_runtime_context().gcs_address,
+            "data": str(data),
+            "out": str(out),
+            "actors": actors,
+            "width": width,
+        }
         child = subprocess.run(
             [sys.executable, __file__, "--stats-child", json.dumps(spec)],
             capture_output=True,
@@ -297,7 +333,8 @@ def actors_sweep(workdir: Path, k: int, n: int, actor_counts: list[int]) -> list
         row = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append({**row, "actors": actors, "growth": row["rss_peak"] - row["rss_before"]})
         print(
-            f"stats actors={actors}: {row['seconds']:.0f} s, driver RSS +{rows[-1]['growth'] / 2**20:.1f} MB",
+            f"stats actors={actors}: {row['seconds']:.0f} s, driver RSS +{rows[-1]['growth'] / 2**20:.1f} MB, "
+            f"private +{row['private_growth'] / 2**20:.1f} MB",
             flush=True,
         )
     return rows
@@ -354,6 +391,7 @@ def main() -> int:
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4, 8], help="stats actors of the actors sweep")
     parser.add_argument("--actors-k", type=int, default=700, help="classes of the actors sweep")
     parser.add_argument("--actors-n", type=int, default=700, help="training clips of the actors sweep")
+    parser.add_argument("--actors-width", type=int, default=128, help="teacher width of the actors sweep")
     parser.add_argument("--sweeps", nargs="+", default=["n", "k", "actors"], choices=["n", "k", "actors"])
     parser.add_argument("--workdir", default="", help="default: a temporary folder, removed at the end")
     parser.add_argument("--stats-child", default="", help=argparse.SUPPRESS)
@@ -397,7 +435,11 @@ def main() -> int:
 
         n_rows = sweep([(args.n_k, n) for n in args.n], 1) if "n" in args.sweeps else []
         k_rows = sweep([(k, args.k_n) for k in args.k], args.ipc) if "k" in args.sweeps else []
-        a_rows = actors_sweep(workdir, args.actors_k, args.actors_n, args.actors) if "actors" in args.sweeps else []
+        a_rows = (
+            actors_sweep(workdir, args.actors_k, args.actors_n, args.actors, args.actors_width)
+            if "actors" in args.sweeps
+            else []
+        )
     finally:
         sampler.close()
         ray.shutdown()
@@ -437,16 +479,26 @@ def main() -> int:
         ]
     if a_rows:
         print(f"\nstats against its actors (K={args.actors_k}, N={args.actors_n})")
-        print(f"{'actors':>6} {'seconds':>8} {'driver MB at start':>18} {'driver MB peak':>15} {'growth MB':>10}")
+        print(
+            f"{'actors':>6} {'seconds':>8} {'driver MB at start':>18} {'driver MB peak':>15} {'growth MB':>10} "
+            f"{'private growth MB':>18}"
+        )
         for r in a_rows:
             print(
                 f"{r['actors']:6d} {r['seconds']:8.1f} {r['rss_before'] / 2**20:18.0f} {r['rss_peak'] / 2**20:15.0f} "
-                f"{r['growth'] / 2**20:10.1f}"
+                f"{r['growth'] / 2**20:10.1f} {r['private_growth'] / 2**20:18.1f}"
             )
         xs = [r["actors"] for r in a_rows]
         lines += [
             ("stats_driver_rss_growth_slope_vs_actors", slope(xs, [r["growth"] for r in a_rows]), "<=", 0.1),
+            (
+                "stats_driver_private_growth_slope_vs_actors",
+                slope(xs, [r["private_growth"] for r in a_rows]),
+                "<=",
+                0.1,
+            ),
             ("stats_driver_peak_rss_slope_vs_actors", slope(xs, [r["rss_peak"] for r in a_rows]), "<=", 0.1),
+            ("stats_driver_private_peak_slope_vs_actors", slope(xs, [r["private_peak"] for r in a_rows]), "<=", 0.1),
         ]
     print()
     for line in lines:

@@ -136,13 +136,22 @@ class ClassStatistics:
 
     def merge(self, other: "ClassStatistics") -> "ClassStatistics":
         """The statistics of both sample sets (a new object); shapes must match."""
+        return ClassStatistics(
+            self.counts.clone(), [s.clone() for s in self.sums], [q.clone() for q in self.squares]
+        ).merge_(other)
+
+    def merge_(self, other: "ClassStatistics") -> "ClassStatistics":
+        """Add `other`'s sample sets into this object's tensors (in place: no copy); returns self.
+
+        Raises:
+            ValueError: the classes or layers differ.
+        """
         if other.counts.shape != self.counts.shape or [s.shape for s in other.sums] != [s.shape for s in self.sums]:
             raise ValueError("cannot merge statistics of different classes or layers")
-        return ClassStatistics(
-            self.counts + other.counts,
-            [a + b for a, b in zip(self.sums, other.sums)],
-            [a + b for a, b in zip(self.squares, other.squares)],
-        )
+        self.counts += other.counts
+        for mine, theirs in zip(self.sums + self.squares, other.sums + other.squares):
+            mine += theirs
+        return self
 
     def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: (mean (K, C), biased variance (K, C)) in float64; zeros for unseen classes."""

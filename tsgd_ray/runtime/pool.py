@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SLOW_FACTOR = 2.0
 WAIT_WARNING_SECONDS = 60.0
 MIN_SPECULATE_SECONDS = 1.0
-COLLECT_WINDOW = 2  # states being handed over at once
+COLLECT_WINDOW = 1  # states being handed over at once: the driver holds the running one and one more
 
 
 def actor_starter(actor_class: type, cpus: float, gpus: float, *args) -> Callable[[str], Any]:

@@ -138,11 +138,12 @@ class StatsWorker(PoolActor):
 
 
 def merge_states(a: dict, b: dict) -> dict:
-    """Two actors' `collect()` states as one (exact: integer sums, candidates by key)."""
-    stats = ClassStatistics.from_state_dict(a["statistics"]).merge(ClassStatistics.from_state_dict(b["statistics"]))
+    """Actor state `b` (`collect()`) folded into `a` in place, so the fold holds no third copy
+    (exact: integer sums, candidates by key); returns `a`, which the caller must own."""
+    ClassStatistics.from_state_dict(a["statistics"]).merge_(ClassStatistics.from_state_dict(b["statistics"]))
     for kind in INIT_KINDS:
         a["candidates"][kind].merge(b["candidates"][kind])
-    return {"statistics": stats.state_dict(), "candidates": a["candidates"]}
+    return a
 
 
 def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
