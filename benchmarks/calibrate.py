@@ -33,8 +33,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
+from report import TINY_RUN  # noqa: E402
 
 from tsgd_ray import calibration, layout  # noqa: E402
 from tsgd_ray.config import load_config  # noqa: E402
@@ -223,13 +225,7 @@ def tiny_run(cfg, folder: Path):
             "device=cpu",
             *(f"data.{k}={cfg.data[k]}" for k in ("num_frames", "height", "width")),
             *(f"{s}.{k}={cfg[s][k]}" for s in ("teacher", "evaluate") for k in ("model", "width", "depth")),
-            "data.builtin.train_per_class=4",
-            "data.builtin.test_per_class=2",
-            "teacher.epochs=1",
-            "distill.iterations=2",
-            "evaluate.epochs=1",
-            "evaluate.seeds=[0]",
-            "evaluate.baselines=[]",
+            *TINY_RUN,
         ],
     )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from report import target
+from report import TINY_RUN, target
 
 from tsgd_ray.config import load_config
 from tsgd_ray.core import recovery, training
@@ -308,15 +308,7 @@ def default_run(device: torch.device, temp: Path, dry: bool) -> float:
         "distill.cpus_per_actor=0.5",
     ]
     if dry:
-        overrides += [
-            "data.builtin.train_per_class=4",
-            "data.builtin.test_per_class=2",
-            "teacher.epochs=1",
-            "distill.iterations=2",
-            "evaluate.epochs=1",
-            "evaluate.seeds=[0]",
-            "evaluate.baselines=[]",
-        ]
+        overrides += TINY_RUN
     started = time.time()
     out = subprocess.run(
         [sys.executable, "-m", "tsgd_ray", "run", "default", *overrides], capture_output=True, text=True, timeout=3600

@@ -15,3 +15,16 @@ def target_line(name: str, value: float, op: str, threshold: float, digits: int 
 
 def target(name: str, value: float, op: str, threshold: float, digits: int = 2) -> None:
     print(target_line(name, value, op, threshold, digits), flush=True)
+
+
+#: overrides for a run of a few seconds per stage on the built-in data (benchmarks that run every
+#: stage once to check or time it, not to measure quality)
+TINY_RUN = (
+    "data.builtin.train_per_class=4",
+    "data.builtin.test_per_class=2",
+    "teacher.epochs=1",
+    "distill.iterations=2",
+    "evaluate.epochs=1",
+    "evaluate.seeds=[0]",
+    "evaluate.baselines=[]",
+)
