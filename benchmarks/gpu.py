@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, dry {args.dry}")
     started = time.time()
-    with tempfile.TemporaryDirectory(dir=REPO / ".cache" if (REPO / ".cache").is_dir() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix="tsgd-gpu-") as tmp:  # short: Ray's socket paths live under it
         temp = Path(tmp)
         report = {
             "device": name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
 import subprocess
 import sys
@@ -245,3 +246,27 @@ def test_a_bug_raised_while_handling_a_user_error_stays_a_bug():
     wrapped = RuntimeError("wrapped")
     wrapped.__cause__ = cause  # raise RuntimeError(...) from cause
     assert find_user_error(wrapped) is cause
+
+
+def test_a_ray_temp_dir_too_long_for_ray_sockets_is_a_user_error(tmp_path):
+    """Ray puts Unix sockets (at most 107 bytes a path) deep under ray.temp_dir and fails at
+    start-up past that; the run says so in one line, with exit code 2, before starting Ray."""
+    long = tmp_path / ("t" * 60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tsgd_ray",
+            "run",
+            "default",
+            f"storage.output_root={tmp_path / 'out'}",
+            f"ray.temp_dir={long}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"tsgd-ray run: error: ray.temp_dir: {long} has")
+    assert "Traceback" not in out.stderr and not long.exists()

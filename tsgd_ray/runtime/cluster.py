@@ -7,12 +7,17 @@ import os
 
 from omegaconf import DictConfig
 
+from tsgd_ray.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: Ray Train's controller polls its workers (and takes one report from each) this often; Ray's
 #: default of 2 s makes a report per short epoch wait up to 2 s. Set for the local Ray here and for
 #: clusters in infra/runtime_env.yaml; a value in the environment wins.
 TRAIN_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+#: Ray puts Unix sockets at <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store (pid: the
+#: process starting Ray), and a socket path has at most 107 bytes
+SOCKET_TAIL = len("/session_2026-12-03_01-05-28_123456_/sockets/plasma_store")
 
 
 def init_ray(cfg: DictConfig, verbose: bool = False) -> None:
@@ -22,6 +27,9 @@ def init_ray(cfg: DictConfig, verbose: bool = False) -> None:
     ``ray.address`` empty starts a local instance with ``ray.num_cpus``, ``ray.object_store_mb``,
     ``ray.include_dashboard`` and ``ray.temp_dir``; ``auto`` or ``ray://...`` joins a cluster
     (inside ``ray job submit`` the job's cluster is joined automatically).
+
+    Raises:
+        ConfigError: ray.temp_dir is too long for the Unix sockets Ray puts under it.
     """
     import ray
 
@@ -41,6 +49,13 @@ def init_ray(cfg: DictConfig, verbose: bool = False) -> None:
         if r.object_store_mb:
             kwargs["object_store_memory"] = r.object_store_mb * 2**20
         if r.temp_dir:
+            path, most = os.path.abspath(r.temp_dir), 107 - SOCKET_TAIL - len(str(os.getpid()))
+            if len(path) > most:
+                raise ConfigError(
+                    f"ray.temp_dir: {path} has {len(path)} characters; Ray's sockets under it would pass the "
+                    f"107 a socket path allows (and Ray fails at start-up): use one of at most {most}, "
+                    "e.g. /tmp/ray"
+                )
             os.makedirs(r.temp_dir, exist_ok=True)
             kwargs["_temp_dir"] = os.path.abspath(r.temp_dir)
     ray.init(**kwargs)
