@@ -8,8 +8,9 @@
 the folder, downloaded first when it is not there (cold) by ranged reads of `RANGE_BYTES`,
 `PARALLEL` at a time, into a temporary file renamed into place, so a reader never sees part of a
 file and the workers of a node download each file once. A hit refreshes the file's modification
-time (the LRU order). After a download the least recently used files are removed until the folder
-holds at most `max_bytes`; a file already opened stays readable (it is memory-mapped).
+time (the LRU order). After downloads the least recently used files are removed until the folder
+holds at most `max_bytes` (scanned once per max_bytes / 64 a process downloads, so the folder may
+pass the bound by that much per process); a file already opened stays readable (it is memory-mapped).
 
 Only write-once URIs may be cached (the clip cache's files are): the cache never checks whether the
 remote object changed. Counters of this process: `NodeCache.counters` (remote bytes and requests,
@@ -79,6 +80,7 @@ class NodeCache:
         self.folder = Path(folder)
         self.max_bytes = int(max_bytes)
         self.counters = {"remote_bytes": 0, "remote_requests": 0, "hits": 0, "misses": 0, "evictions": 0}
+        self._unscanned = 0  # bytes this process downloaded since it last scanned the folder
         self._lock = threading.Lock()  # the counters, across a reader's prefetch threads
 
     @staticmethod
@@ -128,8 +130,14 @@ class NodeCache:
         with _locked(local.with_suffix(".lock")):
             if self._touch(local):  # another worker of this node downloaded it meanwhile
                 return local
-            self._download(uri, local)
-        self._evict(keep=local)
+            size = self._download(uri, local)
+        # a scan stats every file of the folder: do it once per 1/64 of the bound downloaded here,
+        # not after every file (thousands per node at Kinetics size); the folder may pass its bound
+        # by that much per process of the node
+        self._unscanned += size
+        if self._unscanned >= self.max_bytes / 64:
+            self._unscanned = 0
+            self._evict(keep=local)
         return local
 
     def _touch(self, local: Path) -> bool:
@@ -140,7 +148,7 @@ class NodeCache:
         self._count(hits=1)
         return True
 
-    def _download(self, uri: str, local: Path) -> None:
+    def _download(self, uri: str, local: Path) -> int:
         size = storage.size(uri)
         ranges = [(start, min(start + RANGE_BYTES, size)) for start in range(0, size, RANGE_BYTES)]
         part = local.with_name(f"{local.name}.{uuid.uuid4().hex}.part")
@@ -163,6 +171,7 @@ class NodeCache:
         os.close(fd)
         os.replace(part, local)
         self._count(remote_bytes=size, remote_requests=1 + len(ranges), misses=1)
+        return size
 
     def files(self) -> list[tuple[float, int, Path]]:
         """(modification time, bytes, path) of every cached file, oldest first."""
