@@ -142,7 +142,7 @@ class NodeCache:
 
     def _touch(self, local: Path) -> bool:
         try:
-            os.utime(local)
+            _stamp(local)
         except FileNotFoundError:
             return False
         self._count(hits=1)
@@ -169,6 +169,7 @@ class NodeCache:
             part.unlink(missing_ok=True)
             raise
         os.close(fd)
+        _stamp(part)
         os.replace(part, local)
         self._count(remote_bytes=size, remote_requests=1 + len(ranges), misses=1)
         return size
@@ -200,6 +201,13 @@ class NodeCache:
                 p.unlink(missing_ok=True)
                 total -= size
                 self._count(evictions=1)
+
+
+def _stamp(path: Path) -> None:
+    """Set `path`'s modification time (the LRU order) to now from the nanosecond clock: the
+    kernel's own file times tick coarsely (milliseconds), so two uses in one tick would tie."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 @functools.lru_cache(maxsize=None)
