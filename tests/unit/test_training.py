@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import io
 
 import pytest
 import torch
@@ -145,6 +146,36 @@ def test_a_student_trained_on_uint8_clips_is_the_one_trained_on_their_model_inpu
             )
         )
     for a, b in zip(students[0].state_dict().values(), students[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_student_resumed_from_a_mid_run_checkpoint_ends_as_the_uninterrupted_one(motion_teacher):
+    """Evaluation checkpoints a student every few epochs; a student resumed after a lost node
+    (weights, optimiser, schedule, the EMA and the augmentation stream restored through a
+    weights_only load) must end with the weights of the run that was never interrupted."""
+    cfg = motion_config("evaluate.epochs=4", "evaluate.labels=soft_kl", "evaluate.ema=0.9")
+    clips, labels = direction_clips(12, seed=5)
+    settings = training.StudentSettings.from_config(cfg)
+    saved = {}
+
+    def train(resume=None):
+        torch.manual_seed(0)
+        student = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
+
+        def keep_epoch_one(state):
+            if state.epoch == 1 and resume is None:
+                buffer = io.BytesIO()
+                torch.save(state.state_dict(), buffer)
+                saved["state"] = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+        return training.train_student(
+            student, motion_teacher, clips, labels, settings, seed=0, callbacks=[keep_epoch_one], resume=resume
+        )
+
+    whole = train()
+    assert saved["state"]["epoch"] == 1 and {"generator", "average"} <= set(saved["state"])
+    resumed = train(resume=saved["state"])
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
 

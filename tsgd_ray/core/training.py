@@ -170,6 +170,14 @@ class WeightEMA:
         for k, v in model.state_dict().items():
             v.copy_(self.shadow[k])
 
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in self.shadow.items():
+            v.copy_(state[k])
+
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
@@ -204,12 +212,17 @@ def teacher_step(
 @dataclass
 class FitState:
     """What a training run carries from epoch to epoch: `epoch` (0-based, the last finished one
-    once callbacks see it, -1 before the first) and `history` (one row per epoch: step, time,
-    loss). A resumable run saves `state_dict()` and passes it back as `fit(resume=...)`."""
+    once callbacks see it, -1 before the first), `history` (one row per epoch: step, time, loss),
+    the random stream the steps draw from (`generator`) and the weight EMA (`average`), each where
+    the run has one. A resumable run saves `state_dict()` (CPU tensors, loadable with
+    weights_only=True) and passes it back as `fit(resume=...)`: it then ends exactly where the
+    uninterrupted run ends."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
+    generator: Optional[torch.Generator] = None
+    average: Optional[WeightEMA] = None
     epoch: int = -1
     history: list[dict] = field(default_factory=list)
 
@@ -220,6 +233,8 @@ class FitState:
             "schedule": self.schedule.state_dict(),
             "epoch": self.epoch,
             "history": self.history,
+            **({"generator": self.generator.get_state()} if self.generator is not None else {}),
+            **({"average": self.average.state_dict()} if self.average is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -227,6 +242,10 @@ class FitState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.history = state["epoch"], list(state["history"])
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+        if self.average is not None and "average" in state:
+            self.average.load_state_dict(state["average"])
 
 
 #: called after every epoch with the run's state, outside `epoch_context` (so a callback may talk
@@ -248,6 +267,7 @@ def fit(
     ema: float = 0.0,
     resume: Optional[dict] = None,
     epoch_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    generator: Optional[torch.Generator] = None,
 ) -> FitState:
     """The one training loop (teacher, students, `full`): AdamW (settings.lr, weight_decay) with a
     cosine schedule over settings.epochs * steps_per_epoch steps; epoch e trains on `batches(e)`,
@@ -255,10 +275,13 @@ def fit(
     ends with the EMA of its weights (decay `ema`, updated every step). resume: a
     `FitState.state_dict()` to continue from (the epoch after it). Each epoch's batches run inside
     `epoch_context()` (DDP's join for ranks with uneven batch counts); the callbacks run after it.
+    generator: the random stream `batches` and `step` draw from, saved and resumed with the state.
     Returns the final state, the model in eval mode."""
     average = WeightEMA(model, ema) if ema > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    state = FitState(model, optimizer, cosine_schedule(optimizer, settings.epochs * steps_per_epoch))
+    state = FitState(
+        model, optimizer, cosine_schedule(optimizer, settings.epochs * steps_per_epoch), generator, average
+    )
     if resume is not None:
         state.load_state_dict(resume)
     for epoch in range(state.epoch + 1, settings.epochs):
@@ -392,6 +415,8 @@ def train_student(
     heat: Optional[torch.Tensor] = None,
     epoch_context: Callable[[], ContextManager] = contextlib.nullcontext,
     stored: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    callbacks: Sequence[Callback] = (),
+    resume: Optional[dict] = None,
 ) -> nn.Module:
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
@@ -399,8 +424,8 @@ def train_student(
     cosine (and settings.ema), teacher in eval mode (None under stored or hard labels). heat
     (N, H, W): the TSGFA map of each clip, carried from its init clip (synthetic sets); None: the
     clips' own (real clips). stored: the set's views (N, K, 7) and logits (N, K, classes), needed
-    by settings.labels=stored. Randomness comes from `seed` only; epoch_context: as `fit`'s.
-    Returns the student in eval mode.
+    by settings.labels=stored. Randomness comes from `seed` only; epoch_context, callbacks (after
+    `callback`) and resume: as `fit`'s. Returns the student in eval mode.
 
     Raises:
         ValueError: stored labels asked for and `stored` None or holding fewer than settings.views.
@@ -434,9 +459,11 @@ def train_student(
         step,
         settings.fit,
         math.ceil(len(x) / settings.fit.batch_size),
-        epoch_callback(callback),
+        [*epoch_callback(callback), *callbacks],
         settings.ema,
+        resume=resume,
         epoch_context=epoch_context,
+        generator=generator,
     )
     return student
 
