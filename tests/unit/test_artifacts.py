@@ -47,14 +47,31 @@ def test_a_clip_table_has_a_row_group_per_class_and_reads_back_exactly(tmp_path,
     assert np.array_equal(every["clips"].numpy(), clips[order]) and np.array_equal(every["heat"].numpy(), heats[order])
     one = clip_table.concat_clips(list(clip_table.read_clip_tables([uri], clips.shape[1:], {1})), clips.shape[1:])
     assert one["video_ids"] == ["v2", "v5"]
-    halves = [
-        clip_table.concat_clips(
-            list(clip_table.read_clip_tables([uri], clips.shape[1:], rank=r, world=2)), clips.shape[1:]
-        )
-        for r in (0, 1)
-    ]
-    assert sorted(halves[0]["video_ids"] + halves[1]["video_ids"]) == sorted(every["video_ids"])
-    assert (len(halves[0]["labels"]), len(halves[1]["labels"])) == (4, 3)
+    read_groups = []
+    real_read = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, g, *a, **k: read_groups.append(g) or real_read(self, g, *a, **k)
+    )
+
+    def shares(world):
+        out = []
+        for r in range(world):
+            read_groups.clear()
+            part = clip_table.read_clip_tables([uri], clips.shape[1:], rank=r, world=world)
+            out.append((clip_table.concat_clips(list(part), clips.shape[1:]), list(read_groups)))
+        return out
+
+    # as many groups as readers or more: whole groups, largest first to the least loaded reader,
+    # and a reader reads only its own groups
+    (half0, groups0), (half1, groups1) = shares(2)
+    assert sorted(half0["video_ids"] + half1["video_ids"]) == sorted(every["video_ids"])
+    assert (half0["labels"].unique().tolist(), half1["labels"].unique().tolist()) == ([0], [1, 2])
+    assert (groups0, groups1) == ([0], [1, 2])
+    # fewer groups than readers: every reader reads every group and keeps every world-th row
+    quarters = shares(4)
+    assert sorted(v for q, _ in quarters for v in q["video_ids"]) == sorted(every["video_ids"])
+    assert [len(q["labels"]) for q, _ in quarters] == [2, 2, 2, 1] and all(g == [0, 1, 2] for _, g in quarters)
+    monkeypatch.undo()
     # a class larger than a row group is split, never mixed with another class
     monkeypatch.setattr(clip_table, "ROW_GROUP_BYTES", 2 * clips[0].nbytes)
     (tmp_path / "s.parquet").write_bytes(clip_table.clip_table_bytes(clips, labels, indices, [""] * 7))

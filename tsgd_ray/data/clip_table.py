@@ -15,6 +15,7 @@ rows) it needs, one row group at a time. A clip-cache file is one decoded block,
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -153,32 +154,27 @@ def read_clip_tables(
     uris: Sequence[str], shape: Sequence[int], classes: Optional[set[int]] = None, rank: int = 0, world: int = 1
 ) -> Iterator[dict[str, Any]]:
     """Rows of clip tables, one row group at a time: only the row groups of `classes` (all when
-    None), and of those rows only every `world`-th from `rank` (counted over all rows read).
+    None), and of those only the share of reader `rank` of `world`: whole row groups, dealt
+    largest first to the reader with the fewest rows, when there are at least `world` of them (a
+    reader then reads 1/world of the bytes; a synthetic set's groups hold one class each, so a
+    reader's rows cover about 1/world of the classes), else every `world`-th row (every group read).
 
     Yields {"clips": (n, F, H, W, 3) uint8 tensor, "labels": (n,), "indices": (n,), "video_ids": [n],
     "heat": (n, H, W) uint8 tensor, "view_params": (n, K, 7) float32, "logits": (n, K, classes) float16,
     each of the last three None where the table holds none}.
     """
+    groups = _row_groups(uris, classes)
+    dealt = world > 1 and len(groups) >= world
     seen = 0
-    for uri in uris:
+    for uri, of_file in itertools.groupby(_deal(groups, world)[rank] if dealt else groups, key=lambda t: t[0]):
         with storage.open_parquet(uri) as f:
             parquet = pq.ParquetFile(f)
-            label_column = parquet.schema_arrow.get_field_index("label")
-            for g in range(parquet.num_row_groups):
-                meta = parquet.metadata.row_group(g)
-                st = meta.column(label_column).statistics
-                if (
-                    classes is not None
-                    and st is not None
-                    and st.has_min_max
-                    and not any(st.min <= c <= st.max for c in classes)
-                ):
-                    continue
+            for _, g, _ in of_file:
                 group = rows(parquet.read_row_group(g), shape)
                 labels = group["label"]
                 keep = np.ones(len(labels), bool) if classes is None else np.isin(labels, list(classes))
                 positions = np.flatnonzero(keep)
-                take = positions[(seen + np.arange(len(positions))) % world == rank]
+                take = positions if dealt else positions[(seen + np.arange(len(positions))) % world == rank]
                 seen += len(positions)
                 if not len(take):
                     continue
@@ -193,6 +189,39 @@ def read_clip_tables(
                     "indices": torch.from_numpy(group["index"][take]),
                     "video_ids": [group["video_id"][i] for i in take],
                 }
+
+
+def _row_groups(uris: Sequence[str], classes: Optional[set[int]]) -> list[tuple[str, int, int]]:
+    """(uri, row group, rows) of every row group that may hold `classes` (all when None; by the
+    label column's statistics), in file order; reads only the files' footers."""
+    found = []
+    for uri in uris:
+        with storage.open_parquet(uri) as f:
+            metadata = pq.ParquetFile(f).metadata
+        label_column = metadata.schema.to_arrow_schema().get_field_index("label")
+        for g in range(metadata.num_row_groups):
+            meta = metadata.row_group(g)
+            st = meta.column(label_column).statistics
+            if (
+                classes is not None
+                and st is not None
+                and st.has_min_max
+                and not any(st.min <= c <= st.max for c in classes)
+            ):
+                continue
+            found.append((uri, g, meta.num_rows))
+    return found
+
+
+def _deal(groups: list[tuple[str, int, int]], world: int) -> list[list[tuple[str, int, int]]]:
+    """`groups` (uri, group, rows) dealt to `world` readers, largest first to the reader with the
+    fewest rows (ties: the lower rank), each reader's share back in file order."""
+    load, shares = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(groups)), key=lambda i: (-groups[i][2], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += groups[i][2]
+    return [[groups[i] for i in sorted(share)] for share in shares]
 
 
 def concat_clips(parts: Sequence[dict[str, Any]], shape: Sequence[int]) -> dict[str, Any]:
