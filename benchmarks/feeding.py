@@ -14,7 +14,7 @@ On the embedded default's data (`tsgd-ray run default`'s 480 training clips, 8x3
                worker's thread count, per epoch
 
 for the teacher (`teacher.epochs`) and for one evaluation seed of the `full` baseline (a student
-with online teacher labels and TSGFA over every real training clip, `evaluate.full_epochs`), and
+with online teacher labels and TSGFA over every real training clip, `evaluate.full.epochs`), and
 prints seconds per epoch and pipeline / memory (target <= 1.25 each).
 """
 
@@ -92,14 +92,14 @@ def main() -> int:
     run_teacher(config("teacher.epochs=1"))  # the students' teacher
 
     def evaluate(n: int) -> None:
-        run_evaluate(method_config(config("teacher.epochs=1", f"evaluate.full_epochs={n}"), Method.full), Method.full)
+        run_evaluate(method_config(config("teacher.epochs=1", f"evaluate.full.epochs={n}"), Method.full), Method.full)
 
     student_epoch, student_fixed = per_epoch(evaluate, args.epochs)
     ray.shutdown()
 
     clips, labels, classes = load_split(cfg, "train")
     torch.set_num_threads(max(1, math.ceil(cfg.teacher.cpus_per_worker)))
-    one = config("teacher.epochs=1", "evaluate.full_epochs=1")
+    one = config("teacher.epochs=1", "evaluate.full.epochs=1")
     teacher_settings = training.TeacherSettings.from_config(one)
     teacher_memory = in_memory(
         lambda: training.train_teacher(new_teacher(one, len(classes)), clips, labels, teacher_settings)

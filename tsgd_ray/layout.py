@@ -31,6 +31,9 @@ from tsgd_ray.config import InitKind, Method, keys_where, to_dict
 from tsgd_ray.storage import OutputRoot
 
 EXECUTION_ONLY = frozenset(keys_where("execution_only"))
+#: sections that `methods.method_config` folds into others (evaluate.full into evaluate.* for the
+#: `full` method): keyed by what they become, so they do not re-key the other methods
+FOLDED = frozenset({"evaluate.full"})
 
 KEY_LENGTH = 16
 
@@ -48,7 +51,7 @@ def _settings(cfg: DictConfig, sections: tuple[str, ...]) -> dict[str, Any]:
     for name in sections:
         value = data[name]
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY}
+            value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY | FOLDED}
         out[name] = value
     return out
 

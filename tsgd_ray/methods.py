@@ -58,12 +58,29 @@ register(
         "IPC seeded real clips per class, not optimised",
     )
 )
+
+
+def _full_student(cfg: DictConfig) -> dict:
+    """evaluate.full folded into evaluate.*: its epochs, batch and workers where set, the
+    learning rate scaled with the batch unless set."""
+    e, f = cfg.evaluate, cfg.evaluate.full
+    batch = f.batch_size or e.batch_size
+    return {
+        "evaluate": {
+            "epochs": f.epochs or e.epochs,
+            "batch_size": batch,
+            "lr": f.lr or e.lr * batch / e.batch_size,
+            "num_workers": f.num_workers or e.num_workers,
+        }
+    }
+
+
 register(
     MethodSpec(
         Method.full,
         False,
-        lambda cfg: {"evaluate": {"epochs": cfg.evaluate.full_epochs or cfg.evaluate.epochs}},
-        "the student trained on every real training clip (the ceiling), evaluate.full_epochs epochs",
+        _full_student,
+        "the student trained on every real training clip (the ceiling), with evaluate.full's budget and batch",
     )
 )
 

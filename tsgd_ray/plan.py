@@ -70,6 +70,8 @@ class Stage:
     wall_s: float = 0.0
     busy: float | None = None  # share of the booked GPU time spent computing; None without GPUs
     timing: str = ""  # how the time splits, and where the rates come from
+    units: int = 1  # independent units that may run at once (evaluation: its students, one per seed)
+    unit_workers: int = 0  # workers each unit holds
 
 
 @dataclass(frozen=True)
@@ -286,8 +288,9 @@ def _distill_stage(
 def _evaluate_stage(
     cfg: DictConfig, method: Method, train: int, evaluated: int, classes: int, size, teacher, student, timer, done
 ) -> Stage:
-    """The students of `method` (cfg: its method_config): its seeds one after another in one Ray
-    Train run, each trained then tested; online labels add a teacher forward per clip."""
+    """The students of `method` (cfg: its method_config), one per seed, each trained then tested;
+    online labels add a teacher forward per clip. Its wall time is its students' one after another
+    (what they book); `_fleet_wall` has them run at once."""
     e, d = cfg.evaluate, cfg.distill
     real = not methods.get(method).distils
     clips = train if real else classes * d.ipc
@@ -306,6 +309,7 @@ def _evaluate_stage(
         "per-seed results",
     )
     seeds = len(e.seeds)
+    stage.units, stage.unit_workers = seeds, e.num_workers
     timer.time(
         stage,
         e.num_workers * e.gpus_per_worker if device != "cpu" else 0,
@@ -453,8 +457,11 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
         stages.append(_evaluate_stage(mcfg, method, train, evaluated, classes, size, teacher, student, timer, _done))
 
     todo = [st for st in stages if not st.finished]
+    fleet = [st for st in todo if st.name.startswith("evaluate/")]
+    fleet_wall = _fleet_wall(cfg, fleet)
     return {
-        "wall_s": sum(st.wall_s for st in todo),
+        "wall_s": sum(st.wall_s for st in todo if st not in fleet) + fleet_wall,
+        "fleet_wall_s": fleet_wall,
         "counts": {"train": train, "eval": evaluated, "classes": classes, "source": source},
         "stages": stages,
         "gpu": gpu,
@@ -462,6 +469,21 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
         "dollars": sum(st.gpu_hours for st in todo) * g.dollars_per_hour,
         "storage_error": probe.error,
     }
+
+
+def _fleet_wall(cfg: DictConfig, stages: list[Stage]) -> float:
+    """Wall time of the evaluation fleet (stages/evaluate.py's `Fleet`): every student of
+    `stages` at once, in room for evaluate.students_at_once students or else for as many workers as
+    the widest stage of the run (the cluster holds at least that); never less than its longest
+    student."""
+    if not stages:
+        return 0.0
+    longest = max(st.wall_s / st.units for st in stages)
+    if cfg.evaluate.students_at_once:
+        return max(longest, sum(st.wall_s for st in stages) / cfg.evaluate.students_at_once)
+    t, s, d = cfg.teacher, cfg.stats, cfg.distill
+    room = max(t.num_workers, s.actors, d.actors, *(st.unit_workers for st in stages))
+    return max(longest, sum(st.wall_s * st.unit_workers for st in stages) / room)
 
 
 def render(plan: dict) -> str:
@@ -492,6 +514,8 @@ def render(plan: dict) -> str:
         if st.timing:
             lines.append(f"  time       {st.timing}")
         lines += [f"  WARNING    {w}" for w in st.warnings]
+    if plan["fleet_wall_s"]:
+        lines.append(f"evaluation fleet: its students at once, ~{_duration(plan['fleet_wall_s'])} wall")
     lines.append(
         f"total to run: ~{_duration(plan['wall_s'])} wall, ~{plan['gpu_hours']:.2f} GPU-hours booked, "
         f"~${plan['dollars']:.2f} at ${GPUS[gpu].dollars_per_hour:g}/h on demand "

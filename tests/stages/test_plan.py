@@ -26,7 +26,10 @@ def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server, tmp_path)
     assert all(s.finished is False and s.folder and s.resources and s.reads and s.writes for s in stages.values())
     assert plan["counts"]["train"] > 0 and plan["counts"]["classes"] > 0 and not plan["storage_error"]
     assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values()))
-    assert plan["wall_s"] == pytest.approx(sum(s.wall_s for s in stages.values())) and plan["wall_s"] > 0
+    fleet = [s for s in stages.values() if s.name.startswith("evaluate/")]
+    others = sum(s.wall_s for s in stages.values() if s not in fleet)
+    assert plan["wall_s"] == pytest.approx(others + plan["fleet_wall_s"]) and plan["wall_s"] > 0
+    assert max(s.wall_s / s.units for s in fleet) <= plan["fleet_wall_s"] <= sum(s.wall_s for s in fleet) * 1.000001
     assert plan["dollars"] == pytest.approx(plan["gpu_hours"] * GPUS["a10g"].dollars_per_hour)
     if name != "default":
         for stage in ("teacher", "stats", "distill/tsgd", "evaluate/tsgd"):
@@ -38,6 +41,45 @@ def test_every_shipped_config_has_a_plan(name, monkeypatch, s3_server, tmp_path)
         if baseline.value != "full":
             recovers = not stages[f"distill/{baseline.value}"].timing.split("; ")[1].startswith("0 iterations")
             assert recovers == (baseline.value != "random_real")
+
+
+def test_the_evaluation_fleet_runs_its_students_at_once():
+    """Three seeds of four methods on 64-worker stages: the students (one worker each) run at once,
+    so the fleet takes its longest student; one student at a time takes them all in turn; the
+    booked GPU-hours do not change."""
+    base = ["storage.output_root=/nonexistent/plan", "evaluate.seeds=[0,1,2]", "teacher.num_workers=64"]
+    base.append("evaluate.baselines=[random_real,sre2l_video,full]")
+    at_once = make_plan(load_config("kinetics400", base), "h100")
+    in_turn = make_plan(load_config("kinetics400", [*base, "evaluate.students_at_once=1"]), "h100")
+    students = [s for s in at_once["stages"] if s.name.startswith("evaluate/")]
+    assert len(students) == 4 and all(s.units == 3 and s.unit_workers == 1 for s in students)
+    assert at_once["fleet_wall_s"] == pytest.approx(max(s.wall_s / 3 for s in students))
+    assert in_turn["fleet_wall_s"] == pytest.approx(sum(s.wall_s for s in students))
+    assert in_turn["gpu_hours"] == pytest.approx(at_once["gpu_hours"])
+    assert "evaluation fleet: its students at once" in render(at_once)
+
+
+def test_the_full_baseline_has_its_own_batch_workers_and_scaled_learning_rate():
+    from tsgd_ray.config import Method
+    from tsgd_ray.layout import evaluate_dir
+    from tsgd_ray.methods import method_config
+
+    base = ["storage.output_root=/nonexistent/plan", "evaluate.batch_size=32", "evaluate.lr=0.001"]
+    base.append("evaluate.baselines=[full]")
+    cfg = load_config("kinetics400", [*base, "evaluate.full.batch_size=256", "evaluate.full.num_workers=8"])
+    full = method_config(cfg, Method.full).evaluate
+    assert (full.batch_size, full.num_workers, full.lr) == (256, 8, pytest.approx(0.008))  # linear scaling
+    assert method_config(cfg, Method.tsgd).evaluate.batch_size == 32
+    plain = load_config("kinetics400", base)
+    # the full section re-keys the full student only
+    assert evaluate_dir(method_config(cfg, Method.tsgd), Method.tsgd) == evaluate_dir(
+        method_config(plain, Method.tsgd), Method.tsgd
+    )
+    assert evaluate_dir(method_config(cfg, Method.full), Method.full) != evaluate_dir(
+        method_config(plain, Method.full), Method.full
+    )
+    stage = next(s for s in make_plan(cfg, "h100")["stages"] if s.name == "evaluate/full")
+    assert stage.unit_workers == 8 and "8 x {CPU" in stage.resources
 
 
 def test_gpu_time_and_memory_follow_the_work():

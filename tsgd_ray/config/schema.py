@@ -408,12 +408,23 @@ class DistillConfig:
 
 
 @dataclass
+class FullConfig:
+    """The `full` baseline's student, trained on every real training clip: many more clips per
+    epoch than a synthetic set, so its own epochs, a larger batch on more workers, and the
+    learning rate scaled with the batch (the linear scaling rule of Goyal et al., 2017)."""
+
+    epochs: int = setting(0, must=NON_NEGATIVE)  # passes over every real training clip; 0: evaluate.epochs
+    batch_size: int = setting(0, must=NON_NEGATIVE)  # clips per step over all workers; 0: evaluate.batch_size
+    # AdamW learning rate; 0: evaluate.lr x full.batch_size / evaluate.batch_size
+    lr: float = setting(0.0, must=NON_NEGATIVE)
+    num_workers: int = setting(0, must=NON_NEGATIVE)  # Ray Train workers of a `full` student; 0: evaluate.num_workers
+
+
+@dataclass
 class EvaluateConfig:
     # one student per seed; results are mean +- std
     seeds: list[int] = setting(factory=lambda: [0, 1, 2], must=(lambda v: len(v) >= 1, "a non-empty list"))
     epochs: int = setting(300, must=NON_NEGATIVE)  # student epochs over the synthetic set
-    # epochs of the `full` baseline over every real clip; 0: evaluate.epochs
-    full_epochs: int = setting(0, must=NON_NEGATIVE)
     batch_size: int = setting(32, must=at_least(1))  # synthetic clips per student step
     lr: float = setting(1e-3, must=POSITIVE)  # AdamW learning rate (cosine schedule)
     weight_decay: float = setting(0.01, must=NON_NEGATIVE)  # AdamW weight decay
@@ -429,11 +440,16 @@ class EvaluateConfig:
     # TSGFA: draw crop (and CutMix box) centres from each clip's init saliency; false: uniformly.
     tsgfa: bool = True
     augment: StudentAugmentConfig = field(default_factory=StudentAugmentConfig)
+    full: FullConfig = field(default_factory=FullConfig)  # the `full` baseline's own budget and batch
     ema: float = setting(0.0, must=BELOW_ONE)  # decay of an EMA of the student's weights, tested in its place; 0: off
     # Also evaluate these methods (each distilled with the same teacher, ipc and seed): e.g.
     # [random_real, sre2l_video, full]. The run's own method is distill.method.
     baselines: list[Method] = setting(factory=list, execution_only=True)
-    num_workers: int = setting(1, must=at_least(1))  # Ray Train (DDP) workers
+    num_workers: int = setting(1, must=at_least(1))  # Ray Train (DDP) workers per student
+    # Students trained at once (each (method, seed) is its own Ray Train run; Ray places their
+    # workers); 0: as many student workers as the cluster's CPUs and GPUs hold when evaluation
+    # starts. Set it on an autoscaling cluster, whose nodes come only when asked for.
+    students_at_once: int = setting(0, must=NON_NEGATIVE, execution_only=True)
     # CPUs Ray reserves for each student worker
     cpus_per_worker: float = setting(1.0, must=POSITIVE, execution_only=True)
     gpus_per_worker: float = setting(0.0, must=NON_NEGATIVE, execution_only=True)  # GPUs per student worker

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -16,9 +18,12 @@ from omegaconf import DictConfig
 
 from tsgd_ray import storage
 from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
+from tsgd_ray.core.training import FitState
 from tsgd_ray.data import clip_cache
 from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
+
+STATE_FILE = "state.pt"
 
 
 def scaling_config(section, device: str):
@@ -99,18 +104,54 @@ def uneven_inputs(model: nn.Module):
     return model.join() if hasattr(model, "join") else contextlib.nullcontext()
 
 
-#: live-curve reports per training run. Ray Train's controller takes one report per health check
-#: (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default) and a worker's report waits for it, so a
-#: report per fast epoch stalls training (240 student epochs of 0.1 s each were heading for 7 min
-#: instead of half a minute); each report carries the rows of every epoch since the last one.
+#: live-curve reports (and checkpoints) per training run of short epochs. Ray Train's controller
+#: takes one report per health check (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default) and a
+#: worker's report waits for it, so a report per fast epoch stalls training (240 student epochs of
+#: 0.1 s each were heading for 7 min instead of half a minute); each report carries the rows of
+#: every epoch since the last one.
 REPORTS_PER_RUN = 10
+#: epochs of at least this many steps report (and checkpoint) every epoch: the wait is then small
+#: beside the epoch, and a lost node repeats at most one epoch (hours of `full` at Kinetics size)
+LONG_EPOCH_STEPS = 200
 
 
-def report_due(epoch: int, epochs: int) -> bool:
-    """Whether 0-based `epoch` of `epochs` ends with a live-curve report: every ceil(epochs / 10)
-    epochs and the last; the same on every rank (a report is a collective across workers)."""
-    every = max(1, math.ceil(epochs / REPORTS_PER_RUN))
+def report_due(epoch: int, epochs: int, steps_per_epoch: int = 0) -> bool:
+    """Whether 0-based `epoch` of `epochs` ends with a report: every epoch when an epoch has at
+    least LONG_EPOCH_STEPS steps, else every ceil(epochs / 10) epochs and the last; the same on
+    every rank (a report is a collective across workers)."""
+    every = 1 if steps_per_epoch >= LONG_EPOCH_STEPS else max(1, math.ceil(epochs / REPORTS_PER_RUN))
     return (epoch + 1) % every == 0 or epoch == epochs - 1
+
+
+def latest_state() -> Optional[dict]:
+    """The `FitState.state_dict()` of this Ray Train run's latest checkpoint (see `report`),
+    loaded with weights_only=True on the CPU; None when the run has none (a fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def report(metrics: dict, state: FitState, rank: int) -> None:
+    """Report `metrics` with a checkpoint of `state` (written by rank 0; every rank calls this,
+    a report is a collective). Ray Train keeps the latest two under the run's storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if rank == 0:
+            torch.save(state.state_dict(), Path(folder, STATE_FILE))
+            saved = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=saved)
+
+
+def checkpoint_state(checkpoint) -> dict:
+    """The `FitState.state_dict()` a finished run's `Result.checkpoint` holds (weights_only)."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def per_worker_batch(batch_size: int, world_size: int) -> int:

@@ -1,7 +1,8 @@
 """The whole pipeline, or some of its stages, for the run's method and its baselines.
 
-prepare -> teacher -> for each method in [distill.method, *evaluate.baselines]:
-(stats -> init -> distill -> merge, for the methods that distil) -> evaluate. Every stage skips what is finished.
+prepare -> teacher -> for each method in [distill.method, *evaluate.baselines]: (stats -> init ->
+distill -> merge, for the methods that distil) -> evaluate, every method's students one fleet.
+Every stage skips what is finished.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from omegaconf import DictConfig
@@ -20,7 +22,7 @@ from tsgd_ray.data.shards import MANIFEST, eval_split, finished_manifest, read_m
 from tsgd_ray.methods import method_config
 from tsgd_ray.plan import make_plan, render
 from tsgd_ray.stages.distill import run_distill
-from tsgd_ray.stages.evaluate import run_evaluate
+from tsgd_ray.stages.evaluate import Fleet, run_evaluate
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import run_merge
 from tsgd_ray.stages.prepare import run_prepare
@@ -94,21 +96,20 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
         marker = run_teacher(cfg, tracker)
         if tracker:
             tracker.set_tags(tracker.run_id, {"teacher_sha256": marker["sha256"]})
-    results = []
     for method in methods_of(cfg):
-        result = run_method(cfg, method, stages, tracker)
-        if result is not None:
-            results.append(result)
-            if tracker:
-                tracker.log_metrics(
-                    tracker.run_id,
-                    {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
-                )
-                if len(results) == 1:  # one teacher for every method
-                    tracker.log_metrics(
-                        tracker.run_id,
-                        {f"teacher/{k}": result[f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in result},
-                    )
+        run_method(cfg, method, [s for s in stages if s != "evaluate"], tracker)
+    results = evaluate_fleet(cfg, methods_of(cfg), tracker) if "evaluate" in stages else []
+    for method, result in zip(methods_of(cfg), results):
+        if tracker:
+            tracker.log_metrics(
+                tracker.run_id,
+                {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
+            )
+    if tracker and results:  # one teacher for every method
+        tracker.log_metrics(
+            tracker.run_id,
+            {f"teacher/{k}": results[0][f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in results[0]},
+        )
     if tracker and results:
         tracker.log_table(tracker.run_id, "results.json", results_rows(results))
         tracker.log_text(tracker.run_id, "results.md", results_table(results) + "\n")
@@ -124,6 +125,22 @@ def run_method(cfg: DictConfig, method: Method, stages=STAGES, tracker=None) -> 
             if stage in stages:
                 run(method_cfg, tracker)
     return run_evaluate(method_cfg, method, tracker) if "evaluate" in stages else None
+
+
+def evaluate_fleet(cfg: DictConfig, evaluated: list[Method], tracker=None) -> list[dict]:
+    """Evaluate every method of `evaluated` at once, their students sharing one `Fleet` (every
+    (method, seed) student its own Ray Train run); returns the results in the order of
+    `evaluated`, once every method has ended (the first failure raised)."""
+    fleet = Fleet.for_config(cfg)
+    pool = ThreadPoolExecutor(max(1, len(evaluated)), thread_name_prefix="evaluate")
+    try:
+        futures = [pool.submit(run_evaluate, method_config(cfg, m), m, tracker, fleet) for m in evaluated]
+        results = [f.result() for f in futures]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
 def results_rows(results: list[dict]) -> list[dict]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -44,12 +42,7 @@ def _train_worker(loop_config: dict) -> None:
     batch_size = ray_train.per_worker_batch(t.batch_size, world)
     model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder, "state.pt"), map_location="cpu", weights_only=True)
-        generator.set_state(resume["generator"])
+    resume = ray_train.latest_state()
     progress = Progress("teacher", t.epochs, "epoch")
     streams: dict[int, object] = {}
     downloaded = [source.store_bytes()]
@@ -69,12 +62,7 @@ def _train_worker(loop_config: dict) -> None:
         downloaded[0] += row["store_bytes"]
         if rank == 0:
             progress.update(state.epoch + 1, loss=row["loss"])
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                torch.save({**state.state_dict(), "generator": generator.get_state()}, Path(folder, "state.pt"))
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({"epoch": state.epoch, "loss": row["loss"]}, checkpoint=saved)
+        ray_train.report({"epoch": state.epoch, "loss": row["loss"]}, state, rank)
 
     training.fit(
         model,
@@ -85,6 +73,7 @@ def _train_worker(loop_config: dict) -> None:
         [checkpoint_and_report],
         resume=resume,
         epoch_context=lambda: ray_train.uneven_inputs(model),
+        generator=generator,
     )
 
 
@@ -111,8 +100,7 @@ def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Mo
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"teacher training under {teacher_dir(cfg)} finished without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder, "state.pt"), map_location="cpu", weights_only=True)
+    state = ray_train.checkpoint_state(result.checkpoint)
     model.load_state_dict(state["model"])
     return model, state["history"]
 

@@ -1,0 +1,141 @@
+"""Evaluation as a fleet: every (method, seed) student is its own Ray Train run, as many at once as
+the cluster holds; a student checkpoints every few epochs and resumes after its worker dies, and
+ends where it would have ended uninterrupted, whichever students trained beside it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from support.stage_helpers import imported_config, teacher_file
+
+from tsgd_ray import layout, storage
+from tsgd_ray.config import Method
+from tsgd_ray.methods import method_config
+from tsgd_ray.stages.evaluate import Fleet, run_evaluate
+from tsgd_ray.stages.pipeline import STAGES, run_method
+from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.teacher import run_teacher
+
+pytestmark = pytest.mark.ray
+THREE = "data.classes=[translate_right,translate_left,rotate_cw]"
+
+
+def test_the_fleet_fits_as_many_student_workers_as_the_cluster_holds(ray_session, tmp_path):
+    def room(*overrides):
+        fleet = Fleet.for_config(imported_config(tmp_path, tmp_path / "t.pt", *overrides))
+        return fleet.students, fleet.workers
+
+    assert room("evaluate.cpus_per_worker=1") == (2, 2)  # the test session's Ray has 2 CPUs
+    assert room("evaluate.cpus_per_worker=0.5") == (4, 4)
+    assert room("evaluate.cpus_per_worker=4") == (1, 1)  # at least one student
+    assert room("evaluate.cpus_per_worker=1", "data.clip_cache=false") == (1, 1)  # a CPU kept for Ray Data
+    assert room("evaluate.cpus_per_worker=0.5", "evaluate.students_at_once=3")[0] == 3  # Ray places them
+
+
+def test_a_student_waits_for_room_for_all_its_workers():
+    fleet, order = Fleet(students=3, workers=4), []
+
+    def wide():
+        with fleet.room(3):
+            order.append("wide")
+
+    late = threading.Thread(target=wide)
+    with fleet.room(2):
+        with fleet.room(1):
+            late.start()
+            time.sleep(0.2)
+            order.append("narrow done")  # 2 + 1 of 4 workers held: the 3-worker student waits
+        time.sleep(0.2)
+        order.append("first done")  # 2 + 3 > 4: still waiting
+    late.join(timeout=10)
+    assert order == ["narrow done", "first done", "wide"]
+    with fleet.room(8):  # wider than the fleet: it trains alone
+        order.append("alone")
+    assert order[-1] == "alone"
+
+
+def _kill_a_worker_after_a_checkpoint(cfg, killed: list, stop: threading.Event) -> None:
+    """Kill (SIGKILL) the Ray Train worker of this test's Ray (one student at a time) once the
+    controller of an unfinished seed's run has registered a checkpoint (a worker's report is
+    queued until the controller polls for it: one lost with its worker never was); `killed` gets
+    that seed."""
+    while not stop.is_set():
+        for seed in cfg.evaluate.seeds:
+            run = Path(storage.absolute(layout.evaluate_dir(cfg, Method.random_real))) / "ray_train" / f"seed-{seed}"
+            snapshot = run / "checkpoint_manager_snapshot.json"
+            if storage.exists(layout.seed_uri(cfg, Method.random_real, seed)) or not snapshot.exists():
+                continue
+            try:
+                registered = json.loads(snapshot.read_text())["checkpoint_results"]
+            except (ValueError, KeyError):  # being written
+                continue
+            workers = [
+                p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+            ]
+            if registered and len(workers) == 1:
+                workers[0].kill()
+                killed.append(seed)
+                return
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(600)
+def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(ray_session, tmp_path):
+    teacher = teacher_file(tmp_path / "teacher", THREE)
+
+    def config(*extra):
+        return method_config(
+            imported_config(
+                tmp_path / "out",
+                teacher,
+                THREE,
+                "evaluate.seeds=[0,1]",
+                "evaluate.epochs=300",  # a checkpoint every 30 epochs, about a second apart
+                "evaluate.cpus_per_worker=1",
+                "ray.max_failures=1",
+                *extra,
+            ),
+            Method.random_real,
+        )
+
+    cfg = config()
+    run_prepare(cfg)
+    run_teacher(cfg)
+    run_method(cfg, Method.random_real, [s for s in STAGES if s != "evaluate"])
+    folder = Path(storage.absolute(layout.evaluate_dir(cfg, Method.random_real)))
+
+    def seeds() -> list[dict]:
+        return [storage.read_json(layout.seed_uri(cfg, Method.random_real, s)) for s in (0, 1)]
+
+    def overlap(a: dict, b: dict) -> float:
+        return min(a["started"] + a["seconds"], b["started"] + b["seconds"]) - max(a["started"], b["started"])
+
+    together = run_evaluate(cfg, Method.random_real)  # two CPUs: both students at once
+    first = seeds()
+    assert overlap(*first) > 0 and all(r["resumed_at"] is None for r in first)
+
+    shutil.rmtree(folder)
+    one_at_a_time = config("evaluate.students_at_once=1")  # execution-only: the same stage folder
+    assert layout.evaluate_dir(one_at_a_time, Method.random_real) == layout.evaluate_dir(cfg, Method.random_real)
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(one_at_a_time, killed, stop))
+    killer.start()
+    try:
+        in_turn = run_evaluate(one_at_a_time, Method.random_real)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    second = seeds()
+    assert killed, "no worker was killed: the test did not exercise a restart"
+    assert overlap(*second) <= 0  # one slot: one student after the other
+    (seed,) = killed
+    assert second[seed]["resumed_at"] >= 29 and second[1 - seed]["resumed_at"] is None  # from its last checkpoint
+    assert in_turn["top1"] == together["top1"]
+    for a, b in zip(first, second):
+        assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
