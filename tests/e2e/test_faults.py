@@ -130,6 +130,27 @@ def test_node_removed_and_not_replaced(ray_session, tmp_path, teacher_path):
     assert torch.bincount(synthetic["labels"]).tolist() == [1] * 8  # nothing lost, nothing twice
 
 
+def test_the_teacher_goes_on_with_fewer_workers_after_losing_a_node(tmp_path):
+    """teacher.min_workers=1 on a 3-node ray.cluster_utils.Cluster (its own process): a node of the
+    2-worker group is removed after a checkpoint and never comes back; Ray Train's elastic group
+    resumes from that checkpoint on the worker that is left, and every epoch is trained once."""
+    temp_dir = REPO / ".cache" / f"ray-teacher-nodes-{os.getpid()}"
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "tests" / "support" / "teacher_node_loss.py"), str(tmp_path / "out"), str(temp_dir)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    history = report["marker"]["history"]
+    assert [row["step"] for row in history] == list(range(report["epochs"]))  # each epoch once, none lost
+    workers = [row["workers"] for row in history]
+    assert workers[0] == 2 and workers[-1] == 1 and workers == sorted(workers, reverse=True)
+
+
 def test_driver_killed_then_same_command_again(ray_session, tmp_path, teacher_path):
     cfg = imported_config(tmp_path / "out", teacher_path, "distill.iterations=150")
     _ready(cfg)

@@ -28,12 +28,15 @@ STATE_FILE = "state.pt"
 
 def scaling_config(section, device: str):
     """A ScalingConfig from a section with num_workers, cpus_per_worker, gpus_per_worker (no GPUs
-    when the device is cpu)."""
+    when the device is cpu) and, where it has one, min_workers: a non-zero one below num_workers
+    makes the group elastic (Ray Train restarts it on what the cluster holds, between the two)."""
     from ray.train import ScalingConfig
 
     gpus = reserved_gpus(device, section.gpus_per_worker)
     resources = {"CPU": section.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    return ScalingConfig(num_workers=section.num_workers, use_gpu=gpus > 0, resources_per_worker=resources)
+    least = getattr(section, "min_workers", 0)
+    workers = (least, section.num_workers) if 0 < least < section.num_workers else section.num_workers
+    return ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources)
 
 
 def torch_config(section, device: str):

@@ -58,6 +58,7 @@ def _train_worker(loop_config: dict) -> None:
     def checkpoint_and_report(state: training.FitState) -> None:
         row = state.history[-1]
         row["bad_videos"] = source.bad("train", streams.pop(state.epoch))
+        row["workers"] = world  # fewer after a lost node, where teacher.min_workers allows
         row["store_bytes"] = source.store_bytes() - downloaded[0]  # through rank 0's node cache
         downloaded[0] += row["store_bytes"]
         if rank == 0:
