@@ -4,7 +4,6 @@ in another process can differ in the last float bits, and Adam's sign-like steps
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from support.clusters import run_script
 from support.stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import storage
@@ -105,18 +105,8 @@ def test_actor_killed_mid_partition(ray_session, tmp_path, teacher_path):
 def test_node_removed_and_not_replaced(ray_session, tmp_path, teacher_path):
     """On a 3-node ray.cluster_utils.Cluster (its own process: one Ray per process), a node is
     removed mid-stage and never comes back: its partition goes to the actor that is left."""
-    temp_dir = REPO / ".cache" / f"ray-nodes-{os.getpid()}"
     out = tmp_path / "cluster"
-    proc = subprocess.run(
-        [PYTHON, str(REPO / "tests" / "support" / "node_loss.py"), str(out), str(teacher_path), str(temp_dir)],
-        capture_output=True,
-        text=True,
-        timeout=360,
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_script("node_loss.py", out, teacher_path, REPO / ".cache" / f"ray-nodes-{os.getpid()}", timeout=360)
     assert report["summary"]["recovered"] == 4 and report["summary"]["partitions"] == 4
     assert report["summary"]["actor_failures"] >= 1
     disturbed = imported_config(
@@ -135,16 +125,7 @@ def test_the_teacher_goes_on_with_fewer_workers_after_losing_a_node(tmp_path):
     2-worker group is removed after a checkpoint and never comes back; Ray Train's elastic group
     resumes from that checkpoint on the worker that is left, and every epoch is trained once."""
     temp_dir = REPO / ".cache" / f"ray-teacher-nodes-{os.getpid()}"
-    proc = subprocess.run(
-        [PYTHON, str(REPO / "tests" / "support" / "teacher_node_loss.py"), str(tmp_path / "out"), str(temp_dir)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_script("teacher_node_loss.py", tmp_path / "out", temp_dir, timeout=400)
     history = report["marker"]["history"]
     assert [row["step"] for row in history] == list(range(report["epochs"]))  # each epoch once, none lost
     workers = [row["workers"] for row in history]

@@ -3,13 +3,11 @@ stop before any work when a cluster job would keep MLflow's store where `ray dow
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO, tiny_config
+from support.clusters import run_script
 
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import ConfigError
@@ -61,21 +59,9 @@ def test_doctor_fails_with_the_fix_where_a_gpu_node_has_a_cpu_only_torch(ray_ses
 def test_doctor_checks_every_node_of_a_cluster(tmp_path):
     """A 3-node cluster (its own process: one Ray per process): every node answers for itself, and
     the node whose declared GPU torch cannot use is the one that fails."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tests" / "support" / "doctor_cluster.py"),
-            str(tmp_path / "out"),
-            str(REPO / ".cache" / f"ray-doctor-{os.getpid()}"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": ""},
+    report = run_script(
+        "doctor_cluster.py", tmp_path / "out", REPO / ".cache" / f"ray-doctor-{os.getpid()}", timeout=280
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
     by_node = {node: [line for line in report["lines"] if f"/{node[:8]}]" in line] for node in report["nodes"]}
     assert len(by_node) == 3 and all(by_node.values())
     failing = {node for node, lines in by_node.items() if any(line.startswith("FAIL") for line in lines)}

@@ -10,7 +10,6 @@ Prints one JSON line: the report lines, the error (or null), and the node ids.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,14 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 def main(output_root: str, temp_dir: str) -> None:
     import ray
     from conftest import tiny_config
-    from ray.cluster_utils import Cluster
+    from support.clusters import head_without_cpus
 
     from tsgd_ray.doctor import DoctorError, run_doctor
 
-    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster records its address under Ray's temp dir: keep it in ours
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     memory = {"object_store_memory": 100 * 2**20}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir, **memory})
+    cluster = head_without_cpus(temp_dir, 100)
     cluster.add_node(num_cpus=1, **memory)
     cluster.add_node(num_cpus=1, num_gpus=1, **memory)
     ray.init(address=cluster.address, log_to_driver=False)

@@ -12,7 +12,6 @@ the sha256 of each merged file.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 
 def main(output_root: str, teacher: str, temp_dir: str) -> None:
     import ray
-    from ray.cluster_utils import Cluster
+    from support.clusters import head_without_cpus
     from support.stage_helpers import imported_config
 
     from tsgd_ray import storage
@@ -35,12 +34,7 @@ def main(output_root: str, teacher: str, temp_dir: str) -> None:
     from tsgd_ray.stages.stats import run_stats
     from tsgd_ray.stages.teacher import run_teacher
 
-    # Cluster records its address under Ray's default temp dir (/tmp/ray): keep it in ours
-    os.environ["RAY_TMPDIR"] = temp_dir
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir, "object_store_memory": 150 * 2**20}
-    )
+    cluster = head_without_cpus(temp_dir, 150)
     workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     cfg = imported_config(

@@ -12,7 +12,6 @@ and the epoch count asked for.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -26,17 +25,13 @@ EPOCHS = 40
 def main(output_root: str, temp_dir: str) -> None:
     import ray
     from conftest import tiny_config
-    from ray.cluster_utils import Cluster
+    from support.clusters import head_without_cpus
 
     from tsgd_ray.layout import teacher_dir
     from tsgd_ray.stages.prepare import run_prepare
     from tsgd_ray.stages.teacher import run_teacher
 
-    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster records its address under Ray's temp dir
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir, "object_store_memory": 150 * 2**20}
-    )
+    cluster = head_without_cpus(temp_dir, 150)
     workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     cfg = tiny_config(
