@@ -134,7 +134,9 @@ def _student_worker(loop_config: dict) -> None:
     progress = Progress(f"evaluate {method.value} seed {seed}", cfg.evaluate.epochs, "epoch")
     if distils:
         mine, _ = artifacts.read_synthetic(cfg, rank=rank, world=world)  # only this worker's row groups, uint8
-        steps = math.ceil(len(mine["labels"]) / per_worker.batch_size)
+        # the report cadence must be the same on every rank (a report is a collective), and ranks
+        # may hold different row counts: steps of an even share of the set
+        steps = math.ceil(len(classes) * cfg.distill.ipc / world / per_worker.batch_size)
     else:
         steps = source.steps("train", world, per_worker.batch_size)
     sent = [resume["epoch"] if resume else -1]  # the last epoch reported
