@@ -106,7 +106,7 @@ def test_node_removed_and_not_replaced(ray_session, tmp_path, teacher_path):
     """On a 3-node ray.cluster_utils.Cluster (its own process: one Ray per process), a node is
     removed mid-stage and never comes back: its partition goes to the actor that is left."""
     out = tmp_path / "cluster"
-    report = run_script("node_loss.py", out, teacher_path, REPO / ".cache" / f"ray-nodes-{os.getpid()}", timeout=360)
+    report = run_script("node_loss.py", out, teacher_path, timeout=360)
     assert report["summary"]["recovered"] == 4 and report["summary"]["partitions"] == 4
     assert report["summary"]["actor_failures"] >= 1
     disturbed = imported_config(
@@ -124,8 +124,7 @@ def test_the_teacher_goes_on_with_fewer_workers_after_losing_a_node(tmp_path):
     """teacher.min_workers=1 on a 3-node ray.cluster_utils.Cluster (its own process): a node of the
     2-worker group is removed after a checkpoint and never comes back; Ray Train's elastic group
     resumes from that checkpoint on the worker that is left, and every epoch is trained once."""
-    temp_dir = REPO / ".cache" / f"ray-teacher-nodes-{os.getpid()}"
-    report = run_script("teacher_node_loss.py", tmp_path / "out", temp_dir, timeout=400)
+    report = run_script("teacher_node_loss.py", tmp_path / "out", timeout=400)
     history = report["marker"]["history"]
     assert [row["step"] for row in history] == list(range(report["epochs"]))  # each epoch once, none lost
     workers = [row["workers"] for row in history]

@@ -3,10 +3,8 @@ stop before any work when a cluster job would keep MLflow's store where `ray dow
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from conftest import REPO, tiny_config
+from conftest import tiny_config
 from support.clusters import run_script
 
 from tsgd_ray.cli import run_command
@@ -59,9 +57,7 @@ def test_doctor_fails_with_the_fix_where_a_gpu_node_has_a_cpu_only_torch(ray_ses
 def test_doctor_checks_every_node_of_a_cluster(tmp_path):
     """A 3-node cluster (its own process: one Ray per process): every node answers for itself, and
     the node whose declared GPU torch cannot use is the one that fails."""
-    report = run_script(
-        "doctor_cluster.py", tmp_path / "out", REPO / ".cache" / f"ray-doctor-{os.getpid()}", timeout=280
-    )
+    report = run_script("doctor_cluster.py", tmp_path / "out", timeout=280)
     by_node = {node: [line for line in report["lines"] if f"/{node[:8]}]" in line] for node in report["nodes"]}
     assert len(by_node) == 3 and all(by_node.values())
     failing = {node for node, lines in by_node.items() if any(line.startswith("FAIL") for line in lines)}

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,15 +28,24 @@ def head_without_cpus(temp_dir: str, object_store_mb: int):
 
 
 def run_script(name: str, *args: str, timeout: float) -> dict:
-    """Run tests/support/`name` with `args` in its own Python process (no RAY_ADDRESS), within
-    `timeout` seconds; returns the JSON object its last stdout line holds. Asserts it exits 0."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "support" / name), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    """Run tests/support/`name` with `args` and then a fresh Ray temp dir in its own Python process
+    (no RAY_ADDRESS), within `timeout` seconds; returns the JSON object its last stdout line holds.
+    Asserts it exits 0.
+
+    The temp dir is made under the system's temp dir and removed afterwards: Ray's Unix sockets
+    sit about 60 characters below it, and a socket path may have 107 at most, too few under a
+    checkout at a deep path (CI's clone under /tmp/tmp.XXXXXXXXXX/.cache already went over)."""
+    temp_dir = tempfile.mkdtemp(prefix="tsgd-ray-")
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "support" / name), *map(str, args), temp_dir],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env={**os.environ, "RAY_ADDRESS": ""},
+        )
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
