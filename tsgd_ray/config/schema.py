@@ -312,7 +312,8 @@ class TeacherConfig:
     weight_decay: float = setting(1e-4, must=NON_NEGATIVE)  # AdamW weight decay
     num_workers: int = setting(1, must=at_least(1))  # Ray Train (DDP) workers
     # Elastic: after a lost node, go on from the last checkpoint with as few as this many workers
-    # (the global batch stays teacher.batch_size) instead of waiting for a replacement; 0: fixed
+    # (the global batch stays teacher.batch_size) instead of waiting for a replacement; 0, or at
+    # least teacher.num_workers: a fixed group
     min_workers: int = setting(0, must=NON_NEGATIVE, execution_only=True)
     # CPUs Ray reserves for each training worker
     cpus_per_worker: float = setting(1.0, must=POSITIVE, execution_only=True)
@@ -573,10 +574,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"evaluate.views: the set stores distill.labels.views={cfg.distill.labels.views} views per clip; "
             f"got {cfg.evaluate.views}"
-        )
-    if cfg.teacher.min_workers > cfg.teacher.num_workers:
-        raise ConfigError(
-            f"teacher.min_workers: at most teacher.num_workers={cfg.teacher.num_workers}, got {cfg.teacher.min_workers}"
         )
     if cfg.distill.method == Method.full:  # the one method that distils nothing (tsgd_ray.methods)
         raise ConfigError(
