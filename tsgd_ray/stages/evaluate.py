@@ -147,7 +147,7 @@ def _student_worker(loop_config: dict) -> None:
             progress.update(state.epoch + 1, loss=state.history[-1]["loss"])
         if ray_train.report_due(state.epoch, cfg.evaluate.epochs, steps):
             rows = [h for h in state.history if h["step"] > sent[0]]  # the live curve's new rows
-            ray_train.report({"seed": seed, "rows": rows}, state, rank)
+            ray_train.report({"seed": seed, "started": started, "rows": rows}, state, rank)
             sent[0] = state.epoch
 
     worker_seed = seed * world + rank
