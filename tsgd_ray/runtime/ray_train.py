@@ -132,10 +132,7 @@ def latest_state() -> Optional[dict]:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    return None if checkpoint is None else checkpoint_state(checkpoint)
 
 
 def report(metrics: dict, state: FitState, rank: int) -> None:
@@ -152,7 +149,7 @@ def report(metrics: dict, state: FitState, rank: int) -> None:
 
 
 def checkpoint_state(checkpoint) -> dict:
-    """The `FitState.state_dict()` a finished run's `Result.checkpoint` holds (weights_only)."""
+    """The `FitState.state_dict()` a `report` checkpoint holds (weights_only, on the CPU)."""
     with checkpoint.as_directory() as folder:
         return torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
 

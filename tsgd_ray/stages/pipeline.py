@@ -99,18 +99,16 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
     for method in methods_of(cfg):
         run_method(cfg, method, [s for s in stages if s != "evaluate"], tracker)
     results = evaluate_fleet(cfg, methods_of(cfg), tracker) if "evaluate" in stages else []
-    for method, result in zip(methods_of(cfg), results):
-        if tracker:
+    if tracker and results:
+        for method, result in zip(methods_of(cfg), results):
             tracker.log_metrics(
                 tracker.run_id,
                 {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
             )
-    if tracker and results:  # one teacher for every method
-        tracker.log_metrics(
+        tracker.log_metrics(  # one teacher for every method
             tracker.run_id,
             {f"teacher/{k}": results[0][f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in results[0]},
         )
-    if tracker and results:
         tracker.log_table(tracker.run_id, "results.json", results_rows(results))
         tracker.log_text(tracker.run_id, "results.md", results_table(results) + "\n")
     return results
