@@ -185,7 +185,7 @@ def start_rows(cfg, rows: list[dict], source: str) -> list[dict]:
     from tsgd_ray.stages.evaluate import run_evaluate
     from tsgd_ray.stages.init import run_init
     from tsgd_ray.stages.merge import run_merge
-    from tsgd_ray.stages.prepare import run_prepare
+    from tsgd_ray.stages.prepare import decode_once, run_prepare
     from tsgd_ray.stages.stats import run_stats
     from tsgd_ray.stages.teacher import run_teacher
 
@@ -196,6 +196,7 @@ def start_rows(cfg, rows: list[dict], source: str) -> list[dict]:
     seconds = {}
     try:
         run_prepare(cfg)
+        decode_once(cfg)  # as `run` does: the plan books the clip cache to prepare
         work = {"teacher": run_teacher, "stats": run_stats, "init": run_init, "distill": run_distill}
         work.update(merge=run_merge, evaluate=lambda c: run_evaluate(c, Method.tsgd))
         for stage, fn in work.items():

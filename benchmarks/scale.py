@@ -207,13 +207,13 @@ def run_config(
     from tsgd_ray.stages.evaluate import run_evaluate
     from tsgd_ray.stages.init import run_init
     from tsgd_ray.stages.merge import run_merge
-    from tsgd_ray.stages.prepare import run_prepare
+    from tsgd_ray.stages.prepare import decode_once, run_prepare
     from tsgd_ray.stages.stats import run_stats
     from tsgd_ray.stages.teacher import run_teacher
 
     cfg = scale_config(data_root, out, ipc, max_videos)
     work = {
-        "prepare": lambda: run_prepare(cfg),
+        "prepare": lambda: (run_prepare(cfg), decode_once(cfg)),  # as `run`: shards, then the clip cache
         "teacher": lambda: run_teacher(cfg),
         "stats": lambda: run_stats(cfg),
         "init": lambda: run_init(cfg),

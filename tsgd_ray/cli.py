@@ -30,14 +30,16 @@ def command_config(cfg: DictConfig) -> int:
 
 
 def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
-    """Catalog the dataset and write its shards and manifest."""
+    """Catalog the dataset, write its shards and manifest, and decode its clips once (the clip caches)."""
+    from tsgd_ray.data import clip_cache
     from tsgd_ray.data.shards import shards_root
     from tsgd_ray.runtime.cluster import init_ray
-    from tsgd_ray.stages.prepare import run_prepare
+    from tsgd_ray.stages.prepare import decode_once, run_prepare
 
     with Console(cfg.storage.output_root, "prepare", verbose):
         init_ray(cfg, verbose)
         manifest = run_prepare(cfg)
+        caches = decode_once(cfg)
         counts = {split: sum(c.values()) for split, c in manifest["counts"].items()}
         echo(
             json.dumps(
@@ -47,6 +49,7 @@ def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
                     "videos": counts,
                     "shard_files": len(manifest["shards"]),
                     "skipped": len(manifest["skipped"]),
+                    "decoded": {split: clip_cache.decodes(marker) for split, marker in caches.items()},
                 }
             )
         )

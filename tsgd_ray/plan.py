@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import calibration, layout, methods, storage
 from tsgd_ray.config import LabelKind, Method
+from tsgd_ray.data import clip_cache
 from tsgd_ray.data.shards import finished_manifest, shards_root
 
 
@@ -364,21 +365,42 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
         "prepare",
         shards_root(cfg),
         None if probe.error else manifest is not None,
-        f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each",
+        f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each"
+        + (
+            f"; {_resources(cfg.data.decode_actors, cfg.data.decode_cpus_per_actor, 0)} decoding"
+            if cfg.data.clip_cache
+            else ""
+        ),
         f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
         f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)",
     )
-    per_core = calibration.prepare(table, cfg.data.transcode_short_side)
-    if per_core and cfg.data.root:  # the built-in dataset is generated, not probed and transcoded
-        core_hours = (train + evaluated) / per_core / 3600
-        stage.timing = f"{core_hours:,.1f} core-hours (probe + transcode, {per_core:.2f} videos/s per core, measured)"
-        if cfg.data.prepare_concurrency:
-            stage.wall_s = core_hours * 3600 / cfg.data.prepare_concurrency
-    stages.append(stage)
-
     timer = _Timer(table, gpu)
     views = cfg.data.views_per_video if cfg.data.sampling.value == "random" else 1
     decoders = cfg.data.decode_actors * cfg.data.decode_cpus_per_actor
+    per_core = calibration.prepare(table, cfg.data.transcode_short_side)
+    parts = []
+    if per_core and cfg.data.root:  # the built-in dataset is generated, not probed and transcoded
+        core_hours = (train + evaluated) / per_core / 3600
+        parts.append(f"{core_hours:,.1f} core-hours (probe + transcode, {per_core:.2f} videos/s per core, measured)")
+        if cfg.data.prepare_concurrency:
+            stage.wall_s = core_hours * 3600 / cfg.data.prepare_concurrency
+    if cfg.data.clip_cache:  # decoded once, on CPUs, before any stage books a GPU
+        decoded = train * views + evaluated
+        rate, where = timer.feed("decode", size, cfg.data.decode_cpus_per_actor)
+        stage.reads += f"; the clip cache: {decoded:,} clips decoded once"
+        stage.writes += f", a clip cache of {_gib(decoded * clip_bytes)}"
+        if math.isfinite(rate):
+            seconds = decoded / (rate * cfg.data.decode_actors)
+            if stage.wall_s or not parts:  # not beside a probe time of unknown wall (all free CPUs)
+                stage.wall_s += seconds
+            parts.append(
+                f"clip cache: {_duration(seconds)} ({cfg.data.decode_actors} decoders, {rate:,.0f} clips/s each {where})"
+            )
+        if manifest and not probe(storage.exists, storage.join(clip_cache.cache_dir(cfg, "train"), clip_cache.MARKER)):
+            stage.finished = False
+    stage.timing = "; ".join(parts)
+    stages.append(stage)
+
     imported = bool(t.checkpoint)
     stage = Stage(
         "teacher",
@@ -391,16 +413,6 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
     if not imported:
         device = _device(gpu, t.gpus_per_worker)
         phases = []
-        if cfg.data.clip_cache:  # built before the workers train, while their GPUs wait
-            phases.append(
-                (
-                    f"clip cache: decode {train * views + evaluated:,} clips",
-                    train * views + evaluated,
-                    cfg.data.decode_actors,
-                    None,
-                    timer.feed("decode", size, cfg.data.decode_cpus_per_actor),
-                )
-            )
         phases.append(
             (
                 f"{t.epochs} epochs x {train:,} clips",
@@ -427,24 +439,26 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
         f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
     )
     device = _device(gpu, s.gpus_per_actor)
+    cached = cfg.data.clip_cache and s.init_views == 1  # as stats.units: extra views need the videos
+    verb = "read" if cached else "decode"
     timer.time(
         stage,
         s.actors * s.gpus_per_actor if device != "cpu" else 0,
         "stats",
         [
             (
-                f"decode and probe {train * s.init_views:,} clips",
+                f"{verb} and probe {train * s.init_views:,} clips",
                 train * s.init_views,
                 s.actors,
                 timer.compute(device, "forward", t, teacher, size, s.cpus_per_actor),
-                timer.feed("decode", size, s.cpus_per_actor),
+                timer.feed(verb, size, s.cpus_per_actor),
             ),
             (
-                f"init: decode {classes * d.ipc:,} chosen clips",
+                f"init: {verb} {classes * d.ipc:,} chosen clips",
                 classes * d.ipc,
                 1,
                 None,
-                timer.feed("decode", size, decoders),
+                timer.feed(verb, size, decoders),
             ),
         ],
     )

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from tsgd_ray import storage
-from tsgd_ray.config import ConfigError
+from tsgd_ray import layout, storage
+from tsgd_ray.config import ConfigError, Method
 from tsgd_ray.data import clip_cache
 from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipStream, clip_dataset, expected_rows
 from tsgd_ray.data.shards import read_manifest, shard_uris, shards_root
-from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.methods import method_config
+from tsgd_ray.stages.pipeline import STAGES, run_stages
+from tsgd_ray.stages.prepare import decode_once, run_prepare
 from tsgd_ray.stages.teacher import run_teacher
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -106,3 +108,43 @@ def test_live_decoding_still_trains_without_a_cache(tmp_path):
     marker = run_teacher(cfg)
     assert [h["bad_videos"] for h in marker["history"]] == [0, 0]
     assert not (tmp_path / "clips").exists()
+
+
+def test_once_prepared_a_whole_run_decodes_nothing_more(tmp_path):
+    """prepare decodes every clip a run trains or tests on, once per view (random sampling, two
+    views): with every video then gone, the teacher, stats, init, distill, merge and the students
+    of tsgd, random_real and full all run, on clips read from the cache."""
+    cfg = tiny_config(
+        tmp_path,
+        *TEACHER,
+        "teacher.epochs=1",
+        "data.sampling=random",
+        "data.views_per_video=2",
+        "data.frame_interval=1",
+        "distill.ipc=1",
+        "distill.iterations=3",
+        "distill.cpus_per_actor=0.5",
+        "evaluate.epochs=1",
+        "evaluate.full.epochs=1",
+        "evaluate.seeds=[0]",
+        "evaluate.baselines=[random_real,full]",
+    )
+    run_prepare(cfg)
+    caches = decode_once(cfg)
+    counts = {split: sum(c.values()) for split, c in read_manifest(shards_root(cfg))["counts"].items()}
+    assert counts == {"train": 32, "test": 16}
+    assert {split: clip_cache.decodes(m) for split, m in caches.items()} == {"train": 2 * 32, "test": 16}
+    assert decode_once(cfg) == caches  # built once
+    root = shards_root(cfg)
+    for split in counts:
+        for uri in shard_uris(root, read_manifest(root), split):
+            os.remove(uri)
+
+    results = run_stages(cfg, STAGES[1:])
+    assert [r["method"] for r in results] == ["tsgd", "random_real", "full"]
+    assert all(np.isfinite(r["top1_mean"]) for r in results)
+    tsgd = method_config(cfg, Method.tsgd)
+    stats = storage.read_json(storage.join(layout.stats_dir(tsgd), layout.STATS_MARKER))
+    init = storage.read_json(storage.join(layout.init_dir(tsgd), layout.INIT_MARKER))
+    assert stats["source"] == "clip_cache" and stats["clips"] == 32 and stats["decodes"] == 0
+    assert init["videos"] == 8 and init["decodes"] == 0

@@ -10,7 +10,7 @@ from support.stage_helpers import imported_config, teacher_file
 from tsgd_ray.cli import main
 from tsgd_ray.config import config_names, load_config
 from tsgd_ray.plan import GPUS, make_plan, model_cost, render
-from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.prepare import decode_once, run_prepare
 from tsgd_ray.stages.teacher import run_teacher
 
 
@@ -127,12 +127,14 @@ def test_the_plan_reads_the_manifest_and_skips_finished_stages(ray_session, tmp_
     cfg = imported_config(tmp_path / "out", teacher)
     run_prepare(cfg)
     run_teacher(cfg)
+    assert not next(s for s in make_plan(cfg)["stages"] if s.name == "prepare").finished  # clips not decoded
+    decode_once(cfg)
     plan = make_plan(cfg)
     stages = {s.name: s for s in plan["stages"]}
     assert plan["counts"]["source"] == "the shard manifest" and plan["counts"]["classes"] == 8
     assert plan["counts"]["train"] == 8 * cfg.data.builtin.train_per_class
     assert stages["prepare"].finished and stages["teacher"].finished and not stages["stats"].finished
-    assert "imported" in stages["teacher"].resources and stages["prepare"].writes.endswith("MiB of shards")
+    assert "imported" in stages["teacher"].resources and "MiB of shards, a clip cache of" in stages["prepare"].writes
     assert plan["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in stages.values() if not s.finished))
 
 
@@ -146,22 +148,29 @@ TABLE = [
 ]
 
 
-def teacher_stage(table, *overrides):
+def teacher_stage(table, *overrides, name="teacher"):
     cfg = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", *overrides])
-    return next(s for s in make_plan(cfg, "h100", table)["stages"] if s.name == "teacher")
+    return next(s for s in make_plan(cfg, "h100", table)["stages"] if s.name == name)
 
 
 def test_a_stage_takes_the_slower_of_its_measured_compute_and_feed():
-    """The teacher (8 workers x 4 CPUs, 20 epochs x 240k clips, 32 one-CPU decoders) booked for
-    start-up, the clip cache build (GPUs waiting) and epochs at min(GPU, 4 CPUs reading); more CPUs
-    per worker raise its busy fraction; without rows, FLOPs at the assumed throughput."""
+    """The teacher (8 workers x 4 CPUs, 20 epochs x 240k clips) booked for start-up and epochs at
+    min(GPU, 4 CPUs reading); the clip cache (32 one-CPU decoders) is built in prepare, on CPUs only;
+    more CPUs per worker raise its busy fraction; without rows, FLOPs at the assumed throughput."""
     starved = teacher_stage(TABLE)
-    start, build, epochs = 30.0, 260_000 / (32 * 50.0), 20 * 240_000 / (8 * min(1000.0, 4 * 100.0))
-    assert starved.wall_s == pytest.approx(start + build + epochs)
+    start, epochs = 30.0, 20 * 240_000 / (8 * min(1000.0, 4 * 100.0))
+    assert starved.wall_s == pytest.approx(start + epochs)
+    prepare = teacher_stage(TABLE, name="prepare")
+    assert prepare.wall_s == pytest.approx(260_000 / (32 * 50.0)) and prepare.gpu_hours == 0
+    assert "clip cache: " in prepare.timing and "260,000 clips decoded once" in prepare.reads
     assert starved.busy == pytest.approx(20 * 240_000 / (8 * 1000.0) / starved.wall_s)
     assert starved.gpu_hours == pytest.approx(starved.wall_s * 8 / 3600)  # booked, not computing
     assert "compute 1,000/s measured" in starved.timing and "feed 400/s measured" in starved.timing
     assert any("starves its GPUs" in w for w in starved.warnings) and starved.busy < 0.5
+
+    # stats reads the cache; candidate views beyond the first need the videos, decoded
+    assert "read and probe 240,000 clips" in teacher_stage(TABLE, name="stats").timing
+    assert "decode and probe 480,000 clips" in teacher_stage(TABLE, "stats.init_views=2", name="stats").timing
 
     fed = teacher_stage(TABLE, "teacher.cpus_per_worker=10")
     assert fed.busy > 0.5 and fed.wall_s < starved.wall_s and not fed.warnings

@@ -69,12 +69,13 @@ def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teac
     )
     assert read_statistics(cfg) == expected  # integer sums: bit-identical whatever the shard order or actor count
     assert marker["clips"] == len(labels) and marker["bad_videos"] == []
+    assert marker["source"] == "clip_cache" and marker["decodes"] == 0  # read what prepare decoded
 
     init = read_init(cfg, range(len(classes)))
     assert init["labels"].tolist() == sorted([c for c in range(len(classes))] * 2)
     assert init["indices"].tolist() == [0, 1] * len(classes)
-    # the chosen clips are the seeded-priority picks, decoded again by (shard, row): the same pixels
-    # as decoding those videos in-process
+    # the chosen clips are the seeded-priority picks, read back by (cache file, row): the same
+    # pixels as decoding those videos in-process
     ids = load_split_ids(cfg)
     for clip, label, vid in zip(init["clips"], init["labels"], init["video_ids"]):
         row = ids.index(vid)
@@ -158,9 +159,12 @@ def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_pa
     )
     run_prepare(cfg)
     run_teacher(cfg)
-    run_stats(cfg)
-    run_init(cfg)
+    stats = run_stats(cfg)
+    init_marker = run_init(cfg)
     clips, labels, classes = load_split(cfg, "train")
+    # the extra views need the videos: the pass decodes every view of every clip, init its choice again
+    assert stats["source"] == "shards" and stats["decodes"] == 4 * len(labels)
+    assert init_marker["decodes"] == 2 * len(classes)
     teacher = load_teacher(cfg, classes)
     records = [r for r in build_catalog(cfg).records if r.split == "train"]
     d = cfg.data

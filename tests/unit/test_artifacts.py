@@ -114,3 +114,28 @@ def test_one_reader_gives_a_tables_clips_as_one_view_of_the_column_buffer():
     assert np.array_equal(got["clip"], clips) and got["label"].tolist() == labels.tolist()
     assert got["view"].tolist() == [2] * 5 and got["video_id"] == [f"v{i}" for i in range(5)] and got["heat"] is None
     assert not got["clip"].flags.owndata
+
+
+def test_a_cache_file_has_a_row_group_per_clip_and_read_rows_fetches_only_the_named_ones(tmp_path, monkeypatch):
+    """`clip_table.read_rows` (init's reads of chosen clips): the rows asked for, in that order,
+    repeats kept, from the row groups that hold them and no others."""
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 256, (6, 2, 4, 4, 3), dtype=np.uint8)
+    ids = [f"v{i}" for i in range(6)]
+    path = tmp_path / "cache.parquet"
+    path.write_bytes(clip_table.clip_table_bytes(clips, np.arange(6) % 2, None, ids, by_class=False, group_rows=1))
+    assert pq.ParquetFile(str(path)).num_row_groups == 6
+    read = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_groups", lambda self, gs, *a, **k: read.append(gs) or real(self, gs, *a, **k)
+    )
+    got = clip_table.read_rows(str(path), [4, 1, 4], clips.shape[1:])
+    assert got["video_id"] == ["v4", "v1", "v4"] and np.array_equal(got["clip"], clips[[4, 1, 4]])
+    assert got["label"].tolist() == [0, 1, 0] and read == [[1, 4]]
+    with pytest.raises(IndexError, match="holds 6 rows"):
+        clip_table.read_rows(str(path), [6], clips.shape[1:])
+    # groups of several rows: a row is found within its group
+    path.write_bytes(clip_table.clip_table_bytes(clips, np.arange(6) % 2, None, ids, by_class=False, group_rows=4))
+    assert pq.ParquetFile(str(path)).num_row_groups == 2
+    assert clip_table.read_rows(str(path), [5, 2], clips.shape[1:])["video_id"] == ["v5", "v2"]

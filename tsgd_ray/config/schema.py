@@ -223,10 +223,11 @@ class DataConfig:
     # videos per decode batch (and per Ray Data block and clip-cache file)
     decode_batch_size: int = setting(64, must=at_least(1), execution_only=True)
     # Decode each clip once: write the decoded clips of a split as Parquet under the output root
-    # (<output_root>/clips/) and let teacher epochs, the `full` baseline and every evaluation seed
-    # read them (uint8 F x H x W x 3 per clip: about 0.6 MB at 16x112x112, so Kinetics-400's train
-    # split needs ~145 GB per view); false: decode live on every pass (no disk; random sampling
-    # then needs the cache, see views_per_video).
+    # (<output_root>/clips/), built by prepare on CPUs, and let teacher epochs, the statistics
+    # pass, init, the `full` baseline and every evaluation seed read them (uint8 F x H x W x 3 per
+    # clip: about 0.6 MB at 16x112x112, so Kinetics-400's train split needs ~145 GB per view);
+    # false: decode live on every pass (no disk; random sampling then needs the cache, see
+    # views_per_video).
     clip_cache: bool = True
     # A folder on each node's local disk where the workers of that node keep the clip-cache files
     # they read from a remote output root (downloaded once per node, least recently used evicted
@@ -343,11 +344,12 @@ class TSGFConfig:
 
 @dataclass
 class StatsConfig:
-    """The statistics pass: probe actors, each holding the frozen teacher, over the training shards."""
+    """The statistics pass: probe actors, each holding the frozen teacher, over the training clips."""
 
-    # probe actors; each reads and decodes whole shards and keeps its own sums
+    # probe actors; each takes whole clip-cache files (or shards, which it decodes, with
+    # data.clip_cache=false or init_views > 1) and keeps its own sums
     actors: int = setting(1, must=at_least(1), execution_only=True)
-    # CPUs Ray reserves per probe actor (its decode threads)
+    # CPUs Ray reserves per probe actor (its read or decode threads)
     cpus_per_actor: float = setting(1.0, must=POSITIVE, execution_only=True)
     # GPUs per probe actor (1 on a GPU cluster)
     gpus_per_actor: float = setting(0.0, must=NON_NEGATIVE, execution_only=True)
@@ -357,7 +359,8 @@ class StatsConfig:
     augment: bool = False
     # Views scored per clip for distill.init=lowest_loss (RDED / Video-DC): the clip as sampled plus
     # init_views - 1 random temporal windows and crops (`decode_view`); a clip's loss is its best
-    # view's, and recovery starts from that view. Costs init_views decodes and forwards per clip.
+    # view's, and recovery starts from that view. Costs init_views decodes and forwards per clip:
+    # the pass then decodes the shards instead of reading the clip cache.
     init_views: int = setting(1, must=at_least(1))
 
 

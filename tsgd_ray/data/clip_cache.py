@@ -1,17 +1,20 @@
 """Decode once: a split's decoded clips as Parquet under the output root, read by every later pass.
 
-Teacher epochs, the `full` baseline's epochs and every evaluation seed read these files instead of
-decoding the videos again::
+Teacher epochs, the statistics pass, init, the `full` baseline's epochs and every evaluation seed
+read these files instead of decoding the videos again::
 
     <output_root>/clips/<key>/<split>/view-<v>/<hash[:2]>/part-<hash>.parquet   one decoded block each
     <output_root>/clips/<key>/<split>/cache.json                      the marker (written last)
 
+`prepare` builds the caches of the training and evaluation splits on CPU decoders, before any stage
+books a GPU (`tsgd_ray.stages.prepare.decode_once`), so a run decodes every clip once per view.
+
 `key` names the shard set (its plan hash) and the decode settings (frames, size, interval,
 sampling, and the seed and view count where sampling is random). A file is a clip table
-(`tsgd_ray.data.clip_table`) of the good clips of one decoded block, rows as decoded; its name is a hash of its
-video ids and view, so a rebuild after a failure writes the same files again (write-once) and
-orphans of a different block split are never read (only the marker's files are). Undecodable
-videos are counted once, at build time.
+(`tsgd_ray.data.clip_table`) of the good clips of one decoded block, rows as decoded, a row group
+per clip; its name is a hash of its video ids and view, so a rebuild after a failure writes the
+same files again (write-once) and orphans of a different block split are never read (only the
+marker's files are). Undecodable videos are counted once, at build time.
 
 `data.sampling=random` draws a new window per epoch: the cache holds `data.views_per_video`
 windows per video, view v decoded with the random stream of epoch v, and epoch e reads view
@@ -93,6 +96,7 @@ def _write_block(batch: dict[str, np.ndarray], folder: str, view: int) -> dict[s
             views=np.full(len(ids), view),
             by_class=False,
             compression="lz4",
+            group_rows=1,  # init reads just the clips it chose (`clip_table.read_rows`)
         )
         storage.write_once(storage.join(folder, path), data)
     return {"path": np.array([path]), "rows": np.array([len(ids)]), "errors": np.array([json.dumps(errors)])}
@@ -153,6 +157,11 @@ def ensure(cfg: DictConfig, split: str, num_views: Optional[int] = None) -> dict
         storage.remove(marker_uri)  # the files of its views are among ours: replace it with the larger one
         storage.write_json_once(marker_uri, marker)
     return {**marker, "folder": folder}
+
+
+def decodes(marker: dict) -> int:
+    """Videos decoded to build the cache of `marker`: every view's clips and its failures."""
+    return sum(v["rows"] for v in marker["views"]) + int(marker["bad"])
 
 
 def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:

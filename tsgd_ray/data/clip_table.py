@@ -9,7 +9,8 @@ table has the same size, so the values of the `clip` column lie back to back in 
 
 Init clips and synthetic videos are written `by_class`: rows sorted by (label, index), row groups
 that never mix classes and stay under ROW_GROUP_BYTES, so a reader takes just the classes (or the
-rows) it needs, one row group at a time. A clip-cache file is one decoded block, rows as decoded.
+rows) it needs, one row group at a time. A clip-cache file is one decoded block, rows as decoded,
+one row group per clip, so `read_rows` fetches just the clips it names (init's chosen clips).
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ def clip_table_bytes(
     by_class: bool = True,
     compression: str = "none",
     stored: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    group_rows: int = 0,
 ) -> bytes:
     """A Parquet clip table of uint8 clips (N, F, H, W, 3) (and uint8 heat maps (N, H, W), and
     stored labels: view parameters float32 (N, K, 7) with logits float16 (N, K, classes), if
     given; `views` is the decoded window of each clip). by_class: rows in (label, index) order,
     row groups of one class each (split further to stay under ROW_GROUP_BYTES); else rows as
-    given, in one row group."""
+    given, in row groups of `group_rows` rows (0: one row group)."""
     buf = io.BytesIO()
     with pq.ParquetWriter(buf, CLIP_SCHEMA, compression=compression, use_dictionary=False) as writer:
         if by_class:
@@ -102,7 +104,8 @@ def clip_table_bytes(
                 for part in np.split(rows, range(per_group, len(rows), per_group))
             ]
         else:
-            groups = [np.arange(len(labels))]
+            cuts = range(group_rows, len(labels), group_rows) if group_rows else []
+            groups = np.split(np.arange(len(labels)), cuts)
         for part in groups:
             table = _table(clips, labels, video_ids, part, indices, views, heats, stored)
             writer.write_table(table, row_group_size=len(part))
@@ -148,6 +151,24 @@ def rows(table: pa.Table, shape: Sequence[int]) -> dict[str, Any]:
     if "video_id" in names:
         out["video_id"] = table.column("video_id").to_pylist()
     return out
+
+
+def read_rows(uri: str, wanted: Sequence[int], shape: Sequence[int]) -> dict[str, Any]:
+    """Rows `wanted` (indices within the file, any order, repeats allowed) of the clip table at
+    `uri` as `rows` gives them, in that order, reading only the row groups that hold them."""
+    with storage.open_parquet(uri) as f:
+        parquet = pq.ParquetFile(f)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        starts = np.cumsum([0, *sizes])
+        wanted = np.asarray(wanted, dtype=np.int64)
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= starts[-1]):
+            raise IndexError(f"{uri} holds {starts[-1]} rows, not rows {sorted(set(wanted.tolist()))}")
+        groups = sorted(set((np.searchsorted(starts, wanted, side="right") - 1).tolist()))
+        table = parquet.read_row_groups(groups, columns=["clip", "label", "index", "video_id", "view"])
+    read_starts = np.cumsum([0, *[sizes[g] for g in groups]])
+    position = {g: int(read_starts[i] - starts[g]) for i, g in enumerate(groups)}
+    at = [position[int(np.searchsorted(starts, w, side="right") - 1)] + int(w) for w in wanted]
+    return rows(table.take(at), shape)
 
 
 def read_clip_tables(

@@ -40,7 +40,8 @@ class ClipDecoder:
     """A Ray Data callable class: a batch of shard rows -> a batch of clips.
 
     Output columns: clip (N, F, H, W, 3) uint8, label (N,) int64, video_id (N,) str,
-    ok (N,) bool, error (N,) str. Never raises for a bad video.
+    ok (N,) bool, error (N,) str. Never raises for a bad video. `decodes` counts the videos it
+    has tried to decode (every view, failures too).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class ClipDecoder:
         self.seed, self.epoch = seed, epoch
         # decord and PyAV release the GIL while decoding: threads decode videos side by side
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self.decodes = 0
 
     @classmethod
     def from_config(cls, cfg: DictConfig, epoch: int = 0, threads: int = 1) -> "ClipDecoder":
@@ -91,6 +93,7 @@ class ClipDecoder:
                 ok[i], errors[i] = False, f"{video_id}: {exc}"
 
         list(self.pool.map(decode, range(n)) if self.pool else map(decode, range(n)))
+        self.decodes += n
         return {
             "clip": clips,
             "label": batch["label"].astype(np.int64),

@@ -1,5 +1,6 @@
 """Init stage: the init clips of the run's (ipc, init kind), chosen from the statistics pass's
-candidates (`stats`), decoded by Ray tasks by (shard, row) (no second pass over the data) and
+candidates (`stats`), fetched by Ray tasks by (clip-cache file, row), reading just those clips, or
+decoded by (shard, row) where the pass read shards (no second pass over the data either way), and
 written as clip tables whose row groups hold one class each, so a distill actor reads only its
 partition's classes::
 
@@ -16,12 +17,38 @@ from omegaconf import DictConfig
 
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.config import ConfigError
-from tsgd_ray.data import clip_table
+from tsgd_ray.data import clip_cache, clip_table
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import read_manifest, shards_root, train_shards
 from tsgd_ray.stages import skeleton
 
 INIT_PART_BYTES = 64 * 2**20  # about this many bytes of init clips per part file (whole classes)
+
+
+def fetch_rows(cfg: DictConfig, rows: list[dict]) -> tuple[dict, int]:
+    """The clips of `rows` (candidates with video_id, row, and either the URI of the clip-cache
+    file that holds them, read, or of the shard, decoded: see `decode_rows`).
+
+    Returns ({video_id: (F, H, W, 3) uint8}, videos decoded).
+    Raises:
+        TooManyBadVideos: a chosen clip is no longer there (or no longer decodes).
+    """
+    out: dict[str, np.ndarray] = {}
+    by_file: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if "file" in r:
+            by_file[r["uri"]].append(r)
+    for uri, wanted in by_file.items():
+        try:
+            got = clip_table.read_rows(uri, [r["row"] for r in wanted], layout.clip_shape(cfg))
+        except (FileNotFoundError, IndexError) as exc:
+            raise TooManyBadVideos(f"init clips are gone from the clip cache ({exc}); run prepare again") from exc
+        for r, vid, clip in zip(wanted, got["video_id"], got["clip"]):
+            if vid != r["video_id"]:
+                raise TooManyBadVideos(f"init clip {r['video_id']} is no longer at {uri} row {r['row']}")
+            out[vid] = clip
+    decoded = [r for r in rows if "file" not in r]
+    return {**out, **decode_rows(cfg, decoded)}, len(decoded)
 
 
 def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
@@ -61,8 +88,8 @@ def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
 
 
 def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
-    """A Ray task: decode the chosen rows of some whole classes and write their clip table."""
-    clips = decode_rows(cfg, chosen)
+    """A Ray task: fetch the chosen rows of some whole classes and write their clip table."""
+    clips, decodes = fetch_rows(cfg, chosen)
     table = clip_table.clip_table_bytes(
         np.stack([clips[c["video_id"]] for c in chosen]),
         np.array([c["label"] for c in chosen]),
@@ -76,6 +103,7 @@ def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
         "last_class": chosen[-1]["label"],
         "rows": len(chosen),
         "bytes": len(table),
+        "decodes": decodes,
     }
 
 
@@ -90,8 +118,13 @@ def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
             f"{' ...' if len(short) > 10 else ''}"
         )
     shards = train_shards(cfg)
+    cache = clip_cache.cache_dir(cfg, "train")
+
+    def uri(entry: dict) -> str:
+        return storage.join(cache, entry["file"]) if "file" in entry else shards[entry["shard"]]["uri"]
+
     chosen = [
-        {**entry, "uri": shards[entry["shard"]]["uri"], "label": c, "index": i}
+        {**entry, "uri": uri(entry), "label": c, "index": i}
         for c, rows in enumerate(candidates)
         for i, entry in enumerate(rows[:ipc])
     ]
@@ -106,15 +139,21 @@ def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
             for p, start in enumerate(range(0, len(chosen), per_part))
         ]
     )
-    return {"ipc": ipc, "init": kind, "parts": parts, "videos": len(chosen)}
+    return {
+        "ipc": ipc,
+        "init": kind,
+        "parts": parts,
+        "videos": len(chosen),
+        "decodes": sum(p["decodes"] for p in parts),
+    }
 
 
 def run_init(cfg: DictConfig, tracker=None) -> dict:
     """The init clips of this (ipc, init kind), unless written; returns the init marker.
 
     Raises:
-        MissingInput: the stats stage has not finished. TooManyBadVideos: a chosen clip no longer
-        decodes. ConfigError: a class with fewer than distill.ipc clips.
+        MissingInput: the stats stage has not finished. TooManyBadVideos: a chosen clip is no longer
+        there (or no longer decodes). ConfigError: a class with fewer than distill.ipc clips.
     """
     classes = read_manifest(shards_root(cfg))["classes"]
     return skeleton.run_stage(

@@ -1,6 +1,6 @@
 """The whole pipeline, or some of its stages, for the run's method and its baselines.
 
-prepare -> teacher -> for each method in [distill.method, *evaluate.baselines]: (stats -> init ->
+prepare (shards, then every clip decoded once) -> teacher -> for each method in [distill.method, *evaluate.baselines]: (stats -> init ->
 distill -> merge, for the methods that distil) -> evaluate, every method's students one fleet.
 Every stage skips what is finished.
 """
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import methods, storage
 from tsgd_ray.config import Method
+from tsgd_ray.data import clip_cache
 from tsgd_ray.data.catalogs import Catalog, build_catalog
 from tsgd_ray.data.shards import MANIFEST, eval_split, finished_manifest, read_manifest, shards_root
 from tsgd_ray.methods import method_config
@@ -25,7 +26,7 @@ from tsgd_ray.stages.distill import run_distill
 from tsgd_ray.stages.evaluate import Fleet, run_evaluate
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import run_merge
-from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.prepare import decode_once, run_prepare
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
 from tsgd_ray.tracking.runs import check_store
@@ -72,6 +73,9 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
     """
     if "prepare" in stages:
         run_prepare(cfg, catalog)
+        caches = decode_once(cfg)
+        if tracker and caches:
+            tracker.log_metrics(tracker.run_id, {f"decodes/{s}": clip_cache.decodes(m) for s, m in caches.items()})
     if "evaluate" in stages:
         eval_split(cfg, read_manifest(shards_root(cfg))["counts"])
     if tracker:

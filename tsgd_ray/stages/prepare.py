@@ -1,4 +1,5 @@
-"""`prepare`: a Ray Data job from raw videos to Parquet shards plus a manifest.
+"""`prepare`: a Ray Data job from raw videos to Parquet shards plus a manifest, then the decoded
+clips of every split a run uses (`decode_once`).
 
 The driver builds the catalog (one listing of the dataset root, which also gives the sizes) and
 plans shards by source size; a Ray Data map writes each shard in one task (read, probe, optionally
@@ -20,8 +21,9 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from tsgd_ray import lease, storage
-from tsgd_ray.config import to_dict
+from tsgd_ray.config import ConfigError, to_dict
 from tsgd_ray.console import Progress
+from tsgd_ray.data import clip_cache
 from tsgd_ray.data.catalogs import Catalog, build_catalog
 from tsgd_ray.data.shards import (
     MANIFEST,
@@ -29,9 +31,11 @@ from tsgd_ray.data.shards import (
     SHARD_SCHEMA,
     ManifestError,
     ShardPlan,
+    eval_split,
     finished_manifest,
     plan_hash,
     plan_shards,
+    read_manifest,
     shards_root,
     source_hash,
 )
@@ -171,6 +175,27 @@ def run_prepare(cfg: DictConfig, catalog: Catalog | None = None) -> dict:
         raise ManifestError("the catalog holds no videos: nothing to prepare")
     with lease.hold(shards_root(cfg), cfg.storage.lease_seconds, cfg.storage.wait_for_lease, "prepare"):
         return finished_manifest(cfg) or _prepare(cfg, catalog)
+
+
+def decode_once(cfg: DictConfig) -> dict[str, dict]:
+    """Decode every clip a run trains or tests on, once, before any stage books a GPU: the clip
+    caches (`tsgd_ray.data.clip_cache`) of the training split (every view) and of the evaluation
+    split (one view), built by Ray Data's CPU decoders. Finished caches are returned as they are.
+
+    Returns:
+        {split: its cache marker}; {} with data.clip_cache=false (every pass then decodes).
+    Raises:
+        ManifestError: the shards are not prepared. TooManyBadVideos: as `clip_cache.ensure`.
+    """
+    if not cfg.data.clip_cache:
+        return {}
+    counts = read_manifest(shards_root(cfg))["counts"]
+    splits: dict[str, int | None] = {"train": None}  # None: every view
+    try:
+        splits[eval_split(cfg, counts)] = 1
+    except ConfigError:  # nothing to test students on: a run of it stops before evaluation
+        pass
+    return {split: clip_cache.ensure(cfg, split, views) for split, views in splits.items() if split in counts}
 
 
 def _prepare(cfg: DictConfig, catalog: Catalog) -> dict:

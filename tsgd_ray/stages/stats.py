@@ -1,18 +1,20 @@
-"""Statistics stage: one pass of the frozen teacher over the training shards.
+"""Statistics stage: one pass of the frozen teacher over the training clips.
 
-Probe actors (`stats.actors`, each holding the teacher) take whole training shards from an
-`ElasticPool`, read them one row group at a time, decode, and keep per actor:
+Probe actors (`stats.actors`, each holding the teacher) take whole units from an `ElasticPool`:
+the files of the training split's clip cache (decoded once, by prepare), or, with
+data.clip_cache=false or stats.init_views > 1, the training shards, which they decode. They keep
+per actor:
 
 - a `ClassStatistics` of exact integer per-class sums of every BN layer's input moments, so the
   result is bit-identical whatever the shard order or actor count;
 - per class, the MAX_IPC best init candidates by seeded random priority and by teacher loss, each
-  named by (video id, shard, row); with `stats.init_views` > 1 the loss is the best of that many
+  named by (video id, cache file or shard, row); with `stats.init_views` > 1 the loss is the best of that many
   candidate views per clip, and the candidate names its view.
 
 Each actor hands both over once at the end, and the driver folds them in as they arrive: it holds
 the running sums and one actor's at a time (classes x BN channels x 16 B each, plus MAX_IPC
-candidates per class), whatever the number of actors. The `init` stage then decodes the chosen
-candidates::
+candidates per class), whatever the number of actors. The `init` stage then reads (or decodes)
+the chosen candidates::
 
     <stats_dir>/statistics.pt, candidates.json, stats.json (marker: clips, bad videos, mean loss)
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,6 +40,8 @@ from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_lay
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast, reserved_gpus, resolve_device, tune_for
 from tsgd_ray.core.selection import BestPerClass, seeded_priority
+from tsgd_ray.data import clip_cache, clip_table
+from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root, train_shards
 from tsgd_ray.runtime.cluster import check_gpus
@@ -49,9 +54,9 @@ INIT_KINDS = ("real", "lowest_loss")  # candidates ranked by seeded priority, an
 
 
 class StatsWorker(PoolActor):
-    """A Ray actor holding the frozen teacher: whole shards in, per-class sums and candidates kept.
+    """A Ray actor holding the frozen teacher: whole units in, per-class sums and candidates kept.
 
-    `probe(shard, uri)` returns a small summary {clips, loss_sum, bad}; `collect()` hands over
+    `probe(unit)` returns a small summary {clips, loss_sum, bad, decodes}; `collect()` hands over
     {"statistics": state dict, "candidates": {kind: BestPerClass}} and resets them.
     """
 
@@ -72,35 +77,59 @@ class StatsWorker(PoolActor):
         self.stats = ClassStatistics.empty(self.num_classes, self.channels)
         self.best = {kind: BestPerClass(MAX_IPC) for kind in INIT_KINDS}
 
-    def probe(self, shard: int, uri: str) -> dict:
-        clips = 0
-        loss_sum = 0.0
-        errors: list[str] = []
+    def probe(self, unit: dict) -> dict:
+        """One unit of the pass: {"uri", "file"} a clip-cache file (read) or {"uri", "shard"} a
+        training shard (decoded). Candidates are named by the unit's "file" or "shard" and the row."""
+        clips, loss_sum, errors, decoded_before = 0, 0.0, [], self.decoder.decodes
+        name = {k: unit[k] for k in ("file", "shard") if k in unit}
+        for row, batch, columns in self._cached(unit["uri"]) if "file" in unit else self._decoded(unit["uri"]):
+            ok = batch["ok"]
+            errors.extend(str(e) for e in batch["error"][~ok])
+            if ok.any():
+                losses = self._forward(batch["clip"][ok], batch["label"][ok], batch["video_id"][ok])
+                view_losses, views = self._best_views({k: v[ok] for k, v in columns.items()}, losses)
+                rows = row + np.flatnonzero(ok)
+                for r, vid, label, loss, view_loss, view in zip(
+                    rows, batch["video_id"][ok], batch["label"][ok], losses, view_losses, views
+                ):
+                    entry = {"video_id": str(vid), **name, "row": int(r), "loss": float(loss)}
+                    self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
+                    self.best["lowest_loss"].add(
+                        label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)}
+                    )
+                clips += int(ok.sum())
+                loss_sum += float(losses.sum())
+        return {"clips": clips, "loss_sum": loss_sum, "bad": errors, "decodes": self.decoder.decodes - decoded_before}
+
+    def _decoded(self, uri: str) -> Iterator[tuple[int, dict, dict]]:
+        """(first row, ClipDecoder batch, the shard columns it came from) of a shard, decoded."""
         row = 0
         with storage.open_parquet(uri) as f:
             for batch in pq.ParquetFile(f).iter_batches(
                 batch_size=self.cfg.stats.batch_size, columns=["video_id", "label", "video"]
             ):
                 columns = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in ("video_id", "label", "video")}
-                decoded = self.decoder(columns)
-                ok = decoded["ok"]
-                errors.extend(str(e) for e in decoded["error"][~ok])
-                if ok.any():
-                    losses = self._forward(decoded["clip"][ok], decoded["label"][ok], decoded["video_id"][ok])
-                    view_losses, views = self._best_views({k: v[ok] for k, v in columns.items()}, losses)
-                    rows = row + np.flatnonzero(ok)
-                    for r, vid, label, loss, view_loss, view in zip(
-                        rows, decoded["video_id"][ok], decoded["label"][ok], losses, view_losses, views
-                    ):
-                        entry = {"video_id": str(vid), "shard": shard, "row": int(r), "loss": float(loss)}
-                        self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
-                        self.best["lowest_loss"].add(
-                            label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)}
-                        )
-                    clips += int(ok.sum())
-                    loss_sum += float(losses.sum())
-                row += len(ok)
-        return {"clips": clips, "loss_sum": loss_sum, "bad": errors}
+                yield row, self.decoder(columns), columns
+                row += len(columns["label"])
+
+    def _cached(self, uri: str) -> Iterator[tuple[int, dict, dict]]:
+        """The same of a clip-cache file, read (its clips decoded once, by prepare)."""
+        node = NodeCache.for_config(self.cfg)
+        with node.open(uri) if node else storage.open_parquet(uri) as f:
+            table = clip_table.rows(
+                pq.read_table(f, columns=["clip", "label", "video_id"]), layout.clip_shape(self.cfg)
+            )
+        n, step = len(table["label"]), self.cfg.stats.batch_size
+        for start in range(0, n, step):
+            end = min(n, start + step)
+            batch = {
+                "clip": table["clip"][start:end],
+                "label": table["label"][start:end],
+                "video_id": np.array(table["video_id"][start:end], dtype=object),
+                "ok": np.ones(end - start, dtype=bool),
+                "error": np.full(end - start, "", dtype=object),
+            }
+            yield start, batch, {}
 
     def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
         x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device))
@@ -114,8 +143,9 @@ class StatsWorker(PoolActor):
 
     def _best_views(self, columns: dict, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lowest teacher loss over the stats.init_views candidate views, that view) per clip;
-        view 0 is the clip as sampled, whose loss is `losses`. A view that fails to decode is not
-        a candidate (the clip itself did decode)."""
+        view 0 is the clip as sampled, whose loss is `losses`; `columns`: the shard rows (empty when
+        stats.init_views is 1). A view that fails to decode is not a candidate (the clip itself did
+        decode)."""
         best, views = losses.copy(), np.zeros(len(losses), dtype=np.int64)
         for view in range(1, self.cfg.stats.init_views):
             decoded = self.decoder({**columns, "view": np.full(len(losses), view)})
@@ -146,19 +176,32 @@ def merge_states(a: dict, b: dict) -> dict:
     return a
 
 
+def units(cfg: DictConfig) -> tuple[list[dict], dict | None]:
+    """The pass's units and the clip cache they come from: its view-0 files ({"uri", "rows",
+    "file"}), read, where data.clip_cache is on and stats.init_views is 1; else the training
+    shards ({"uri", "rows", "shard"}) and None, decoded (extra candidate views need the videos)."""
+    if cfg.data.clip_cache and cfg.stats.init_views == 1:
+        marker = clip_cache.ensure(cfg, "train")  # prepare built it; rebuilt only where it is gone
+        files = marker["views"][0]["files"]
+        return [
+            {"uri": storage.join(marker["folder"], f["path"]), "rows": f["rows"], "file": f["path"]} for f in files
+        ], marker
+    return [{**shard, "shard": i} for i, shard in enumerate(train_shards(cfg))], None
+
+
 def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
-    shards = train_shards(cfg)
-    if not shards:
+    work, cache = units(cfg)
+    if not work:
         raise ManifestError(f"no training videos in the shards under {shards_root(cfg)}")
-    expected = sum(s["rows"] for s in shards)
+    expected = sum(u["rows"] for u in work)
     max_bad = int(cfg.data.max_bad_fraction * expected)
     bad: dict[int, list[str]] = {}
-    progress = Progress("stats", len(shards), "shard")
-    probed = 0  # clips of the finished shards
+    progress = Progress("stats", len(work), "file" if cache else "shard")
+    probed = 0  # clips of the finished units
 
-    def on_result(shard: int, result: dict) -> None:
+    def on_result(unit: int, result: dict) -> None:
         nonlocal probed
-        bad[shard] = result["bad"]
+        bad[unit] = result["bad"]
         probed += result["clips"]
         progress.update(len(bad), clips=probed)
         total = sum(map(len, bad.values()))
@@ -175,8 +218,8 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     start = actor_starter(StatsWorker, s.cpus_per_actor, gpus, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
     pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
     done, state = pool.run(
-        range(len(shards)),
-        lambda actor, i: actor.probe.remote(i, shards[i]["uri"]),
+        range(len(work)),
+        lambda actor, i: actor.probe.remote(work[i]),
         on_result,
         collect="collect",
         fold=merge_states,
@@ -189,12 +232,14 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     candidates = {kind: best[kind].best(len(classes)) for kind in INIT_KINDS}
     artifacts.write_candidates(cfg, candidates)
     clips = sum(r["clips"] for r in done.values())
-    all_bad = [e for s in sorted(done) for e in done[s]["bad"]]
+    all_bad = cache["errors"] if cache else [e for s in sorted(done) for e in done[s]["bad"]]
     marker = {
         "clips": clips,
-        "bad_videos": all_bad,
+        "bad_videos": all_bad,  # a cache's: counted when prepare decoded them
         "classes": len(classes),
-        "shards": len(shards),
+        "source": "clip_cache" if cache else "shards",
+        "units": len(work),
+        "decodes": sum(r["decodes"] for r in done.values()),
         "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
         "actors_lost": pool.lost,
     }
@@ -208,7 +253,14 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
                 "mean_teacher_loss": marker["mean_teacher_loss"],
             },
         )
-    log.info("stats: %d clips in %d shards, %d bad", clips, len(shards), len(all_bad))
+    log.info(
+        "stats: %d clips in %d %s, %d bad, %d decoded",
+        clips,
+        len(work),
+        marker["source"],
+        len(all_bad),
+        marker["decodes"],
+    )
     return marker
 
 
