@@ -187,12 +187,24 @@ class ClipSource:
             return clip_cache.steps(self.caches[name], world, batch_size)
         return max(1, math.ceil(self.expected[name] / world / batch_size))
 
-    def batches(self, name: str, epoch: int, batch_size: int, rank: int, world: int, seed: Optional[int] = None):
+    def batches(
+        self,
+        name: str,
+        epoch: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: Optional[int] = None,
+        pin: bool = False,
+    ):
         """An iterable of this worker's batches ({"clip", "label", "video_id"}) for one pass;
-        seed: shuffled with it (training), None: in order. The live source has a `bad` list."""
+        seed: shuffled with it (training), None: in order; pin: the cache's batches come assembled
+        ahead in page-locked memory (`clip_cache.prefetched`; for a CUDA device). The live source
+        has a `bad` list."""
         if name in self.caches:
             node = NodeCache.for_config(self.cfg)
-            return clip_cache.batches(self.caches[name], epoch, batch_size, rank, world, seed, node)
+            passes = clip_cache.batches(self.caches[name], epoch, batch_size, rank, world, seed, node)
+            return clip_cache.prefetched(passes, pin)
         import ray.train
 
         return ClipStream(

@@ -67,12 +67,14 @@ def _fit_on_stream(
     generator = torch.Generator().manual_seed(seed)
 
     def step(batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        x = settings.inputs.model_input(batch["clip"].to(device))
+        x = settings.inputs.model_input(batch["clip"].to(device, non_blocking=True))  # uint8 over the bus
         return training.student_step(student, teacher, optimizer, x, batch["label"].to(device), settings, generator)
 
     training.fit(
         student,
-        lambda epoch: source.batches("train", epoch, batch_size, rank, world, seed=seed * 1000 + epoch),
+        lambda epoch: source.batches(
+            "train", epoch, batch_size, rank, world, seed * 1000 + epoch, device.type == "cuda"
+        ),
         step,
         settings.fit,
         source.steps("train", world, batch_size),

@@ -46,13 +46,14 @@ def _train_worker(loop_config: dict) -> None:
     progress = Progress("teacher", t.epochs, "epoch")
     streams: dict[int, object] = {}
     downloaded = [source.store_bytes()]
+    pinned = device.type == "cuda"
 
     def batches(epoch: int):
-        streams[epoch] = source.batches("train", epoch, batch_size, rank, world, seed=cfg.seed * 1000 + epoch)
+        streams[epoch] = source.batches("train", epoch, batch_size, rank, world, cfg.seed * 1000 + epoch, pinned)
         return streams[epoch]
 
     def step(batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        x = settings.inputs.model_input(batch["clip"].to(device))
+        x = settings.inputs.model_input(batch["clip"].to(device, non_blocking=True))  # uint8 over the bus
         return training.teacher_step(model, optimizer, x, batch["label"].to(device), settings, generator)
 
     def checkpoint_and_report(state: training.FitState) -> None:
