@@ -70,16 +70,21 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def sample(self) -> None:
+        """One sample of the current stage (also taken as a stage ends: a stage shorter than the
+        thread's 0.1 s period is then still measured)."""
+        stage = self.stage
+        if stage is None:
+            return
+        self.driver[stage] = max(self.driver.get(stage, 0), self._me.memory_info().rss)
+        for p in psutil.process_iter(["name", "memory_info"]):
+            name = p.info["name"] or ""
+            if name.startswith("ray::") and p.info["memory_info"] is not None:
+                self.worker[stage] = max(self.worker.get(stage, 0), p.info["memory_info"].rss)
+
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            stage = self.stage
-            if stage is None:
-                continue
-            self.driver[stage] = max(self.driver.get(stage, 0), self._me.memory_info().rss)
-            for p in psutil.process_iter(["name", "memory_info"]):
-                name = p.info["name"] or ""
-                if name.startswith("ray::") and p.info["memory_info"] is not None:
-                    self.worker[stage] = max(self.worker.get(stage, 0), p.info["memory_info"].rss)
+            self.sample()
 
     def close(self) -> None:
         self._stop.set()
@@ -226,6 +231,7 @@ def run_config(
         before, started = counter.total, time.time()
         sampler.stage = stage
         work[stage]()
+        sampler.sample()
         sampler.stage = None
         time.sleep(0.15)
         row[stage] = {
