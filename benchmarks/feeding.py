@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,14 +68,13 @@ def main() -> int:
     import torch
 
     from tsgd_ray.artifacts import load_teacher, new_teacher
-    from tsgd_ray.config import Method, load_config
+    from tsgd_ray.config import LabelKind, Method, load_config
     from tsgd_ray.core import training
-    from tsgd_ray.data import clip_cache
     from tsgd_ray.data.in_memory import load_split
     from tsgd_ray.methods import method_config
     from tsgd_ray.runtime.cluster import init_ray
     from tsgd_ray.stages.evaluate import new_student, run_evaluate
-    from tsgd_ray.stages.prepare import run_prepare
+    from tsgd_ray.stages.prepare import decode_once, run_prepare
     from tsgd_ray.stages.teacher import run_teacher
 
     shutil.rmtree(args.workdir, ignore_errors=True)  # this benchmark's own outputs of an earlier run
@@ -86,8 +86,7 @@ def main() -> int:
     cfg = config()
     init_ray(cfg)  # as `tsgd-ray run` starts it (Ray Train's controller polls every 0.25 s)
     run_prepare(cfg)
-    for split in ("train", "test"):
-        clip_cache.ensure(cfg, split, 1 if split == "test" else None)  # decode once, before the timing
+    decode_once(cfg)  # the clip caches, before the timing
     teacher_epoch, teacher_fixed = per_epoch(lambda n: run_teacher(config(f"teacher.epochs={n}")), args.epochs)
     run_teacher(config("teacher.epochs=1"))  # the students' teacher
 
@@ -106,7 +105,8 @@ def main() -> int:
     )
     full = method_config(one, Method.full)
     teacher = load_teacher(full, classes)
-    student_settings = training.StudentSettings.from_config(full)
+    # as the pipeline's `full` student: with no stored labels, the teacher labels online
+    student_settings = replace(training.StudentSettings.from_config(full), labels=LabelKind.soft_kl)
     torch.set_num_threads(max(1, math.ceil(cfg.evaluate.cpus_per_worker)))
     student_memory = in_memory(
         lambda: training.train_student(new_student(full, len(classes), 0), teacher, clips, labels, student_settings, 0)
