@@ -198,13 +198,14 @@ class ClipSource:
         pin: bool = False,
     ):
         """An iterable of this worker's batches ({"clip", "label", "video_id"}) for one pass;
-        seed: shuffled with it (training), None: in order; pin: the cache's batches come assembled
-        ahead in page-locked memory (`clip_cache.prefetched`; for a CUDA device). The live source
-        has a `bad` list."""
+        seed: shuffled with it (training), None: in order; pin (for a CUDA device): the cache's
+        batches come assembled ahead in page-locked memory (`clip_cache.prefetched`). The live
+        source has a `bad` list."""
         if name in self.caches:
             node = NodeCache.for_config(self.cfg)
             passes = clip_cache.batches(self.caches[name], epoch, batch_size, rank, world, seed, node)
-            return clip_cache.prefetched(passes, pin)
+            # on a CPU device the CPUs that would assemble batches ahead are the ones training
+            return clip_cache.prefetched(passes, pin=True) if pin else passes
         import ray.train
 
         return ClipStream(
