@@ -35,13 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from report import target  # noqa: E402
+from report import TINY_RUN, target  # noqa: E402
 
 LOG_ENV = "TSGD_BENCH_DECODE_LOG"
 RUN = (
+    *TINY_RUN,  # then what this benchmark needs beyond it (later overrides win)
     "device=cpu",
-    "data.builtin.train_per_class=4",
-    "data.builtin.test_per_class=2",
     "data.num_frames=8",
     "data.height=32",
     "data.width=32",
@@ -52,9 +51,7 @@ RUN = (
     "distill.ipc=2",
     "distill.iterations=3",
     "distill.cpus_per_actor=0.5",
-    "evaluate.epochs=1",
     "evaluate.full.epochs=1",
-    "evaluate.seeds=[0]",
     "evaluate.baselines=[random_real,full]",
 )
 SETUPS = {

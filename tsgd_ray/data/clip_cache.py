@@ -179,7 +179,7 @@ def assign_files(files: list[dict], rank: int, world: int) -> list[dict]:
     return mine
 
 
-def _read(uri: str, shape: tuple[int, ...], node: Optional[NodeCache]) -> dict[str, Any]:
+def read_file(uri: str, shape: tuple[int, ...], node: Optional[NodeCache]) -> dict[str, Any]:
     """One cache file's clips (a view of the column's buffer, `clip_table.rows`), labels and ids,
     through the node cache when there is one."""
     with node.open(uri) if node else storage.open_parquet(uri) as f:
@@ -238,11 +238,11 @@ def batches(
         held = len(rest)
 
     with ThreadPoolExecutor(PREFETCH) as pool:
-        pending = [pool.submit(_read, storage.join(folder, f["path"]), shape, node) for f in files[:PREFETCH]]
+        pending = [pool.submit(read_file, storage.join(folder, f["path"]), shape, node) for f in files[:PREFETCH]]
         for i in range(len(files)):
             block = pending.pop(0).result()
             if i + PREFETCH < len(files):
-                pending.append(pool.submit(_read, storage.join(folder, files[i + PREFETCH]["path"]), shape, node))
+                pending.append(pool.submit(read_file, storage.join(folder, files[i + PREFETCH]["path"]), shape, node))
             buffer.append(block)
             held += len(block["label"])
             if held >= 4 * batch_size or shuffle_seed is None:

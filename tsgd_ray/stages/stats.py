@@ -40,7 +40,7 @@ from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_lay
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast, reserved_gpus, resolve_device, tune_for
 from tsgd_ray.core.selection import BestPerClass, seeded_priority
-from tsgd_ray.data import clip_cache, clip_table
+from tsgd_ray.data import clip_cache
 from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root, train_shards
@@ -114,11 +114,7 @@ class StatsWorker(PoolActor):
 
     def _cached(self, uri: str) -> Iterator[tuple[int, dict, dict]]:
         """The same of a clip-cache file, read (its clips decoded once, by prepare)."""
-        node = NodeCache.for_config(self.cfg)
-        with node.open(uri) if node else storage.open_parquet(uri) as f:
-            table = clip_table.rows(
-                pq.read_table(f, columns=["clip", "label", "video_id"]), layout.clip_shape(self.cfg)
-            )
+        table = clip_cache.read_file(uri, layout.clip_shape(self.cfg), NodeCache.for_config(self.cfg))
         n, step = len(table["label"]), self.cfg.stats.batch_size
         for start in range(0, n, step):
             end = min(n, start + step)
