@@ -2,15 +2,17 @@
 
 The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md prints it):
 
-- Data (`--variants`): the built-in motion digits, `plain` or `cluttered` (8 classes in time-reversed
-  pairs), and `footage` (benchmarks/footage.py: 6 classes of camera motion over real videos, in
+- Data (`--variants`): the built-in motion digits, `plain`, `cluttered` or `bursty` (8 classes in
+  time-reversed pairs; bursty: 32-frame videos whose digit moves during a random half, clips of 8
+  frames every 2 from the centre, so where a clip starts matters), and `footage` (benchmarks/footage.py: 6 classes of camera motion over real videos, in
   time-reversed pairs, whole source videos held out for val and test). The teacher trains on
   the train split; students are scored on `--split`: `val` (held-out digits, for choosing
   defaults) or `test` (final tables only), at the last step.
 - Arms, per IPC and init draw (IPC real clips per class drawn with seed `draw`): `random_real` (the
   draw's clips as they are) and `tsgd` (recovered from them), optionally `sre2l_video`, init
-  choices among a seeded pool (`kcenter_*`, `moderate_*`: see METHODS) and tsgd arms with their
-  own overrides (`--arms`). Every arm
+  choices among a seeded pool (`kcenter_*`, `moderate_*`: see METHODS), the draw's videos each from
+  its window of the largest motion x margin (`window_*`, as distill.init=motion_window) and tsgd
+  arms with their own overrides (`--arms`). Every arm
   gets the same student and augmentation, TSGFA crops included (the parity arm: random_real with
   the same crops); `full` (every real training clip) gets the same student steps too (`--steps`).
 - Label regimes (one switch each): `online` (the teacher relabels every augmented batch),
@@ -59,7 +61,7 @@ from tsgd_ray.core import augment, bn_stats, labels, recovery, selection, traini
 from tsgd_ray.core.augment import CropSettings  # noqa: E402
 from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
-from tsgd_ray.core.tsgf import SaliencySettings  # noqa: E402
+from tsgd_ray.core.tsgf import SaliencySettings, motion_energy  # noqa: E402
 from tsgd_ray.data.in_memory import load_split  # noqa: E402
 
 #: the benchmark's data and teacher: 100 held-out clips per class in each of val and test; a
@@ -74,7 +76,9 @@ DATA = [
 #: method -> (how its init clips are chosen, recovery with TSGFO; None: the clips as they are).
 #: random: IPC clips per class drawn with seed `draw`; kcenter / moderate: greedy k-center on the
 #: teacher's features / the clips nearest the class's median teacher loss, among a pool of
-#: POOL x IPC clips per class drawn with seed `draw`
+#: POOL x IPC clips per class drawn with seed `draw`; window: the random draw's videos, each from
+#: its view (of --window-views: as sampled, then `decode_view`'s windows) of the largest
+#: `selection.window_score`, as the pipeline's distill.init=motion_window
 METHODS = {
     "random_real": ("random", None),
     "sre2l_video": ("random", False),
@@ -83,12 +87,15 @@ METHODS = {
     "kcenter_tsgd": ("kcenter", True),
     "moderate_real": ("moderate", None),
     "moderate_tsgd": ("moderate", True),
+    "window_real": ("window", None),
+    "window_tsgd": ("window", True),
 }
 POOL = 4
 TEACHER_FREE = ("stored16", "hard")
 DATASETS = {
     "plain": "the built-in motion digits",
     "cluttered": "the built-in motion digits, cluttered (distractors, camera pan and shake, flicker)",
+    "bursty": "the built-in motion digits, bursty (32-frame videos, motion during a random half)",
     "footage": "motion footage (camera pans and zooms over real videos, whole sources held out)",
 }
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
@@ -133,7 +140,9 @@ def diversity(teacher, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -
 
 
 def variant_overrides(variant: str) -> list[str]:
-    """plain | cluttered (the built-in variants) | footage (benchmarks/footage.py) -> data overrides."""
+    """plain | cluttered | bursty (the built-in variants) | footage (benchmarks/footage.py) -> data overrides."""
+    if variant == "bursty":
+        return ["data.builtin.variant=bursty", "data.builtin.frames=32", "data.sampling=center"]
     if variant == "footage":
         root = ensure_footage_dataset()
         return ["data.dataset=folder", f"data.root={root}", "data.height=48", "data.width=48", "data.frame_interval=1"]
@@ -212,6 +221,9 @@ def run_variant(variant: str, args, log) -> dict:
     with torch.no_grad():
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
+    sources = {"random": x_train, "kcenter": x_train, "moderate": x_train}
+    if any(METHODS.get(m, ("random",))[0] == "window" for m in args.methods):
+        sources["window"] = best_windows(cfg, teacher, x_train, y_train, args.window_views, log)
     for ipc in args.ipc:
         for draw in args.draws:
             pool = selection.random_real(y_train, k, min(POOL * ipc, int(torch.bincount(y_train).min())), draw)
@@ -220,13 +232,14 @@ def run_variant(variant: str, args, log) -> dict:
                 "kcenter": selection.k_center(features, y_train, k, ipc, pool),
                 "moderate": selection.moderate(losses, y_train, k, ipc, pool),
             }
+            inits["window"] = inits["random"]  # the same videos, other windows
             for method in args.methods:
                 init, tsgfo = METHODS.get(method, ("random", True))
                 rows, y, idx = selection.flatten(inits[init])
-                x0 = real[rows]
+                x0 = inputs.model_input(sources[init][rows])
                 heat = training.clip_heat(x0, saliency, inputs)
                 if tsgfo is None:
-                    x_set = x_train[rows]
+                    x_set = sources[init][rows]
                 else:
                     arm = [f"tsgf.enabled={tsgfo}", *args.arm_overrides.get(method, [])]
                     run_cfg = load_config(args.config, [*base, *arm])
@@ -254,6 +267,25 @@ def run_variant(variant: str, args, log) -> dict:
     return out
 
 
+def best_windows(cfg, teacher, x_train: torch.Tensor, y_train: torch.Tensor, views: int, log) -> torch.Tensor:
+    """Each training video's view (0: as sampled; 1..views-1: `decode_view`'s) of the largest
+    `selection.window_score`, as the stats pass picks distill.init=motion_window's: (N, F, H, W, 3) uint8."""
+    inputs = InputSettings.from_config(cfg)
+    candidates = [x_train] + [load_split(cfg, "train", view=v)[0] for v in range(1, views)]
+    compensate = SaliencySettings.from_section(cfg.tsgf).compensate
+    scores = torch.stack(
+        [
+            selection.window_score(
+                training.predict(teacher, c, inputs), y_train, motion_energy(inputs.model_input(c), compensate)
+            )
+            for c in candidates
+        ]
+    )  # (views, N)
+    chosen = scores.argmax(0)
+    log(f"windows: {views} views per video, chosen view counts {torch.bincount(chosen, minlength=views).tolist()}")
+    return torch.stack(candidates)[chosen, torch.arange(len(x_train))]
+
+
 def per_draw_differences(s: dict, regime: str, method: str, ipc: int) -> list[float]:
     """Points: per draw, the mean over seeds of method - random_real on the same (draw, seed)."""
     a, b = s[(regime, method, ipc)], s[(regime, "random_real", ipc)]
@@ -268,7 +300,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="default")
-    parser.add_argument("--variants", nargs="+", default=["plain"], choices=["plain", "cluttered", "footage"])
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(DATASETS))
     parser.add_argument("--split", default="val", choices=["val", "test"], help="what students are scored on")
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--methods", nargs="+", default=["random_real", "tsgd"], choices=list(METHODS))
@@ -286,6 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="init clip draws")
     parser.add_argument("--steps", type=int, default=120, help="student optimiser steps, every arm and full")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--window-views", type=int, default=4, help="views per video the window_* methods choose among")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="", help="write the Markdown report here (e.g. docs/QUALITY.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

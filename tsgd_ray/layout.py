@@ -74,7 +74,7 @@ def stats_key(cfg: DictConfig) -> str:
 def init_kind(cfg: DictConfig) -> InitKind:
     """Which real clips this config starts from: `noise` init records the seeded real clips
     (random_real's set), so it shares them with `real`."""
-    return InitKind.lowest_loss if cfg.distill.init == InitKind.lowest_loss else InitKind.real
+    return InitKind.real if cfg.distill.init == InitKind.noise else InitKind(cfg.distill.init)
 
 
 def init_name(cfg: DictConfig) -> str:

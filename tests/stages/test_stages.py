@@ -15,12 +15,12 @@ from support.stage_helpers import imported_config, teacher_file
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.artifacts import load_teacher, read_init, read_statistics, read_synthetic
 from tsgd_ray.config import ConfigError
-from tsgd_ray.core import augment, training
+from tsgd_ray.core import augment, selection, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
 from tsgd_ray.core.clips import InputSettings, to_model_input
 from tsgd_ray.core.models import ModelError
 from tsgd_ray.core.selection import seeded_priority
-from tsgd_ray.core.tsgf import SaliencySettings
+from tsgd_ray.core.tsgf import SaliencySettings, motion_energy
 from tsgd_ray.data.catalogs import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_view, probe
@@ -149,9 +149,10 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
     assert read_statistics(viewed) != read_statistics(one)
 
 
-def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_path, teacher_path):
-    """stats.init_views (RDED-style): a clip's loss is its best view's, the ranking follows it, and
-    the init clip is that view decoded again."""
+def test_multi_view_init_starts_from_the_chosen_view_of_each_clip(ray_session, tmp_path, teacher_path):
+    """stats.init_views: lowest_loss (RDED-style) ranks clips by their best view's loss, and
+    motion_window keeps real's videos, each from its view of the largest window score; the init
+    clip is that view decoded again."""
     import torch.nn.functional as F
 
     cfg = imported_config(
@@ -210,6 +211,33 @@ def test_multi_view_init_starts_from_each_clips_easiest_view(ray_session, tmp_pa
         )
         chosen = init["clips"][init["labels"] == c]
         assert all(torch.equal(chosen[i], views[best_view[l], l]) for i, l in enumerate(rows))
+
+    # motion_window (the same pass): real's seeded videos, each from its view of the largest
+    # motion energy x teacher margin, decoded again by init
+    with torch.no_grad():
+        scores = torch.stack(
+            [
+                selection.window_score(teacher(x), labels, motion_energy(x, cfg.tsgf.compensate))
+                for x in (to_model_input(v, d.mean, d.std) for v in views)
+            ]
+        )
+    window = scores.argmax(0)
+    assert (window > 0).any() and (window != best_view).any()  # a choice of its own
+    kept = artifacts.read_candidates(cfg)
+    assert [[e["video_id"] for e in c] for c in kept["motion_window"]] == [
+        [e["video_id"] for e in c] for c in kept["real"]
+    ]
+    windowed = imported_config(
+        tmp_path / "out", teacher_path, "distill.ipc=2", "distill.init=motion_window", "stats.init_views=4"
+    )
+    assert run_init(windowed)["init"] == "motion_window"
+    init = read_init(windowed, range(len(classes)))
+    position = {r.video_id: l for l, r in enumerate(records)}
+    for c in range(len(classes)):
+        rows = [position[e["video_id"]] for e in kept["real"][c][:2]]
+        assert [e["view"] for e in kept["motion_window"][c][:2]] == [int(window[l]) for l in rows]
+        chosen = init["clips"][init["labels"] == c]
+        assert all(torch.equal(chosen[i], views[window[l], l]) for i, l in enumerate(rows))
 
 
 def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, tmp_path, teacher_path):

@@ -57,6 +57,7 @@ def test_overrides_merge_over_yaml(monkeypatch):
         ("data.dataset=ucf101", "data.root", "required"),
         ("storage.output_root=", "storage.output_root", "None"),
         ("device=tpu", "device", "cuda"),
+        ("distill.init=motion_window", "distill.init", "stats.init_views >= 2"),
     ],
 )
 def test_each_user_error_names_the_full_key(override, key, words):

@@ -163,3 +163,19 @@ def test_cutmix_pastes_the_same_box_in_every_frame():
     mask = box_mask(boxes, 16, 16)[0, 0, 0].bool()
     assert (mixed[0][:, :, mask] == 1).all() and (mixed[0][:, :, ~mask] == 0).all()
     assert (mixed[2][:, :, mask] == 0).all() and (mixed[2][:, :, ~mask] == 2).all()
+
+
+def test_motion_energy_is_the_mean_frame_difference_and_scores_windows_by_it_and_the_margin():
+    from tsgd_ray.core.selection import window_score
+
+    still = torch.rand(1, 3, 1, 16, 16).expand(1, 3, 6, 16, 16)
+    square = square_clip(frames=6, size=16, step=(0, 1))  # 4x4, one pixel a frame: 2 x 4 pixels change
+    one_frame = torch.rand(1, 3, 1, 16, 16)
+    energy = tsgf.motion_energy(torch.cat([still, square, 2 * square]))
+    assert energy.tolist() == pytest.approx([0.0, 8 / 256, 16 / 256])
+    assert tsgf.motion_energy(one_frame).tolist() == [0.0]
+    # softmax of (log 3, 0, 0) is (0.6, 0.2, 0.2): margin 0.4 for label 0, -0.4 for label 1
+    logits = torch.tensor([[3.0, 1.0, 1.0]]).log().expand(4, 3)
+    labels = torch.tensor([0, 0, 0, 1])
+    scores = window_score(logits, labels, torch.tensor([0.0, 1.0, 2.0, 2.0]))
+    assert scores.tolist() == pytest.approx([0.0, 0.4, 0.8, -0.8])

@@ -57,6 +57,9 @@ class BNTarget(str, enum.Enum):
 class InitKind(str, enum.Enum):
     real = "real"  # IPC real clips per class, drawn with the seed
     lowest_loss = "lowest_loss"  # the IPC clips per class the teacher finds easiest (RDED-style)
+    # real's seeded videos, each from its candidate view (stats.init_views) of the largest motion
+    # energy x teacher margin (`selection.window_score`): where in a video to start, never which videos
+    motion_window = "motion_window"
     noise = "noise"  # Gaussian noise, for ablations (the saliency map is then meaningless)
 
 
@@ -100,6 +103,9 @@ class BuiltinVariant(str, enum.Enum):
     # plus static distractor digits, a panning and shaking camera, and flicker: motion saliency
     # must be told apart from camera motion (tsgf.compensate)
     cluttered = "cluttered"
+    # the digit moves during a burst of half the video that starts at a random frame, and is still
+    # before and after it: which temporal window a clip takes matters (distill.init=motion_window)
+    bursty = "bursty"
 
 
 Check = tuple[Callable[[Any], bool], str]  # (predicate, what the value must be)
@@ -357,10 +363,11 @@ class StatsConfig:
     # Accumulate the class statistics on views drawn with the recovery augmentation (the augment
     # section), one fixed view per clip, since recovery matches augmented views; false: as decoded.
     augment: bool = False
-    # Views scored per clip for distill.init=lowest_loss (RDED / Video-DC): the clip as sampled plus
-    # init_views - 1 random temporal windows and crops (`decode_view`); a clip's loss is its best
-    # view's, and recovery starts from that view. Costs init_views decodes and forwards per clip:
-    # the pass then decodes the shards instead of reading the clip cache.
+    # Views scored per clip for distill.init=lowest_loss (RDED / Video-DC) and motion_window: the
+    # clip as sampled plus init_views - 1 random temporal windows and crops (`decode_view`); a clip's
+    # loss is its best view's, and recovery starts from its best view (lowest loss; largest motion x
+    # margin). Costs init_views decodes and forwards per clip: the pass then decodes the shards
+    # instead of reading the clip cache.
     init_views: int = setting(1, must=at_least(1))
 
 
@@ -584,6 +591,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.distill.init == InitKind.motion_window and cfg.stats.init_views < 2:
+        raise ConfigError(
+            "distill.init: motion_window chooses among stats.init_views candidate views per video; "
+            f"set stats.init_views >= 2 (got {cfg.stats.init_views})"
+        )
     if cfg.data.sampling == TemporalSampling.random and not cfg.data.clip_cache:
         raise ConfigError(
             "data.sampling: random draws a new window per epoch from the clip cache's "

@@ -121,6 +121,17 @@ def moderate(
     return chosen
 
 
+def window_score(logits: torch.Tensor, labels: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """The saliency-guided score of candidate windows (N,): motion energy (`tsgf.motion_energy`,
+    >= 0) x the teacher's margin (the softmax probability of the label minus the largest other
+    one, in [-1, 1]), from logits (N, K): a window the teacher gets right and that moves scores > 0,
+    one it gets wrong <= 0; among right ones, the more it moves and the surer the teacher, the higher."""
+    p = torch.softmax(logits.float(), dim=1)
+    own = p.gather(1, labels.view(-1, 1)).squeeze(1)
+    other = p.scatter(1, labels.view(-1, 1), -1.0).amax(dim=1)
+    return energy.float().to(p.device) * (own - other)
+
+
 def flatten(choice: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, class ids, per-class indices), each (C * ipc,), in class then index order."""
     rows, classes, indices = [], [], []

@@ -1,6 +1,6 @@
 """The temporal saliency-guided filter (TSGF), as docs/method.md describes it.
 
-`saliency` turns clips into motion maps M in [0, 1]; `filter_weight`, `filter_update` and
+`saliency` turns clips into motion maps M in [0, 1] (`motion_energy`: how much a clip moves); `filter_weight`, `filter_update` and
 `filter_gradient` are TSGFO (recovery); `motion_diagnostics` says which pixels recovery edited;
 `saliency_boxes`, `saliency_crop` and `saliency_cutmix` are TSGFA (student training).
 Clips are (N, 3, F, H, W) float tensors on any device; maps are (N, 1, F, H, W).
@@ -94,6 +94,14 @@ def frame_differences(x: torch.Tensor, compensate: Compensation = Compensation.n
             median = diff.flatten(2).median(dim=2).values.view(n, f - 1, 1, 1)
             diff = (diff - median).clamp(min=0)
     return torch.cat([diff, diff[:, -1:]], dim=1)
+
+
+@torch.no_grad()
+def motion_energy(x: torch.Tensor, compensate: Compensation = Compensation.none) -> torch.Tensor:
+    """How much clips x (N, 3, F, H, W) move: the mean of their frame differences D_t over the
+    F - 1 transitions and every pixel, (N,) float32, in x's units per frame (0 for one frame)."""
+    d = frame_differences(x.detach().float(), compensate)
+    return d[:, :-1].mean(dim=(1, 2, 3)) if d.shape[1] > 1 else d.new_zeros(len(x))
 
 
 @dataclass(frozen=True)

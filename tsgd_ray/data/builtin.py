@@ -12,6 +12,11 @@ brightness: raw frame differences then fire everywhere, and only the digit moves
 scene. Reversing a clip reverses the pan, which has no preferred direction, so the pair property
 and the single-frame control hold for it too.
 
+The `bursty` variant moves the digit only during a burst of BURST of the video's frames that starts
+at a uniformly random frame (the whole motion of the plain clip, done faster); before and after it
+the digit is still. A short temporal window of a long video may then miss the motion, so where a
+clip starts matters. The start's law is symmetric, so reversing keeps every frame's law.
+
 Every frame of every class is drawn from the same distribution (position uniform on a torus with
 wrap-around, angle uniform, scale from one shared law; digit, colour and background texture
 random), so a single-frame classifier stays at chance. Digits are scikit-learn's 1797 real 8x8
@@ -56,6 +61,8 @@ DISTRACTORS = (2, 4)  # static distractor digits per clip, [low, high)
 PAN = 0.15  # most camera travel over the clip, of the frame size
 SHAKE = 1  # camera shake, pixels either way
 FLICKER = 0.08  # brightness factor in 1 +- this, per frame
+# the bursty variant
+BURST = 0.5  # of the video's frames, the motion's duration
 
 
 def _digits(split: str) -> np.ndarray:
@@ -150,6 +157,14 @@ def _camera(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
     return (out * gain[:, None, None, None]).round().clip(0, 255).astype(np.uint8)
 
 
+def burst_progress(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """Per frame, the motion's progress in [-0.5, 0.5]: -0.5 (still), a linear run over BURST of the
+    frames from a uniformly random start, then 0.5 (still)."""
+    length = max(2, round(BURST * frames))
+    start = int(rng.integers(0, frames - length + 1))
+    return np.clip((np.arange(frames) - start) / (length - 1), 0.0, 1.0) - 0.5
+
+
 def generate_pair(
     pair: int, rng: np.random.Generator, digits: np.ndarray, frames: int, size: int, variant: str = "plain"
 ) -> np.ndarray:
@@ -157,9 +172,11 @@ def generate_pair(
 
     The pair's second class is this clip reversed in time. Every state variable that a class does
     not move is drawn from the law its moving counterpart has at a uniformly random frame.
-    variant="cluttered" adds distractors, camera motion and flicker (the module's docstring).
+    variant="cluttered" adds distractors, camera motion and flicker, variant="bursty" moves only
+    during a burst (the module's docstring).
     """
-    progress = np.linspace(-0.5, 0.5, frames)  # symmetric: reversing flips the sign
+    # symmetric laws: reversing flips the sign
+    progress = burst_progress(rng, frames) if variant == "bursty" else np.linspace(-0.5, 0.5, frames)
     centre = rng.uniform(0, size, 2)[None].repeat(frames, 0)
     angle = np.full(frames, rng.uniform(0, 2 * math.pi))
     base_log_scale, offset = rng.uniform(*LOG_SCALE_RANGE), rng.choice(progress)
@@ -187,6 +204,8 @@ def builtin_root(cfg: DictConfig) -> str:
     if not settings["val_per_class"]:  # no val videos: the same videos as before the split existed
         del settings["val_per_class"]
     settings["generator"] = [TRANSLATION, ROTATION, ZOOM, LOG_SCALE_RANGE, DIGIT_SIZE, DISTRACTORS, PAN, SHAKE, FLICKER]
+    if settings["variant"] == "bursty":  # a key of its own, so the other variants keep their folders
+        settings["generator"].append(BURST)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = cfg.storage.cache_root or storage.join(cfg.storage.output_root, "cache")
     return storage.join(storage.absolute(cache), f"motion_digits-{digest}")

@@ -109,7 +109,13 @@ def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
 
 def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     kind = layout.init_kind(cfg).value
-    candidates = artifacts.read_candidates(cfg)[kind]
+    kept = artifacts.read_candidates(cfg)
+    if kind not in kept:
+        raise artifacts.MissingInput(
+            f"the statistics pass under {layout.stats_dir(cfg)} kept no {kind} candidates (it ran before "
+            "that init existed); delete that folder and run again"
+        )
+    candidates = kept[kind]
     ipc = cfg.distill.ipc
     short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
     if short:

@@ -9,7 +9,8 @@ per actor:
   result is bit-identical whatever the shard order or actor count;
 - per class, the MAX_IPC best init candidates by seeded random priority and by teacher loss, each
   named by (video id, cache file or shard, row); with `stats.init_views` > 1 the loss is the best of that many
-  candidate views per clip, and the candidate names its view.
+  candidate views per clip, and the candidate names its view; then also `motion_window`: the
+  seeded videos, each naming its view of the largest motion energy x teacher margin.
 
 Each actor hands both over once at the end, and the driver folds them in as they arrive: it holds
 the running sums and one actor's at a time (classes x BN channels x 16 B each, plus MAX_IPC
@@ -33,13 +34,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from tsgd_ray import artifacts, layout, storage
-from tsgd_ray.config import MAX_IPC
+from tsgd_ray.config import MAX_IPC, Compensation
 from tsgd_ray.console import Progress
 from tsgd_ray.core.augment import CropSettings, keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast, reserved_gpus, resolve_device, tune_for
-from tsgd_ray.core.selection import BestPerClass, seeded_priority
+from tsgd_ray.core.selection import BestPerClass, seeded_priority, window_score
+from tsgd_ray.core.tsgf import motion_energy
 from tsgd_ray.data import clip_cache
 from tsgd_ray.data.node_cache import NodeCache
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
@@ -50,7 +52,9 @@ from tsgd_ray.stages import skeleton
 
 log = logging.getLogger(__name__)
 
-INIT_KINDS = ("real", "lowest_loss")  # candidates ranked by seeded priority, and by teacher loss
+#: candidates ranked by seeded priority, and by teacher loss; with stats.init_views > 1 also the
+#: seeded videos' windows of the largest motion x margin
+INIT_KINDS = ("real", "lowest_loss", "motion_window")
 
 
 class StatsWorker(PoolActor):
@@ -65,6 +69,7 @@ class StatsWorker(PoolActor):
         self.cfg = cfg
         self.inputs = InputSettings.from_config(cfg)
         self.crop = CropSettings.from_section(cfg.augment)
+        self.compensate = Compensation(cfg.tsgf.compensate)
         self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
         tune_for(self.device)
         self.teacher = artifacts.load_teacher(cfg, classes, self.device)
@@ -75,7 +80,8 @@ class StatsWorker(PoolActor):
 
     def _reset(self) -> None:
         self.stats = ClassStatistics.empty(self.num_classes, self.channels)
-        self.best = {kind: BestPerClass(MAX_IPC) for kind in INIT_KINDS}
+        kinds = INIT_KINDS if self.cfg.stats.init_views > 1 else INIT_KINDS[:2]
+        self.best = {kind: BestPerClass(MAX_IPC) for kind in kinds}
 
     def probe(self, unit: dict) -> dict:
         """One unit of the pass: {"uri", "file"} a clip-cache file (read) or {"uri", "shard"} a
@@ -86,17 +92,20 @@ class StatsWorker(PoolActor):
             ok = batch["ok"]
             errors.extend(str(e) for e in batch["error"][~ok])
             if ok.any():
-                losses = self._forward(batch["clip"][ok], batch["label"][ok], batch["video_id"][ok])
-                view_losses, views = self._best_views({k: v[ok] for k, v in columns.items()}, losses)
+                losses, scores = self._forward(batch["clip"][ok], batch["label"][ok], batch["video_id"][ok])
+                view_losses, views, moving = self._best_views({k: v[ok] for k, v in columns.items()}, losses, scores)
                 rows = row + np.flatnonzero(ok)
-                for r, vid, label, loss, view_loss, view in zip(
-                    rows, batch["video_id"][ok], batch["label"][ok], losses, view_losses, views
+                for r, vid, label, loss, view_loss, view, window in zip(
+                    rows, batch["video_id"][ok], batch["label"][ok], losses, view_losses, views, moving
                 ):
                     entry = {"video_id": str(vid), **name, "row": int(r), "loss": float(loss)}
-                    self.best["real"].add(label, seeded_priority(self.cfg.seed, str(vid)), entry)
+                    priority = seeded_priority(self.cfg.seed, str(vid))
+                    self.best["real"].add(label, priority, entry)
                     self.best["lowest_loss"].add(
                         label, float(view_loss), {**entry, "loss": float(view_loss), "view": int(view)}
                     )
+                    if "motion_window" in self.best:
+                        self.best["motion_window"].add(label, priority, {**entry, "view": int(window)})
                 clips += int(ok.sum())
                 loss_sum += float(losses.sum())
         return {"clips": clips, "loss_sum": loss_sum, "bad": errors, "decodes": self.decoder.decodes - decoded_before}
@@ -127,7 +136,8 @@ class StatsWorker(PoolActor):
             }
             yield start, batch, {}
 
-    def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> np.ndarray:
+    def _forward(self, clips: np.ndarray, labels: np.ndarray, video_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(teacher loss, window score) per clip, the clips' moments added to the class sums."""
         x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(clips)).to(self.device))
         if self.cfg.stats.augment:
             x = keyed_views(x, [str(v) for v in video_ids], self.cfg.seed, self.crop)
@@ -135,14 +145,22 @@ class StatsWorker(PoolActor):
         with torch.no_grad(), BatchNormTaps(self.teacher) as taps, autocast(self.device, self.inputs.amp):
             logits = self.teacher(x).float()
             self.stats.add(taps, y)
-        return F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
+        return self._loss_and_score(logits, y, x)
 
-    def _best_views(self, columns: dict, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(lowest teacher loss over the stats.init_views candidate views, that view) per clip;
-        view 0 is the clip as sampled, whose loss is `losses`; `columns`: the shard rows (empty when
-        stats.init_views is 1). A view that fails to decode is not a candidate (the clip itself did
-        decode)."""
+    def _loss_and_score(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        loss = F.cross_entropy(logits, y, reduction="none")
+        score = window_score(logits, y, motion_energy(x, self.compensate))
+        return loss.double().cpu().numpy(), score.double().cpu().numpy()
+
+    def _best_views(
+        self, columns: dict, losses: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per clip, over the stats.init_views candidate views: the lowest teacher loss, its view,
+        and the view of the largest window score. View 0 is the clip as sampled, with `losses` and
+        `scores`; `columns`: the shard rows (empty when stats.init_views is 1). A view that fails to
+        decode is not a candidate (the clip itself did decode); ties keep the earlier view."""
         best, views = losses.copy(), np.zeros(len(losses), dtype=np.int64)
+        top, windows = scores.copy(), np.zeros(len(losses), dtype=np.int64)
         for view in range(1, self.cfg.stats.init_views):
             decoded = self.decoder({**columns, "view": np.full(len(losses), view)})
             ok = decoded["ok"]
@@ -151,11 +169,12 @@ class StatsWorker(PoolActor):
             x = self.inputs.model_input(torch.from_numpy(np.ascontiguousarray(decoded["clip"][ok])).to(self.device))
             y = torch.from_numpy(columns["label"][ok].astype(np.int64)).to(self.device)
             with torch.no_grad(), autocast(self.device, self.inputs.amp):
-                loss = F.cross_entropy(self.teacher(x).float(), y, reduction="none").double().cpu().numpy()
-            improved = loss < best[ok]
-            rows = np.flatnonzero(ok)[improved]
-            best[rows], views[rows] = loss[improved], view
-        return best, views
+                loss, score = self._loss_and_score(self.teacher(x).float(), y, x)
+            rows = np.flatnonzero(ok)
+            lower, higher = loss < best[rows], score > top[rows]
+            best[rows[lower]], views[rows[lower]] = loss[lower], view
+            top[rows[higher]], windows[rows[higher]] = score[higher], view
+        return best, views, windows
 
     def collect(self) -> dict:
         out = {"statistics": self.stats.state_dict(), "candidates": {k: b.trim() for k, b in self.best.items()}}
@@ -167,8 +186,8 @@ def merge_states(a: dict, b: dict) -> dict:
     """Actor state `b` (`collect()`) folded into `a` in place, so the fold holds no third copy
     (exact: integer sums, candidates by key); returns `a`, which the caller must own."""
     ClassStatistics.from_state_dict(a["statistics"]).merge_(ClassStatistics.from_state_dict(b["statistics"]))
-    for kind in INIT_KINDS:
-        a["candidates"][kind].merge(b["candidates"][kind])
+    for kind, best in b["candidates"].items():
+        a["candidates"][kind].merge(best)
     return a
 
 
@@ -225,7 +244,7 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     if missing:
         raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
     artifacts.write_statistics(cfg, stats)
-    candidates = {kind: best[kind].best(len(classes)) for kind in INIT_KINDS}
+    candidates = {kind: kept.best(len(classes)) for kind, kept in best.items()}
     artifacts.write_candidates(cfg, candidates)
     clips = sum(r["clips"] for r in done.values())
     all_bad = cache["errors"] if cache else [e for s in sorted(done) for e in done[s]["bad"]]
