@@ -148,9 +148,10 @@ class StatsWorker(PoolActor):
         return self._loss_and_score(logits, y, x)
 
     def _loss_and_score(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        loss = F.cross_entropy(logits, y, reduction="none")
-        score = window_score(logits, y, motion_energy(x, self.compensate))
-        return loss.double().cpu().numpy(), score.double().cpu().numpy()
+        loss = F.cross_entropy(logits, y, reduction="none").double().cpu().numpy()
+        if "motion_window" not in self.best:  # no views to choose among: no frame differences on the read path
+            return loss, np.zeros_like(loss)
+        return loss, window_score(logits, y, motion_energy(x, self.compensate)).double().cpu().numpy()
 
     def _best_views(
         self, columns: dict, losses: np.ndarray, scores: np.ndarray
