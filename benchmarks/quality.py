@@ -56,8 +56,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from footage import ensure_footage_dataset  # noqa: E402
 from report import target_line  # noqa: E402
 
-from tsgd_ray.config import load_config, to_dict  # noqa: E402
-from tsgd_ray.core import augment, bn_stats, labels, recovery, selection, training  # noqa: E402
+from tsgd_ray.config import PACK, load_config, to_dict  # noqa: E402
+from tsgd_ray.core import augment, bn_stats, labels, packing, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.augment import CropSettings  # noqa: E402
 from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
@@ -78,7 +78,9 @@ DATA = [
 #: teacher's features / the clips nearest the class's median teacher loss, among a pool of
 #: POOL x IPC clips per class drawn with seed `draw`; window: the random draw's videos, each from
 #: its view (of --window-views: as sampled, then `decode_view`'s windows) of the largest
-#: `selection.window_score`, as the pipeline's distill.init=motion_window
+#: `selection.window_score`, as the pipeline's distill.init=motion_window; packed: 4 x IPC clips
+#: per class drawn with seed `draw`, packed 2 x 2 by their motion where the teacher is confident
+#: (`core.packing.pack_init`, as distill.pack with distill.pack_confidence)
 METHODS = {
     "random_real": ("random", None),
     "sre2l_video": ("random", False),
@@ -89,6 +91,8 @@ METHODS = {
     "moderate_tsgd": ("moderate", True),
     "window_real": ("window", None),
     "window_tsgd": ("window", True),
+    "packed_real": ("packed", None),
+    "packed_tsgd": ("packed", True),
 }
 POOL = 4
 TEACHER_FREE = ("stored16", "hard")
@@ -221,7 +225,7 @@ def run_variant(variant: str, args, log) -> dict:
     with torch.no_grad():
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
-    sources = {"random": x_train, "kcenter": x_train, "moderate": x_train}
+    sources = {"random": x_train, "kcenter": x_train, "moderate": x_train, "packed": x_train}
     if any(METHODS.get(m, ("random",))[0] == "window" for m in args.methods):
         sources["window"] = best_windows(cfg, teacher, x_train, y_train, args.window_views, log)
     for ipc in args.ipc:
@@ -233,13 +237,21 @@ def run_variant(variant: str, args, log) -> dict:
                 "moderate": selection.moderate(losses, y_train, k, ipc, pool),
             }
             inits["window"] = inits["random"]  # the same videos, other windows
+            if any(METHODS.get(m, ("random",))[0] == "packed" for m in args.methods):
+                inits["packed"] = selection.random_real(y_train, k, PACK * ipc, draw)
             for method in args.methods:
                 init, tsgfo = METHODS.get(method, ("random", True))
                 rows, y, idx = selection.flatten(inits[init])
-                x0 = inputs.model_input(sources[init][rows])
+                clips = sources[init][rows]
+                if init == "packed":
+                    clips, y, idx, _, kept = packing.pack_init(
+                        teacher, clips, y, idx, cfg.distill.pack_confidence, saliency, inputs
+                    )
+                    log(f"{variant} ipc={ipc} draw={draw} {method}: {int(kept.sum())} of {len(y)} packed")
+                x0 = inputs.model_input(clips)
                 heat = training.clip_heat(x0, saliency, inputs)
                 if tsgfo is None:
-                    x_set = sources[init][rows]
+                    x_set = clips
                 else:
                     arm = [f"tsgf.enabled={tsgfo}", *args.arm_overrides.get(method, [])]
                     run_cfg = load_config(args.config, [*base, *arm])

@@ -5,7 +5,7 @@ hash of the stage before it::
 
     <output_root>/teacher/<key>/    teacher.pt, teacher.json (marker), ray_train/ (checkpoints)
     <output_root>/stats/<key>/      statistics.pt, candidates.json, stats.json (marker)
-        init/<ipc>-<kind>/          part-00000.parquet ... (clip tables), init.json (marker)
+        init/<n>-<kind>/            part-00000.parquet ... (clip tables), init.json (marker)
     <output_root>/distill/<key>/    plan.json, partitions/p00000.json (marker per partition)
         synthetic/                  p00000.parquet ... (clip tables, written by the distill actors),
                                     manifest.json (merge's marker), previews/grid.mp4
@@ -13,7 +13,8 @@ hash of the stage before it::
 
 So a rerun of the same config finds its finished stages and skips them, and two runs that differ
 in one key share every stage upstream of it. The statistics depend on the teacher, the data and
-the seed only: an IPC sweep shares them, and each (ipc, init kind) gets its own init folder.
+the seed only: an IPC sweep shares them, and each (init clips per class n, init kind) gets its
+own init folder.
 Settings that change only how fast or where work runs (schema fields marked execution_only) are
 left out of the keys. Every function here is pure: it names, it never reads or writes.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tsgd_ray import methods, storage
-from tsgd_ray.config import InitKind, Method, keys_where, to_dict
+from tsgd_ray.config import PACK, InitKind, Method, keys_where, to_dict
 from tsgd_ray.storage import OutputRoot
 
 EXECUTION_ONLY = frozenset(keys_where("execution_only"))
@@ -77,8 +78,14 @@ def init_kind(cfg: DictConfig) -> InitKind:
     return InitKind.real if cfg.distill.init == InitKind.noise else InitKind(cfg.distill.init)
 
 
+def init_per_class(cfg: DictConfig) -> int:
+    """Init clips per class: distill.ipc, or PACK times that under distill.pack (the first of the
+    same seeded candidates, so a packed run at IPC n shares the init of an unpacked one at 4n)."""
+    return cfg.distill.ipc * (PACK if cfg.distill.pack else 1)
+
+
 def init_name(cfg: DictConfig) -> str:
-    return f"{cfg.distill.ipc}-{init_kind(cfg).value}"
+    return f"{init_per_class(cfg)}-{init_kind(cfg).value}"
 
 
 def distill_key(cfg: DictConfig) -> str:

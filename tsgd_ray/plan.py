@@ -430,13 +430,14 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
     stages.append(stage)
 
     statistics_bytes = 2 * 8 * classes * teacher.bn_channels  # int64 sums and squares per class and channel
+    init = layout.init_per_class(cfg)
     stage = Stage(
         "stats",
         layout.stats_dir(cfg),
         _done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
         _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
         f"{train:,} clips once ({s.init_views} view(s) each)",
-        f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * d.ipc * clip_bytes)}",
+        f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * init * clip_bytes)}",
     )
     device = _device(gpu, s.gpus_per_actor)
     cached = cfg.data.clip_cache and s.init_views == 1  # as stats.units: extra views need the videos
@@ -454,8 +455,8 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
                 timer.feed(verb, size, s.cpus_per_actor),
             ),
             (
-                f"init: {verb} {classes * d.ipc:,} chosen clips",
-                classes * d.ipc,
+                f"init: {verb} {classes * init:,} chosen clips",
+                classes * init,
                 1,
                 None,
                 timer.feed(verb, size, decoders),

@@ -15,7 +15,7 @@ from support.stage_helpers import imported_config, teacher_file
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.artifacts import load_teacher, read_init, read_statistics, read_synthetic
 from tsgd_ray.config import ConfigError
-from tsgd_ray.core import augment, selection, training
+from tsgd_ray.core import augment, packing, selection, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
 from tsgd_ray.core.clips import InputSettings, to_model_input
 from tsgd_ray.core.models import ModelError
@@ -147,6 +147,43 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
     )
     assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
     assert read_statistics(viewed) != read_statistics(one)
+
+
+def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(ray_session, tmp_path, teacher_path):
+    """distill.pack: init takes 4 x ipc clips per class (the folder an unpacked run at 4 x ipc
+    uses), and each synthetic video starts as the 2 x 2 tile of four of them where the teacher's
+    probability of the class on the tile reaches distill.pack_confidence, else as the first."""
+    base = ["distill.ipc=1", "distill.iterations=0", "distill.pack=true"]
+    probe_cfg = imported_config(tmp_path / "out", teacher_path, *base)
+    assert layout.init_dir(probe_cfg) == layout.init_dir(
+        imported_config(tmp_path / "out", teacher_path, "distill.ipc=4")
+    )
+    run_prepare(probe_cfg)
+    run_teacher(probe_cfg)
+    run_stats(probe_cfg)
+    assert run_init(probe_cfg)["per_class"] == 4
+    init = read_init(probe_cfg, range(8))
+    assert init["indices"].tolist() == [0, 1, 2, 3] * 8
+    _, _, classes = load_split(probe_cfg, "train")
+    inputs = InputSettings.from_config(probe_cfg)
+    heat = training.clip_heat(init["clips"], SaliencySettings.from_section(probe_cfg.tsgf), inputs)
+    tiles = packing.pack(init["clips"], heat)
+    teacher = load_teacher(probe_cfg, classes)
+    labels = torch.arange(8)
+    confidence = training.predict(teacher, tiles, inputs).softmax(1)[labels, labels].sort().values
+    threshold = float(confidence[3:5].mean())  # half the classes above it, half below
+    cfg = imported_config(tmp_path / "out", teacher_path, *base, f"distill.pack_confidence={threshold}")
+    run_distill(cfg)
+    run_merge(cfg)
+    synthetic, _ = read_synthetic(cfg)
+    assert synthetic["labels"].tolist() == list(range(8)) and synthetic["indices"].tolist() == [0] * 8
+    sure = training.predict(teacher, tiles, inputs).softmax(1)[labels, labels] >= threshold
+    assert sure.sum() == 4
+    for c in range(8):
+        ids = init["video_ids"][4 * c : 4 * c + 4]
+        expected, video_id = (tiles[c], "+".join(ids)) if sure[c] else (init["clips"][4 * c], ids[0])
+        assert synthetic["video_ids"][c] == video_id
+        assert (synthetic["clips"][c].int() - expected.int()).abs().max() <= 1  # a float round trip, no steps
 
 
 def test_multi_view_init_starts_from_the_chosen_view_of_each_clip(ray_session, tmp_path, teacher_path):

@@ -58,11 +58,14 @@ def test_overrides_merge_over_yaml(monkeypatch):
         ("storage.output_root=", "storage.output_root", "None"),
         ("device=tpu", "device", "cuda"),
         ("distill.init=motion_window", "distill.init", "stats.init_views >= 2"),
+        ("distill.pack=true distill.init=noise", "distill.pack", "noise has none"),
+        ("distill.pack=true distill.ipc=13", "distill.pack", "at most 50"),
+        ("distill.pack=true data.height=31", "distill.pack", "must be even"),
     ],
 )
 def test_each_user_error_names_the_full_key(override, key, words):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split())
     message = str(info.value)
     assert message.startswith(f"{key}:"), message
     assert words in message

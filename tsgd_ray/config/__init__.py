@@ -11,4 +11,4 @@ from tsgd_ray.config.load import (
     to_yaml,
 )
 from tsgd_ray.config.schema import *  # noqa: F403 - the enums, the sections and ConfigError
-from tsgd_ray.config.schema import MAX_IPC, ConfigError, fields_meta, keys_where, validate
+from tsgd_ray.config.schema import MAX_IPC, PACK, ConfigError, fields_meta, keys_where, validate

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tsgd_ray.errors import UserError
 
 MAX_IPC = 50  # the most synthetic videos per class; the statistics pass keeps this many init candidates
+PACK = 4  # init clips per synthetic video under distill.pack (a 2 x 2 grid: tsgd_ray.core.packing)
 
 
 class ConfigError(UserError, ValueError):
@@ -405,6 +406,13 @@ class DistillConfig:
     # on its views reaches this; 0: never (every video takes every step).
     stop_confidence: float = setting(0.0, must=BELOW_ONE)
     init: InitKind = InitKind.real  # how synthetic videos start
+    # Motion-aware 2 x 2 packing (RDED's, whole in time; not in the paper): each synthetic video
+    # starts as PACK = 4 init clips of its class (init reads 4 x ipc), each cut to its (H/2, W/2)
+    # window of most TSGF motion in every frame and tiled 2 x 2, where the teacher's probability
+    # of the class on the packed clip is >= pack_confidence; elsewhere as the first of the 4.
+    # Wants clips of 64 px or more: a quarter of a smaller frame holds little of a video.
+    pack: bool = False
+    pack_confidence: float = setting(0.8, must=FRACTION)
     # most synthetic videos in one forward pass (whole classes are packed)
     chunk_size: int = setting(50, must=at_least(1))
     # recovery metrics are read back from the device every this many steps
@@ -596,6 +604,20 @@ def validate(cfg: DictConfig) -> None:
             "distill.init: motion_window chooses among stats.init_views candidate views per video; "
             f"set stats.init_views >= 2 (got {cfg.stats.init_views})"
         )
+    if cfg.distill.pack:
+        d = cfg.distill
+        if d.init == InitKind.noise:
+            raise ConfigError("distill.pack: packs real init clips; distill.init=noise has none")
+        if PACK * d.ipc > MAX_IPC:
+            raise ConfigError(
+                f"distill.pack: reads {PACK} x distill.ipc init clips per class, at most {MAX_IPC} "
+                f"(the candidates the statistics pass keeps); got distill.ipc={d.ipc}"
+            )
+        if cfg.data.height % 2 or cfg.data.width % 2:
+            raise ConfigError(
+                f"distill.pack: tiles half-frames 2 x 2, so data.height and data.width must be even, "
+                f"got {cfg.data.height} x {cfg.data.width}"
+            )
     if cfg.data.sampling == TemporalSampling.random and not cfg.data.clip_cache:
         raise ConfigError(
             "data.sampling: random draws a new window per epoch from the clip cache's "

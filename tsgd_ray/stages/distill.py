@@ -36,13 +36,15 @@ import torch
 from omegaconf import DictConfig
 
 from tsgd_ray import artifacts, layout, lease, storage
-from tsgd_ray.config import ConfigError, InitKind
+from tsgd_ray.config import PACK, ConfigError, InitKind
 from tsgd_ray.console import Progress
 from tsgd_ray.core.clips import InputSettings, to_uint8_clips
 from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
 from tsgd_ray.core.labels import ViewSettings, clip_keys, label_views, view_params
+from tsgd_ray.core.packing import pack_init
 from tsgd_ray.core.recovery import RecoverySettings, noise_init, recover
 from tsgd_ray.core.training import clip_heat
+from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
@@ -94,8 +96,10 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
         x0 = noise_init((3, *layout.clip_size(cfg)), labels, indices, settings.seed, low, high)
         video_ids = [""] * len(labels)
     else:
-        x0 = settings.inputs.model_input(init["clips"])
-        video_ids = init["video_ids"]
+        clips, video_ids = init["clips"], init["video_ids"]
+        if cfg.distill.pack:
+            clips, labels, indices, video_ids = packed_init(cfg, teacher, clips, labels, indices, video_ids)
+        x0 = settings.inputs.model_input(clips)
     history: list[dict] = []
     progress = Progress(f"distill partition {partition_id}", cfg.distill.iterations, "iteration", last=False)
 
@@ -125,6 +129,26 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
     }
     storage.write_json_once(marker_uri, marker)
     return marker
+
+
+def packed_init(cfg: DictConfig, teacher: torch.nn.Module, clips: torch.Tensor, labels, indices, video_ids):
+    """distill.pack: init clips (4n per class) -> n per class (`core.packing.pack_init`); a packed
+    clip's id joins its four ids with "+"."""
+    out, labels, indices, order, packed = pack_init(
+        teacher,
+        clips,
+        labels,
+        indices,
+        cfg.distill.pack_confidence,
+        SaliencySettings.from_section(cfg.tsgf),
+        InputSettings.from_config(cfg),
+    )
+    ids = [video_ids[i] for i in order]
+    joined = [
+        "+".join(ids[PACK * i : PACK * i + PACK]) if kept else ids[PACK * i] for i, kept in enumerate(packed.tolist())
+    ]
+    log.info("distill: %d of %d synthetic videos start packed 2 x 2", int(packed.sum()), len(labels))
+    return out, labels, indices, joined
 
 
 def stored_labels(

@@ -4,7 +4,9 @@ decoded by (shard, row) where the pass read shards (no second pass over the data
 written as clip tables whose row groups hold one class each, so a distill actor reads only its
 partition's classes::
 
-    <stats_dir>/init/<ipc>-<kind>/part-00000.parquet ..., init.json (marker: parts and class ranges)
+    <stats_dir>/init/<n>-<kind>/part-00000.parquet ..., init.json (marker: parts and class ranges)
+
+where n is layout.init_per_class: distill.ipc, or 4 x that under distill.pack.
 """
 
 from __future__ import annotations
@@ -116,11 +118,12 @@ def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
             "that init existed); delete that folder and run again"
         )
     candidates = kept[kind]
-    ipc = cfg.distill.ipc
+    ipc = layout.init_per_class(cfg)
     short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
     if short:
+        wanted = f"distill.ipc={cfg.distill.ipc}" + (f" packed ({ipc} init clips)" if cfg.distill.pack else "")
         raise ConfigError(
-            f"distill.ipc={ipc}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
+            f"{wanted}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
             f"{' ...' if len(short) > 10 else ''}"
         )
     shards = train_shards(cfg)
@@ -146,7 +149,7 @@ def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
         ]
     )
     return {
-        "ipc": ipc,
+        "per_class": ipc,
         "init": kind,
         "parts": parts,
         "videos": len(chosen),
@@ -159,7 +162,7 @@ def run_init(cfg: DictConfig, tracker=None) -> dict:
 
     Raises:
         MissingInput: the stats stage has not finished. TooManyBadVideos: a chosen clip is no longer
-        there (or no longer decodes). ConfigError: a class with fewer than distill.ipc clips.
+        there (or no longer decodes). ConfigError: a class with fewer clips than it needs.
     """
     classes = read_manifest(shards_root(cfg))["classes"]
     return skeleton.run_stage(
