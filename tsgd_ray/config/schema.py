@@ -412,7 +412,7 @@ class DistillConfig:
     # of the class on the packed clip is >= pack_confidence; elsewhere as the first of the 4.
     # Wants clips of 64 px or more: a quarter of a smaller frame holds little of a video.
     pack: bool = False
-    pack_confidence: float = setting(0.8, must=FRACTION)
+    pack_confidence: float = setting(0.8, must=FRACTION)  # the teacher's least probability of the class on a kept tile
     # most synthetic videos in one forward pass (whole classes are packed)
     chunk_size: int = setting(50, must=at_least(1))
     # recovery metrics are read back from the device every this many steps
