@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh || exit 1
 .venv/bin/python scripts/fetch_footage.py || echo "footage cache incomplete: the footage tests will skip"
 .venv/bin/ruff check . && .venv/bin/ruff format --check . || { echo "ruff: fix the above (ruff check --fix . && ruff format .)"; exit 1; }
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
