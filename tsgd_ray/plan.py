@@ -264,20 +264,26 @@ def _distill_stage(
     )
     device = _device(gpu, d.gpus_per_actor)
     rounds = math.ceil(partitions / max(1, d.actors))  # partitions run side by side, one per actor
-    timer.time(
-        stage,
-        d.actors * d.gpus_per_actor if device != "cpu" else 0,
-        "distill",
-        [
+    phases = [
+        (
+            f"{d.iterations} iterations x {videos:,} videos ({rounds} round(s) of partitions)",
+            rounds * per_partition * d.iterations,
+            1,
+            timer.compute(device, "recovery", cfg.teacher, teacher, size, d.cpus_per_actor),
+            None,
+        )
+    ]
+    if d.labels.views:  # the stored labels: the teacher's forward on every view of every video
+        phases.append(
             (
-                f"{d.iterations} iterations x {videos:,} videos ({rounds} round(s) of partitions)",
-                rounds * per_partition * d.iterations,
+                f"labels: {d.labels.views} views x {videos:,} videos",
+                rounds * per_partition * d.labels.views,
                 1,
-                timer.compute(device, "recovery", cfg.teacher, teacher, size, d.cpus_per_actor),
+                timer.compute(device, "forward", cfg.teacher, teacher, size, d.cpus_per_actor),
                 None,
             )
-        ],
-    )
+        )
+    timer.time(stage, d.actors * d.gpus_per_actor if device != "cpu" else 0, "distill", phases)
     if d.gpus_per_actor and actor_bytes > g.memory_gib * 2**30 * 0.9:
         stage.warnings.append(
             f"a partition needs {_gib(actor_bytes)}, more than 90% of a {gpu}'s {g.memory_gib:g} GiB: "

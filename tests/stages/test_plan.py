@@ -83,14 +83,19 @@ def test_the_full_baseline_has_its_own_batch_workers_and_scaled_learning_rate():
 
 
 def test_gpu_time_and_memory_follow_the_work():
-    """Twice the recovery iterations: twice distill's GPU time; a partition too large for the GPU
-    is a warning that names the keys to change."""
+    """Twice the recovery iterations: twice distill's GPU time without stored labels; the stored
+    labels' views add time in proportion; a partition too large for the GPU is a warning that
+    names the keys to change."""
+
+    def distill_hours(*overrides):
+        cfg = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", *overrides])
+        return next(s.gpu_hours for s in make_plan(cfg, table=[])["stages"] if s.name == "distill/tsgd")
+
+    hard = ("distill.labels.views=0", "evaluate.labels=hard")
+    assert distill_hours(*hard, "distill.iterations=2000") == pytest.approx(2 * distill_hours(*hard))
+    eight = distill_hours("distill.labels.views=8", "evaluate.views=8") - distill_hours(*hard)
+    assert eight > 0 and distill_hours("distill.labels.views=16") - distill_hours(*hard) == pytest.approx(2 * eight)
     base = load_config("kinetics400", ["storage.output_root=/nonexistent/plan"])
-    longer = load_config("kinetics400", ["storage.output_root=/nonexistent/plan", "distill.iterations=2000"])
-    hours = [
-        next(s.gpu_hours for s in make_plan(c, table=[])["stages"] if s.name == "distill/tsgd") for c in (base, longer)
-    ]
-    assert hours[1] == pytest.approx(2 * hours[0])
     big = load_config(
         "kinetics400",
         [
