@@ -4,7 +4,9 @@
     loaded) vs the same `recover_partition` call in this plain process; both single-threaded.
     Target: actor / plain <= 1.05.
 (b) Two actors vs one, one torch thread each, the whole stage (`run_distill`, actor start-up
-    included) on the same partitions. Target on a 2-core machine: speedup >= 0.9 x 2 = 1.8.
+    included) on the same partitions. Target on a 2-core machine: speedup >= 0.9 x 2 = 1.8. It also
+    prints how many cores the actors kept busy, and how many the driver and Ray's own processes
+    (GCS, raylet, idle workers) took, over each run.
 (d) Recovery's own overhead: one `recover` step (augmentation, BN taps and term, TSGFO, Adam,
     clamping) vs the bare teacher forward + backward to the pixels of the same chunk, one thread.
     Target: <= 1.3. Also with tsgf.source=current (saliency recomputed every tsgf.every steps) to
@@ -22,6 +24,7 @@ the same whatever the weights, so no training is needed to time it.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -35,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from report import target  # noqa: E402
+from report import CpuTally, target  # noqa: E402
 
 from tsgd_ray.artifacts import load_teacher, new_teacher, read_statistics  # noqa: E402
 from tsgd_ray.config import SaliencySource, load_config  # noqa: E402
@@ -205,10 +208,17 @@ def main(argv=None) -> int:
             ],
         )
 
-    one = statistics.median(pool_seconds(cfg_for, 1) for _ in range(args.repeats))
-    two = statistics.median(pool_seconds(cfg_for, 2) for _ in range(args.repeats))
+    seconds, cores = {}, {}
+    for actors in (1, 2):  # where the cores went: the actors, and the driver with Ray's own processes
+        with CpuTally("ray::PartitionWorker") as tally:
+            seconds[actors] = statistics.median(pool_seconds(cfg_for, actors) for _ in range(args.repeats))
+        cores[actors] = (
+            f"{tally.matched / tally.wall:.2f} busy in the actors, {tally.rest / tally.wall:.2f} in the rest"
+        )
+    one, two = seconds[1], seconds[2]
     print(
         f"(b) whole stage, {len(classes)} partitions: 1 actor {one:.1f} s, 2 actors {two:.1f} s -> speedup {one / two:.2f}"
+        f"; cores of this machine's {os.cpu_count()}: 1 actor {cores[1]}; 2 actors {cores[2]}"
     )
     if torch.cuda.is_available():
         rate = gpu_rate(args)
