@@ -138,6 +138,7 @@ def scale_config(data_root: Path, out: Path, ipc: int, max_videos: int, *overrid
             "data.height=32",
             "data.width=32",
             "data.transcode_short_side=0",
+            "distill.pack=false",  # a generated class holds as few as N/K clips: init reads ipc, not 4 x ipc
             "data.shard_target_mb=2",
             "data.decode_actors=1",
             "data.decode_cpus_per_actor=0.5",

@@ -101,6 +101,7 @@ def test_gpu_time_and_memory_follow_the_work():
         [
             "storage.output_root=/nonexistent/plan",
             "distill.ipc=50",
+            "distill.pack=false",
             "distill.partitions=1",
             "data.num_frames=16",
             "data.height=112",

@@ -410,7 +410,8 @@ class DistillConfig:
     # starts as PACK = 4 init clips of its class (init reads 4 x ipc), each cut to its (H/2, W/2)
     # window of most TSGF motion in every frame and tiled 2 x 2, where the teacher's probability
     # of the class on the packed clip is >= pack_confidence; elsewhere as the first of the 4.
-    # Wants clips of 64 px or more: a quarter of a smaller frame holds little of a video.
+    # Wants clips of 64 px or more: a quarter of a smaller frame holds little of a video. On in the
+    # shipped configs at 64 px or more (+11 points over tsgd on val: docs/QUALITY-val-packing.md).
     pack: bool = False
     pack_confidence: float = setting(0.8, must=FRACTION)  # the teacher's least probability of the class on a kept tile
     # most synthetic videos in one forward pass (whole classes are packed)
@@ -611,7 +612,8 @@ def validate(cfg: DictConfig) -> None:
         if PACK * d.ipc > MAX_IPC:
             raise ConfigError(
                 f"distill.pack: reads {PACK} x distill.ipc init clips per class, at most {MAX_IPC} "
-                f"(the candidates the statistics pass keeps); got distill.ipc={d.ipc}"
+                f"(the candidates the statistics pass keeps), so distill.ipc <= {MAX_IPC // PACK}; got "
+                f"distill.ipc={d.ipc} (set distill.pack=false for more)"
             )
         if cfg.data.height % 2 or cfg.data.width % 2:
             raise ConfigError(
