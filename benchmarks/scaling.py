@@ -11,10 +11,13 @@
     clamping) vs the bare teacher forward + backward to the pixels of the same chunk, one thread.
     Target: <= 1.3. Also with tsgf.source=current (saliency recomputed every tsgf.every steps) to
     show what that map costs.
+(e) The machine's own ceiling for (b): (d)'s bare forward + backward in one plain process alone,
+    then in two started together (no Ray): 2 x alone / together is the speedup two single-threaded
+    workers can get from these cores.
 (c) On a CUDA machine: synthetic video-iterations per second of one actor on one GPU, at
     --gpu-size (default MiniC3D at 16x112x112), with --gpu-videos videos in one partition.
 
-    python benchmarks/scaling.py                 # (a) and (b); (c) too when CUDA is available
+    python benchmarks/scaling.py                 # (a), (b), (d), (e); (c) too when CUDA is available
     python benchmarks/scaling.py --iterations 50 --repeats 1
 
 The teacher is the default config's architecture with its seeded initial weights: recovery costs
@@ -105,20 +108,21 @@ def pool_seconds(cfg_for, actors: int) -> float:
     return time.perf_counter() - started
 
 
-def step_overhead(cfg, classes, steps: int, **changes) -> tuple[float, float]:
-    """(seconds per bare forward + backward, seconds per recovery step) on one chunk of the init
-    clips; `changes`: RecoverySettings fields to change."""
+def chunk_of_init(cfg, classes):
+    """(x, labels, indices): one chunk of the init clips as recovery sees it."""
+    from tsgd_ray.artifacts import read_init
+    from tsgd_ray.core.recovery import RecoverySettings
+
+    settings = RecoverySettings.from_config(cfg)
+    init = read_init(cfg, range(len(classes)))
+    x = settings.inputs.model_input(init["clips"])[: settings.chunk_size].contiguous()
+    return x, init["labels"][: len(x)], init["indices"][: len(x)]
+
+
+def bare_step_seconds(teacher, x0, labels, steps: int) -> float:
+    """Seconds per bare teacher forward + backward to the pixels of `x0`, after 2 warm-up steps."""
     import torch.nn.functional as F
 
-    from tsgd_ray.artifacts import read_init
-    from tsgd_ray.core.recovery import RecoverySettings, recover
-
-    torch.set_num_threads(1)
-    teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)
-    init = read_init(cfg, range(len(classes)))
-    settings = replace(RecoverySettings.from_config(cfg), iterations=steps, **changes)
-    x0 = settings.inputs.model_input(init["clips"])[: settings.chunk_size].contiguous()  # as recovery sees it
-    labels, indices = init["labels"][: len(x0)], init["indices"][: len(x0)]
     teacher.eval().requires_grad_(False)
     x = x0.clone().requires_grad_(True)
     for warm in (True, False):
@@ -126,11 +130,36 @@ def step_overhead(cfg, classes, steps: int, **changes) -> tuple[float, float]:
         for _ in range(2 if warm else steps):
             x.grad = None
             F.cross_entropy(teacher(x), labels).backward()
-        bare = (time.perf_counter() - started) / steps
+    return (time.perf_counter() - started) / steps
+
+
+def step_overhead(cfg, classes, steps: int, **changes) -> tuple[float, float]:
+    """(seconds per bare forward + backward, seconds per recovery step) on one chunk of the init
+    clips; `changes`: RecoverySettings fields to change."""
+    from tsgd_ray.core.recovery import RecoverySettings, recover
+
+    torch.set_num_threads(1)
+    teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)
+    x0, labels, indices = chunk_of_init(cfg, classes)
+    settings = replace(RecoverySettings.from_config(cfg), iterations=steps, **changes)
+    bare = bare_step_seconds(teacher, x0, labels, steps)
     recover(teacher, x0, labels, indices, replace(settings, iterations=2), stats)  # warm-up
     started = time.perf_counter()
     recover(teacher, x0, labels, indices, settings, stats)
     return bare, (time.perf_counter() - started) / steps
+
+
+def plain_processes(argv: list[str], steps: int) -> tuple[float, float]:
+    """(e) Seconds per bare forward + backward in one plain process alone, and the mean of two
+    started together: what two cores of this machine give two independent single-threaded torch
+    processes, with no Ray in the way."""
+    import subprocess
+
+    command = [sys.executable, __file__, *argv, "--bare-child", str(steps)]
+    (alone,) = [float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])]
+    pair = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    together = [float(p.communicate(timeout=600)[0].split()[-1]) for p in pair]
+    return alone, statistics.mean(together)
 
 
 def gpu_rate(args) -> float:
@@ -178,6 +207,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-size", type=int, nargs=3, default=[16, 112, 112], metavar=("F", "H", "W"))
     parser.add_argument("--gpu-videos", type=int, default=50)
     parser.add_argument("--step-count", type=int, default=30, help="(d): recovery steps timed")
+    parser.add_argument("--plain-steps", type=int, default=60, help="(e): steps timed in each plain process")
+    parser.add_argument("--bare-child", type=int, default=0, help=argparse.SUPPRESS)  # (e)'s process: its steps
     args = parser.parse_args(argv)
     common = [
         f"distill.iterations={args.iterations}",
@@ -185,6 +216,16 @@ def main(argv=None) -> int:
         "distill.cpus_per_actor=0.5",
         f"ray.temp_dir={REPO / '.cache' / 'ray-scaling'}",
     ]
+    if args.bare_child:  # one of (e)'s plain processes: the stages are prepared, Ray is not needed
+        torch.set_num_threads(1)
+        teacher_file = Path(args.root) / "untrained-teacher.pt"
+        cfg = load_config(
+            "default", [f"storage.output_root={args.root}", f"teacher.checkpoint={teacher_file}", *common]
+        )
+        classes = read_manifest(shards_root(cfg))["classes"]
+        x0, labels, _ = chunk_of_init(cfg, classes)
+        print(bare_step_seconds(load_teacher(cfg, classes), x0, labels, args.bare_child))
+        return 0
     base, classes = prepared_config(Path(args.root), ["distill.actors=1", *common])
     init_ray(base)
     print(
@@ -235,6 +276,14 @@ def main(argv=None) -> int:
         f"bare forward+backward {1000 * bare:.1f} ms, "
         f"recovery step {1000 * step:.1f} ms (ratio {step / bare:.2f}); with saliency of the current clip every "
         f"step {1000 * current:.1f} ms (ratio {current / bare:.2f})"
+    )
+    alone, together = plain_processes(
+        ["--root", args.root, "--iterations", str(args.iterations), "--ipc", str(args.ipc)], args.plain_steps
+    )
+    print(
+        f"(e) the same bare forward+backward in plain processes, no Ray: alone {1000 * alone:.1f} ms/step, "
+        f"two at once {1000 * together:.1f} ms/step each -> speedup {2 * alone / together:.2f}, the most two "
+        f"single-threaded workers get from this machine; (b)'s two actors reach {one / two / (2 * alone / together):.2f} of it"
     )
     target("actor_over_plain_process", actor / plain, "<=", 1.05, 3)
     target("two_actors_speedup", one / two, ">=", 1.8)
