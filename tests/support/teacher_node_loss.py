@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest and support
 
-EPOCHS = 40
+EPOCHS = 16
 
 
 def main(output_root: str, temp_dir: str) -> None:
