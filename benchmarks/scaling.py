@@ -156,7 +156,7 @@ def plain_processes(argv: list[str], steps: int) -> tuple[float, float]:
     import subprocess
 
     command = [sys.executable, __file__, *argv, "--bare-child", str(steps)]
-    (alone,) = [float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])]
+    alone = float(subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout.split()[-1])
     pair = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     together = [float(p.communicate(timeout=600)[0].split()[-1]) for p in pair]
     return alone, statistics.mean(together)
