@@ -80,7 +80,8 @@ DATA = [
 #: its view (of --window-views: as sampled, then `decode_view`'s windows) of the largest
 #: `selection.window_score`, as the pipeline's distill.init=motion_window; packed: 4 x IPC clips
 #: per class drawn with seed `draw`, packed 2 x 2 by their motion where the teacher is confident
-#: (`core.packing.pack_init`, as distill.pack with distill.pack_confidence)
+#: (`core.packing.pack_init`, as distill.pack with distill.pack_confidence); centre_packed: the
+#: same clips and gate, each tile cut at its clip's centre (the control for the motion windows)
 METHODS = {
     "random_real": ("random", None),
     "sre2l_video": ("random", False),
@@ -93,6 +94,8 @@ METHODS = {
     "window_tsgd": ("window", True),
     "packed_real": ("packed", None),
     "packed_tsgd": ("packed", True),
+    "centre_packed_real": ("centre_packed", None),
+    "centre_packed_tsgd": ("centre_packed", True),
 }
 POOL = 4
 TEACHER_FREE = ("stored16", "hard")
@@ -225,7 +228,7 @@ def run_variant(variant: str, args, log) -> dict:
     with torch.no_grad():
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
-    sources = {"random": x_train, "kcenter": x_train, "moderate": x_train, "packed": x_train}
+    sources = {"random": x_train, "kcenter": x_train, "moderate": x_train, "packed": x_train, "centre_packed": x_train}
     if any(METHODS.get(m, ("random",))[0] == "window" for m in args.methods):
         sources["window"] = best_windows(cfg, teacher, x_train, y_train, args.window_views, log)
     for ipc in args.ipc:
@@ -237,15 +240,16 @@ def run_variant(variant: str, args, log) -> dict:
                 "moderate": selection.moderate(losses, y_train, k, ipc, pool),
             }
             inits["window"] = inits["random"]  # the same videos, other windows
-            if any(METHODS.get(m, ("random",))[0] == "packed" for m in args.methods):
-                inits["packed"] = selection.random_real(y_train, k, PACK * ipc, draw)
+            if any(METHODS.get(m, ("random",))[0].endswith("packed") for m in args.methods):
+                inits["packed"] = inits["centre_packed"] = selection.random_real(y_train, k, PACK * ipc, draw)
             for method in args.methods:
                 init, tsgfo = METHODS.get(method, ("random", True))
                 rows, y, idx = selection.flatten(inits[init])
                 clips = sources[init][rows]
-                if init == "packed":
+                if init.endswith("packed"):
+                    windows = saliency if init == "packed" else None  # None: centre cuts
                     clips, y, idx, _, kept = packing.pack_init(
-                        teacher, clips, y, idx, cfg.distill.pack_confidence, saliency, inputs
+                        teacher, clips, y, idx, cfg.distill.pack_confidence, windows, inputs
                     )
                     log(f"{variant} ipc={ipc} draw={draw} {method}: {int(kept.sum())} of {len(y)} packed")
                 x0 = inputs.model_input(clips)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsgd_ray.core.packing import motion_windows, pack, pack_where_confident
+from tsgd_ray.config import load_config
+from tsgd_ray.core.clips import InputSettings
+from tsgd_ray.core.packing import motion_windows, pack, pack_init, pack_where_confident
+from tsgd_ray.core.training import clip_heat
+from tsgd_ray.core.tsgf import SaliencySettings
 
 
 def moving_square(corner: tuple[int, int], frames: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -66,3 +70,33 @@ def test_the_gate_keeps_a_packed_clip_only_where_the_teacher_is_confident():
     assert torch.equal(out[1], clips[4])  # the group's first clip, as it is
     with pytest.raises(ValueError, match="one class"):
         pack_where_confident(clips, torch.tensor([3, 3, 3, 5, 5, 5, 5, 5]), heat_of(clips), confidence, 0.8)
+
+
+class SureOfClass3(torch.nn.Module):
+    """A teacher whose logits name class 3 for any clip (N, C, F, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full((len(x),), 3), 8).float() * self.scale
+
+
+def test_pack_init_cuts_motion_windows_and_without_saliency_the_centres():
+    """The pipeline's init (saliency given) tiles each clip's window of most TSGFA heat; the
+    quality benchmark's centre_packed control (saliency None) tiles each clip's centre."""
+    corners = [(1, 1), (2, 6), (9, 1), (10, 4)]
+    clips = torch.stack([moving_square(c, seed=i) for i, c in enumerate(corners)])
+    labels, indices = torch.full((4,), 3), torch.tensor([2, 0, 3, 1])  # grouped by index: clips 1, 3, 0, 2
+    inputs = InputSettings((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    saliency = SaliencySettings.from_section(load_config("default", []).tsgf)
+    (moved,), y, _, order, kept = pack_init(SureOfClass3(), clips, labels, indices, 0.8, saliency, inputs)
+    (centred,), *_ = pack_init(SureOfClass3(), clips, labels, indices, 0.8, None, inputs)
+    assert order == [1, 3, 0, 2] and y.tolist() == [3] and kept.tolist() == [True]
+    heat = clip_heat(clips[order], saliency, inputs)
+    for quarter, (clip, (r, c)) in enumerate(zip(clips[order], motion_windows(heat, 8, 8).tolist())):
+        top, left = 8 * (quarter // 2), 8 * (quarter % 2)
+        assert torch.equal(moved[:, top : top + 8, left : left + 8], clip[:, r : r + 8, c : c + 8])
+        assert torch.equal(centred[:, top : top + 8, left : left + 8], clip[:, 4:12, 4:12])
+    assert not torch.equal(moved, centred)

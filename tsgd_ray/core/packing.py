@@ -80,17 +80,18 @@ def pack_init(
     labels: torch.Tensor,
     indices: torch.Tensor,
     threshold: float,
-    saliency: SaliencySettings,
+    saliency: SaliencySettings | None,
     inputs: InputSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
     """Init clips (4n per class, uint8 (N, F, H, W, 3), labels and within-class indices (N,)) ->
     (n per class: clips, labels, indices i, `order`, packed (N/4,) bool): synthetic video i of a
     class comes from its init clips 4i .. 4i+3 (clips[order] groups them), packed where the
     teacher's probability of the class on the tile is >= threshold (`pack_where_confident`), the
-    tiles cut by the TSGFA heat of each clip (`saliency`)."""
+    tiles cut by the TSGFA heat of each clip (`saliency`), or at each clip's centre where
+    `saliency` is None (the control that tells what the motion windows add)."""
     order = sorted(range(len(labels)), key=lambda i: (int(labels[i]), int(indices[i])))
     clips, labels = clips[order], labels[order]
-    heat = clip_heat(clips, saliency, inputs)
+    heat = clip_heat(clips, saliency, inputs) if saliency is not None else torch.ones(len(clips), *clips.shape[2:4])
 
     def confidence(packed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return predict(teacher, packed, inputs).softmax(dim=1)[torch.arange(len(y)), y]
