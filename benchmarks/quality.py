@@ -228,7 +228,7 @@ def run_variant(variant: str, args, log) -> dict:
     with torch.no_grad():
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
-    sources = {"random": x_train, "kcenter": x_train, "moderate": x_train, "packed": x_train, "centre_packed": x_train}
+    sources = dict.fromkeys(["random", "kcenter", "moderate", "packed", "centre_packed"], x_train)
     if any(METHODS.get(m, ("random",))[0] == "window" for m in args.methods):
         sources["window"] = best_windows(cfg, teacher, x_train, y_train, args.window_views, log)
     for ipc in args.ipc:

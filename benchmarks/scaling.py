@@ -56,15 +56,25 @@ from tsgd_ray.stages.stats import run_stats  # noqa: E402
 from tsgd_ray.stages.teacher import run_teacher  # noqa: E402
 
 
+def untrained_teacher_file(root: Path) -> Path:
+    return root / "untrained-teacher.pt"
+
+
+def teacher_config(root: Path, overrides: list[str]):
+    """The default config under `root` with the seeded, untrained teacher imported."""
+    teacher = untrained_teacher_file(root)
+    return load_config("default", [f"storage.output_root={root}", f"teacher.checkpoint={teacher}", *overrides])
+
+
 def prepared_config(root: Path, overrides: list[str]):
     """Default config with a seeded, untrained teacher imported; shards and statistics prepared."""
-    teacher_file = root / "untrained-teacher.pt"
+    teacher_file = untrained_teacher_file(root)
     base = load_config("default", [f"storage.output_root={root}", *overrides])
     run_prepare(base)
     classes = read_manifest(shards_root(base))["classes"]
     if not teacher_file.exists():
         teacher_file.write_bytes(checkpoint_bytes(new_teacher(base, len(classes)), classes))
-    cfg = load_config("default", [f"storage.output_root={root}", f"teacher.checkpoint={teacher_file}", *overrides])
+    cfg = teacher_config(root, overrides)
     run_teacher(cfg)
     run_stats(cfg)
     run_init(cfg)
@@ -218,10 +228,7 @@ def main(argv=None) -> int:
     ]
     if args.bare_child:  # one of (e)'s plain processes: the stages are prepared, Ray is not needed
         torch.set_num_threads(1)
-        teacher_file = Path(args.root) / "untrained-teacher.pt"
-        cfg = load_config(
-            "default", [f"storage.output_root={args.root}", f"teacher.checkpoint={teacher_file}", *common]
-        )
+        cfg = teacher_config(Path(args.root), common)
         classes = read_manifest(shards_root(cfg))["classes"]
         x0, labels, _ = chunk_of_init(cfg, classes)
         print(bare_step_seconds(load_teacher(cfg, classes), x0, labels, args.bare_child))
