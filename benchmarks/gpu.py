@@ -277,8 +277,13 @@ def determinism(device: torch.device) -> float:
 
 
 def ray_visibility(device: torch.device, temp: Path) -> dict:
-    """(f) what a Ray worker given 0 GPUs and (where there is one) 1 GPU runs on."""
-    import ray
+    """(f) what a Ray worker given 0 GPUs and (where there is one) 1 GPU runs on; {} where Ray is
+    not installed (a bare GPU image: (a)-(e) need only torch and omegaconf)."""
+    try:
+        import ray
+    except ImportError:
+        print("(f) skipped: ray is not installed in this interpreter")
+        return {}
 
     from tsgd_ray.doctor import _sees
 
