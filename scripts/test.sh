@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh || exit 1
 .venv/bin/python scripts/fetch_footage.py || echo "footage cache incomplete: the footage tests will skip"
 .venv/bin/ruff check . && .venv/bin/ruff format --check . || { echo "ruff: fix the above (ruff check --fix . && ruff format .)"; exit 1; }
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
+# --maxfail: a broken environment ends the run with its tracebacks, not at CI's time limit
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 --maxfail=20 "$@"
