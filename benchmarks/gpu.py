@@ -97,6 +97,16 @@ def problem(model: str, width: int, size, videos: int, device: torch.device, see
     return teacher, stats, x[:videos], y[:videos], torch.arange(videos) // CLASSES
 
 
+def uint8_gap(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest difference between two batches of normalised clips once stored as uint8."""
+    inputs = InputSettings.from_config(load_config("default", []))
+
+    def stored(clips: torch.Tensor) -> torch.Tensor:
+        return to_uint8_clips(clips.cpu(), inputs.mean, inputs.std).int()
+
+    return int((stored(a) - stored(b)).abs().max())
+
+
 def agreement(device: torch.device) -> dict:
     """(a) the same small recovery on the CPU and on `device`, fp32 (amp off) and bf16."""
     size, iterations = (8, 32, 32), 10
@@ -110,13 +120,11 @@ def agreement(device: torch.device) -> dict:
 
     on_cpu = run(teacher, "cpu reference", False)
     moved = teacher.to(device)
-    inputs = InputSettings.from_config(load_config("default", []))
-    reference = to_uint8_clips(on_cpu, inputs.mean, inputs.std).int()
     out = {}
     for key, amp in (("fp32", False), ("bf16", True)):  # bf16 autocast applies on CUDA only
         on_device = run(moved, key, amp)
         finite = bool(torch.isfinite(on_device).all())
-        gap = int((to_uint8_clips(on_device, inputs.mean, inputs.std).int() - reference).abs().max())
+        gap = uint8_gap(on_device, on_cpu)
         loss_gap = abs(losses[key][-1] - losses["cpu reference"][-1]) / abs(losses["cpu reference"][-1])
         print(
             f"(a) recovery on {device} ({key}) vs the CPU (fp32), {iterations} steps: finite {finite}, final loss "
@@ -297,12 +305,7 @@ def determinism(device: torch.device) -> float:
     first = recovery.recover(teacher, x, y, idx, s, stats)
     second = recovery.recover(teacher, x, y, idx, s, stats)
     gap = float((first - second).abs().max())
-    inputs = InputSettings.from_config(load_config("default", []))
-    levels = int(
-        (to_uint8_clips(first, inputs.mean, inputs.std).int() - to_uint8_clips(second, inputs.mean, inputs.std).int())
-        .abs()
-        .max()
-    )
+    levels = uint8_gap(first, second)
     print(f"(e) two identical recoveries on {device}: largest difference {gap:.2e}, {levels} uint8 levels")
     target("recovery_repeat_max_uint8_difference", levels, "<=", 1, 0)
     return gap
