@@ -8,6 +8,7 @@ promise more frames than are coded), and resizes in torch (decord's own resize r
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -274,6 +275,26 @@ def clip_rng(seed: int, video_id: str, epoch: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(video_id.encode()), epoch])
 
 
+#: x264's instruction sets up to AVX2, by x264's names: every CPU with AVX-512 has all of them
+X264_AVX2 = "MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,LZCNT,AVX,FMA3,BMI1,BMI2,AVX2"
+
+
+@functools.lru_cache(maxsize=1)
+def x264_params() -> dict[str, str]:
+    """Options that make libx264 deterministic here: on a CPU with AVX-512, x264's AVX-512 code
+    encodes the same frames to different bytes from call to call (measured with PyAV 18's x264 on
+    an AMD EPYC with AVX-512: 4 of 120 clips differed over 6 passes in one process, 10-24 of the
+    built-in set's 640 between two processes), so x264 is held to the AVX2 level there (0 of 120;
+    x264's assembly is bit-exact with its C code, so the bytes are those of any AVX2 machine).
+    Elsewhere x264 picks its own instruction sets. Linux only reads the CPU's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    return {"x264-params": f"asm={X264_AVX2}"} if "avx512f" in flags else {}
+
+
 def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes:
     """Encode RGB uint8 frames, each (H, W, 3) with H and W even, as H.264 in an MP4 container;
     the same frames give the same bytes.
@@ -293,8 +314,8 @@ def encode_mp4(frames: Iterable[np.ndarray], fps: float, crf: int = 18) -> bytes
                 stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
                 # one encoder thread: x264's frame threads made the bytes depend on the machine's load
-                # (prepare runs one task per CPU anyway)
-                stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+                # (prepare runs one task per CPU anyway); no AVX-512 (`x264_params`)
+                stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", **x264_params()}
             # converted to the encoder's format here: left to `encode`, the conversion made the
             # same frames encode to different bytes from call to call (PyAV 18, libx264)
             av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(
