@@ -10,32 +10,35 @@ from conftest import tiny_config
 
 from tsgd_ray import storage
 from tsgd_ray.config import TemporalSampling
-from tsgd_ray.data.builtin import CLASS_PAIRS, CLASSES, _digits, builtin_root, ensure_builtin_dataset, generate_pair
+from tsgd_ray.data.builtin import (
+    CLASS_PAIRS,
+    CLASSES,
+    _digits,
+    ensure_builtin_dataset,
+    generate_pair,
+    generate_split,
+)
 from tsgd_ray.data.catalogs import build_catalog
-from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_clip
 
 
 def test_generation_is_deterministic_and_idempotent(tmp_path):
-    cfg = tiny_config(tmp_path)
+    """Two roots hold the same bytes (x264 held to deterministic code, `video.x264_params`), and a
+    complete set is never rewritten."""
+    cfg = tiny_config(tmp_path, f"storage.cache_root={tmp_path / 'one'}")
     root = ensure_builtin_dataset(cfg)
     files = storage.file_sizes(root)
     assert len([f for f in files if f.endswith(".mp4")]) == 8 * (4 + 2)
-    again = tiny_config(tmp_path / "other")
-    assert builtin_root(again) != root  # under its own cache root
-    other_files = storage.file_sizes(ensure_builtin_dataset(again))
+    again = tiny_config(tmp_path, f"storage.cache_root={tmp_path / 'two'}")
+    other = ensure_builtin_dataset(again)
+    assert other != root  # under its own cache root
+    for f in files:
+        if f.endswith(".mp4"):
+            assert storage.read_bytes(f) == storage.read_bytes(other + f[len(root) :]), f
     first = decode_clip(
         storage.read_bytes(f"{root}/train/zoom_in/zoom_in_00001.mp4"), 16, 64, 64, sampling=TemporalSampling.uniform
     )
-    second = decode_clip(
-        storage.read_bytes(f"{builtin_root(again)}/train/zoom_in/zoom_in_00001.mp4"),
-        16,
-        64,
-        64,
-        sampling=TemporalSampling.uniform,
-    )
-    assert np.array_equal(first, second)
-    assert len(other_files) == len(files)
+    assert first.shape == (16, 64, 64, 3) and first.std() > 10
     mtimes = {f: os.path.getmtime(f) for f in files}
     ensure_builtin_dataset(cfg)  # complete: nothing is rewritten
     assert mtimes == {f: os.path.getmtime(f) for f in files}
@@ -73,8 +76,12 @@ def test_a_bursty_clip_moves_during_one_run_of_half_its_frames_that_starts_anywh
 
 
 def _load(cfg, split):
-    clips, labels, _ = load_split(cfg, split)
-    return clips.float().div(255).permute(0, 1, 4, 2, 3), labels  # (N, T, C, H, W)
+    """The split's clips as the generator makes them, in memory (the mp4 round trip is
+    test_generation_is_deterministic_and_idempotent's): (N, T, C, H, W) floats, labels."""
+    videos = list(generate_split(cfg.data.builtin, split))
+    clips = torch.from_numpy(np.stack([clip for _, _, clip in videos]))
+    labels = torch.tensor([CLASSES.index(name) for name, _, _ in videos])
+    return clips.float().div(255).permute(0, 1, 4, 2, 3), labels
 
 
 def _fit_and_score(model, view, x_train, y_train, x_test, y_test, epochs, seed=0):
@@ -96,7 +103,7 @@ def _fit_and_score(model, view, x_train, y_train, x_test, y_test, epochs, seed=0
 
 @pytest.mark.parametrize("variant", ["plain", "cluttered", "bursty"])
 def test_a_single_frame_classifier_stays_at_chance_while_a_clip_classifier_learns(tmp_path, variant):
-    """Same files, same budget: one random frame per clip carries no class information, in either
+    """Same clips, same budget: one random frame per clip carries no class information, in either
     variant (distractors, pan, flicker and the burst's start are the same law for every class). The
     cluttered variant is too hard for this small clip model's budget (0.22 when written); how far
     the benchmark's teacher gets on each variant is in docs/QUALITY*.md."""

@@ -30,8 +30,11 @@ deterministically from the seed, then prepared like any real dataset.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -211,6 +214,24 @@ def builtin_root(cfg: DictConfig) -> str:
     return storage.join(storage.absolute(cache), f"motion_digits-{digest}")
 
 
+def generate_split(b: DictConfig, split: str) -> Iterator[tuple[str, int, np.ndarray]]:
+    """The videos of `split` under the built-in settings `b` (cfg.data.builtin), in memory:
+    (class name, index, (frames, size, size, 3) uint8) for each forward clip and its reverse, the
+    same arrays `ensure_builtin_dataset` encodes."""
+    digits = _digits(split)
+    per_class = {"train": b.train_per_class, "test": b.test_per_class, "val": b.val_per_class}[split]
+    for pair, (forward_name, backward_name) in enumerate(CLASS_PAIRS):
+        for index in range(per_class):
+            rng = np.random.default_rng([b.seed, _SPLIT_CODE[split], pair, index])
+            clip = generate_pair(pair, rng, digits, b.frames, b.size, b.variant)
+            yield forward_name, index, clip
+            yield backward_name, index, clip[::-1]
+
+
+#: videos encoded and written at once (x264 and the disk release the GIL), and rendered ahead
+WRITERS, AHEAD = 4, 64
+
+
 def ensure_builtin_dataset(cfg: DictConfig) -> str:
     """Write the built-in dataset's videos unless they are complete already; returns their root.
 
@@ -223,17 +244,16 @@ def ensure_builtin_dataset(cfg: DictConfig) -> str:
     b = cfg.data.builtin
     counts = {"train": b.train_per_class, "test": b.test_per_class, "val": b.val_per_class}
     counts = {split: n for split, n in counts.items() if n}
-    for split, per_class in counts.items():
-        digits = _digits(split)
-        for pair, (forward_name, backward_name) in enumerate(CLASS_PAIRS):
-            for index in range(per_class):
-                rng = np.random.default_rng([b.seed, _SPLIT_CODE[split], pair, index])
-                uri_f = storage.join(root, split, forward_name, f"{forward_name}_{index:05d}.mp4")
-                uri_b = storage.join(root, split, backward_name, f"{backward_name}_{index:05d}.mp4")
-                if storage.exists(uri_f) and storage.exists(uri_b):
-                    continue
-                clip = generate_pair(pair, rng, digits, b.frames, b.size, b.variant)
-                storage.write_once(uri_f, encode_mp4(clip, b.fps))
-                storage.write_once(uri_b, encode_mp4(clip[::-1], b.fps))
+
+    def write(split: str, name: str, index: int, clip: np.ndarray) -> None:
+        uri = storage.join(root, split, name, f"{name}_{index:05d}.mp4")
+        if not storage.exists(uri):  # a generation cut short resumes where it stopped
+            storage.write_once(uri, encode_mp4(clip, b.fps))
+
+    videos = ((split, *video) for split in counts for video in generate_split(b, split))
+    with ThreadPoolExecutor(WRITERS) as pool:
+        while chunk := list(itertools.islice(videos, AHEAD)):
+            for done in [pool.submit(write, *video) for video in chunk]:
+                done.result()
     storage.write_json_once(marker, {"classes": CLASSES, "counts": counts, "settings": OmegaConf.to_container(b)})
     return root
