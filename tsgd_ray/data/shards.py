@@ -7,7 +7,8 @@ Layout under the shards root::
     _parts/<split>-00000.json        per-shard completion record (rows, bytes, skipped files)
 
 Shard paths in the manifest are relative to the shards root, so a shard set can be copied
-between a local disk and a bucket.
+between a local disk and a bucket; a shard names each video's source relative to the dataset
+root, so the same videos under two roots give the same shard bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
 import pyarrow as pa
@@ -107,11 +108,19 @@ def plan_shards(catalog: Catalog, sizes: dict[str, int], target_bytes: int, seed
     return plans
 
 
-def plan_hash(plans: list[ShardPlan], transcode_short_side: int) -> str:
-    """Identifies what a shard set holds: the plan and the transcode setting."""
+def relative_source(uri: str, root: str) -> str:
+    """A video's URI relative to the dataset root `root` where it lies under it, else as it is."""
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix) :] if uri.startswith(prefix) else uri
+
+
+def plan_hash(plans: list[ShardPlan], transcode_short_side: int, root: str = "") -> str:
+    """Identifies what a shard set holds: the plan (its videos relative to the dataset root `root`,
+    so the same dataset under another root is the same set) and the transcode setting."""
     h = hashlib.sha256(f"v{SCHEMA_VERSION}:{transcode_short_side}".encode())
     for plan in plans:
-        h.update(plan.to_json().encode())
+        records = tuple(replace(r, uri=relative_source(r.uri, root)) for r in plan.records)
+        h.update(replace(plan, records=records).to_json().encode())
     return h.hexdigest()
 
 

@@ -36,6 +36,7 @@ from tsgd_ray.data.shards import (
     plan_hash,
     plan_shards,
     read_manifest,
+    relative_source,
     shards_root,
     source_hash,
 )
@@ -54,8 +55,9 @@ def _load_video(record_uri: str, transcode_short_side: int) -> tuple[bytes, dict
     return data, {"num_frames": info.num_frames, "height": info.height, "width": info.width, "fps": info.fps}
 
 
-def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: str) -> dict:
-    """Write one shard (unless its completion record exists) and return its summary.
+def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: str, source_root: str = "") -> dict:
+    """Write one shard (unless its completion record exists) and return its summary; each row
+    names its video relative to the dataset root `source_root`.
 
     Videos that cannot be read or decoded are left out and listed in the summary's `skipped`.
 
@@ -91,7 +93,7 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
                 "label": record.label,
                 "class_name": record.class_name,
                 "split": record.split,
-                "source_uri": record.uri,
+                "source_uri": relative_source(record.uri, source_root),
                 "video": data,
                 **info,
             }
@@ -126,8 +128,8 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
     return summary
 
 
-def _write_shard_row(row: dict, root: str, transcode_short_side: int, digest: str) -> dict:
-    summary = write_shard(ShardPlan.from_json(row["plan"]), root, transcode_short_side, digest)
+def _write_shard_row(row: dict, root: str, transcode_short_side: int, digest: str, source_root: str) -> dict:
+    summary = write_shard(ShardPlan.from_json(row["plan"]), root, transcode_short_side, digest, source_root)
     return {"summary": json.dumps(summary)}
 
 
@@ -203,12 +205,17 @@ def _prepare(cfg: DictConfig, catalog: Catalog) -> dict:
 
     root = shards_root(cfg)
     plans = plan_shards(catalog, catalog.sizes, int(cfg.data.shard_target_mb * 2**20), cfg.seed)
-    digest = plan_hash(plans, cfg.data.transcode_short_side)
+    digest = plan_hash(plans, cfg.data.transcode_short_side, catalog.root)
     log.info("preparing %d videos into %d shards at %s", len(catalog.records), len(plans), root)
     ds = ray.data.from_items([{"plan": p.to_json()} for p in plans], override_num_blocks=len(plans))
     ds = ds.map(
         _write_shard_row,
-        fn_kwargs={"root": root, "transcode_short_side": cfg.data.transcode_short_side, "digest": digest},
+        fn_kwargs={
+            "root": root,
+            "transcode_short_side": cfg.data.transcode_short_side,
+            "digest": digest,
+            "source_root": catalog.root,
+        },
         num_cpus=1,
         compute=ray.data.TaskPoolStrategy(size=cfg.data.prepare_concurrency or None),
     )
