@@ -223,9 +223,9 @@ class DataConfig:
     width: int = setting(112, must=POSITIVE)  # clip width after resizing, pixels
     sampling: TemporalSampling = TemporalSampling.uniform  # which frames a clip takes
     frame_interval: int = setting(2, must=at_least(1))  # frames between sampled frames (center and random sampling)
-    # Ray Data actors decoding clips (the most an autoscaling pool grows to)
+    # Ray Data tasks decoding clips at once
     decode_actors: int = setting(1, must=at_least(1), execution_only=True)
-    # CPUs Ray reserves for each decoding actor
+    # CPUs Ray reserves for each decoding task
     decode_cpus_per_actor: float = setting(0.5, must=POSITIVE, execution_only=True)
     # videos per decode batch (and per Ray Data block and clip-cache file)
     decode_batch_size: int = setting(64, must=at_least(1), execution_only=True)

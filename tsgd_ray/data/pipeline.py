@@ -1,6 +1,6 @@
 """The Ray Data pipeline from shards to clips, and its consumer side.
 
-``read_parquet(shards) -> map_batches(ClipDecoder) -> {clip, label, video_id, ok, error}``
+``read shard rows -> map_batches(decode_batch) -> {clip, label, video_id, ok, error}``
 
 A clip is (F, H, W, 3) uint8 (frames last-channel, as decoded); `ok` is False for a video that
 failed to decode (its clip is zeros and `error` says why). Consumers use :class:`ClipStream`,
@@ -37,7 +37,8 @@ class TooManyBadVideos(UserError, RuntimeError):
 
 
 class ClipDecoder:
-    """A Ray Data callable class: a batch of shard rows -> a batch of clips.
+    """A batch of shard rows -> a batch of clips (in Ray Data's decode tasks, `decode_batch`, and
+    in the stats and init stages).
 
     Output columns: clip (N, F, H, W, 3) uint8, label (N,) int64, video_id (N,) str,
     ok (N,) bool, error (N,) str. Never raises for a bad video. `decodes` counts the videos it
@@ -103,6 +104,16 @@ class ClipDecoder:
         }
 
 
+def decode_batch(batch: dict[str, np.ndarray], **settings) -> dict[str, np.ndarray]:
+    """A Ray Data task UDF: `ClipDecoder(**settings)(batch)`.
+
+    Tasks, not an actor pool: Ray Data hands a decoder actor its constructor arguments through the
+    object store, and with the actor restarts it asks for by default Ray warns on every run that
+    such a restart can fail (ray-project/ray#53727); a decode task lost with its worker is simply
+    run again. The decoder holds no state worth keeping between batches."""
+    return ClipDecoder(**settings)(batch)
+
+
 def read_shard_rows(
     batch: dict[str, np.ndarray], rows_per_block: int, labels: Optional[list[int]] = None
 ) -> Iterator[dict]:
@@ -157,8 +168,8 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
     ds.context.target_max_block_size = max(2**16, int(d.decode_batch_size * row_bytes))
     ds.context.execution_options.preserve_order = d.preserve_order  # a seed fixes the order students see
     return ds.map_batches(
-        ClipDecoder,
-        fn_constructor_kwargs={
+        decode_batch,
+        fn_kwargs={
             "num_frames": d.num_frames,
             "height": d.height,
             "width": d.width,
@@ -168,7 +179,7 @@ def clip_dataset(cfg: DictConfig, split: str, labels: Optional[Sequence[int]] = 
             "epoch": epoch,
         },
         batch_size=d.decode_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=d.decode_actors),
+        compute=ray.data.TaskPoolStrategy(size=d.decode_actors),
         num_cpus=d.decode_cpus_per_actor,
     )
 
