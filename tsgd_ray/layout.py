@@ -9,7 +9,9 @@ hash of the stage before it::
     <output_root>/distill/<key>/    plan.json, partitions/p00000.json (marker per partition)
         synthetic/                  p00000.parquet ... (clip tables, written by the distill actors),
                                     manifest.json (merge's marker), previews/grid.mp4
-    <output_root>/evaluate/<key>/   seed-00000.json, results.json (marker)
+    <output_root>/evaluate/<key>/   seed-00000.json, results.json (marker),
+                                    checkpoints/seed-00000/epoch-00029.pt (a student's latest two)
+    <output_root>/fleet/<key>/      slot-0/ ... (the evaluation fleet's Ray Train runs)
 
 So a rerun of the same config finds its finished stages and skips them, and two runs that differ
 in one key share every stage upstream of it. The statistics depend on the teacher, the data and
@@ -160,3 +162,15 @@ def seed_uri(cfg: DictConfig, method: Method, seed: int) -> str:
 
 def results_uri(cfg: DictConfig, method: Method) -> str:
     return storage.join(evaluate_dir(cfg, method), RESULTS)
+
+
+def student_checkpoints(cfg: DictConfig, method: Method, seed: int) -> str:
+    """The folder of one student's checkpoints (`runtime.ray_train.save_state`)."""
+    return storage.join(evaluate_dir(cfg, method), "checkpoints", f"seed-{seed:05d}")
+
+
+def fleet_dir(cfg: DictConfig, students: list[str]) -> str:
+    """Where the evaluation fleet of these students (their seed files' URIs) keeps its Ray Train
+    runs: the same students, the same folder."""
+    digest = hashlib.sha256(json.dumps(sorted(students)).encode()).hexdigest()[:KEY_LENGTH]
+    return OutputRoot(cfg.storage.output_root).uri("fleet", digest)

@@ -479,7 +479,7 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
 
     todo = [st for st in stages if not st.finished]
     fleet = [st for st in todo if st.name.startswith("evaluate/")]
-    fleet_wall = _fleet_wall(cfg, fleet)
+    fleet_wall = _fleet_wall(cfg, fleet, table)
     return {
         "wall_s": sum(st.wall_s for st in todo if st not in fleet) + fleet_wall,
         "fleet_wall_s": fleet_wall,
@@ -492,19 +492,22 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
     }
 
 
-def _fleet_wall(cfg: DictConfig, stages: list[Stage]) -> float:
-    """Wall time of the evaluation fleet (stages/evaluate.py's `Fleet`): every student of
-    `stages` at once, in room for evaluate.students_at_once students or else for as many workers as
-    the widest stage of the run (the cluster holds at least that); never less than its longest
-    student."""
+def _fleet_wall(cfg: DictConfig, stages: list[Stage], table: list[dict]) -> float:
+    """Wall time of the evaluation fleet (`tsgd_ray.runtime.fleet`): every student of `stages` on
+    slots, each slot one Ray Train run that starts once and trains its students in turn, filled
+    longest first; as many slots as evaluate.students_at_once, or else as the widest stage of the
+    run holds workers (the cluster holds at least that)."""
     if not stages:
         return 0.0
-    longest = max(st.wall_s / st.units for st in stages)
-    if cfg.evaluate.students_at_once:
-        return max(longest, sum(st.wall_s for st in stages) / cfg.evaluate.students_at_once)
+    from tsgd_ray.runtime.fleet import assign
+
+    start = calibration.start(table, "evaluate")
+    students = [(st.wall_s - start) / st.units for st in stages for _ in range(st.units)]
+    widths = [st.unit_workers for st in stages for _ in range(st.units)]
     t, s, d = cfg.teacher, cfg.stats, cfg.distill
-    room = max(t.num_workers, s.actors, d.actors, *(st.unit_workers for st in stages))
-    return max(longest, sum(st.wall_s * st.unit_workers for st in stages) / room)
+    room = max(t.num_workers, s.actors, d.actors, *widths)
+    slots = cfg.evaluate.students_at_once or max(1, room // max(widths))
+    return start + max(sum(students[i] for i in slot) for slot in assign(students, min(slots, len(students))))
 
 
 def render(plan: dict) -> str:

@@ -1,10 +1,10 @@
-"""Evaluation as a fleet: every (method, seed) student is its own Ray Train run, as many at once as
-the cluster holds; a student checkpoints every few epochs and resumes after its worker dies, and
-ends where it would have ended uninterrupted, whichever students trained beside it."""
+"""Evaluation as a fleet: the (method, seed) students queued onto as many slots as the cluster
+holds, each slot one Ray Train run training its students in turn; a student checkpoints every few
+epochs and resumes after its worker dies, and ends where it would have ended uninterrupted,
+whichever students trained beside it or before it."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -17,7 +17,8 @@ from support.stage_helpers import imported_config, teacher_file
 from tsgd_ray import layout, storage
 from tsgd_ray.config import Method
 from tsgd_ray.methods import method_config
-from tsgd_ray.stages.evaluate import Fleet, run_evaluate
+from tsgd_ray.runtime.fleet import Fleet, Student, assign
+from tsgd_ray.stages.evaluate import run_evaluate
 from tsgd_ray.stages.pipeline import STAGES, run_method
 from tsgd_ray.stages.prepare import run_prepare
 from tsgd_ray.stages.teacher import run_teacher
@@ -60,25 +61,27 @@ def test_a_student_waits_for_room_for_all_its_workers():
     assert order[-1] == "alone"
 
 
+def test_students_go_longest_first_onto_the_least_loaded_slot():
+    assert assign([1, 5, 2, 2, 4], 2) == [[1, 3], [4, 2, 0]]  # 5+2 and 4+2+1
+    assert assign([3, 3, 3], 5) == [[0], [1], [2]]  # never an empty slot
+    fleet = Fleet(students=2, workers=2)
+    students = [Student(f"s{i}", cost, 1) for i, cost in enumerate([1, 1, 1])] + [Student("wide", 9, 2)]
+    assert [[s.key for s in slot] for slot in fleet.slots(students)] == [["s0", "s2"], ["s1"], ["wide"]]
+    assert [[s.key for s in slot] for slot in Fleet(1, 2**31).slots(students)] == [["s0", "s1", "s2"], ["wide"]]
+
+
 def _kill_a_worker_after_a_checkpoint(cfg, killed: list, stop: threading.Event) -> None:
-    """Kill (SIGKILL) the Ray Train worker of this test's Ray (one student at a time) once the
-    controller of an unfinished seed's run has registered a checkpoint (a worker's report is
-    queued until the controller polls for it: one lost with its worker never was); `killed` gets
-    that seed."""
+    """Kill (SIGKILL) the Ray Train worker of this test's Ray (one slot) once an unfinished
+    student has written a checkpoint; `killed` gets that student's seed."""
     while not stop.is_set():
         for seed in cfg.evaluate.seeds:
-            run = Path(storage.absolute(layout.evaluate_dir(cfg, Method.random_real))) / "ray_train" / f"seed-{seed}"
-            snapshot = run / "checkpoint_manager_snapshot.json"
-            if storage.exists(layout.seed_uri(cfg, Method.random_real, seed)) or not snapshot.exists():
-                continue
-            try:
-                registered = json.loads(snapshot.read_text())["checkpoint_results"]
-            except (ValueError, KeyError):  # being written
+            checkpoints = layout.student_checkpoints(cfg, Method.random_real, seed)
+            if storage.exists(layout.seed_uri(cfg, Method.random_real, seed)) or not storage.list_files(checkpoints):
                 continue
             workers = [
                 p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
             ]
-            if registered and len(workers) == 1:
+            if len(workers) == 1:
                 workers[0].kill()
                 killed.append(seed)
                 return
@@ -116,12 +119,12 @@ def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(ray
     def overlap(a: dict, b: dict) -> float:
         return min(a["started"] + a["seconds"], b["started"] + b["seconds"]) - max(a["started"], b["started"])
 
-    together = run_evaluate(cfg, Method.random_real)  # two CPUs: both students at once
+    together = run_evaluate(cfg, Method.random_real)  # two CPUs: two slots, both students at once
     first = seeds()
     assert overlap(*first) > 0 and all(r["resumed_at"] is None for r in first)
 
     shutil.rmtree(folder)
-    one_at_a_time = config("evaluate.students_at_once=1")  # execution-only: the same stage folder
+    one_at_a_time = config("evaluate.students_at_once=1")  # execution-only: the same stage folder, one slot
     assert layout.evaluate_dir(one_at_a_time, Method.random_real) == layout.evaluate_dir(cfg, Method.random_real)
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(one_at_a_time, killed, stop))
@@ -133,7 +136,9 @@ def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(ray
         killer.join(timeout=10)
     second = seeds()
     assert killed, "no worker was killed: the test did not exercise a restart"
-    assert overlap(*second) <= 0  # one slot: one student after the other
+    # one slot: one student's epochs all before the other's (both attempts of the killed one)
+    first_trained, then = sorted(second, key=lambda r: r["history"][0]["time"])
+    assert max(h["time"] for h in first_trained["history"]) < min(h["time"] for h in then["history"])
     (seed,) = killed
     assert second[seed]["resumed_at"] >= 29 and second[1 - seed]["resumed_at"] is None  # from its last checkpoint
     assert in_turn["top1"] == together["top1"]

@@ -34,6 +34,7 @@ def teacher_file(folder: Path, *overrides: str) -> Path:
 
     model = train_teacher(new_teacher(cfg, len(classes)), clips, labels, TeacherSettings.from_config(cfg))
     path = folder / "teacher.pt"
+    folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(checkpoint_bytes(model, classes))
     return path
 

@@ -4,10 +4,12 @@ from tsgd_ray.runtime.ray_train import LONG_EPOCH_STEPS, report_due
 
 
 def test_short_epochs_report_ten_times_a_run_and_long_ones_every_epoch():
-    short = [e for e in range(300) if report_due(e, 300, steps_per_epoch=2)]
+    short = [e for e in range(300) if report_due(e, 300, steps_per_epoch=8)]
     assert short == list(range(29, 300, 30))  # a report waits for the controller's poll
-    assert [e for e in range(7) if report_due(e, 7, 2)] == list(range(7))
-    assert [e for e in range(25) if report_due(e, 25, 2)] == [2, 5, 8, 11, 14, 17, 20, 23, 24]  # and the last
+    assert [e for e in range(7) if report_due(e, 7, 64)] == list(range(7))
+    # at least STEPS_PER_REPORT steps apart, and the last
+    assert [e for e in range(25) if report_due(e, 25, 8)] == [7, 15, 23, 24]
+    assert [e for e in range(240) if report_due(e, 240, 1)] == [63, 127, 191, 239]  # the default's students
     long = [e for e in range(300) if report_due(e, 300, steps_per_epoch=LONG_EPOCH_STEPS)]
     assert long == list(range(300))  # a lost node repeats at most one epoch
 

@@ -108,11 +108,14 @@ def uneven_inputs(model: nn.Module):
 
 
 #: live-curve reports (and checkpoints) per training run of short epochs. Ray Train's controller
-#: takes one report per health check (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default) and a
-#: worker's report waits for it, so a report per fast epoch stalls training (240 student epochs of
-#: 0.1 s each were heading for 7 min instead of half a minute); each report carries the rows of
-#: every epoch since the last one.
+#: takes one report per health check (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default, 0.25 s as
+#: the project starts Ray) and a worker's report waits for it, so a report per fast epoch stalls
+#: training (240 student epochs of 0.1 s each were heading for 7 min instead of half a minute);
+#: each report carries the rows of every epoch since the last one.
 REPORTS_PER_RUN = 10
+#: and at least this many optimiser steps between two reports (a default student's 240 one-step
+#: epochs: 4 reports, not 10, each a wait of up to a health check beside ~3 s of steps)
+STEPS_PER_REPORT = 64
 #: epochs of at least this many steps report (and checkpoint) every epoch: the wait is then small
 #: beside the epoch, and a lost node repeats at most one epoch (hours of `full` at Kinetics size)
 LONG_EPOCH_STEPS = 200
@@ -120,9 +123,13 @@ LONG_EPOCH_STEPS = 200
 
 def report_due(epoch: int, epochs: int, steps_per_epoch: int = 0) -> bool:
     """Whether 0-based `epoch` of `epochs` ends with a report: every epoch when an epoch has at
-    least LONG_EPOCH_STEPS steps, else every ceil(epochs / 10) epochs and the last; the same on
-    every rank (a report is a collective across workers)."""
-    every = 1 if steps_per_epoch >= LONG_EPOCH_STEPS else max(1, math.ceil(epochs / REPORTS_PER_RUN))
+    least LONG_EPOCH_STEPS steps, else every ceil(epochs / REPORTS_PER_RUN) epochs but at least
+    STEPS_PER_REPORT steps apart, and the last; the same on every rank (a report is a collective
+    across workers)."""
+    if steps_per_epoch >= LONG_EPOCH_STEPS:
+        every = 1
+    else:
+        every = max(math.ceil(epochs / REPORTS_PER_RUN), math.ceil(STEPS_PER_REPORT / max(1, steps_per_epoch)))
     return (epoch + 1) % every == 0 or epoch == epochs - 1
 
 
@@ -146,6 +153,34 @@ def report(metrics: dict, state: FitState, rank: int) -> None:
             torch.save(state.state_dict(), Path(folder, STATE_FILE))
             saved = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=saved)
+
+
+#: a run's own checkpoints kept by `save_state` (the latest and the one before it)
+KEEP_STATES = 2
+
+
+def save_state(folder: str, state: FitState) -> None:
+    """Write `state` as `folder`/epoch-<epoch>.pt (write-once), then remove all but the latest
+    KEEP_STATES: a training run's own checkpoints, for runs that share one Ray Train run (the
+    evaluation fleet's students). Called by one rank."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    storage.write_once(storage.join(folder, f"epoch-{state.epoch:05d}.pt"), buffer.getvalue())
+    for old in storage.list_files(folder, ["pt"])[:-KEEP_STATES]:
+        storage.remove(old)
+
+
+def load_state(folder: str) -> Optional[dict]:
+    """The `FitState.state_dict()` of `folder`'s latest `save_state` (weights_only, on the CPU);
+    None when it has none (a fresh start)."""
+    import io
+
+    files = storage.list_files(folder, ["pt"])
+    if not files:
+        return None
+    return torch.load(io.BytesIO(storage.read_bytes(files[-1])), map_location="cpu", weights_only=True)
 
 
 def checkpoint_state(checkpoint) -> dict:

@@ -3,29 +3,28 @@
 The training set is the merged synthetic set of a method (tsgd, sre2l_video, random_real), of
 which each Ray Train worker reads only its own row groups, or, for a method that does not distil
 (`full`), every real training clip from the clip cache. Students learn with the labels of
-`evaluate.labels` and TSGFA (`evaluate.*`) in `training.fit`. Every (method, seed) student is its
-own Ray Train run; the fleet starts them all and trains as many at a time as the cluster holds (`Fleet`), each
-checkpointing every few epochs (a rerun after a lost node resumes it). The evaluation split
+`evaluate.labels` and TSGFA (`evaluate.*`) in `training.fit`. The (method, seed) students of a
+run form one fleet (`tsgd_ray.runtime.fleet`): as many slots as the cluster holds, each slot one
+Ray Train run that trains its students one after another, each student checkpointing every few
+epochs (a restart after a lost worker, or a rerun, resumes it). The evaluation split
 (`data.eval_split`: test, or val for Kinetics and SSv2) is read from the clip cache and never
 seen by teacher or distiller::
 
-    <evaluate_dir>/ray_train/seed-<seed>/  one student's Ray Train run and checkpoints
+    <evaluate_dir>/checkpoints/seed-<seed>/  one student's latest checkpoints
     <evaluate_dir>/seed-00000.json   one seed's top-1/top-5 and loss curve (written when it ends;
                                      a restarted run skips finished seeds)
     <evaluate_dir>/results.json      the marker: per-seed and mean +- std top-1/top-5
+    <output_root>/fleet/<key>/slot-<n>/   the fleet's Ray Train runs
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import statistics
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -36,18 +35,17 @@ from tsgd_ray.config import ConfigError, LabelKind, Method
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import InputSettings
-from tsgd_ray.core.device import reserved_gpus
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
-from tsgd_ray.layout import clip_size, seed_uri
+from tsgd_ray.layout import clip_size, fleet_dir, seed_uri, student_checkpoints
+from tsgd_ray.methods import method_config
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
+from tsgd_ray.runtime.fleet import Fleet, Student
 from tsgd_ray.stages import skeleton
 from tsgd_ray.tracking import live_curve
 
 log = logging.getLogger(__name__)
-
-_SOURCES = threading.Lock()
 
 
 def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module:
@@ -112,25 +110,34 @@ def _test(
     return top1 / max(n, 1), top5 / max(n, 1), int(round(n))
 
 
-def _student_worker(loop_config: dict) -> None:
-    """Ray Train loop of one (method, seed) student: train it, resuming from its run's latest
-    checkpoint (one every few epochs, `ray_train.report_due`), test it on the evaluation clips
-    (and the teacher too, when `loop_config["teacher_too"]`) and write its seed file."""
+def _slot_worker(loop_config: dict) -> None:
+    """Ray Train loop of one fleet slot: its students one after another (`_train_student`); a
+    student whose seed file exists is done (a restart after a lost worker skips it)."""
+    cfg, classes = loop_config["cfg"], loop_config["classes"]
+    rank, world, device = ray_train.worker_setup(cfg.evaluate, "evaluate", cfg.device)
+    teacher = load_teacher(cfg, classes, device)
+    for student in loop_config["students"]:
+        if not storage.exists(seed_uri(student["cfg"], Method(student["method"]), student["seed"])):
+            _train_student(student, teacher, loop_config["source"], classes, rank, world, device)
+
+
+def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes, rank, world, device) -> None:
+    """Train one (method, seed) student, resuming from its latest checkpoint (one every few
+    epochs, `ray_train.report_due`, under `layout.student_checkpoints`), test it on the evaluation
+    clips (and the teacher too, when student["teacher_too"]) and write its seed file."""
     import ray.train
     import ray.train.torch
 
-    cfg, classes, method = loop_config["cfg"], loop_config["classes"], Method(loop_config["method"])
-    source, seed = loop_config["source"], loop_config["seed"]
-    rank, world, device = ray_train.worker_setup(cfg.evaluate, "evaluate", cfg.device)
+    cfg, method, seed = student["cfg"], Method(student["method"]), student["seed"]
     settings = training.StudentSettings.from_config(cfg)
     distils = methods.get(method).distils
     if settings.labels == LabelKind.stored and not distils:
         settings = replace(settings, labels=LabelKind.soft_kl)  # no stored set: the teacher labels online
     per_worker = replace(settings.fit, batch_size=ray_train.per_worker_batch(settings.fit.batch_size, world))
     settings = replace(settings, fit=per_worker)  # evaluate.batch_size is global
-    teacher = load_teacher(cfg, classes, device)
-    student = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
-    resume = ray_train.latest_state()
+    model = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
+    checkpoints = student_checkpoints(cfg, method, seed)
+    resume = ray_train.load_state(checkpoints)
     started = resume["history"][0]["time"] if resume and resume["history"] else time.time()
     history = list(resume["history"]) if resume else []
     progress = Progress(f"evaluate {method.value} seed {seed}", cfg.evaluate.epochs, "epoch")
@@ -148,8 +155,10 @@ def _student_worker(loop_config: dict) -> None:
         if rank == 0:
             progress.update(state.epoch + 1, loss=state.history[-1]["loss"])
         if ray_train.report_due(state.epoch, cfg.evaluate.epochs, steps):
+            if rank == 0:
+                ray_train.save_state(checkpoints, state)
             rows = [h for h in state.history if h["step"] > sent[0]]  # the live curve's new rows
-            ray_train.report({"seed": seed, "started": started, "rows": rows}, state, rank)
+            ray.train.report({"student": student["key"], "started": started, "rows": rows})  # a collective
             sent[0] = state.epoch
 
     worker_seed = seed * world + rank
@@ -158,21 +167,21 @@ def _student_worker(loop_config: dict) -> None:
         heat = mine["heat"].float() / 255 if mine["heat"] is not None else None  # TSGFA's init maps
         stored = (mine["view_params"], mine["logits"]) if mine["view_params"] is not None else None
         training.train_student(
-            student,
+            model,
             teacher,
             mine["clips"],
             mine["labels"],
             settings,
             worker_seed,
             heat=heat,
-            epoch_context=lambda: ray_train.uneven_inputs(student),
+            epoch_context=lambda: ray_train.uneven_inputs(model),
             stored=stored,
             **fit_options,
         )
     else:
-        _fit_on_stream(student, teacher, source, rank, world, settings, worker_seed, device, **fit_options)
-    top1, top5, n = _test(student, source, rank, world, cfg, device)
-    teacher_scores = _test(teacher, source, rank, world, cfg, device) if loop_config["teacher_too"] else None
+        _fit_on_stream(model, teacher, source, rank, world, settings, worker_seed, device, **fit_options)
+    top1, top5, n = _test(model, source, rank, world, cfg, device)
+    teacher_scores = _test(teacher, source, rank, world, cfg, device) if student["teacher_too"] else None
     if rank == 0:
         storage.write_json_once(
             seed_uri(cfg, method, seed),
@@ -232,149 +241,154 @@ def _check_stored(cfg: DictConfig, method: Method) -> None:
         )
 
 
-class Fleet:
-    """The evaluation fleet's room: at most `students` students at once, holding at most `workers`
-    Ray Train workers between them (a student of more workers than that trains alone). Bounding
-    it here, not by Ray's queue, keeps a waiting student from timing out its worker group's start."""
-
-    def __init__(self, students: int, workers: int):
-        self.students, self.workers = students, workers
-        self._busy = [0, 0]  # students, workers
-        self._free = threading.Condition()
-
-    @classmethod
-    def for_config(cls, cfg: DictConfig) -> "Fleet":
-        """Room for evaluate.students_at_once students whatever their workers (Ray, and an
-        autoscaler, place them), or (0) for as many student workers as the cluster's CPUs and GPUs
-        hold now (at least one student). A source decoding live keeps one CPU for Ray Data,
-        whose decode tasks would otherwise wait for ever behind the students."""
-        import ray
-
-        e = cfg.evaluate
-        if e.students_at_once:
-            return cls(int(e.students_at_once), 2**31)
-        have = ray.cluster_resources()
-        fits = [(have.get("CPU", 0) - (0 if cfg.data.clip_cache else 1)) / e.cpus_per_worker]
-        gpus = reserved_gpus(cfg.device, e.gpus_per_worker)
-        if gpus:
-            fits.append(have.get("GPU", 0) / gpus)
-        workers = max(1, int(min(fits) + 1e-9))
-        return cls(workers, workers)
-
-    @contextlib.contextmanager
-    def room(self, workers: int):
-        """Hold room for one student of `workers` workers while inside (waits for it)."""
-        need = min(workers, self.workers)
-        with self._free:
-            self._free.wait_for(lambda: self._busy[0] < self.students and self._busy[1] + need <= self.workers)
-            self._busy[0] += 1
-            self._busy[1] += need
-        try:
-            yield
-        finally:
-            with self._free:
-                self._busy[0] -= 1
-                self._busy[1] -= need
-                self._free.notify_all()
+def _cost(cfg: DictConfig, method: Method, classes: int, train_clips: int, eval_clips: int) -> float:
+    """A student's clips through the model: its epochs over its training clips, then the test."""
+    clips = classes * cfg.distill.ipc if methods.get(method).distils else train_clips
+    return cfg.evaluate.epochs * clips + eval_clips
 
 
-def run_evaluate(cfg: DictConfig, method: Method, tracker=None, fleet: Optional[Fleet] = None) -> dict:
-    """Train and test the students of `method` (cfg: `methods.method_config(cfg, method)`) unless
-    finished; returns the results (see `summarise`). Each seed's student is its own Ray Train run
-    (`<evaluate_dir>/ray_train/seed-<seed>`), all started at once, each training while it has room
-    in `fleet` (shared by the methods of a run; default: `Fleet.for_config`).
+def train_students(
+    cfg: DictConfig, evaluated: Sequence[Method], run_ids: Sequence[Optional[str]] = (), tracker_uri: str = ""
+) -> None:
+    """Train every unfinished (method, seed) student of `evaluated` (their method configs are
+    made from `cfg`) in one evaluation fleet (`runtime.fleet`): as many Ray Train runs at once as
+    the cluster holds, each training its students one after another; each student writes its seed
+    file. run_ids (one per method, or empty): the MLflow runs under which each student's live
+    curve gets a child run "evaluate/<method>/seed-<seed>" (on the MLflow store `tracker_uri`).
+
+    Raises:
+        ConfigError: stored labels asked of a set that holds fewer than evaluate.views.
+    """
+    from ray.train.torch import TorchTrainer
+
+    manifest = read_manifest(shards_root(cfg))
+    classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
+    counts = {name: sum(c.values()) for name, c in manifest["counts"].items()}
+    todo, routes = [], {}
+    for method, run_id in zip(evaluated, run_ids or [None] * len(evaluated)):
+        mcfg = method_config(cfg, method)
+        _check_stored(mcfg, method)
+        for seed in mcfg.evaluate.seeds:
+            key = f"{method.value}/seed-{seed}"
+            if not storage.exists(seed_uri(mcfg, method, seed)):
+                todo.append((key, mcfg, method, seed))
+                if run_id:
+                    routes[key] = (run_id, f"evaluate/{key}")
+    if not todo:
+        return
+    check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
+    streamed = any(not methods.get(method).distils for _, _, method, _ in todo)
+    source = ray_train.ClipSource(cfg, {"eval": split, **({"train": "train"} if streamed else {})}, tested=["eval"])
+    students = {
+        key: {
+            "key": key,
+            "cfg": mcfg,
+            "method": method.value,
+            "seed": seed,
+            "teacher_too": seed == mcfg.evaluate.seeds[0],
+        }
+        for key, mcfg, method, seed in todo
+    }
+    fleet = Fleet.for_config(cfg)
+    slots = fleet.slots(
+        [
+            Student(
+                key,
+                _cost(mcfg, method, len(classes), counts.get("train", 0), counts.get(split, 0)),
+                mcfg.evaluate.num_workers,
+            )
+            for key, mcfg, method, seed in todo
+        ]
+    )
+    folder = fleet_dir(cfg, [seed_uri(mcfg, method, seed) for _, mcfg, method, seed in todo])
+    curve = [live_curve(tracker_uri, step="step", children=routes)] if routes else []
+
+    def train(index: int, slot) -> None:
+        section = students[slot[0].key]["cfg"].evaluate  # the students of a slot share their width
+        log.info("evaluate: slot %d trains %s", index, ", ".join(s.key for s in slot))
+        TorchTrainer(
+            _slot_worker,
+            train_loop_config={
+                "cfg": cfg,
+                "classes": classes,
+                "source": source,
+                "students": [students[s.key] for s in slot],
+            },
+            scaling_config=ray_train.scaling_config(section, cfg.device),
+            torch_config=ray_train.torch_config(section, cfg.device),
+            run_config=ray_train.run_config(folder, f"slot-{index}", cfg.ray.max_failures, curve),
+            datasets=source.datasets,
+            dataset_config=ray_train.data_config(source.datasets),
+        ).fit()
+
+    fleet.run(slots, train)
+
+
+def _report(cfg: DictConfig, method: Method, split: str, tracker, run_id: Optional[str]) -> dict:
+    """The results of `method`'s students (`summarise`), logged under the method's run."""
+    per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
+    results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split, "labels": label_regime(cfg, method)}
+    if tracker:
+        for r in per_seed:
+            name, started = f"evaluate/{method.value}/seed-{r['seed']}", r.get("started")
+            seed_run = tracker.find_child(run_id, name)  # opened live when the seed started
+            if seed_run is None:  # `full` (no per-epoch reports), or a seed of an earlier invocation
+                seed_run = tracker.child(name, parent=run_id, start_time=started)
+                tracker.log_history(seed_run, r["history"])
+            tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
+            tracker.finish(seed_run, end_time=started + r["seconds"] if started else None)
+        tracker.log_metrics(
+            run_id,
+            {
+                k: results[k]
+                for k in ("top1_mean", "top1_std", "top5_mean", "top5_std", "teacher_top1", "teacher_top5")
+                if k in results
+            },
+        )
+    log.info(
+        "evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s",
+        method.value,
+        results["top1_mean"],
+        results["top1_std"],
+        len(per_seed),
+        split,
+    )
+    return results
+
+
+def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], tracker=None) -> list[dict]:
+    """Train and test the students of every method of `evaluated` (each method's config made from
+    `cfg` by `methods.method_config`) unless finished, every student in one fleet
+    (`train_students`); returns each method's results (see `summarise`), in order. Each method is
+    a stage of its own (`evaluate/<method>`: its marker, lease and MLflow run).
 
     Raises:
         ConfigError: the dataset has no data.eval_split split, or stored labels are asked of a set
         that holds fewer than evaluate.views.
     """
     manifest = read_manifest(shards_root(cfg))
-    classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
-
-    seed_name = f"evaluate/{method.value}/seed-{{}}"
-
-    def work(run_id) -> dict:
-        check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
-        _check_stored(cfg, method)
-        splits = {"eval": split, **({"train": "train"} if not methods.get(method).distils else {})}
-        with _SOURCES:  # one thread at a time builds (or finds) a clip cache
-            source = ray_train.ClipSource(cfg, splits, tested=["eval"])
-        curve = [live_curve(tracker.uri, run_id, step="step", child=("seed", seed_name))] if tracker else []
-        room = fleet or Fleet.for_config(cfg)
-
-        def train(seed: int) -> None:
-            from ray.train.torch import TorchTrainer
-
-            trainer = TorchTrainer(
-                _student_worker,
-                train_loop_config={
-                    "cfg": cfg,
-                    "classes": classes,
-                    "method": method.value,
-                    "source": source,
-                    "seed": seed,
-                    "teacher_too": seed == cfg.evaluate.seeds[0],
-                },
-                scaling_config=ray_train.scaling_config(cfg.evaluate, cfg.device),
-                torch_config=ray_train.torch_config(cfg.evaluate, cfg.device),
-                run_config=ray_train.run_config(
-                    storage.join(layout.evaluate_dir(cfg, method), "ray_train"),
-                    f"seed-{seed}",
-                    cfg.ray.max_failures,
-                    curve,
-                ),
-                datasets=source.datasets,
-                dataset_config=ray_train.data_config(source.datasets),
-            )
-            with room.room(cfg.evaluate.num_workers):
-                trainer.fit()
-
-        todo = [s for s in cfg.evaluate.seeds if not storage.exists(seed_uri(cfg, method, s))]
-        pool = ThreadPoolExecutor(max(1, len(todo)), thread_name_prefix=f"evaluate-{method.value}")
-        try:
-            for done in [pool.submit(train, s) for s in todo]:
-                done.result()  # the first failure, once the students before it have ended
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # an interrupt does not wait for the others
-            if tracker:
-                tracker.fail_children(run_id)  # seed runs the live curve opened
-            raise
-        pool.shutdown()
-        per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
-        results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split, "labels": regime}
-        if tracker:
-            for r in per_seed:
-                name, started = seed_name.format(r["seed"]), r.get("started")
-                seed_run = tracker.find_child(run_id, name)  # opened live when the seed started
-                if seed_run is None:  # `full` (no per-epoch reports), or a seed of an earlier invocation
-                    seed_run = tracker.child(name, parent=run_id, start_time=started)
-                    tracker.log_history(seed_run, r["history"])
-                tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
-                tracker.finish(seed_run, end_time=started + r["seconds"] if started else None)
-            tracker.log_metrics(
-                run_id,
-                {
-                    k: results[k]
-                    for k in ("top1_mean", "top1_std", "top5_mean", "top5_std", "teacher_top1", "teacher_top5")
-                    if k in results
-                },
-            )
-        log.info(
-            "evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s",
-            method.value,
-            results["top1_mean"],
-            results["top1_std"],
-            len(per_seed),
-            split,
+    split = eval_split(cfg, manifest["counts"])
+    configs = [method_config(cfg, m) for m in evaluated]
+    specs = [
+        skeleton.StageSpec(
+            f"evaluate/{m.value}", layout.results_uri(c, m), {"method": m.value, "labels": label_regime(c, m)}
         )
-        return results
+        for m, c in zip(evaluated, configs)
+    ]
 
-    regime = label_regime(cfg, method)
-    return skeleton.run_stage(
-        cfg,
-        f"evaluate/{method.value}",
-        layout.results_uri(cfg, method),
-        work,
-        tracker,
-        {"method": method.value, "labels": regime},
-    )
+    def work(todo: list[int], run_ids: list[Optional[str]]) -> list[dict]:
+        try:
+            train_students(cfg, [evaluated[i] for i in todo], run_ids, tracker.uri if tracker else "")
+        except BaseException:
+            if tracker:
+                for run_id in run_ids:
+                    tracker.fail_children(run_id)  # seed runs the live curve opened
+            raise
+        return [_report(configs[i], evaluated[i], split, tracker, run_id) for i, run_id in zip(todo, run_ids)]
+
+    return skeleton.run_stages(cfg, specs, work, tracker)
+
+
+def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
+    """`evaluate_methods` of one method: its results."""
+    return evaluate_methods(cfg, [method], tracker)[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from omegaconf import DictConfig
@@ -23,7 +22,7 @@ from tsgd_ray.data.shards import MANIFEST, eval_split, finished_manifest, read_m
 from tsgd_ray.methods import method_config
 from tsgd_ray.plan import make_plan, render
 from tsgd_ray.stages.distill import run_distill
-from tsgd_ray.stages.evaluate import Fleet, run_evaluate
+from tsgd_ray.stages.evaluate import evaluate_methods, run_evaluate
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import run_merge
 from tsgd_ray.stages.prepare import decode_once, run_prepare
@@ -102,7 +101,7 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
             tracker.set_tags(tracker.run_id, {"teacher_sha256": marker["sha256"]})
     for method in methods_of(cfg):
         run_method(cfg, method, [s for s in stages if s != "evaluate"], tracker)
-    results = evaluate_fleet(cfg, methods_of(cfg), tracker) if "evaluate" in stages else []
+    results = evaluate_methods(cfg, methods_of(cfg), tracker) if "evaluate" in stages else []
     if tracker and results:
         for method, result in zip(methods_of(cfg), results):
             tracker.log_metrics(
@@ -127,22 +126,6 @@ def run_method(cfg: DictConfig, method: Method, stages=STAGES, tracker=None) -> 
             if stage in stages:
                 run(method_cfg, tracker)
     return run_evaluate(method_cfg, method, tracker) if "evaluate" in stages else None
-
-
-def evaluate_fleet(cfg: DictConfig, evaluated: list[Method], tracker=None) -> list[dict]:
-    """Evaluate every method of `evaluated` at once, their students sharing one `Fleet` (every
-    (method, seed) student its own Ray Train run); returns the results in the order of
-    `evaluated`, once every method has ended (the first failure raised)."""
-    fleet = Fleet.for_config(cfg)
-    pool = ThreadPoolExecutor(max(1, len(evaluated)), thread_name_prefix="evaluate")
-    try:
-        futures = [pool.submit(run_evaluate, method_config(cfg, m), m, tracker, fleet) for m in evaluated]
-        results = [f.result() for f in futures]
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    return results
 
 
 def results_rows(results: list[dict]) -> list[dict]:

@@ -1,0 +1,117 @@
+"""The evaluation fleet: students queued onto slots, each slot one Ray Train run that trains its
+students one after another.
+
+Ray Train's start (controller, worker group, placement group: about 14 s on a small machine) is
+paid once per slot instead of once per student. The fleet holds as many slots at once as the room
+allows (`Fleet.for_config`); students of one width (Ray Train workers) share slots, longest first
+onto the least loaded slot, so the slots end about together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig
+
+from tsgd_ray.core.device import reserved_gpus
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student of the fleet: `key` (unique, e.g. "tsgd/seed-0"), its relative training `cost`
+    (clips through the model; balances the slots) and the Ray Train `workers` it trains on."""
+
+    key: str
+    cost: float
+    workers: int
+
+
+def assign(costs: Sequence[float], slots: int) -> list[list[int]]:
+    """Indices of `costs` split into `slots` lists: longest first onto the least loaded slot (ties:
+    the lower index), each list in the order it was filled. Deterministic."""
+    loads, out = [0.0] * slots, [[] for _ in range(slots)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(slots), key=lambda s: (loads[s], s))
+        out[slot].append(i)
+        loads[slot] += costs[i]
+    return [s for s in out if s]
+
+
+class Fleet:
+    """The room of the evaluation fleet: at most `students` slots training at once, holding at most
+    `workers` Ray Train workers between them (a slot of more workers than that trains alone).
+    Bounding it here, not by Ray's queue, keeps a waiting slot from timing out its worker group's
+    start."""
+
+    def __init__(self, students: int, workers: int):
+        self.students, self.workers = students, workers
+        self._busy = [0, 0]  # slots, workers
+        self._free = threading.Condition()
+
+    @classmethod
+    def for_config(cls, cfg: DictConfig) -> "Fleet":
+        """Room for evaluate.students_at_once slots whatever their workers (Ray, and an
+        autoscaler, place them), or (0) for as many student workers as the cluster's CPUs and GPUs
+        hold now (at least one). A source decoding live keeps one CPU for Ray Data, whose decode
+        tasks would otherwise wait for ever behind the students."""
+        import ray
+
+        e = cfg.evaluate
+        if e.students_at_once:
+            return cls(int(e.students_at_once), 2**31)
+        have = ray.cluster_resources()
+        fits = [(have.get("CPU", 0) - (0 if cfg.data.clip_cache else 1)) / e.cpus_per_worker]
+        gpus = reserved_gpus(cfg.device, e.gpus_per_worker)
+        if gpus:
+            fits.append(have.get("GPU", 0) / gpus)
+        workers = max(1, int(min(fits) + 1e-9))
+        return cls(workers, workers)
+
+    @contextlib.contextmanager
+    def room(self, workers: int):
+        """Hold room for one slot of `workers` workers while inside (waits for it)."""
+        need = min(workers, self.workers)
+        with self._free:
+            self._free.wait_for(lambda: self._busy[0] < self.students and self._busy[1] + need <= self.workers)
+            self._busy[0] += 1
+            self._busy[1] += need
+        try:
+            yield
+        finally:
+            with self._free:
+                self._busy[0] -= 1
+                self._busy[1] -= need
+                self._free.notify_all()
+
+    def slots(self, students: Sequence[Student]) -> list[list[Student]]:
+        """`students` as slots: per width, as many slots as the room trains at once (at most one
+        per student), filled by `assign`; widths in the order they first appear."""
+        out = []
+        for workers in dict.fromkeys(s.workers for s in students):
+            group = [s for s in students if s.workers == workers]
+            width = min(len(group), self.students, max(1, self.workers // workers))
+            out += [[group[i] for i in slot] for slot in assign([s.cost for s in group], width)]
+        return out
+
+    def run(self, slots: Sequence[Sequence[Student]], train: Callable[[int, Sequence[Student]], None]) -> None:
+        """train(index, slot) for every slot, each in a thread of its own while it has room; returns
+        when all have ended, raising the first failure (an interrupt does not wait for the others)."""
+        if not slots:
+            return
+
+        def one(index: int) -> None:
+            with self.room(max(s.workers for s in slots[index])):
+                train(index, slots[index])
+
+        pool = ThreadPoolExecutor(len(slots), thread_name_prefix="fleet-slot")
+        try:
+            for done in [pool.submit(one, i) for i in range(len(slots))]:
+                done.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
