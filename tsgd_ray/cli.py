@@ -33,11 +33,10 @@ def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
     """Catalog the dataset, write its shards and manifest, and decode its clips once (the clip caches)."""
     from tsgd_ray.data import clip_cache
     from tsgd_ray.data.shards import shards_root
-    from tsgd_ray.runtime.cluster import init_ray
+    from tsgd_ray.runtime.cluster import ray_for
     from tsgd_ray.stages.prepare import decode_once, run_prepare
 
-    with Console(cfg.storage.output_root, "prepare", verbose):
-        init_ray(cfg, verbose)
+    with Console(cfg.storage.output_root, "prepare", verbose), ray_for(cfg, verbose):
         manifest = run_prepare(cfg)
         caches = decode_once(cfg)
         counts = {split: sum(c.values()) for split, c in manifest["counts"].items()}
@@ -58,7 +57,7 @@ def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
 
 def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: bool) -> int:
     from tsgd_ray.plan import make_plan, render
-    from tsgd_ray.runtime.cluster import init_ray
+    from tsgd_ray.runtime.cluster import ray_for
     from tsgd_ray.stages.pipeline import preflight, results_table, run_stages
     from tsgd_ray.tracking import Tracker
 
@@ -67,8 +66,7 @@ def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: boo
         plan = render(make_plan(cfg)).splitlines()  # before the spend (`tsgd-ray plan` prints the same)
         logging.getLogger("plan").info("%s", "\n".join(plan))  # the log file only
         log.info("%s", plan[-1])
-        init_ray(cfg, verbose)
-        with Tracker(cfg, command) as tracker:
+        with ray_for(cfg, verbose), Tracker(cfg, command) as tracker:
             results = run_stages(cfg, stages, tracker, catalog)
         if results:
             echo(results_table(results))

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
@@ -47,10 +48,16 @@ class _Console(logging.Filter):
         return record.name.startswith("tsgd_ray") or record.levelno >= logging.ERROR
 
 
+#: Ray's colour codes and the suffix of its deduplicated lines: "... [repeated 2x across cluster]"
+_RAY_DECORATION = re.compile(r"\x1b\[[0-9;]*m|\s*\[repeated \d+x across cluster\]")
+
+
 class _Tee(io.TextIOBase):
     """A stdout/stderr stand-in: every line to the log file, some to the real stream."""
 
-    shown = ""  # the last line shown, on either stream
+    # lines shown lately, on either stream: Ray forwards a Ray Train worker's print twice (its
+    # stdout, and Ray Train's log of it on stderr), the second time maybe later, as "[repeated]"
+    shown: collections.deque = collections.deque(maxlen=64)
 
     def __init__(self, real: TextIO, log: TextIO, verbose: bool):
         self.real, self.log, self.verbose = real, log, verbose
@@ -66,9 +73,10 @@ class _Tee(io.TextIOBase):
         for line in lines:
             if not closed:
                 self.log.write(line + "\n")
-            if (closed or self.verbose or MARKER in line or _SHOW.search(line)) and line != _Tee.shown:
+            plain = _RAY_DECORATION.sub("", line)
+            if (closed or self.verbose or MARKER in line or _SHOW.search(line)) and plain not in _Tee.shown:
                 self.real.write(line + "\n")
-                _Tee.shown = line  # Ray may forward a worker's line twice, on stdout and stderr
+                _Tee.shown.append(plain)
         self.flush()
         return len(text)
 

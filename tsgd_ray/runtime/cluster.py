@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 from omegaconf import DictConfig
 
@@ -63,6 +65,22 @@ def init_ray(cfg: DictConfig, verbose: bool = False) -> None:
 
     DataContext.get_current().enable_progress_bars = verbose
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def ray_for(cfg: DictConfig, verbose: bool = False) -> Iterator[None]:
+    """`init_ray` for the inside of a command, and a local Ray this started shut down at the end:
+    inside the command's `Console`, Ray's last forwarded worker lines land in its log file, not on
+    the screen after the results. A Ray that was running already (a test's, a job's) is kept."""
+    import ray
+
+    started = not ray.is_initialized()
+    init_ray(cfg, verbose)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def check_gpus(cfg: DictConfig, key: str, gpus: float) -> None:
