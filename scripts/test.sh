@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, fill the real-footage cache (tests that need it skip if that fails), run the test suite.
+# Set up, fill the real-footage cache (tests that need it skip if that fails), run the tests: CI's
+# tier by default, the full tier with --all (any other arguments go to pytest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh || exit 1

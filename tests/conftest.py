@@ -1,9 +1,13 @@
 """Shared fixtures: a loopback S3 server (moto), one small local Ray, real encoded videos.
 
-Ray in tests: 2 CPUs, a 512 MiB object store, no dashboard, token auth off, its temp dir inside
-the workspace (.cache/ray), started once per session by the first test that asks for it. Every
-test has a timeout (pyproject: pytest-timeout) because an actor pool that takes every CPU
-deadlocks silently.
+Ray in tests: 2 CPUs, a 512 MiB object store, no dashboard, token auth off, Ray Train's health
+check polled as production polls it, its temp dir inside the workspace (.cache/ray), started once
+per session by the first test that asks for it. Every test has a timeout (pyproject:
+pytest-timeout) because an actor pool that takes every CPU deadlocks silently.
+
+Two tiers: CI's (the default) and the full one (`--all`, or `bash scripts/test.sh --all`), which
+adds the tests marked `full`. The built-in videos of `tiny_config` are generated once per session
+(a shared cache root), not once per test.
 """
 
 from __future__ import annotations
@@ -23,6 +27,31 @@ BUCKET = "tsgd-test"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no ~/.ray/auth_token for the test instances
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", default=False, help="the full tier: also the tests marked full")
+
+
+def pytest_collection_modifyitems(config, items):
+    """CI's tier leaves out the tests marked `full` (deselected, so they are not counted as skipped)."""
+    if config.getoption("--all"):
+        return
+    left_out = [item for item in items if item.get_closest_marker("full")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
+
+
+#: the built-in videos of every `tiny_config`, generated once per session (set by `_shared_videos`)
+SHARED = {"cache_root": ""}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_videos(tmp_path_factory):
+    SHARED["cache_root"] = str(tmp_path_factory.mktemp("videos"))
+    yield
+    SHARED["cache_root"] = ""
 
 
 def free_port() -> int:
@@ -86,6 +115,8 @@ def ray_session(s3_server):
     declares one GPU that torch here cannot use, as a GPU node with a CPU-only torch would be."""
     import ray
 
+    from tsgd_ray.runtime.cluster import TRAIN_POLL
+
     temp_dir = REPO / ".cache" / "ray"
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray.init(
@@ -96,6 +127,7 @@ def ray_session(s3_server):
         include_dashboard=False,
         _temp_dir=str(temp_dir),
         log_to_driver=False,
+        runtime_env={"env_vars": dict([TRAIN_POLL])},  # as `init_ray` sets it for a local Ray
     )
     from ray.data import DataContext
 
@@ -104,13 +136,105 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def prepared(ray_session, tmp_path_factory):
+    """`prepared(cfg)` gives cfg's output root a copy of a prepared root for its data settings and
+    seed (shards, and the clip caches of the training and evaluation splits), prepared once per
+    session: for the tests that only need prepared data (prepare's and the clip cache's own tests
+    prepare from scratch)."""
+    import json
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from tsgd_ray import storage
+    from tsgd_ray.config import to_dict
+    from tsgd_ray.data.shards import shards_root
+    from tsgd_ray.stages.prepare import decode_once, run_prepare
+
+    roots: dict[str, Path] = {}
+
+    def copy(cfg) -> None:
+        out = Path(storage.absolute(cfg.storage.output_root))
+        assert shards_root(cfg) == str(out / "shards"), "prepared() copies shards under the output root"
+        data = {k: v for k, v in to_dict(cfg)["data"].items() if k != "shards"}
+        key = json.dumps({"seed": cfg.seed, "data": data}, sort_keys=True)
+        if key not in roots:
+            root = tmp_path_factory.mktemp("prepared")
+            source = OmegaConf.merge(
+                cfg, {"storage": {"output_root": str(root)}, "data": {"shards": str(root / "shards")}}
+            )
+            run_prepare(source)
+            decode_once(source)
+            roots[key] = root
+        for part in ("shards", "clips"):
+            shutil.copytree(roots[key] / part, out / part, dirs_exist_ok=True)
+
+    return copy
+
+
+#: the shared finished run's settings (`finished_run`): a small built-in set, every stage in seconds
+SMALL_RUN = (
+    "data.builtin.train_per_class=4",
+    "data.builtin.test_per_class=2",
+    "data.num_frames=8",
+    "data.height=32",
+    "data.width=32",
+    "teacher.epochs=2",
+    "teacher.width=8",
+    "teacher.depth=2",
+    "distill.ipc=2",
+    "distill.iterations=20",
+    "evaluate.epochs=2",
+    "evaluate.seeds=[0,1]",
+    "evaluate.baselines=[random_real,full]",
+)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """`tsgd-ray run default SMALL_RUN...` as a user starts it (a fresh process with its own local
+    Ray), then the same with one key changed (tsgf.enabled=false) in the same output root, once
+    per session; returns (output root, the first run's console text). Tests read it, never write
+    it: one that changes it works on a copy."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("finished-run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
+    env["RAY_AUTH_MODE"] = "disabled"
+    consoles = []
+    for changed in ([], ["tsgf.enabled=false"]):
+        out = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("tsgd-ray")),
+                "run",
+                "default",
+                f"storage.output_root={root}",
+                f"ray.temp_dir={REPO / '.cache' / f'ray-run-{os.getpid()}'}",
+                *SMALL_RUN,
+                *changed,
+            ],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        consoles.append(out.stdout + out.stderr)
+    return root, consoles[0]
+
+
 def tiny_config(output_root: str | Path, *overrides: str):
-    """A config for tests: small built-in dataset, small clips, output under `output_root`, on the
-    CPU (a GPU test says device=auto or cuda)."""
+    """A config for tests: small built-in dataset, small clips, output under `output_root` (the
+    built-in videos in the session's shared cache root), on the CPU (a GPU test says device=auto
+    or cuda)."""
     return load_config(
         None,
         [
             f"storage.output_root={output_root}",
+            *([f"storage.cache_root={SHARED['cache_root']}"] if SHARED["cache_root"] else []),
             "device=cpu",
             "data.builtin.train_per_class=4",
             "data.builtin.test_per_class=2",

@@ -145,14 +145,13 @@ def test_a_user_error_raised_anywhere_in_ray_is_found_as_the_original(ray_sessio
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(ray_session, tmp_path, capsys):
+def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(prepared, tmp_path, capsys):
     from support.stage_helpers import imported_config, teacher_file
 
     from tsgd_ray.layout import stats_dir, teacher_uri
-    from tsgd_ray.stages.prepare import run_prepare
 
     cfg = imported_config(tmp_path / "out", teacher_file(tmp_path / "teacher"))
-    run_prepare(cfg)
+    prepared(cfg)
     path = tmp_path / "tiny.yaml"
     path.write_text(to_yaml(cfg))
     missing = tmp_path / "missing.pt"

@@ -15,6 +15,7 @@ TARGET = re.compile(r"^target (\S+): (\S+) \(goal (<=|>=|<|>) (\S+)\) (met|NOT m
 
 
 @pytest.mark.timeout(1500)  # about 4 min on an idle 2-core machine
+@pytest.mark.full  # gpu.py --dry's whole run
 def test_the_gpu_benchmark_runs_every_part_on_the_cpu(tmp_path):
     out = tmp_path / "calibration.json"
     run = subprocess.run(

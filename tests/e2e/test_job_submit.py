@@ -1,9 +1,10 @@
-"""`ray job submit` against a real head node started with `ray start --head` on loopback."""
+"""`ray job submit` against a real head node started with `ray start --head` on loopback, over a
+copy of the session's finished run: the job finds the finished stages and trains new students."""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, SMALL_RUN, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
@@ -63,18 +64,21 @@ def head_node(tmp_path):
     yield address, client, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
 
 
-def test_pipeline_submitted_as_a_ray_job(head_node, tmp_path):
+def test_pipeline_submitted_as_a_ray_job(head_node, finished_run, tmp_path):
+    """The README's `ray job submit` of jobs/run.py over a copy of a finished run with one more
+    seed: every stage up to merge is found finished, and the job's fleet trains the new students."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus
 
     address, client, env = head_node
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    shutil.copytree(finished_run[0], out, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "logs"))
     command = [
         str(BIN / "ray"),
         "job",
@@ -93,18 +97,8 @@ def test_pipeline_submitted_as_a_ray_job(head_node, tmp_path):
         f"storage.output_root={out}",
         f"tracking.tracking_uri=sqlite:///{db}",
         "tracking.experiment=submitted",
-        "data.builtin.train_per_class=4",
-        "data.builtin.test_per_class=2",
-        "data.shard_target_mb=0.05",
-        "teacher.width=8",
-        "teacher.depth=2",
-        "teacher.epochs=2",
-        "teacher.cpus_per_worker=1",
-        "distill.iterations=5",
-        "evaluate.epochs=2",
-        "evaluate.seeds=[0]",
-        "evaluate.cpus_per_worker=1",
-        "evaluate.baselines=[random_real]",
+        *SMALL_RUN,
+        "evaluate.seeds=[2]",
     ]
     for _ in range(30):  # the job agent comes up a few seconds after the dashboard
         submit = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -119,13 +113,12 @@ def test_pipeline_submitted_as_a_ray_job(head_node, tmp_path):
         time.sleep(2)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "| tsgd | 1 |" in logs and "| random_real | 1 |" in logs and "MLflow: sqlite:///" in logs
+    assert "| tsgd | 2 |" in logs and "| random_real | 2 |" in logs and "MLflow: sqlite:///" in logs
+    assert "teacher: finished at" in logs and "merge: finished at" in logs  # found, not redone
+    assert len(list(out.glob("evaluate/*/seed-00002.json"))) == 3  # tsgd, random_real, full: trained in the job
 
-    manifests = list(out.glob("distill/*/synthetic/manifest.json"))
-    assert len(manifests) == 2
-    assert all(json.loads(m.read_text())["num_videos"] == 8 for m in manifests)
     mlflow = MlflowClient(f"sqlite:///{db}")
     experiment = mlflow.get_experiment_by_name("submitted")
     parents = [r for r in mlflow.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert "tsgd/top1_mean" in parents[0].data.metrics and parents[0].data.params["distill.ipc"] == "1"
+    assert "tsgd/top1_mean" in parents[0].data.metrics and parents[0].data.params["distill.ipc"] == "2"

@@ -54,6 +54,7 @@ def test_doctor_fails_with_the_fix_where_a_gpu_node_has_a_cpu_only_torch(ray_ses
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.full  # a 3-node cluster
 def test_doctor_checks_every_node_of_a_cluster(tmp_path):
     """A 3-node cluster (its own process: one Ray per process): every node answers for itself, and
     the node whose declared GPU torch cannot use is the one that fails."""

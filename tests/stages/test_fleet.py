@@ -20,7 +20,6 @@ from tsgd_ray.methods import method_config
 from tsgd_ray.runtime.fleet import Fleet, Student, assign
 from tsgd_ray.stages.evaluate import run_evaluate
 from tsgd_ray.stages.pipeline import STAGES, run_method
-from tsgd_ray.stages.prepare import run_prepare
 from tsgd_ray.stages.teacher import run_teacher
 
 pytestmark = pytest.mark.ray
@@ -89,7 +88,7 @@ def _kill_a_worker_after_a_checkpoint(cfg, killed: list, stop: threading.Event) 
 
 
 @pytest.mark.timeout(600)
-def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(ray_session, tmp_path):
+def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(prepared, tmp_path):
     teacher = teacher_file(tmp_path / "teacher", THREE)
 
     def config(*extra):
@@ -108,7 +107,7 @@ def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(ray
         )
 
     cfg = config()
-    run_prepare(cfg)
+    prepared(cfg)
     run_teacher(cfg)
     run_method(cfg, Method.random_real, [s for s in STAGES if s != "evaluate"])
     folder = Path(storage.absolute(layout.evaluate_dir(cfg, Method.random_real)))

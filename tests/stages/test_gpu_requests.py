@@ -13,7 +13,6 @@ from tsgd_ray.cli import run_command
 from tsgd_ray.config import to_yaml
 from tsgd_ray.core.device import DeviceError, resolve_device
 from tsgd_ray.layout import teacher_uri
-from tsgd_ray.stages.prepare import run_prepare
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
 
@@ -29,7 +28,7 @@ def test_a_gpu_request_without_cuda_is_an_error_naming_the_key():
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, tmp_path, capsys):
+def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(prepared, tmp_path, capsys):
     """The test session's Ray declares a GPU that this machine's CPU-only torch cannot use."""
     import ray
 
@@ -37,7 +36,7 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(ray_session, t
 
     teacher = teacher_file(tmp_path / "teacher")
     cfg = imported_config(tmp_path / "out", teacher)
-    run_prepare(cfg)
+    prepared(cfg)
     run_teacher(cfg)
     with pytest.raises(DeviceError, match="stats.gpus_per_actor=1"):
         run_stats(imported_config(tmp_path / "out", teacher, "device=auto", "stats.gpus_per_actor=1"))

@@ -9,7 +9,6 @@ from support.stage_helpers import imported_config, teacher_file
 from tsgd_ray import methods
 from tsgd_ray.config import Method
 from tsgd_ray.stages.pipeline import run_method
-from tsgd_ray.stages.prepare import run_prepare
 from tsgd_ray.stages.teacher import run_teacher
 
 pytestmark = pytest.mark.ray
@@ -27,9 +26,9 @@ def three_class_teacher(tmp_path_factory):
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("method", methods.registered(), ids=lambda m: m.value)
-def test_every_registered_method_runs_end_to_end(ray_session, tmp_path, three_class_teacher, method):
+def test_every_registered_method_runs_end_to_end(prepared, tmp_path, three_class_teacher, method):
     cfg = imported_config(tmp_path / "out", three_class_teacher, THREE, "distill.iterations=5")
-    run_prepare(cfg)
+    prepared(cfg)
     run_teacher(cfg)
     result = run_method(cfg, method)
     assert result["method"] == method.value and result["seeds"] == [0]
@@ -38,7 +37,7 @@ def test_every_registered_method_runs_end_to_end(ray_session, tmp_path, three_cl
 
 
 @pytest.mark.timeout(300)  # the reproduction hung for ever: reports sat inside DDP's join
-def test_two_students_finish_when_their_rows_split_into_uneven_batches(ray_session, tmp_path, three_class_teacher):
+def test_two_students_finish_when_their_rows_split_into_uneven_batches(prepared, tmp_path, three_class_teacher):
     """9 synthetic rows on 2 workers: 5 and 4 rows, per-worker batches of 4, so one rank takes two
     steps per epoch and the other one; live-curve reports (a collective) come every epoch."""
     cfg = imported_config(
@@ -52,14 +51,14 @@ def test_two_students_finish_when_their_rows_split_into_uneven_batches(ray_sessi
         "evaluate.batch_size=8",
         "evaluate.epochs=3",
     )
-    run_prepare(cfg)
+    prepared(cfg)
     run_teacher(cfg)
     result = run_method(cfg, Method.tsgd)
     assert result["test_clips"] == 3 * 2 and len(result["top1"]) == 1
 
 
 @pytest.mark.timeout(600)
-def test_each_label_regime_is_one_switch(ray_session, tmp_path, three_class_teacher):
+def test_each_label_regime_is_one_switch(prepared, tmp_path, three_class_teacher):
     """One distilled set, students under stored labels (no teacher) and hard labels; `full` has no
     stored set and is labelled online; the regime is in the results and on the MLflow run."""
     from tsgd_ray.config import ConfigError
@@ -68,7 +67,7 @@ def test_each_label_regime_is_one_switch(ray_session, tmp_path, three_class_teac
 
     base = [THREE, "distill.iterations=5", "distill.labels.views=4"]
     stored = imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=stored", "evaluate.views=4")
-    run_prepare(stored)
+    prepared(stored)
     run_teacher(stored)
     assert run_method(stored, Method.tsgd)["labels"] == "stored(K=4)"
     assert label_regime(stored, Method.full) == "online(soft_kl)"  # no stored set: labelled online

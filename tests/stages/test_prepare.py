@@ -120,6 +120,7 @@ def test_prepare_transcodes_to_the_short_side(tmp_path, ray_session):
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.full  # a scale test
 def test_prepare_streams_a_dataset_far_larger_than_the_object_store(tmp_path):
     """200 MB of video through a Ray whose object store holds 80 MB, in its own process."""
     big = write_video(tmp_path / "big.mp4", num_frames=48, height=240, width=320)  # noise: hard to compress

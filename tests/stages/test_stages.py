@@ -9,12 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from support.stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.artifacts import load_teacher, read_init, read_statistics, read_synthetic
-from tsgd_ray.config import ConfigError
+from tsgd_ray.config import ConfigError, load_config
 from tsgd_ray.core import augment, packing, selection, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
 from tsgd_ray.core.clips import InputSettings, to_model_input
@@ -25,14 +24,14 @@ from tsgd_ray.data.catalogs import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_view, probe
 from tsgd_ray.layout import partition_marker_uri
+from tsgd_ray.methods import method_config
 from tsgd_ray.stages.distill import run_distill
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import MergeError, run_merge
-from tsgd_ray.stages.pipeline import results_table, run_stages
-from tsgd_ray.stages.prepare import run_prepare
+from tsgd_ray.stages.pipeline import methods_of, results_table
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
-from tsgd_ray.tracking import Tracker, compare_runs
+from tsgd_ray.tracking import compare_runs
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -47,7 +46,7 @@ def teacher_path(tmp_path_factory):
     return teacher_file(tmp_path_factory.mktemp("teacher"))
 
 
-def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teacher_path):
+def test_stats_and_distill_match_the_in_process_core(prepared, tmp_path, teacher_path):
     cfg = imported_config(
         tmp_path / "out",
         teacher_path,
@@ -57,7 +56,7 @@ def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teac
         "stats.cpus_per_actor=0.5",
         "stats.batch_size=3",
     )
-    run_prepare(cfg)
+    prepared(cfg)
     assert run_teacher(cfg)["source"] == "imported"
     marker = run_stats(cfg)
     run_init(cfg)
@@ -112,10 +111,10 @@ def test_stats_and_distill_match_the_in_process_core(ray_session, tmp_path, teac
     assert len(halves[0]["labels"]) == len(halves[1]["labels"]) == len(synthetic["labels"]) // 2
 
 
-def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_path):
+def test_statistics_are_shared_by_an_ipc_sweep(prepared, tmp_path, teacher_path):
     one = imported_config(tmp_path / "out", teacher_path, "distill.ipc=1")
     three = imported_config(tmp_path / "out", teacher_path, "distill.ipc=3", "distill.init=lowest_loss")
-    run_prepare(one)
+    prepared(one)
     run_teacher(one)
     assert layout.stats_dir(one) == layout.stats_dir(three) and layout.init_dir(one) != layout.init_dir(three)
     first = run_stats(one)
@@ -149,7 +148,7 @@ def test_statistics_are_shared_by_an_ipc_sweep(ray_session, tmp_path, teacher_pa
     assert read_statistics(viewed) != read_statistics(one)
 
 
-def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(ray_session, tmp_path, teacher_path):
+def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(prepared, tmp_path, teacher_path):
     """distill.pack: init takes 4 x ipc clips per class (the folder an unpacked run at 4 x ipc
     uses), and each synthetic video starts as the 2 x 2 tile of four of them where the teacher's
     probability of the class on the tile reaches distill.pack_confidence, else as the first."""
@@ -158,7 +157,7 @@ def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(ray_sessio
     assert layout.init_dir(probe_cfg) == layout.init_dir(
         imported_config(tmp_path / "out", teacher_path, "distill.ipc=4")
     )
-    run_prepare(probe_cfg)
+    prepared(probe_cfg)
     run_teacher(probe_cfg)
     run_stats(probe_cfg)
     assert run_init(probe_cfg)["per_class"] == 4
@@ -186,7 +185,7 @@ def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(ray_sessio
         assert (synthetic["clips"][c].int() - expected.int()).abs().max() <= 1  # a float round trip, no steps
 
 
-def test_multi_view_init_starts_from_the_chosen_view_of_each_clip(ray_session, tmp_path, teacher_path):
+def test_multi_view_init_starts_from_the_chosen_view_of_each_clip(prepared, tmp_path, teacher_path):
     """stats.init_views: lowest_loss (RDED-style) ranks clips by their best view's loss, and
     motion_window keeps real's videos, each from its view of the largest window score; the init
     clip is that view decoded again."""
@@ -195,7 +194,7 @@ def test_multi_view_init_starts_from_the_chosen_view_of_each_clip(ray_session, t
     cfg = imported_config(
         tmp_path / "out", teacher_path, "distill.ipc=2", "distill.init=lowest_loss", "stats.init_views=4"
     )
-    run_prepare(cfg)
+    prepared(cfg)
     run_teacher(cfg)
     stats = run_stats(cfg)
     init_marker = run_init(cfg)
@@ -277,9 +276,9 @@ def test_multi_view_init_starts_from_the_chosen_view_of_each_clip(ray_session, t
         assert all(torch.equal(chosen[i], views[window[l], l]) for i, l in enumerate(rows))
 
 
-def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, tmp_path, teacher_path):
+def test_reruns_skip_finished_work_and_merge_names_missing_classes(prepared, tmp_path, teacher_path):
     cfg = imported_config(tmp_path / "out", teacher_path)
-    run_prepare(cfg)
+    prepared(cfg)
     run_teacher(cfg)
     run_stats(cfg)
     run_init(cfg)
@@ -301,12 +300,12 @@ def test_reruns_skip_finished_work_and_merge_names_missing_classes(ray_session, 
     assert frames.num_frames == cfg.data.num_frames and frames.width >= 2 * 64
 
 
-def test_imported_teacher_with_another_class_map_is_refused(ray_session, tmp_path, teacher_path):
+def test_imported_teacher_with_another_class_map_is_refused(prepared, tmp_path, teacher_path):
     from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
     from tsgd_ray.stages.teacher import new_teacher
 
     cfg = imported_config(tmp_path / "out", teacher_path)
-    run_prepare(cfg)
+    prepared(cfg)
     names = load_split(cfg, "test")[2]
     model = load_checkpoint(new_teacher(cfg, len(names)), teacher_path.read_bytes(), names)
     swapped = tmp_path / "swapped.pt"
@@ -317,84 +316,62 @@ def test_imported_teacher_with_another_class_map_is_refused(ray_session, tmp_pat
     assert [f for f in storage.list_files(str(tmp_path / "out" / "teacher")) if "/_lease/" not in f] == []
 
 
-def test_pipeline_with_ray_train_and_mlflow_then_one_key_changed(ray_session, tmp_path):
-    """The whole pipeline (Ray Train teacher and students, `full` streamed), its MLflow runs, and a
-    second run differing only in tsgf.enabled: it reuses the teacher and statistics, and the two
-    parent runs are found by search_runs and carry the same metric names."""
+def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finished_run, tmp_path):
+    """The session's finished run (the whole pipeline: a Ray Train teacher and students, `full`
+    streamed, MLflow) and its second invocation differing only in tsgf.enabled: it reused the
+    teacher and statistics, and the two parent runs are found by search_runs, carry the same
+    metric names and compare side by side."""
+    from conftest import SMALL_RUN
     from mlflow.tracking import MlflowClient
 
-    common = [
-        "teacher.width=8",
-        "teacher.depth=2",
-        "teacher.epochs=2",
-        "teacher.cpus_per_worker=1",
-        "distill.iterations=5",
-        "evaluate.epochs=2",
-        "evaluate.seeds=[0,1]",
-        "evaluate.cpus_per_worker=1",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        "tracking.experiment=stages",
-    ]
-    cfg = tiny_config(tmp_path / "out", *common, "evaluate.baselines=[random_real,full]")
-    with Tracker(cfg, "run") as tracker:
-        results = run_stages(cfg, tracker=tracker)
+    root, _ = finished_run
+    cfg = load_config("default", [f"storage.output_root={root}", *SMALL_RUN])
+    off = load_config("default", [f"storage.output_root={root}", *SMALL_RUN, "tsgf.enabled=false"])
+    assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
+    results = [storage.read_json(layout.results_uri(method_config(cfg, m), m)) for m in methods_of(cfg)]
     assert [r["method"] for r in results] == ["tsgd", "random_real", "full"]
     for r in results:
         assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
         assert r["test_clips"] == 16
     table = results_table(results)
-    assert "| tsgd | 1 |" in table and "| full | all |" in table
+    assert "| tsgd | 2 |" in table and "| full | all |" in table
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    parent = client.get_run(tracker.run_id)
-    assert parent.data.params["tsgf.enabled"] == "True" and parent.data.tags["git_commit"]
-    assert parent.data.tags["dataset_manifest_sha256"] and parent.data.tags["teacher_sha256"]
-    plan = client.download_artifacts(tracker.run_id, "plan.txt", str(tmp_path))  # the plan, with the manifest's counts
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.command = 'run' and attributes.status = 'FINISHED'")
+    by_flag = {r.data.params["tsgf.enabled"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(by_flag) == {"True", "False"}
+    parent = by_flag["True"]
+    assert parent.data.tags["git_commit"] and parent.data.tags["dataset_manifest_sha256"]
+    assert parent.data.tags["teacher_sha256"]
+    plan = client.download_artifacts(parent.info.run_id, "plan.txt", str(tmp_path))  # with the manifest's counts
     assert open(plan).read().startswith("plan: 32 train / 16 eval videos, 8 classes (from the shard manifest)")
-    children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
-    assert stages == sorted(
-        [
-            "teacher",
-            "stats",
-            "init",
-            "distill",
-            "merge",
-            "distill",
-            "merge",
-            "evaluate/tsgd",
-            "evaluate/random_real",
-            "evaluate/full",
-        ]
-    )
-    teacher_run = next(r for r in children if r.data.tags["stage"] == "teacher")
-    assert [m.step for m in client.get_metric_history(teacher_run.info.run_id, "loss")] == [0, 1]
+    expected = ["teacher", "stats", "init", "distill", "merge", "distill", "merge"]
+    assert stages == sorted([*expected, "evaluate/tsgd", "evaluate/random_real", "evaluate/full"])
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
     assert len(client.get_metric_history(distill_run.info.run_id, "loss")) >= 2  # the partitions' mean curve
     merge_run = next(r for r in children if r.data.tags["stage"] == "merge")
     logged = {a.path for a in client.list_artifacts(merge_run.info.run_id, "synthetic")}
     assert {"synthetic/manifest.json", "synthetic/previews"} <= logged
 
-    off = tiny_config(tmp_path / "out", *common, "tsgf.enabled=false")
-    assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
-    with Tracker(off, "run") as tracker_off:
-        run_stages(off, tracker=tracker_off)
-    runs = client.search_runs([tracker.experiment_id], "tags.command = 'run' and attributes.status = 'FINISHED'")
-    by_flag = {r.data.params["tsgf.enabled"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(by_flag) == {"True", "False"}
     assert {"tsgd/top1_mean", "tsgd/top5_mean"} <= set(by_flag["True"].data.metrics) & set(
         by_flag["False"].data.metrics
     )
-    off_children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker_off.run_id}'")
+    off_children = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{by_flag['False'].info.run_id}'"
+    )
     assert "teacher" not in {r.data.tags["stage"] for r in off_children}  # reused, not retrained
+    assert {"distill", "evaluate/tsgd"} <= {r.data.tags["stage"] for r in off_children}
 
     table = compare_runs(off).splitlines()  # `tsgd-ray compare`: newest first, only what differs
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[:3] == ["run", "evaluate.baselines", "tsgf.enabled"] and "tsgd top-1 %" in header
+    assert header[:2] == ["run", "tsgf.enabled"] and "tsgd top-1 %" in header
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
-    assert [(row[0][-9:-1], row[2]) for row in rows] == [
-        (tracker_off.run_id[:8], "False"),
-        (tracker.run_id[:8], "True"),
+    assert [(row[0][-9:-1], row[1]) for row in rows] == [
+        (by_flag["False"].info.run_id[:8], "False"),
+        (by_flag["True"].info.run_id[:8], "True"),
     ]
     top1 = header.index("tsgd top-1 %")
     for row, run in zip(rows, (by_flag["False"], by_flag["True"])):

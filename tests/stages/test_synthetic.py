@@ -10,36 +10,24 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from support.stage_helpers import imported_config, teacher_file
+from conftest import SMALL_RUN
 
 import tsgd_ray
 from tsgd_ray import storage
 from tsgd_ray.artifacts import load_teacher, read_synthetic
 from tsgd_ray.cli import run_command
-from tsgd_ray.config import TemporalSampling, to_yaml
+from tsgd_ray.config import Method, TemporalSampling, load_config, to_yaml
 from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.layout import synthetic_dir
-from tsgd_ray.stages.distill import run_distill
-from tsgd_ray.stages.init import run_init
-from tsgd_ray.stages.merge import run_merge
-from tsgd_ray.stages.prepare import run_prepare
-from tsgd_ray.stages.stats import run_stats
-from tsgd_ray.stages.teacher import run_teacher
+from tsgd_ray.methods import method_config
 from tsgd_ray.synthetic import ExportError, SyntheticVideos
 
 
 @pytest.fixture(scope="module")
-def merged(ray_session, tmp_path_factory):
-    """A merged tsgd set (8 classes x IPC 2) and its config."""
-    root = tmp_path_factory.mktemp("synthetic")
-    cfg = imported_config(root / "out", teacher_file(root / "teacher"), "distill.ipc=2", "distill.iterations=10")
-    run_prepare(cfg)
-    run_teacher(cfg)
-    run_stats(cfg)
-    run_init(cfg)
-    run_distill(cfg)
-    run_merge(cfg)
-    return cfg
+def merged(finished_run):
+    """The merged tsgd set (8 classes x IPC 2) of the session's finished run, and its config."""
+    root, _ = finished_run
+    return method_config(load_config("default", [f"storage.output_root={root}", *SMALL_RUN]), Method.tsgd)
 
 
 @pytest.mark.ray
