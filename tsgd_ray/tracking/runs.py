@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -200,7 +201,9 @@ class Tracker:
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?workflowType=machine_learning"
         lines = [f"MLflow: {self.location}"]
         if self.uri.startswith("sqlite:"):
-            lines += [f"  mlflow ui --backend-store-uri {self.uri}", f"  then open http://127.0.0.1:5000/{page}"]
+            beside = Path(sys.executable).with_name("mlflow")  # .venv/bin/mlflow: works without activating
+            program = str(beside) if beside.is_file() else "mlflow"
+            lines += [f"  {program} ui --backend-store-uri {self.uri}", f"  then open http://127.0.0.1:5000/{page}"]
         elif self.uri.startswith(("http://", "https://")):
             lines.append(f"  open {redact(self.uri).rstrip('/')}/{page}")
         return "\n".join(lines)
