@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tsgd_ray.config import load_config
+from tsgd_ray import methods
+from tsgd_ray.config import Method, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "tsgd-test"
@@ -173,7 +174,8 @@ def prepared(ray_session, tmp_path_factory):
     return copy
 
 
-#: the shared finished run's settings (`finished_run`): a small built-in set, every stage in seconds
+#: the shared finished run's settings (`finished_run`): a small built-in set, every stage in seconds,
+#: every registered method (tsgd and the others as its baselines)
 SMALL_RUN = (
     "data.builtin.train_per_class=4",
     "data.builtin.test_per_class=2",
@@ -187,7 +189,7 @@ SMALL_RUN = (
     "distill.iterations=20",
     "evaluate.epochs=2",
     "evaluate.seeds=[0,1]",
-    "evaluate.baselines=[random_real,full]",
+    f"evaluate.baselines=[{','.join(m.value for m in methods.registered() if m != Method.tsgd)}]",
 )
 
 

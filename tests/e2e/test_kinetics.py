@@ -20,7 +20,7 @@ from tsgd_ray.data.shards import read_manifest, shards_root
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-CLASSES, TRAIN, VAL, MISSING = 100, 3, 1, 5
+CLASSES, TRAIN, VAL, MISSING = 40, 3, 1, 5
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def _overrides(bucket: str, tmp_path) -> list[str]:
         "distill.actors=1",
         "distill.gpus_per_actor=0",
         "distill.chunk_size=50",
-        "distill.max_videos_per_partition=30",
+        "distill.max_videos_per_partition=12",
         "evaluate.epochs=1",
         "evaluate.seeds=[0]",
         "evaluate.baselines=[]",
@@ -93,7 +93,7 @@ def test_kinetics_layout_runs_end_to_end_from_s3_and_is_tested_on_val(ray_sessio
     assert results["eval_split"] == "val" and results["test_clips"] == info["present"]["val"]
 
     plan = storage.read_json(layout.plan_uri(cfg))["partitions"]
-    assert len(plan) == 4 and max(len(p) for p in plan) <= 30  # max_videos_per_partition raised the count
+    assert len(plan) == 4 and max(len(p) for p in plan) <= 12  # max_videos_per_partition raised the count
     synthetic = artifacts.read_synthetic_manifest(cfg)
     assert synthetic["num_videos"] == CLASSES and len(synthetic["files"]) == len(plan)
     for f in synthetic["files"]:

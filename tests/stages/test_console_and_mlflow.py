@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_RUN
 
+from tsgd_ray import methods
+
 CONSOLE_LINES = 100  # the target for a default run
 NOISE = re.compile(
     r"PlacementGroupCleaner|logging_progress|Total Progress|mlflow\.store\.db|Started a local Ray"
@@ -77,7 +79,7 @@ def test_the_mlflow_run_reads_like_a_training_project(finished_run, tmp_path):
     assert 0 <= metrics["teacher/top1"] <= 1 and 0 <= metrics["tsgd/top1_mean"] <= 1
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json", str(tmp_path))).read_text())
     assert table["columns"][:2] == ["method", "ipc"]
-    assert [row[0] for row in table["data"]] == ["tsgd", "random_real", "full"]
+    assert [row[0] for row in table["data"]] == [m.value for m in methods.registered()]  # tsgd, then the baselines
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "synthetic/tsgd")}
     assert "synthetic/tsgd/preview.mp4" in names
     sheets = client.list_artifacts(parent.info.run_id, "synthetic/tsgd/classes")

@@ -1,13 +1,17 @@
-"""Every registered method runs end to end, and students on several workers finish whatever the
-split of their rows into batches."""
+"""Every registered method runs end to end (in the session's finished run), students on several
+workers finish whatever the split of their rows into batches, and each label regime is one switch."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+from conftest import SMALL_RUN
 from support.stage_helpers import imported_config, teacher_file
 
-from tsgd_ray import methods
-from tsgd_ray.config import Method
+from tsgd_ray import artifacts, layout, methods, storage
+from tsgd_ray.config import Method, load_config
+from tsgd_ray.methods import method_config
 from tsgd_ray.stages.pipeline import run_method
 from tsgd_ray.stages.teacher import run_teacher
 
@@ -24,16 +28,18 @@ def three_class_teacher(tmp_path_factory):
     return teacher_file(tmp_path_factory.mktemp("teacher"), THREE)
 
 
-@pytest.mark.timeout(420)
 @pytest.mark.parametrize("method", methods.registered(), ids=lambda m: m.value)
-def test_every_registered_method_runs_end_to_end(prepared, tmp_path, three_class_teacher, method):
-    cfg = imported_config(tmp_path / "out", three_class_teacher, THREE, "distill.iterations=5")
-    prepared(cfg)
-    run_teacher(cfg)
-    result = run_method(cfg, method)
-    assert result["method"] == method.value and result["seeds"] == [0]
-    assert result["test_clips"] == 3 * 2 and 0 <= result["top1_mean"] <= 1
+def test_every_registered_method_runs_end_to_end(finished_run, method):
+    """The session's finished run distils (where the method does) and evaluates every registered
+    method: its results on the test clips, per seed."""
+    root, _ = finished_run
+    cfg = method_config(load_config("default", [f"storage.output_root={root}", *SMALL_RUN]), method)
+    result = storage.read_json(layout.results_uri(cfg, method))
+    assert result["method"] == method.value and result["seeds"] == [0, 1]
+    assert result["test_clips"] == 8 * 2 and all(0 <= a <= 1 for a in result["top1"])
     assert (result["ipc"] is not None) == methods.get(method).distils
+    if methods.get(method).distils:
+        assert artifacts.read_synthetic_manifest(cfg)["num_videos"] == 8 * cfg.distill.ipc
 
 
 @pytest.mark.timeout(300)  # the reproduction hung for ever: reports sat inside DDP's join
@@ -58,24 +64,29 @@ def test_two_students_finish_when_their_rows_split_into_uneven_batches(prepared,
 
 
 @pytest.mark.timeout(600)
-def test_each_label_regime_is_one_switch(prepared, tmp_path, three_class_teacher):
-    """One distilled set, students under stored labels (no teacher) and hard labels; `full` has no
-    stored set and is labelled online; the regime is in the results and on the MLflow run."""
+def test_each_label_regime_is_one_switch(finished_run, ray_session, tmp_path):
+    """One distilled set (the finished run's tsgd set, in a copy), its students under stored labels
+    (no teacher: the finished run's) and under hard labels (one switch: only the students are new);
+    `full` has no stored set and is labelled online; the regime is in the results and on the
+    MLflow run."""
     from tsgd_ray.config import ConfigError
     from tsgd_ray.stages.evaluate import label_regime
     from tsgd_ray.tracking import Tracker
 
-    base = [THREE, "distill.iterations=5", "distill.labels.views=4"]
-    stored = imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=stored", "evaluate.views=4")
-    prepared(stored)
-    run_teacher(stored)
-    assert run_method(stored, Method.tsgd)["labels"] == "stored(K=4)"
+    root, _ = finished_run
+    out = tmp_path / "out"
+    shutil.copytree(root, out, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "logs"))
+    stored = method_config(load_config("default", [f"storage.output_root={out}", *SMALL_RUN]), Method.tsgd)
+    assert storage.read_json(layout.results_uri(stored, Method.tsgd))["labels"] == "stored(K=16)"
     assert label_regime(stored, Method.full) == "online(soft_kl)"  # no stored set: labelled online
-    hard = imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=hard")
+    mlflow = f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"
+    hard = load_config("default", [f"storage.output_root={out}", *SMALL_RUN, "evaluate.labels=hard", mlflow])
+    assert layout.synthetic_dir(method_config(hard, Method.tsgd)) == layout.synthetic_dir(stored)  # the same set
     with Tracker(hard, "run") as tracker:
         result = run_method(hard, Method.tsgd, tracker=tracker)
     assert result["labels"] == "hard" and 0 <= result["top1_mean"] <= 1
-    (evaluate_run,) = tracker.client.search_runs([tracker.experiment_id], "tags.stage = 'evaluate/tsgd'")
-    assert evaluate_run.data.tags["labels"] == "hard"
+    children = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
+    assert [r.data.tags["stage"] for r in children] == ["evaluate/tsgd"]  # nothing upstream redone
+    assert children[0].data.tags["labels"] == "hard"
     with pytest.raises(ConfigError, match="evaluate.views"):
-        imported_config(tmp_path / "out", three_class_teacher, *base, "evaluate.labels=stored", "evaluate.views=5")
+        load_config("default", [f"storage.output_root={out}", *SMALL_RUN, "evaluate.views=17"])  # the set holds 16

@@ -11,7 +11,7 @@ import pytest
 import torch
 from support.stage_helpers import imported_config, teacher_file
 
-from tsgd_ray import artifacts, layout, storage
+from tsgd_ray import artifacts, layout, methods, storage
 from tsgd_ray.artifacts import load_teacher, read_init, read_statistics, read_synthetic
 from tsgd_ray.config import ConfigError, load_config
 from tsgd_ray.core import augment, packing, selection, training
@@ -329,7 +329,7 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     off = load_config("default", [f"storage.output_root={root}", *SMALL_RUN, "tsgf.enabled=false"])
     assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
     results = [storage.read_json(layout.results_uri(method_config(cfg, m), m)) for m in methods_of(cfg)]
-    assert [r["method"] for r in results] == ["tsgd", "random_real", "full"]
+    assert [r["method"] for r in results] == [m.value for m in methods_of(cfg)]
     for r in results:
         assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
         assert r["test_clips"] == 16
@@ -348,8 +348,9 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     assert open(plan).read().startswith("plan: 32 train / 16 eval videos, 8 classes (from the shard manifest)")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
-    expected = ["teacher", "stats", "init", "distill", "merge", "distill", "merge"]
-    assert stages == sorted([*expected, "evaluate/tsgd", "evaluate/random_real", "evaluate/full"])
+    distilled = [m for m in methods_of(cfg) if methods.get(m).distils]
+    expected = ["teacher", "stats", "init", *["distill", "merge"] * len(distilled)]
+    assert stages == sorted([*expected, *(f"evaluate/{m.value}" for m in methods_of(cfg))])
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
     assert len(client.get_metric_history(distill_run.info.run_id, "loss")) >= 2  # the partitions' mean curve
     merge_run = next(r for r in children if r.data.tags["stage"] == "merge")

@@ -263,8 +263,10 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
         len(pending),
         layout.distill_dir(cfg),
     )
-    run_id = tracker.child("distill", tags={"method": cfg.distill.method.value}) if tracker else None
     summary = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "markers": []}
+    if not pending:  # found, not redone: no MLflow run, as for every other finished stage
+        return {**summary, "actor_failures": 0, "speculated": 0}
+    run_id = tracker.child("distill", tags={"method": cfg.distill.method.value}) if tracker else None
 
     def on_result(partition: int, marker: dict) -> None:
         summary["recovered" if not marker.get("skipped") else "skipped"] += 1
@@ -272,16 +274,14 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
         progress.update(marker)
 
     d = cfg.distill
-    if pending:
-        check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
+    check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
     gpus = reserved_gpus(cfg.device, d.gpus_per_actor)
     threads = max(1, math.floor(d.cpus_per_actor)) if gpus == 0 else 1
     start = actor_starter(PartitionWorker, d.cpus_per_actor, gpus, cfg, classes, threads)
     pool = ElasticPool(
-        start, min(d.actors, max(1, len(pending))), actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures
+        start, min(d.actors, len(pending)), actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures
     )
-    if pending:
-        pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
+    pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
     summary.update(actor_failures=pool.lost, speculated=pool.speculated)
     if tracker:
         recovered = [m["history"] for m in summary["markers"] if not m.get("skipped")]
