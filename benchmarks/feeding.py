@@ -68,7 +68,7 @@ def main() -> int:
     import torch
 
     from tsgd_ray.artifacts import load_teacher, new_teacher
-    from tsgd_ray.config import LabelKind, Method, load_config
+    from tsgd_ray.config import Method, load_config, regimes
     from tsgd_ray.core import training
     from tsgd_ray.data.in_memory import load_split
     from tsgd_ray.methods import method_config
@@ -106,7 +106,7 @@ def main() -> int:
     full = method_config(one, Method.full)
     teacher = load_teacher(full, classes)
     # as the pipeline's `full` student: with no stored labels, the teacher labels online
-    student_settings = replace(training.StudentSettings.from_config(full), labels=LabelKind.soft_kl)
+    student_settings = replace(training.StudentSettings.from_config(full), regime=regimes.get("soft_kl"))
     torch.set_num_threads(max(1, math.ceil(cfg.evaluate.cpus_per_worker)))
     student_memory = in_memory(
         lambda: training.train_student(new_student(full, len(classes), 0), teacher, clips, labels, student_settings, 0)

@@ -15,9 +15,10 @@ The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md 
   arms with their own overrides (`--arms`). Every arm
   gets the same student and augmentation, TSGFA crops included (the parity arm: random_real with
   the same crops); `full` (every real training clip) gets the same student steps too (`--steps`).
-- Label regimes (one switch each): `online` (the teacher relabels every augmented batch),
-  `stored<K>` (the K views stored with the set and their teacher logits, replayed; no teacher),
-  `hard` (class labels, the teacher's label-preserving crops; no teacher).
+- Label regimes (one switch each, any registered in tsgd_ray.config.regimes): `online` (soft_kl:
+  the teacher relabels every augmented batch), `stored<K>` (the K views stored with the set and
+  their teacher logits, replayed; no teacher), `hard` (class labels, the teacher's
+  label-preserving crops; no teacher).
 - Student: `--student` (default mini_r2plus1d, another architecture than the mini_c3d teacher).
 - Statistics: draws x seeds students per cell; paired differences on the same (draw, seed); the SE
   over the per-draw mean differences (df = draws - 1); per-draw differences and the worst draw
@@ -56,7 +57,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from footage import ensure_footage_dataset  # noqa: E402
 from report import target_line  # noqa: E402
 
-from tsgd_ray.config import PACK, load_config, to_dict  # noqa: E402
+from tsgd_ray.config import PACK, load_config, regimes, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, labels, packing, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.augment import CropSettings  # noqa: E402
 from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips  # noqa: E402
@@ -109,14 +110,19 @@ NOTES = "<!-- notes: kept when the tables are regenerated -->"
 
 
 def regime_overrides(regime: str) -> list[str]:
-    """online | hard | stored<K> -> the evaluate overrides of that label regime."""
+    """A registered label regime (tsgd_ray.config.regimes) -> its evaluate overrides; `online` is
+    soft_kl; `<name><K>` for a regime that replays stored views replays the first K."""
     if regime == "online":
         return ["evaluate.labels=soft_kl"]
-    if regime == "hard":
-        return ["evaluate.labels=hard"]
-    if regime.startswith("stored") and regime[6:].isdigit():
-        return ["evaluate.labels=stored", f"evaluate.views={int(regime[6:])}"]
-    raise SystemExit(f"--regimes: online, hard or stored<K>, got {regime!r}")
+    if regime in regimes.registered():
+        return [f"evaluate.labels={regime}"]
+    name = regime.rstrip("0123456789")
+    if name in regimes.registered() and regimes.get(name).replays_views and name != regime:
+        return [f"evaluate.labels={name}", f"evaluate.views={int(regime[len(name) :])}"]
+    replaying = [n for n in regimes.registered() if regimes.get(n).replays_views]
+    raise SystemExit(
+        f"--regimes: online, {', '.join(regimes.registered())} or <name><K> for {', '.join(replaying)}, got {regime!r}"
+    )
 
 
 def controls(teacher, clips: torch.Tensor, y: torch.Tensor, cfg, seed: int) -> dict[str, float]:
@@ -199,7 +205,8 @@ def run_variant(variant: str, args, log) -> dict:
         teacher, [(viewed[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
     )
     views = labels.ViewSettings.from_config(cfg)
-    most_views = max([int(r[6:]) for r in args.regimes if r.startswith("stored")] + [1])
+    replayed = [load_config(args.config, [*base, *regime_overrides(r)]).evaluate for r in args.regimes]
+    most_views = max([e.views for e in replayed if regimes.get(e.labels).replays_views] + [1])
 
     def stored_labels(x_u8: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, heat: torch.Tensor):
         params = labels.view_params(heat, labels.clip_keys(y, idx), cfg.seed, most_views, views)

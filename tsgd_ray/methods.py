@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from tsgd_ray.config import Method, validate
+from tsgd_ray.config import ConfigError, Method, regimes, validate
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ register(
 
 def method_config(cfg: DictConfig, method: Method) -> DictConfig:
     """The run's config as it distils (or, for a method that does not distil, evaluates) with
-    `method`: its overrides merged over `cfg` (a distilling method also sets distill.method).
+    `method`: its overrides merged over `cfg` (a distilling method also sets distill.method and
+    takes what the label regime needs stored with its set, `LabelRegime.stores`, first).
     Returns a read-only config.
 
     Raises:
@@ -97,7 +98,11 @@ def method_config(cfg: DictConfig, method: Method) -> DictConfig:
     overrides = spec.overrides(cfg)
     if spec.distils:
         overrides = {**overrides, "distill": {"method": method.value, **overrides.get("distill", {})}}
-    out = OmegaConf.merge(cfg, overrides)
-    validate(out)
+    stores = regimes.get(cfg.evaluate.labels).stores(cfg) if spec.distils else {}
+    out = OmegaConf.merge(cfg, stores, overrides)
+    try:
+        validate(out)
+    except ConfigError as exc:  # a baseline's own settings can be what breaks the rule
+        raise ConfigError(f"{exc} (as method {method.value}: distill.method or evaluate.baselines)") from None
     OmegaConf.set_readonly(out, True)
     return out

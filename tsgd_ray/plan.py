@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from tsgd_ray import calibration, layout, methods, storage
-from tsgd_ray.config import LabelKind, Method
+from tsgd_ray.config import Method, regimes
 from tsgd_ray.data import clip_cache
 from tsgd_ray.data.shards import finished_manifest, shards_root
 
@@ -303,7 +303,7 @@ def _evaluate_stage(
     clips = train if real else classes * d.ipc
     device = _device(timer.gpu, e.gpus_per_worker)
     rate, source = timer.compute(device, "train", e, student, size, e.cpus_per_worker)
-    if e.labels not in (LabelKind.stored, LabelKind.hard):  # the teacher labels every view online
+    if regimes.get(e.labels).for_student(not real).teacher_online:  # the teacher labels every view online
         labels, _ = timer.compute(device, "forward", cfg.teacher, teacher, size, e.cpus_per_worker)
         rate = 1 / (1 / rate + 1 / labels)
     per_worker = math.ceil(e.batch_size / e.num_workers)  # as ray_train.per_worker_batch

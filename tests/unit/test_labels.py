@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsgd_ray.config import LabelKind, load_config
+from tsgd_ray.config import load_config
 from tsgd_ray.core import labels, training
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data import clip_table
@@ -104,7 +104,7 @@ def test_hard_labels_keep_the_teachers_label_preserving_crops():
         "default", ["evaluate.labels=hard", "evaluate.augment.time_reverse=true", "evaluate.augment.cutmix=0.5"]
     )
     s = training.StudentSettings.from_config(cfg)
-    assert s.labels == LabelKind.hard and s.crop.scale == tuple(cfg.augment.crop_scale) and not s.crop.hflip
+    assert s.regime.name == "hard" and s.crop.scale == tuple(cfg.augment.crop_scale) and not s.crop.hflip
     assert not s.time_reverse and s.cutmix == 0.0 and s.mixup == 0.0
     online = training.StudentSettings.from_config(load_config("default", ["evaluate.labels=soft_kl"]))
     assert online.crop.scale == tuple(cfg.evaluate.augment.crop_scale) and online.crop.hflip

@@ -1,7 +1,8 @@
 """The configuration reference (docs/configuration.md), generated from the schema in config/schema.py.
 
 Each key's type and default come from the dataclasses. Its meaning comes from the comments on and
-above the field in config/schema.py, and its allowed values from the enums and the range checks. So the
+above the field in config/schema.py, and its allowed values from the enums, the registries (label
+regimes) and the range checks. So the
 reference cannot drift from the code. Regenerate with
 ``python -m tsgd_ray.config.reference docs/configuration.md``; ``--check`` exits 1 when the file
 differs from the schema (a test runs the same check).
@@ -131,7 +132,9 @@ def key_docs() -> Iterator[tuple[str, str, list[KeyDoc]]]:
     The section of the top-level scalars is ''.
     """
     comments = attribute_comments(inspect.getsource(schema))
-    ranges = {key: meta["must"][1] for key, meta in schema.fields_meta().items() if meta["must"]}
+    meta = schema.fields_meta()
+    ranges = {key: m["must"][1] for key, m in meta.items() if m["must"]}
+    registries = {key: m["choices"]() for key, m in meta.items() if m["choices"]}  # {key: {value: meaning}}
 
     def walk(cls: type, prefix: str) -> Iterator[tuple[str, str, list[KeyDoc]]]:
         hints = typing.get_type_hints(cls)
@@ -144,7 +147,8 @@ def key_docs() -> Iterator[tuple[str, str, list[KeyDoc]]]:
                 nested.append((tp, f"{key}."))
                 continue
             owner = next(c for c in cls.__mro__ if f.name in getattr(c, "__annotations__", {}))  # an inherited field
-            parts = [comments.get((owner.__name__, f.name), ""), _choices(tp, comments)]
+            listed = "; ".join(f"`{v}`: {m}" for v, m in registries.get(key, {}).items())
+            parts = [comments.get((owner.__name__, f.name), ""), _choices(tp, comments), listed and f"Values: {listed}"]
             if key in ranges:
                 parts.append(f"Must be {ranges[key]}")
             meaning = " ".join(_sentence(part) for part in parts if part)

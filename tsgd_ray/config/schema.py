@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from tsgd_ray.config import regimes
 from tsgd_ray.errors import UserError
 
 MAX_IPC = 50  # the most synthetic videos per class; the statistics pass keeps this many init candidates
@@ -75,13 +76,6 @@ class Granularity(str, enum.Enum):
     frame = "frame"  # one weight per frame (the mean over its pixels)
 
 
-class LabelKind(str, enum.Enum):
-    soft_kl = "soft_kl"  # KL to the teacher's softened outputs on each augmented batch, times T^2
-    soft_mse = "soft_mse"  # MSE to the teacher's logits plus evaluate.mse_ce_weight * CE (Video-DC)
-    stored = "stored"  # replay the set's stored views (distill.labels) and their logits, KL as soft_kl; no teacher
-    hard = "hard"  # cross-entropy with the class labels, the teacher's label-preserving `augment` crops; no teacher
-
-
 class TSGFApply(str, enum.Enum):
     update = "update"  # x <- x_prev + W * (x_new - x_prev) after each optimiser step (docs/method.md)
     gradient = "gradient"  # grad <- grad * W before the step: the paper's words, cancelled by Adam
@@ -133,6 +127,7 @@ def setting(
     execution_only: bool = False,
     path: bool = False,
     derived: Optional[Callable[[DictConfig], Any]] = None,
+    choices: Optional[Callable[[], dict[str, str]]] = None,
 ) -> Any:
     """A schema field with its meaning as metadata (read by `validate`, the stage keys and `load_config`):
 
@@ -140,9 +135,10 @@ def setting(
     so it is left out of the stage keys; path: a local path or URI, made absolute at load (Ray Train
     workers run in their own working directory); derived: where the value is empty (or 0), load
     sets it to derived(cfg) (of the config with absolute paths), so the printed and logged config
-    holds the value used.
+    holds the value used; choices: () -> {allowed value: its meaning}, read at each call (a
+    registry's names), checked at load and listed in the reference.
     """
-    metadata = {"must": must, "execution_only": execution_only, "path": path, "derived": derived}
+    metadata = {"must": must, "execution_only": execution_only, "path": path, "derived": derived, "choices": choices}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -454,9 +450,10 @@ class EvaluateConfig:
     model: str = setting("", derived=_teachers("model"))  # the student architecture; empty: the teacher's
     width: int = setting(0, must=NON_NEGATIVE, derived=_teachers("width"))  # student width (mini_c3d); 0: the teacher's
     depth: int = setting(0, must=NON_NEGATIVE, derived=_teachers("depth"))  # student depth (mini_c3d); 0: the teacher's
-    # What the student learns from: the views and logits stored with the set (how a user trains on a
-    # shipped set, without the teacher), the teacher online (soft_*) or the class labels (hard).
-    labels: LabelKind = LabelKind.stored
+    # What the student learns from, a registered label regime (tsgd_ray.config.regimes): the views
+    # and logits stored with the set (how a user trains on a shipped set, without the teacher), the
+    # teacher online (soft_*) or the class labels (hard).
+    labels: str = setting("stored", choices=regimes.described)
     views: int = setting(16, must=at_least(1))  # labels=stored: replay the first this many stored views per clip
     temperature: float = setting(4.0, must=POSITIVE)  # softmax temperature T of labels=soft_kl
     mse_ce_weight: float = setting(0.1, must=NON_NEGATIVE)  # labels=soft_mse: MSE to the teacher logits + this * CE
@@ -550,6 +547,7 @@ def fields_meta() -> dict[str, dict[str, Any]]:
                     "execution_only": False,
                     "path": False,
                     "derived": None,
+                    "choices": None,
                     **f.metadata,
                 }
 
@@ -578,6 +576,8 @@ def validate(cfg: DictConfig) -> None:
             value = _select(cfg, key)
             if not ok(value):
                 raise ConfigError(f"{key}: must be {must}, got {value!r}")
+        if meta["choices"] is not None and _select(cfg, key) not in meta["choices"]():
+            raise ConfigError(f"{key}: must be one of {', '.join(meta['choices']())}, got {_select(cfg, key)!r}")
     if cfg.data.dataset != DatasetKind.builtin and not cfg.data.root.strip():
         raise ConfigError(
             f"data.root: required for data.dataset={cfg.data.dataset.value} "
@@ -589,7 +589,7 @@ def validate(cfg: DictConfig) -> None:
             f"tsgf.alpha: must hold 2*tsgf.window+1 = {2 * cfg.tsgf.window + 1} non-negative "
             f"weights with a positive sum (or be empty for uniform), got {alpha}"
         )
-    if cfg.evaluate.labels == LabelKind.stored and cfg.evaluate.views > cfg.distill.labels.views:
+    if regimes.get(cfg.evaluate.labels).replays_views and cfg.evaluate.views > cfg.distill.labels.views:
         raise ConfigError(
             f"evaluate.views: the set stores distill.labels.views={cfg.distill.labels.views} views per clip; "
             f"got {cfg.evaluate.views}"

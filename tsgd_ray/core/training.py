@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsgd_ray.config import LabelKind
+from tsgd_ray.config import regimes
+from tsgd_ray.config.regimes import LabelRegime
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.augment import CropSettings
 from tsgd_ray.core.clips import InputSettings
@@ -69,8 +70,9 @@ class StudentSettings:
     """Student training on a (synthetic) set (the `evaluate` section): `crop` plus time reversal,
     CutMix and MixUp (evaluate.augment; under hard labels the teacher's label-preserving `augment`
     crops alone), TSGFA (`tsgfa`, boxes centred within `crop_delta` of a salient point, maps from
-    `saliency`), the labels (`labels`: online teacher, the first `views` stored views, or hard;
-    `temperature`, `mse_ce_weight`), `fit`, and an EMA of the weights with decay `ema` (0: off)."""
+    `saliency`), the label regime (`regime`, config.regimes: online teacher, the first `views`
+    stored views, hard, ...; `temperature`, `mse_ce_weight`), `fit`, and an EMA of the weights
+    with decay `ema` (0: off)."""
 
     inputs: InputSettings
     fit: FitSettings
@@ -81,7 +83,7 @@ class StudentSettings:
     tsgfa: bool
     crop_delta: float
     saliency: SaliencySettings
-    labels: LabelKind
+    regime: LabelRegime
     temperature: float
     mse_ce_weight: float
     ema: float
@@ -90,7 +92,8 @@ class StudentSettings:
     @classmethod
     def from_config(cls, cfg) -> StudentSettings:
         e, aug = cfg.evaluate, cfg.evaluate.augment
-        hard = LabelKind(e.labels) == LabelKind.hard  # class labels: only label-preserving transforms
+        regime = regimes.get(e.labels)
+        hard = regime.label_preserving  # class labels: only label-preserving transforms
         return cls(
             inputs=InputSettings.from_config(cfg),
             fit=FitSettings.from_section(e),
@@ -101,7 +104,7 @@ class StudentSettings:
             tsgfa=bool(e.tsgfa),
             crop_delta=float(cfg.tsgf.crop_delta),
             saliency=SaliencySettings.from_section(cfg.tsgf),
-            labels=LabelKind(e.labels),
+            regime=regime,
             temperature=float(e.temperature),
             mse_ce_weight=float(e.mse_ce_weight),
             ema=float(e.ema),
@@ -341,20 +344,9 @@ def train_teacher(
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], y: torch.Tensor, settings: StudentSettings
 ) -> torch.Tensor:
-    """settings.labels: soft_kl and stored = KL(softmax(t/T) || softmax(s/T)) * T^2; soft_mse = MSE
-    to the teacher logits + mse_ce_weight * CE(y); hard = CE(y) (teacher_logits unused, may be None)."""
-    e = settings
-    s = student_logits.float()
-    if e.labels == LabelKind.hard:
-        return F.cross_entropy(s, y)
-    t = teacher_logits.float()
-    if e.labels in (LabelKind.soft_kl, LabelKind.stored):
-        temp = e.temperature
-        return (
-            F.kl_div(F.log_softmax(s / temp, 1), F.log_softmax(t / temp, 1), log_target=True, reduction="batchmean")
-            * temp**2
-        )
-    return F.mse_loss(s, t) + e.mse_ce_weight * F.cross_entropy(s, y)
+    """The student's loss under settings.regime (its `loss`, on float32 student logits):
+    teacher_logits online or replayed, None where the regime uses neither."""
+    return settings.regime.loss(student_logits.float(), teacher_logits, y, settings)
 
 
 def clip_heat(x: torch.Tensor, saliency: SaliencySettings, inputs: InputSettings, chunk: int = 64) -> torch.Tensor:
@@ -376,13 +368,13 @@ def student_step(
     heat: Optional[torch.Tensor] = None,
     stored: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """One student step on normalised clips x (N, 3, F, H, W) and fit the student: under stored
-    labels, replay one of the first settings.views stored views per clip (`stored`: their params
-    (N, K, 7) and logits (N, K, classes)); else augment (`student_view`, heat (N, H, W) or, when
-    None, the clips' own) and, under online labels, let the frozen teacher label the views (None
-    for stored or hard labels). Returns the detached loss."""
+    """One student step on normalised clips x (N, 3, F, H, W) and fit the student: where
+    settings.regime replays views, replay one of the first settings.views stored views per clip
+    (`stored`: their params (N, K, 7) and logits (N, K, classes)); else augment (`student_view`,
+    heat (N, H, W) or, when None, the clips' own) and, where the regime runs the teacher, let the
+    frozen teacher label the views (`teacher` None otherwise). Returns the detached loss."""
     teacher_logits = None
-    if settings.labels == LabelKind.stored:
+    if settings.regime.replays_views:
         view, teacher_logits = replay(x, stored[0][:, : settings.views], stored[1][:, : settings.views], generator)
     else:
         if heat is None:  # only TSGFA reads it: no saliency per batch for uniform crops
@@ -393,7 +385,7 @@ def student_step(
             )
         view = student_view(x, heat, settings, generator)
     with autocast(x.device, settings.inputs.amp):
-        if settings.labels in (LabelKind.soft_kl, LabelKind.soft_mse):
+        if settings.regime.teacher_online:
             with torch.no_grad():
                 teacher_logits = teacher(view)
         student_logits = student(view)
@@ -421,10 +413,10 @@ def train_student(
     """Train `student` from its current weights on clips x (the synthetic set, or real clips for
     `full`): normalised (N, 3, F, H, W), or uint8 (N, F, H, W, 3), which stay uint8 in memory and
     are normalised per batch (4x less memory, the same numbers). settings.fit with AdamW +
-    cosine (and settings.ema), teacher in eval mode (None under stored or hard labels). heat
+    cosine (and settings.ema), teacher in eval mode (None where settings.regime does not run it). heat
     (N, H, W): the TSGFA map of each clip, carried from its init clip (synthetic sets); None: the
     clips' own (real clips). stored: the set's views (N, K, 7) and logits (N, K, classes), needed
-    by settings.labels=stored. Randomness comes from `seed` only; epoch_context, callbacks (after
+    by a regime that replays views. Randomness comes from `seed` only; epoch_context, callbacks (after
     `callback`) and resume: as `fit`'s. Returns the student in eval mode.
 
     Raises:
@@ -432,12 +424,14 @@ def train_student(
     """
     device = next(student.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    if settings.labels == LabelKind.stored and (stored is None or stored[0].shape[1] < settings.views):
+    if settings.regime.replays_views and (stored is None or stored[0].shape[1] < settings.views):
         held = 0 if stored is None else stored[0].shape[1]
-        raise ValueError(f"evaluate.labels=stored replays {settings.views} views per clip; the set stores {held}")
+        raise ValueError(
+            f"evaluate.labels={settings.regime.name} replays {settings.views} views per clip; the set stores {held}"
+        )
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    if heat is None and settings.labels != LabelKind.stored:
+    if heat is None and not settings.regime.replays_views:
         heat = clip_heat(x, settings.saliency, settings.inputs)
 
     def step(rows: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:

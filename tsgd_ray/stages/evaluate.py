@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from tsgd_ray import artifacts, layout, methods, storage
 from tsgd_ray.artifacts import load_teacher
-from tsgd_ray.config import ConfigError, LabelKind, Method
+from tsgd_ray.config import ConfigError, Method, regimes
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import InputSettings
@@ -131,8 +131,7 @@ def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes
     cfg, method, seed = student["cfg"], Method(student["method"]), student["seed"]
     settings = training.StudentSettings.from_config(cfg)
     distils = methods.get(method).distils
-    if settings.labels == LabelKind.stored and not distils:
-        settings = replace(settings, labels=LabelKind.soft_kl)  # no stored set: the teacher labels online
+    settings = replace(settings, regime=settings.regime.for_student(distils))  # no stored set: its fallback
     per_worker = replace(settings.fit, batch_size=ray_train.per_worker_batch(settings.fit.batch_size, world))
     settings = replace(settings, fit=per_worker)  # evaluate.batch_size is global
     model = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
@@ -220,23 +219,18 @@ def summarise(method: Method, ipc: int, per_seed: list[dict]) -> dict:
 
 
 def label_regime(cfg: DictConfig, method: Method) -> str:
-    """What the students of `method` learn from, as recorded in MLflow: online (soft_kl or
-    soft_mse), stored(K=...) or hard."""
-    labels = LabelKind(cfg.evaluate.labels)
-    if labels == LabelKind.stored and methods.get(method).distils:
-        return f"stored(K={cfg.evaluate.views})"
-    if labels == LabelKind.hard:
-        return "hard"
-    return f"online({LabelKind.soft_kl.value if labels == LabelKind.stored else labels.value})"
+    """What the students of `method` learn from, as results and MLflow record it
+    (`LabelRegime.recorded`: online(soft_kl), stored(K=16), hard, ...)."""
+    return regimes.get(cfg.evaluate.labels).recorded(cfg, methods.get(method).distils)
 
 
 def _check_stored(cfg: DictConfig, method: Method) -> None:
-    if cfg.evaluate.labels != LabelKind.stored or not methods.get(method).distils:
+    if not regimes.get(cfg.evaluate.labels).for_student(methods.get(method).distils).replays_views:
         return
     held = (artifacts.read_synthetic_manifest(cfg).get("stored_labels") or {}).get("views", 0)
     if held < cfg.evaluate.views:
         raise ConfigError(
-            f"evaluate.labels=stored: the {method.value} set stores {held} views per clip, evaluate.views asks "
+            f"evaluate.labels={cfg.evaluate.labels}: the {method.value} set stores {held} views per clip, evaluate.views asks "
             f"for {cfg.evaluate.views}; distil with distill.labels.views >= {cfg.evaluate.views}"
         )
 
