@@ -177,7 +177,7 @@ def prepared(ray_session, tmp_path_factory):
 #: the shared finished run's settings (`finished_run`): a small built-in set, every stage in seconds,
 #: every registered method (tsgd and the others as its baselines)
 SMALL_RUN = (
-    "data.builtin.train_per_class=4",
+    "data.builtin.train_per_class=8",  # packed_real at IPC 2 draws 8 per class
     "data.builtin.test_per_class=2",
     "data.num_frames=8",
     "data.height=32",

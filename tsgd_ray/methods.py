@@ -54,8 +54,17 @@ register(
     MethodSpec(
         Method.random_real,
         True,
-        lambda cfg: {"tsgf": {"enabled": False}, "distill": {"init": "real", "iterations": 0}},
-        "IPC seeded real clips per class, not optimised",
+        lambda cfg: {"tsgf": {"enabled": False}, "distill": {"init": "real", "iterations": 0, "pack": False}},
+        "IPC seeded real clips per class, never packed, not optimised",
+    )
+)
+register(
+    MethodSpec(
+        Method.packed_real,
+        True,
+        lambda cfg: {"tsgf": {"enabled": False}, "distill": {"init": "real", "iterations": 0, "pack": True}},
+        "the first 4 x IPC of the same seeded real clips per class (random_real's among them) packed 2 x 2 "
+        "where the teacher is sure, not optimised: what packing alone gives",
     )
 )
 

@@ -74,7 +74,7 @@ def test_the_mlflow_run_reads_like_a_training_project(finished_run, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["mlflow.source.git.commit"])
     (dataset,) = parent.inputs.dataset_inputs
     assert dataset.dataset.name == "builtin-shards" and dataset.tags[0].value == "train"
-    assert json.loads(dataset.dataset.profile) == {"classes": 8, "train_videos": 32, "test_videos": 16}
+    assert json.loads(dataset.dataset.profile) == {"classes": 8, "train_videos": 64, "test_videos": 16}
     metrics = parent.data.metrics
     assert 0 <= metrics["teacher/top1"] <= 1 and 0 <= metrics["tsgd/top1_mean"] <= 1
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "results.json", str(tmp_path))).read_text())

@@ -10,7 +10,7 @@ from conftest import SMALL_RUN
 from support.stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import artifacts, layout, methods, storage
-from tsgd_ray.config import Method, load_config
+from tsgd_ray.config import PACK, Method, load_config
 from tsgd_ray.methods import method_config
 from tsgd_ray.stages.pipeline import run_method
 from tsgd_ray.stages.teacher import run_teacher
@@ -40,6 +40,24 @@ def test_every_registered_method_runs_end_to_end(finished_run, method):
     assert (result["ipc"] is not None) == methods.get(method).distils
     if methods.get(method).distils:
         assert artifacts.read_synthetic_manifest(cfg)["num_videos"] == 8 * cfg.distill.ipc
+
+
+def test_packed_real_packs_the_clips_random_real_draws_and_more(finished_run):
+    """Paired baselines: packed_real's init holds PACK x IPC seeded clips per class whose first
+    IPC are random_real's set (never packed), and each packed video tiles its own four of them."""
+    root, _ = finished_run
+    cfg = load_config("default", [f"storage.output_root={root}", *SMALL_RUN])
+    ipc, per = cfg.distill.ipc, PACK * cfg.distill.ipc
+    random, _ = artifacts.read_synthetic(method_config(cfg, Method.random_real))
+    packed_cfg = method_config(cfg, Method.packed_real)
+    drawn = artifacts.read_init(packed_cfg, range(8))["video_ids"]
+    packed, _ = artifacts.read_synthetic(packed_cfg)
+    assert all("+" not in v for v in random["video_ids"])
+    for c in range(8):
+        assert random["video_ids"][ipc * c : ipc * (c + 1)] == drawn[per * c : per * c + ipc]
+        for i, video in enumerate(packed["video_ids"][ipc * c : ipc * (c + 1)]):
+            own = drawn[per * c + PACK * i : per * c + PACK * (i + 1)]
+            assert video in (own[0], "+".join(own))  # tiled where the teacher is sure, else the first
 
 
 @pytest.mark.timeout(300)  # the reproduction hung for ever: reports sat inside DDP's join

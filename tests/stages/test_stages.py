@@ -345,11 +345,12 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     assert parent.data.tags["git_commit"] and parent.data.tags["dataset_manifest_sha256"]
     assert parent.data.tags["teacher_sha256"]
     plan = client.download_artifacts(parent.info.run_id, "plan.txt", str(tmp_path))  # with the manifest's counts
-    assert open(plan).read().startswith("plan: 32 train / 16 eval videos, 8 classes (from the shard manifest)")
+    assert open(plan).read().startswith("plan: 64 train / 16 eval videos, 8 classes (from the shard manifest)")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
     distilled = [m for m in methods_of(cfg) if methods.get(m).distils]
-    expected = ["teacher", "stats", "init", *["distill", "merge"] * len(distilled)]
+    inits = {layout.init_dir(method_config(cfg, m)) for m in distilled}  # packed_real draws 4 x IPC
+    expected = ["teacher", "stats", *["init"] * len(inits), *["distill", "merge"] * len(distilled)]
     assert stages == sorted([*expected, *(f"evaluate/{m.value}" for m in methods_of(cfg))])
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
     assert len(client.get_metric_history(distill_run.info.run_id, "loss")) >= 2  # the partitions' mean curve

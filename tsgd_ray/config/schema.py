@@ -89,7 +89,8 @@ class SaliencySource(str, enum.Enum):
 class Method(str, enum.Enum):
     tsgd = "tsgd"  # recovery with TSGF (TSGFO), students with TSGFA
     sre2l_video = "sre2l_video"  # recovery without TSGF
-    random_real = "random_real"  # IPC seeded real clips per class, not optimised
+    random_real = "random_real"  # IPC seeded real clips per class, never packed, not optimised
+    packed_real = "packed_real"  # 4 x IPC seeded real clips per class packed 2 x 2 (distill.pack), not optimised
     full = "full"  # the student trained on every real training clip (the ceiling)
 
 
@@ -407,7 +408,10 @@ class DistillConfig:
     # window of most TSGF motion in every frame and tiled 2 x 2, where the teacher's probability
     # of the class on the packed clip is >= pack_confidence; elsewhere as the first of the 4.
     # Wants clips of 64 px or more: a quarter of a smaller frame holds little of a video. On in the
-    # shipped configs at 64 px or more (+11 points over tsgd on val: docs/QUALITY-val-packing.md).
+    # shipped configs at 64 px or more, whose baselines include packed_real (packing without
+    # recovery). Measured only on val at 64 px, IPC 5, 120 student steps, against random real
+    # clips: +6.5 +- 1.3, then +2.8 +- 4.2 on a rerun (docs/QUALITY-val-centre-packing.md):
+    # not yet a decided gain.
     pack: bool = False
     pack_confidence: float = setting(0.8, must=FRACTION)  # the teacher's least probability of the class on a kept tile
     # most synthetic videos in one forward pass (whole classes are packed)
