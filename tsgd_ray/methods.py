@@ -94,6 +94,12 @@ register(
 )
 
 
+def run_order(cfg: DictConfig) -> list[Method]:
+    """The methods a run distils and evaluates, in the order the pipeline runs them and the plan
+    counts them: distill.method, then evaluate.baselines in order, without repeats."""
+    return list(dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines]))
+
+
 def method_config(cfg: DictConfig, method: Method) -> DictConfig:
     """The run's config as it distils (or, for a method that does not distil, evaluates) with
     `method`: its overrides merged over `cfg` (a distilling method also sets distill.method and

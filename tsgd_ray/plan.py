@@ -345,8 +345,30 @@ def _evaluate_stage(
     return stage
 
 
+@dataclass
+class _Run:
+    """What every stage's plan reads: the config, the counts (from the shard manifest when there
+    is one), the clip size, the models' costs, the timer and the store's answers."""
+
+    cfg: DictConfig
+    manifest: dict | None
+    probe: _Probe
+    timer: _Timer
+    train: int
+    evaluated: int
+    classes: int
+    size: tuple[int, int, int]
+    teacher: ModelCost
+    student: ModelCost
+
+    def done(self, uri: str) -> bool | None:
+        """True, False or None (the store could not be read)."""
+        return self.probe(storage.exists, uri)
+
+
 def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = None) -> dict:
-    """The plan: {"counts": ..., "stages": [Stage, ...], "gpu_hours", "dollars", "gpu", "wall_s"}.
+    """The plan: {"counts": ..., "stages": [Stage, ...], "gpu_hours", "dollars", "gpu", "wall_s"},
+    one function per stage, the methods in the pipeline's order (`methods.run_order`).
 
     table: calibration rows (default: the shipped table, `tsgd_ray.calibration`).
 
@@ -357,125 +379,31 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
     table = calibration.load() if table is None else table
     probe = _Probe()
     manifest = probe(finished_manifest, cfg)
-    _done = lambda uri: probe(storage.exists, uri)  # noqa: E731 - True, False or None (unknown)
     train, evaluated, classes, source = _counts(cfg, manifest)
     size = layout.clip_size(cfg)
-    clip_bytes = 3 * math.prod(size)
-    t, s, d, e = cfg.teacher, cfg.stats, cfg.distill, cfg.evaluate
-    teacher = model_cost(t.model, t.width, t.depth, size, max(classes, 1))
-    student = model_cost(e.model, e.width, e.depth, size, max(classes, 1))
-    stages = []
-
-    shard_bytes = sum(x["bytes"] for x in manifest["shards"]) if manifest else 0
-    stage = Stage(
-        "prepare",
-        shards_root(cfg),
-        None if probe.error else manifest is not None,
-        f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each"
-        + (
-            f"; {_resources(cfg.data.decode_actors, cfg.data.decode_cpus_per_actor, 0)} decoding"
-            if cfg.data.clip_cache
-            else ""
-        ),
-        f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
-        f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)",
+    t, e = cfg.teacher, cfg.evaluate
+    run = _Run(
+        cfg,
+        manifest,
+        probe,
+        _Timer(table, gpu),
+        train,
+        evaluated,
+        classes,
+        size,
+        model_cost(t.model, t.width, t.depth, size, max(classes, 1)),
+        model_cost(e.model, e.width, e.depth, size, max(classes, 1)),
     )
-    timer = _Timer(table, gpu)
-    views = cfg.data.views_per_video if cfg.data.sampling.value == "random" else 1
-    decoders = cfg.data.decode_actors * cfg.data.decode_cpus_per_actor
-    per_core = calibration.prepare(table, cfg.data.transcode_short_side)
-    parts = []
-    if per_core and cfg.data.root:  # the built-in dataset is generated, not probed and transcoded
-        core_hours = (train + evaluated) / per_core / 3600
-        parts.append(f"{core_hours:,.1f} core-hours (probe + transcode, {per_core:.2f} videos/s per core, measured)")
-        if cfg.data.prepare_concurrency:
-            stage.wall_s = core_hours * 3600 / cfg.data.prepare_concurrency
-    if cfg.data.clip_cache:  # decoded once, on CPUs, before any stage books a GPU
-        decoded = train * views + evaluated
-        rate, where = timer.feed("decode", size, cfg.data.decode_cpus_per_actor)
-        stage.reads += f"; the clip cache: {decoded:,} clips decoded once"
-        stage.writes += f", a clip cache of {_gib(decoded * clip_bytes)}"
-        if math.isfinite(rate):
-            seconds = decoded / (rate * cfg.data.decode_actors)
-            if stage.wall_s or not parts:  # not beside a probe time of unknown wall (all free CPUs)
-                stage.wall_s += seconds
-            parts.append(
-                f"clip cache: {_duration(seconds)} ({cfg.data.decode_actors} decoders, {rate:,.0f} clips/s each {where})"
-            )
-        if manifest and not probe(storage.exists, storage.join(clip_cache.cache_dir(cfg, "train"), clip_cache.MARKER)):
-            stage.finished = False
-    stage.timing = "; ".join(parts)
-    stages.append(stage)
-
-    imported = bool(t.checkpoint)
-    stage = Stage(
-        "teacher",
-        layout.teacher_dir(cfg),
-        _done(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER)),
-        "none (imported checkpoint)" if imported else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
-        t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
-        f"teacher.pt, {_gib(4 * teacher.params)} ({teacher.params:,} parameters)",
-    )
-    if not imported:
-        device = _device(gpu, t.gpus_per_worker)
-        phases = []
-        phases.append(
-            (
-                f"{t.epochs} epochs x {train:,} clips",
-                t.epochs * train,
-                t.num_workers,
-                timer.stepped(
-                    device,
-                    timer.compute(device, "train", t, teacher, size, t.cpus_per_worker),
-                    math.ceil(t.batch_size / t.num_workers),
-                ),
-                timer.feed("read" if cfg.data.clip_cache else "decode", size, t.cpus_per_worker),
-            )
-        )
-        timer.time(stage, t.num_workers * t.gpus_per_worker if device != "cpu" else 0, "teacher", phases)
-    stages.append(stage)
-
-    statistics_bytes = 2 * 8 * classes * teacher.bn_channels  # int64 sums and squares per class and channel
-    init = layout.init_per_class(cfg)
-    stage = Stage(
-        "stats",
-        layout.stats_dir(cfg),
-        _done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
-        _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
-        f"{train:,} clips once ({s.init_views} view(s) each)",
-        f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * init * clip_bytes)}",
-    )
-    device = _device(gpu, s.gpus_per_actor)
-    cached = cfg.data.clip_cache and s.init_views == 1  # as stats.units: extra views need the videos
-    verb = "read" if cached else "decode"
-    timer.time(
-        stage,
-        s.actors * s.gpus_per_actor if device != "cpu" else 0,
-        "stats",
-        [
-            (
-                f"{verb} and probe {train * s.init_views:,} clips",
-                train * s.init_views,
-                s.actors,
-                timer.compute(device, "forward", t, teacher, size, s.cpus_per_actor),
-                timer.feed(verb, size, s.cpus_per_actor),
-            ),
-            (
-                f"init: {verb} {classes * init:,} chosen clips",
-                classes * init,
-                1,
-                None,
-                timer.feed(verb, size, decoders),
-            ),
-        ],
-    )
-    stages.append(stage)
-
-    for method in dict.fromkeys([d.method, *e.baselines]):  # as `run` does them
+    stages = [_prepare_stage(run), _teacher_stage(run), _stats_stage(run)]
+    for method in methods.run_order(cfg):
         mcfg = methods.method_config(cfg, method)
         if methods.get(method).distils:
-            stages.append(_distill_stage(mcfg, method, classes, size, teacher, timer, _done))
-        stages.append(_evaluate_stage(mcfg, method, train, evaluated, classes, size, teacher, student, timer, _done))
+            stages.append(_distill_stage(mcfg, method, classes, size, run.teacher, run.timer, run.done))
+        stages.append(
+            _evaluate_stage(
+                mcfg, method, train, evaluated, classes, size, run.teacher, run.student, run.timer, run.done
+            )
+        )
 
     todo = [st for st in stages if not st.finished]
     fleet = [st for st in todo if st.name.startswith("evaluate/")]
@@ -490,6 +418,124 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
         "dollars": sum(st.gpu_hours for st in todo) * g.dollars_per_hour,
         "storage_error": probe.error,
     }
+
+
+def _prepare_stage(run: _Run) -> Stage:
+    """Shards (probe and transcode on CPUs, or the built-in set generated) and the clip cache,
+    decoded once before any stage books a GPU."""
+    cfg, manifest, train, evaluated = run.cfg, run.manifest, run.train, run.evaluated
+    clip_bytes = 3 * math.prod(run.size)
+    shard_bytes = sum(x["bytes"] for x in manifest["shards"]) if manifest else 0
+    stage = Stage(
+        "prepare",
+        shards_root(cfg),
+        None if run.probe.error else manifest is not None,
+        f"{cfg.data.prepare_concurrency or 'all free'} CPU tasks, 1 CPU each"
+        + (
+            f"; {_resources(cfg.data.decode_actors, cfg.data.decode_cpus_per_actor, 0)} decoding"
+            if cfg.data.clip_cache
+            else ""
+        ),
+        f"{train + evaluated:,} videos under {cfg.data.root or 'the built-in dataset'}",
+        f"{_gib(shard_bytes)} of shards" if manifest else "shards (size known after prepare)",
+    )
+    views = cfg.data.views_per_video if cfg.data.sampling.value == "random" else 1
+    per_core = calibration.prepare(run.timer.table, cfg.data.transcode_short_side)
+    parts = []
+    if per_core and cfg.data.root:  # the built-in dataset is generated, not probed and transcoded
+        core_hours = (train + evaluated) / per_core / 3600
+        parts.append(f"{core_hours:,.1f} core-hours (probe + transcode, {per_core:.2f} videos/s per core, measured)")
+        if cfg.data.prepare_concurrency:
+            stage.wall_s = core_hours * 3600 / cfg.data.prepare_concurrency
+    if cfg.data.clip_cache:  # decoded once, on CPUs, before any stage books a GPU
+        decoded = train * views + evaluated
+        rate, where = run.timer.feed("decode", run.size, cfg.data.decode_cpus_per_actor)
+        stage.reads += f"; the clip cache: {decoded:,} clips decoded once"
+        stage.writes += f", a clip cache of {_gib(decoded * clip_bytes)}"
+        if math.isfinite(rate):
+            seconds = decoded / (rate * cfg.data.decode_actors)
+            if stage.wall_s or not parts:  # not beside a probe time of unknown wall (all free CPUs)
+                stage.wall_s += seconds
+            parts.append(
+                f"clip cache: {_duration(seconds)} ({cfg.data.decode_actors} decoders, {rate:,.0f} clips/s each {where})"
+            )
+        if manifest and not run.done(storage.join(clip_cache.cache_dir(cfg, "train"), clip_cache.MARKER)):
+            stage.finished = False
+    stage.timing = "; ".join(parts)
+    return stage
+
+
+def _teacher_stage(run: _Run) -> Stage:
+    """The teacher's epochs over the training clips (nothing to do for an imported checkpoint)."""
+    cfg, t, train, timer = run.cfg, run.cfg.teacher, run.train, run.timer
+    imported = bool(t.checkpoint)
+    stage = Stage(
+        "teacher",
+        layout.teacher_dir(cfg),
+        run.done(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER)),
+        "none (imported checkpoint)" if imported else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
+        t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
+        f"teacher.pt, {_gib(4 * run.teacher.params)} ({run.teacher.params:,} parameters)",
+    )
+    if imported:
+        return stage
+    device = _device(timer.gpu, t.gpus_per_worker)
+    phase = (
+        f"{t.epochs} epochs x {train:,} clips",
+        t.epochs * train,
+        t.num_workers,
+        timer.stepped(
+            device,
+            timer.compute(device, "train", t, run.teacher, run.size, t.cpus_per_worker),
+            math.ceil(t.batch_size / t.num_workers),
+        ),
+        timer.feed("read" if cfg.data.clip_cache else "decode", run.size, t.cpus_per_worker),
+    )
+    timer.time(stage, t.num_workers * t.gpus_per_worker if device != "cpu" else 0, "teacher", [phase])
+    return stage
+
+
+def _stats_stage(run: _Run) -> Stage:
+    """One probe pass of the teacher over the training clips (class statistics, init candidates),
+    then the chosen init clips read or decoded."""
+    cfg, t, s, timer = run.cfg, run.cfg.teacher, run.cfg.stats, run.timer
+    train, classes, size = run.train, run.classes, run.size
+    statistics_bytes = 2 * 8 * classes * run.teacher.bn_channels  # int64 sums and squares per class and channel
+    init = layout.init_per_class(cfg)
+    stage = Stage(
+        "stats",
+        layout.stats_dir(cfg),
+        run.done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
+        _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
+        f"{train:,} clips once ({s.init_views} view(s) each)",
+        f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * init * 3 * math.prod(size))}",
+    )
+    device = _device(timer.gpu, s.gpus_per_actor)
+    cached = cfg.data.clip_cache and s.init_views == 1  # as stats.units: extra views need the videos
+    verb = "read" if cached else "decode"
+    decoders = cfg.data.decode_actors * cfg.data.decode_cpus_per_actor
+    timer.time(
+        stage,
+        s.actors * s.gpus_per_actor if device != "cpu" else 0,
+        "stats",
+        [
+            (
+                f"{verb} and probe {train * s.init_views:,} clips",
+                train * s.init_views,
+                s.actors,
+                timer.compute(device, "forward", t, run.teacher, size, s.cpus_per_actor),
+                timer.feed(verb, size, s.cpus_per_actor),
+            ),
+            (
+                f"init: {verb} {classes * init:,} chosen clips",
+                classes * init,
+                1,
+                None,
+                timer.feed(verb, size, decoders),
+            ),
+        ],
+    )
+    return stage
 
 
 def _fleet_wall(cfg: DictConfig, stages: list[Stage], table: list[dict]) -> float:

@@ -24,11 +24,11 @@ from tsgd_ray.data.catalogs import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_view, probe
 from tsgd_ray.layout import partition_marker_uri
-from tsgd_ray.methods import method_config
+from tsgd_ray.methods import method_config, run_order
 from tsgd_ray.stages.distill import run_distill
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import MergeError, run_merge
-from tsgd_ray.stages.pipeline import methods_of, results_table
+from tsgd_ray.stages.pipeline import results_table
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
 from tsgd_ray.tracking import compare_runs
@@ -328,8 +328,8 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     cfg = load_config("default", [f"storage.output_root={root}", *SMALL_RUN])
     off = load_config("default", [f"storage.output_root={root}", *SMALL_RUN, "tsgf.enabled=false"])
     assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
-    results = [storage.read_json(layout.results_uri(method_config(cfg, m), m)) for m in methods_of(cfg)]
-    assert [r["method"] for r in results] == [m.value for m in methods_of(cfg)]
+    results = [storage.read_json(layout.results_uri(method_config(cfg, m), m)) for m in run_order(cfg)]
+    assert [r["method"] for r in results] == [m.value for m in run_order(cfg)]
     for r in results:
         assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
         assert r["test_clips"] == 16
@@ -348,10 +348,10 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     assert open(plan).read().startswith("plan: 64 train / 16 eval videos, 8 classes (from the shard manifest)")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
-    distilled = [m for m in methods_of(cfg) if methods.get(m).distils]
+    distilled = [m for m in run_order(cfg) if methods.get(m).distils]
     inits = {layout.init_dir(method_config(cfg, m)) for m in distilled}  # packed_real draws 4 x IPC
     expected = ["teacher", "stats", *["init"] * len(inits), *["distill", "merge"] * len(distilled)]
-    assert stages == sorted([*expected, *(f"evaluate/{m.value}" for m in methods_of(cfg))])
+    assert stages == sorted([*expected, *(f"evaluate/{m.value}" for m in run_order(cfg))])
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")
     assert len(client.get_metric_history(distill_run.info.run_id, "loss")) >= 2  # the partitions' mean curve
     merge_run = next(r for r in children if r.data.tags["stage"] == "merge")

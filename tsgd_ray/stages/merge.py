@@ -139,6 +139,39 @@ def _log_to_parent(cfg: DictConfig, tracker, batch: dict, preview: bytes, classe
         )
 
 
+def _manifest(cfg: DictConfig, classes: list[str], files: list[dict]) -> dict:
+    """The synthetic set's manifest: what it holds, its files, its stored labels and its teacher."""
+    return {
+        "method": cfg.distill.method.value,
+        "ipc": cfg.distill.ipc,
+        "num_videos": cfg.distill.ipc * len(classes),
+        "classes": classes,
+        "clip_shape": list(layout.clip_shape(cfg)),
+        "dtype": "uint8",
+        "layout": "uint8 RGB (F, H, W, 3) per row of a clip table; model input = (x / 255 - mean) / std",
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "files": files,
+        "bytes": sum(f["bytes"] for f in files),
+        "stored_labels": {  # what `SyntheticVideos(..., stored_labels=True)` and evaluate.labels=stored read
+            "views": cfg.distill.labels.views,
+            "view_params": list(PARAM_NAMES),
+            "logits": "float16 (views, classes) per clip: the teacher's logits on each view",
+        }
+        if cfg.distill.labels.views
+        else None,
+        "config_hash": config_hash(cfg, ["seed", "data", "augment", "teacher", "tsgf", "distill"]),
+        "teacher_sha256": storage.read_json(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER))["sha256"],
+        "teacher": {
+            "uri": layout.teacher_uri(cfg),
+            "model": cfg.teacher.model,
+            "width": cfg.teacher.width,
+            "depth": cfg.teacher.depth,
+        },  # what `SyntheticVideos(..., soft_labels=True)` loads
+        "preview": layout.PREVIEW,
+    }
+
+
 def run_merge(cfg: DictConfig, tracker=None) -> dict:
     """Check the partitions and write the synthetic set's manifest and preview unless it exists;
     returns the manifest.
@@ -154,35 +187,7 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
         batch = _first_classes(cfg, files)
         preview = encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
         storage.write_once(storage.join(folder, layout.PREVIEW), preview)
-        manifest = {
-            "method": cfg.distill.method.value,
-            "ipc": cfg.distill.ipc,
-            "num_videos": cfg.distill.ipc * len(classes),
-            "classes": classes,
-            "clip_shape": list(layout.clip_shape(cfg)),
-            "dtype": "uint8",
-            "layout": "uint8 RGB (F, H, W, 3) per row of a clip table; model input = (x / 255 - mean) / std",
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-            "files": files,
-            "bytes": sum(f["bytes"] for f in files),
-            "stored_labels": {  # what `SyntheticVideos(..., stored_labels=True)` and evaluate.labels=stored read
-                "views": cfg.distill.labels.views,
-                "view_params": list(PARAM_NAMES),
-                "logits": "float16 (views, classes) per clip: the teacher's logits on each view",
-            }
-            if cfg.distill.labels.views
-            else None,
-            "config_hash": config_hash(cfg, ["seed", "data", "augment", "teacher", "tsgf", "distill"]),
-            "teacher_sha256": storage.read_json(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER))["sha256"],
-            "teacher": {
-                "uri": layout.teacher_uri(cfg),
-                "model": cfg.teacher.model,
-                "width": cfg.teacher.width,
-                "depth": cfg.teacher.depth,
-            },  # what `SyntheticVideos(..., soft_labels=True)` loads
-            "preview": layout.PREVIEW,
-        }
+        manifest = _manifest(cfg, classes, files)
         if tracker:
             tracker.log_bytes(run_id, "synthetic/previews/grid.mp4", preview)
             tracker.log_text(run_id, "synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))

@@ -35,11 +35,6 @@ log = logging.getLogger(__name__)
 STAGES = ("prepare", "teacher", "stats", "init", "distill", "merge", "evaluate")
 
 
-def methods_of(cfg: DictConfig) -> list[Method]:
-    """distill.method, then evaluate.baselines in order, without repeats."""
-    return list(dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines]))
-
-
 def preflight(cfg: DictConfig, stages=STAGES) -> Optional[Catalog]:
     """Checks that need no Ray, before any: with evaluate among `stages`, that the dataset has the
     evaluation split (from the finished shard manifest, else from the catalog, which is returned
@@ -99,11 +94,11 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
         marker = run_teacher(cfg, tracker)
         if tracker:
             tracker.set_tags(tracker.run_id, {"teacher_sha256": marker["sha256"]})
-    for method in methods_of(cfg):
+    for method in methods.run_order(cfg):
         run_method(cfg, method, [s for s in stages if s != "evaluate"], tracker)
-    results = evaluate_methods(cfg, methods_of(cfg), tracker) if "evaluate" in stages else []
+    results = evaluate_methods(cfg, methods.run_order(cfg), tracker) if "evaluate" in stages else []
     if tracker and results:
-        for method, result in zip(methods_of(cfg), results):
+        for method, result in zip(methods.run_order(cfg), results):
             tracker.log_metrics(
                 tracker.run_id,
                 {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
