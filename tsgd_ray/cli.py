@@ -56,18 +56,14 @@ def command_prepare(cfg: DictConfig, verbose: bool = False) -> int:
 
 
 def _stages(cfg: DictConfig, stages: tuple[str, ...], command: str, verbose: bool) -> int:
-    from tsgd_ray.plan import make_plan, render
     from tsgd_ray.runtime.cluster import ray_for
     from tsgd_ray.stages.pipeline import preflight, results_table, run_stages
     from tsgd_ray.tracking import Tracker
 
     catalog = preflight(cfg, stages)  # a user error found here leaves the output root untouched
     with Console(cfg.storage.output_root, command, verbose):
-        plan = render(make_plan(cfg)).splitlines()  # before the spend (`tsgd-ray plan` prints the same)
-        logging.getLogger("plan").info("%s", "\n".join(plan))  # the log file only
-        log.info("%s", plan[-1])
         with ray_for(cfg, verbose), Tracker(cfg, command) as tracker:
-            results = run_stages(cfg, stages, tracker, catalog)
+            results = run_stages(cfg, stages, tracker.context(), catalog)
         if results:
             echo(results_table(results))
             teacher = [r["teacher_top1"] for r in results if "teacher_top1" in r]

@@ -43,6 +43,7 @@ KEY_LENGTH = 16
 TEACHER, TEACHER_MARKER = "teacher.pt", "teacher.json"
 STATISTICS, CANDIDATES, STATS_MARKER = "statistics.pt", "candidates.json", "stats.json"
 INIT_MARKER = "init.json"
+DISTILL_MARKER = "distill.json"
 PLAN = "plan.json"
 SYNTHETIC_MANIFEST, PREVIEW = "manifest.json", "previews/grid.mp4"
 RESULTS = "results.json"

@@ -233,9 +233,16 @@ def write_json_once(uri: str, obj: Any) -> bool:
     return write_once(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
+def write_json(uri: str, obj: Any) -> None:
+    """Replace the object at `uri`: remove it, then write once (a reader in between finds none).
+    For a stage marker whose outputs were redone, under the stage's lease only."""
+    remove(uri)
+    write_json_once(uri, obj)
+
+
 @with_retries
 def remove(uri: str) -> None:
-    """Remove one object if present (used only for a stage lease's old generations)."""
+    """Remove one object if present (a stage lease's old generations, a marker being replaced)."""
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm_file(path)

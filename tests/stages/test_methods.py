@@ -101,7 +101,7 @@ def test_each_label_regime_is_one_switch(finished_run, ray_session, tmp_path):
     hard = load_config("default", [f"storage.output_root={out}", *SMALL_RUN, "evaluate.labels=hard", mlflow])
     assert layout.synthetic_dir(method_config(hard, Method.tsgd)) == layout.synthetic_dir(stored)  # the same set
     with Tracker(hard, "run") as tracker:
-        result = run_method(hard, Method.tsgd, tracker=tracker)
+        result = run_method(hard, Method.tsgd, run=tracker.context())
     assert result["labels"] == "hard" and 0 <= result["top1_mean"] <= 1
     children = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracker.run_id}'")
     assert [r.data.tags["stage"] for r in children] == ["evaluate/tsgd"]  # nothing upstream redone

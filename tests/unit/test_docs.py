@@ -77,7 +77,7 @@ def test_config_reference_covers_every_key_with_a_meaning():
     schema = set(leaves(OmegaConf.structured(Config)))
     assert set(documented) == schema
     undocumented = [k for k, doc in documented.items() if not doc.meaning or doc.meaning.startswith("Must be")]
-    assert not undocumented, f"add a comment to these fields in tsgd_ray/config.py: {undocumented}"
+    assert not undocumented, f"add a comment to these fields in tsgd_ray/config/schema.py: {undocumented}"
     assert "Must be in [1, 50]" in documented["distill.ipc"].meaning
     assert documented["tsgf.compensate"].type == "`none` \\| `median` \\| `shift`"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import BUCKET, REPO, free_port, tiny_config
 
-from tsgd_ray.tracking import Tracker, flatten, redact
+from tsgd_ray.tracking import OFF, Tracker, flatten, redact
 
 pytestmark = pytest.mark.timeout(180)
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
@@ -58,6 +58,39 @@ def test_sqlite_run_has_config_params_versions_and_no_credentials(tmp_path, s3_s
     logged = _all_logged_text(client, tracker.run_id, tmp_path / "dl")
     assert "config.yaml" in [a.path for a in client.list_artifacts(tracker.run_id)]
     assert SECRET not in logged and "AKIAEXAMPLE" not in logged
+
+
+def test_a_stage_logs_through_its_run_context_and_off_logs_nothing(tmp_path):
+    """The skeleton's run context: a child of the invocation's run takes the Tracker's calls less
+    the run id, reaches its parent, and finishes; with tracking off every call is a no-op."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = tiny_config(tmp_path / "out", f"tracking.tracking_uri={uri}")
+    with Tracker(cfg, "run") as tracker:
+        run = tracker.context()
+        stage = run.child("stats", tags={"method": "tsgd"})
+        stage.log_metrics({"clips": 64})
+        stage.log_text("notes/what.txt", "probed")
+        stage.parent.set_tags({"teacher_sha256": "abc"})
+        seed = stage.child("evaluate/tsgd/seed-0")
+        assert stage.find_child("evaluate/tsgd/seed-0").run_id == seed.run_id and stage.find_child("x") is None
+        seed.finish()
+        stage.finish()
+    client = MlflowClient(uri)
+    got = client.get_run(stage.run_id)
+    assert got.data.metrics == {"clips": 64} and got.data.tags["method"] == "tsgd"
+    assert got.data.tags["mlflow.parentRunId"] == tracker.run_id and got.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(stage.run_id, "notes")] == ["notes/what.txt"]
+    assert client.get_run(tracker.run_id).data.tags["teacher_sha256"] == "abc"
+    assert client.get_run(seed.run_id).data.tags["mlflow.parentRunId"] == stage.run_id
+
+    assert not OFF and OFF.child("stats") is OFF and OFF.parent is OFF and OFF.uri == ""
+    assert OFF.log_metrics({"clips": 1}) is None and OFF.log_teacher(b"", {}) is None and OFF.find_child("x") is None
+    OFF.finish()
+    OFF.fail_children()
+    with pytest.raises(AttributeError):
+        OFF.log_everything  # noqa: B018 (a call the Tracker does not have is an error, on or off)
 
 
 def test_failed_invocation_marks_runs_failed(tmp_path):

@@ -250,18 +250,8 @@ def test_selection_is_per_class_and_deterministic():
     assert selection.random_real(labels, 3, ipc=4, seed=6) != choice
     with pytest.raises(ValueError, match="fewer real clips"):
         selection.random_real(labels, 3, ipc=11, seed=0)
-    losses = torch.arange(30, 0, -1).float()
-    assert selection.lowest_loss(losses, labels, 3, ipc=2)[0] == [27, 24]
     rows, classes, indices = selection.flatten(choice)
     assert classes.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and indices.tolist() == [0, 1, 2, 3] * 3
-
-
-def test_herding_starts_from_the_clip_nearest_the_class_mean():
-    features = torch.tensor([[0.0], [10.0], [4.0], [7.0], [100.0], [50.0]])
-    labels = torch.tensor([0, 0, 0, 0, 1, 1])
-    choice = selection.herding(features, labels, 2, ipc=2)
-    # class 0 has mean 5.25: 4 is nearest; then 7 brings the running mean (5.5) closest
-    assert choice == {0: [2, 3], 1: [4, 5]}
 
 
 def test_k_center_covers_the_class_and_moderate_skips_both_ends():

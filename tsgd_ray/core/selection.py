@@ -40,34 +40,6 @@ def random_real(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> 
     }
 
 
-def lowest_loss(losses: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int) -> dict[int, list[int]]:
-    """The `ipc` clips per class the teacher finds easiest (lowest loss; ties by row)."""
-    rows = _class_rows(labels, num_classes, ipc)
-    losses_np = losses.cpu().double().numpy()
-    return {c: r[np.lexsort((r, losses_np[r]))[:ipc]].tolist() for c, r in enumerate(rows)}
-
-
-def herding(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int) -> dict[int, list[int]]:
-    """Greedy herding per class: repeatedly add the clip that brings the mean of the chosen
-    features closest to the class mean (Welling 2009); features (N, D)."""
-    rows = _class_rows(labels, num_classes, ipc)
-    feats = features.double().cpu()
-    chosen: dict[int, list[int]] = {}
-    for c, r in enumerate(rows):
-        f = feats[torch.as_tensor(r)]
-        target, total, picked = f.mean(0), torch.zeros_like(f[0]), []
-        available = torch.ones(len(r), dtype=torch.bool)
-        for k in range(1, ipc + 1):
-            distance = ((total + f) / k - target).norm(dim=1)
-            distance[~available] = float("inf")
-            best = int(distance.argmin())
-            picked.append(int(r[best]))
-            total += f[best]
-            available[best] = False
-        chosen[c] = picked
-    return chosen
-
-
 def _pools(labels, num_classes: int, ipc: int, candidates: Optional[dict[int, list[int]]]) -> list[np.ndarray]:
     """Per class, the rows to choose from: `candidates[c]` (a seeded pool), else all of its rows."""
     rows = _class_rows(labels, num_classes, ipc)

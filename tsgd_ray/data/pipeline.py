@@ -29,7 +29,6 @@ from tsgd_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 READ_CPUS = 0.25
-CLIP_COLUMNS = ("clip", "label", "video_id", "ok", "error")
 
 
 class TooManyBadVideos(UserError, RuntimeError):

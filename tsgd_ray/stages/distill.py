@@ -12,8 +12,10 @@ for each clip: distill.labels.views views and the teacher's logits on each)::
     <distill_dir>/synthetic/p00003.parquet     the partition's synthetic videos
     <distill_dir>/partitions/p00003.json       the completion marker: classes, per-class counts,
                                                the file's sha256 and size, seconds, loss curve
+    <distill_dir>/distill.json                 the stage's marker, once every partition has one
 
-A partition with a marker is never recomputed. Recovery draws every video's random numbers from
+The stage runs in the skeleton the others share (lease, child run, marker); a partition with a
+marker is never recomputed, and one whose marker is gone makes the stage unfinished again. Recovery draws every video's random numbers from
 its own (seed, class, index) stream, so a partition recomputed elsewhere gives the same videos up
 to the last float bits of that machine's kernels; write-once keeps the first copy and its hash.
 
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from tsgd_ray import artifacts, layout, lease, storage
+from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.config import PACK, ConfigError, InitKind
 from tsgd_ray.console import Progress
 from tsgd_ray.core.clips import InputSettings, to_uint8_clips
@@ -48,6 +50,8 @@ from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
+from tsgd_ray.stages import skeleton
+from tsgd_ray.tracking import OFF, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +241,12 @@ class _Progress:
         )
 
 
-def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = None) -> dict:
-    """Recover every unfinished partition with the actor pool; returns a summary.
+def run_distill(cfg: DictConfig, run: RunContext = OFF, actor_prefix: Optional[str] = None) -> dict:
+    """Recover every unfinished partition with the actor pool, unless all are; returns the stage's
+    marker (partitions, recovered, skipped, actor_failures, speculated), written to
+    ``<distill_dir>/distill.json`` once every partition's marker is. A partition lost since (its
+    marker gone) makes the stage unfinished again. Logs the mean recovery curve to a child
+    "distill" of `run`.
 
     `actor_prefix` names the actors (`<prefix>-<i>`, replacements `<prefix>-<i>-r<n>`) so that a
     test or an operator can find them.
@@ -247,11 +255,22 @@ def run_distill(cfg: DictConfig, tracker=None, actor_prefix: Optional[str] = Non
         distils this config and storage.wait_for_lease is false.
     """
     classes = read_manifest(shards_root(cfg))["classes"]
-    with lease.hold(layout.distill_dir(cfg), cfg.storage.lease_seconds, cfg.storage.wait_for_lease, "distill"):
-        return _distill(cfg, classes, tracker, actor_prefix)
+
+    def stands(marker: dict) -> bool:
+        return all(storage.exists(layout.partition_marker_uri(cfg, p)) for p in range(marker["partitions"]))
+
+    return skeleton.run_stage(
+        cfg,
+        "distill",
+        storage.join(layout.distill_dir(cfg), layout.DISTILL_MARKER),
+        lambda stage: _distill(cfg, classes, stage, actor_prefix),
+        run,
+        {"method": cfg.distill.method.value},
+        stands,
+    )
 
 
-def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optional[str]) -> dict:
+def _distill(cfg: DictConfig, classes: list[str], stage: RunContext, actor_prefix: Optional[str]) -> dict:
     plan = load_plan(cfg, len(classes))
     finished = [p for p in range(len(plan)) if storage.exists(layout.partition_marker_uri(cfg, p))]
     pending = [p for p in range(len(plan)) if p not in finished]
@@ -263,37 +282,25 @@ def _distill(cfg: DictConfig, classes: list[str], tracker, actor_prefix: Optiona
         len(pending),
         layout.distill_dir(cfg),
     )
-    summary = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "markers": []}
-    if not pending:  # found, not redone: no MLflow run, as for every other finished stage
-        return {**summary, "actor_failures": 0, "speculated": 0}
-    run_id = tracker.child("distill", tags={"method": cfg.distill.method.value}) if tracker else None
+    marker = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "actor_failures": 0, "speculated": 0}
+    curves = []
 
-    def on_result(partition: int, marker: dict) -> None:
-        summary["recovered" if not marker.get("skipped") else "skipped"] += 1
-        summary["markers"].append(marker)
-        progress.update(marker)
+    def on_result(partition: int, result: dict) -> None:
+        marker["recovered" if not result.get("skipped") else "skipped"] += 1
+        if not result.get("skipped"):
+            curves.append(result["history"])
+        progress.update(result)
 
-    d = cfg.distill
-    check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
-    gpus = reserved_gpus(cfg.device, d.gpus_per_actor)
-    threads = max(1, math.floor(d.cpus_per_actor)) if gpus == 0 else 1
-    start = actor_starter(PartitionWorker, d.cpus_per_actor, gpus, cfg, classes, threads)
-    pool = ElasticPool(
-        start, min(d.actors, len(pending)), actor_prefix or f"tsgd-distill-{os.getpid()}", cfg.ray.max_failures
-    )
-    pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
-    summary.update(actor_failures=pool.lost, speculated=pool.speculated)
-    if tracker:
-        recovered = [m["history"] for m in summary["markers"] if not m.get("skipped")]
-        tracker.log_history(run_id, mean_curve(recovered))  # one curve, however many partitions
-        tracker.log_metrics(
-            run_id,
-            {
-                "partitions": len(plan),
-                "recovered": summary["recovered"],
-                "actor_failures": pool.lost,
-                "speculated": pool.speculated,
-            },
-        )
-        tracker.finish(run_id)
-    return summary
+    if pending:
+        d = cfg.distill
+        check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
+        gpus = reserved_gpus(cfg.device, d.gpus_per_actor)
+        threads = max(1, math.floor(d.cpus_per_actor)) if gpus == 0 else 1
+        start = actor_starter(PartitionWorker, d.cpus_per_actor, gpus, cfg, classes, threads)
+        name = actor_prefix or f"tsgd-distill-{os.getpid()}"
+        pool = ElasticPool(start, min(d.actors, len(pending)), name, cfg.ray.max_failures)
+        pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
+        marker.update(actor_failures=pool.lost, speculated=pool.speculated)
+    stage.log_history(mean_curve(curves))  # one curve, however many partitions
+    stage.log_metrics({k: marker[k] for k in ("partitions", "recovered", "actor_failures", "speculated")})
+    return marker

@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -43,7 +43,7 @@ from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.fleet import Fleet, Student
 from tsgd_ray.stages import skeleton
-from tsgd_ray.tracking import live_curve
+from tsgd_ray.tracking import OFF, RunContext, live_curve
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _fit_on_stream(
 
 
 def _test(
-    model, source: ray_train.ClipSource, rank: int, world: int, cfg: DictConfig, device
+    model, source: ray_train.ClipSource, rank: int, world: int, device, cfg: DictConfig
 ) -> tuple[float, float, int]:
     """(top-1, top-5, clips) of `model` on the evaluation clips, summed over all workers."""
     counts = torch.zeros(3, dtype=torch.float64)
@@ -179,13 +179,20 @@ def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes
         )
     else:
         _fit_on_stream(model, teacher, source, rank, world, settings, worker_seed, device, **fit_options)
-    top1, top5, n = _test(model, source, rank, world, cfg, device)
-    teacher_scores = _test(teacher, source, rank, world, cfg, device) if student["teacher_too"] else None
+    _write_seed(student, model, teacher, source, (rank, world, device), history, started, resume)
+
+
+def _write_seed(student: dict, model, teacher, source, where: tuple, history: list, started: float, resume) -> None:
+    """Test a trained student (and the teacher, for the method's first seed) on the evaluation
+    clips; rank 0 writes the seed file. `where`: (rank, world, device)."""
+    cfg, rank = student["cfg"], where[0]
+    top1, top5, n = _test(model, source, *where, cfg)
+    teacher_scores = _test(teacher, source, *where, cfg) if student["teacher_too"] else None
     if rank == 0:
         storage.write_json_once(
-            seed_uri(cfg, method, seed),
+            seed_uri(cfg, Method(student["method"]), student["seed"]),
             {
-                "seed": seed,
+                "seed": student["seed"],
                 "top1": top1,
                 "top5": top5,
                 "test_clips": n,
@@ -193,7 +200,7 @@ def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes
                 **({"teacher_top1": teacher_scores[0], "teacher_top5": teacher_scores[1]} if teacher_scores else {}),
                 "started": started,
                 "seconds": round(time.time() - started, 1),
-                "workers": world,
+                "workers": where[1],
                 "resumed_at": resume["epoch"] if resume else None,  # the checkpoint's epoch after a restart
             },
         )
@@ -241,14 +248,12 @@ def _cost(cfg: DictConfig, method: Method, classes: int, train_clips: int, eval_
     return cfg.evaluate.epochs * clips + eval_clips
 
 
-def train_students(
-    cfg: DictConfig, evaluated: Sequence[Method], run_ids: Sequence[Optional[str]] = (), tracker_uri: str = ""
-) -> None:
+def train_students(cfg: DictConfig, evaluated: Sequence[Method], stages: Sequence[RunContext] = ()) -> None:
     """Train every unfinished (method, seed) student of `evaluated` (their method configs are
     made from `cfg`) in one evaluation fleet (`runtime.fleet`): as many Ray Train runs at once as
     the cluster holds, each training its students one after another; each student writes its seed
-    file. run_ids (one per method, or empty): the MLflow runs under which each student's live
-    curve gets a child run "evaluate/<method>/seed-<seed>" (on the MLflow store `tracker_uri`).
+    file. stages (one per method, or empty): the MLflow runs under which each student's live
+    curve gets a child run "evaluate/<method>/seed-<seed>".
 
     Raises:
         ConfigError: stored labels asked of a set that holds fewer than evaluate.views.
@@ -257,48 +262,29 @@ def train_students(
 
     manifest = read_manifest(shards_root(cfg))
     classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
-    counts = {name: sum(c.values()) for name, c in manifest["counts"].items()}
-    todo, routes = [], {}
-    for method, run_id in zip(evaluated, run_ids or [None] * len(evaluated)):
-        mcfg = method_config(cfg, method)
-        _check_stored(mcfg, method)
-        for seed in mcfg.evaluate.seeds:
-            key = f"{method.value}/seed-{seed}"
-            if not storage.exists(seed_uri(mcfg, method, seed)):
-                todo.append((key, mcfg, method, seed))
-                if run_id:
-                    routes[key] = (run_id, f"evaluate/{key}")
+    todo, routes = _unfinished(cfg, evaluated, stages)
     if not todo:
         return
     check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
-    streamed = any(not methods.get(method).distils for _, _, method, _ in todo)
+    streamed = any(not methods.get(student["method"]).distils for student in todo.values())
     source = ray_train.ClipSource(cfg, {"eval": split, **({"train": "train"} if streamed else {})}, tested=["eval"])
-    students = {
-        key: {
-            "key": key,
-            "cfg": mcfg,
-            "method": method.value,
-            "seed": seed,
-            "teacher_too": seed == mcfg.evaluate.seeds[0],
-        }
-        for key, mcfg, method, seed in todo
-    }
+    counts = {name: sum(c.values()) for name, c in manifest["counts"].items()}
     fleet = Fleet.for_config(cfg)
     slots = fleet.slots(
         [
             Student(
                 key,
-                _cost(mcfg, method, len(classes), counts.get("train", 0), counts.get(split, 0)),
-                mcfg.evaluate.num_workers,
+                _cost(s["cfg"], s["method"], len(classes), counts.get("train", 0), counts.get(split, 0)),
+                s["cfg"].evaluate.num_workers,
             )
-            for key, mcfg, method, seed in todo
+            for key, s in todo.items()
         ]
     )
-    folder = fleet_dir(cfg, [seed_uri(mcfg, method, seed) for _, mcfg, method, seed in todo])
-    curve = [live_curve(tracker_uri, step="step", children=routes)] if routes else []
+    folder = fleet_dir(cfg, [seed_uri(s["cfg"], s["method"], s["seed"]) for s in todo.values()])
+    curve = [live_curve(stages[0].uri, step="step", children=routes)] if routes else []
 
     def train(index: int, slot) -> None:
-        section = students[slot[0].key]["cfg"].evaluate  # the students of a slot share their width
+        section = todo[slot[0].key]["cfg"].evaluate  # the students of a slot share their width
         log.info("evaluate: slot %d trains %s", index, ", ".join(s.key for s in slot))
         TorchTrainer(
             _slot_worker,
@@ -306,7 +292,7 @@ def train_students(
                 "cfg": cfg,
                 "classes": classes,
                 "source": source,
-                "students": [students[s.key] for s in slot],
+                "students": [{**todo[s.key], "method": todo[s.key]["method"].value} for s in slot],
             },
             scaling_config=ray_train.scaling_config(section, cfg.device),
             torch_config=ray_train.torch_config(section, cfg.device),
@@ -318,27 +304,38 @@ def train_students(
     fleet.run(slots, train)
 
 
-def _report(cfg: DictConfig, method: Method, split: str, tracker, run_id: Optional[str]) -> dict:
-    """The results of `method`'s students (`summarise`), logged under the method's run."""
+def _unfinished(cfg: DictConfig, evaluated: Sequence[Method], stages: Sequence[RunContext]) -> tuple[dict, dict]:
+    """The students of `evaluated` without a seed file, {key: {key, cfg, method, seed,
+    teacher_too}}, and their live curves' routes {key: (the method's run id, child name)}."""
+    todo, routes = {}, {}
+    for method, stage in zip(evaluated, stages or [OFF] * len(evaluated)):
+        mcfg = method_config(cfg, method)
+        _check_stored(mcfg, method)
+        for seed in mcfg.evaluate.seeds:
+            key = f"{method.value}/seed-{seed}"
+            if not storage.exists(seed_uri(mcfg, method, seed)):
+                teacher_too = seed == mcfg.evaluate.seeds[0]
+                todo[key] = {"key": key, "cfg": mcfg, "method": method, "seed": seed, "teacher_too": teacher_too}
+                if stage:
+                    routes[key] = (stage.run_id, f"evaluate/{key}")
+    return todo, routes
+
+
+def _report(cfg: DictConfig, method: Method, split: str, stage: RunContext) -> dict:
+    """The results of `method`'s students (`summarise`), logged to the method's run `stage`: a
+    child run per seed, the means on `stage` itself."""
     per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
     results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split, "labels": label_regime(cfg, method)}
-    if tracker:
-        for r in per_seed:
-            name, started = f"evaluate/{method.value}/seed-{r['seed']}", r.get("started")
-            seed_run = tracker.find_child(run_id, name)  # opened live when the seed started
-            if seed_run is None:  # `full` (no per-epoch reports), or a seed of an earlier invocation
-                seed_run = tracker.child(name, parent=run_id, start_time=started)
-                tracker.log_history(seed_run, r["history"])
-            tracker.log_metrics(seed_run, {"top1": r["top1"], "top5": r["top5"]})
-            tracker.finish(seed_run, end_time=started + r["seconds"] if started else None)
-        tracker.log_metrics(
-            run_id,
-            {
-                k: results[k]
-                for k in ("top1_mean", "top1_std", "top5_mean", "top5_std", "teacher_top1", "teacher_top5")
-                if k in results
-            },
-        )
+    for r in per_seed if stage else []:
+        name, started = f"evaluate/{method.value}/seed-{r['seed']}", r.get("started")
+        seed_run = stage.find_child(name)  # opened live when the seed started
+        if seed_run is None:  # `full` (no per-epoch reports), or a seed of an earlier invocation
+            seed_run = stage.child(name, start_time=started)
+            seed_run.log_history(r["history"])
+        seed_run.log_metrics({"top1": r["top1"], "top5": r["top5"]})
+        seed_run.finish(end_time=started + r["seconds"] if started else None)
+    keys = ("top1_mean", "top1_std", "top5_mean", "top5_std", "teacher_top1", "teacher_top5")
+    stage.log_metrics({k: results[k] for k in keys if k in results})
     log.info(
         "evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s",
         method.value,
@@ -350,11 +347,11 @@ def _report(cfg: DictConfig, method: Method, split: str, tracker, run_id: Option
     return results
 
 
-def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], tracker=None) -> list[dict]:
+def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], run: RunContext = OFF) -> list[dict]:
     """Train and test the students of every method of `evaluated` (each method's config made from
     `cfg` by `methods.method_config`) unless finished, every student in one fleet
     (`train_students`); returns each method's results (see `summarise`), in order. Each method is
-    a stage of its own (`evaluate/<method>`: its marker, lease and MLflow run).
+    a stage of its own (`evaluate/<method>`: its marker, lease and MLflow child run of `run`).
 
     Raises:
         ConfigError: the dataset has no data.eval_split split, or stored labels are asked of a set
@@ -370,19 +367,18 @@ def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], tracker=None)
         for m, c in zip(evaluated, configs)
     ]
 
-    def work(todo: list[int], run_ids: list[Optional[str]]) -> list[dict]:
+    def work(todo: list[int], stages: list[RunContext]) -> list[dict]:
         try:
-            train_students(cfg, [evaluated[i] for i in todo], run_ids, tracker.uri if tracker else "")
+            train_students(cfg, [evaluated[i] for i in todo], stages)
         except BaseException:
-            if tracker:
-                for run_id in run_ids:
-                    tracker.fail_children(run_id)  # seed runs the live curve opened
+            for stage in stages:
+                stage.fail_children()  # seed runs the live curve opened
             raise
-        return [_report(configs[i], evaluated[i], split, tracker, run_id) for i, run_id in zip(todo, run_ids)]
+        return [_report(configs[i], evaluated[i], split, stage) for i, stage in zip(todo, stages)]
 
-    return skeleton.run_stages(cfg, specs, work, tracker)
+    return skeleton.run_stages(cfg, specs, work, run)
 
 
-def run_evaluate(cfg: DictConfig, method: Method, tracker=None) -> dict:
+def run_evaluate(cfg: DictConfig, method: Method, run: RunContext = OFF) -> dict:
     """`evaluate_methods` of one method: its results."""
-    return evaluate_methods(cfg, [method], tracker)[0]
+    return evaluate_methods(cfg, [method], run)[0]

@@ -23,6 +23,7 @@ from tsgd_ray.data import clip_cache, clip_table
 from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import read_manifest, shards_root, train_shards
 from tsgd_ray.stages import skeleton
+from tsgd_ray.tracking import OFF, RunContext
 
 INIT_PART_BYTES = 64 * 2**20  # about this many bytes of init clips per part file (whole classes)
 
@@ -109,7 +110,7 @@ def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
     }
 
 
-def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
+def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
     kind = layout.init_kind(cfg).value
     kept = artifacts.read_candidates(cfg)
     if kind not in kept:
@@ -157,7 +158,7 @@ def _write_init(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     }
 
 
-def run_init(cfg: DictConfig, tracker=None) -> dict:
+def run_init(cfg: DictConfig, run: RunContext = OFF) -> dict:
     """The init clips of this (ipc, init kind), unless written; returns the init marker.
 
     Raises:
@@ -169,7 +170,7 @@ def run_init(cfg: DictConfig, tracker=None) -> dict:
         cfg,
         "init",
         storage.join(layout.init_dir(cfg), layout.INIT_MARKER),
-        lambda run_id: _write_init(cfg, classes, run_id, tracker),
-        tracker,
+        lambda stage: _write_init(cfg, classes),
+        run,
         {"method": cfg.distill.method.value},
     )

@@ -34,6 +34,7 @@ from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.data.video import encode_mp4
 from tsgd_ray.errors import UserError
 from tsgd_ray.stages import skeleton
+from tsgd_ray.tracking import OFF, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,10 @@ def contact_sheet(cfg: DictConfig, init: Optional[torch.Tensor], synthetic: torc
     return image.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1).numpy()
 
 
-def _log_to_parent(cfg: DictConfig, tracker, batch: dict, preview: bytes, classes: list[str]) -> None:
-    """On the invocation's run: the preview video and a contact sheet per class (first video)."""
+def _log_sheets(cfg: DictConfig, run: RunContext, batch: dict, preview: bytes, classes: list[str]) -> None:
+    """On `run` (the invocation's): the preview video and a contact sheet per class (first video)."""
     method = cfg.distill.method.value
-    tracker.log_bytes(tracker.run_id, f"synthetic/{method}/preview.mp4", preview)
+    run.log_bytes(f"synthetic/{method}/preview.mp4", preview)
     try:
         init = artifacts.read_init(cfg, sorted(set(batch["labels"].tolist())))
     except artifacts.MissingInput:  # noise init: no init clips
@@ -132,8 +133,7 @@ def _log_to_parent(cfg: DictConfig, tracker, batch: dict, preview: bytes, classe
         if init is not None:
             same = ((init["labels"] == c) & (init["indices"] == batch["indices"][row])).nonzero()
             start = init["clips"][int(same[0])] if len(same) else None
-        tracker.log_image(
-            tracker.run_id,
+        run.log_image(
             f"synthetic/{method}/classes/{c:04d}-{classes[c]}.png",
             contact_sheet(cfg, start, batch["clips"][row]),
         )
@@ -172,9 +172,10 @@ def _manifest(cfg: DictConfig, classes: list[str], files: list[dict]) -> dict:
     }
 
 
-def run_merge(cfg: DictConfig, tracker=None) -> dict:
+def run_merge(cfg: DictConfig, run: RunContext = OFF) -> dict:
     """Check the partitions and write the synthetic set's manifest and preview unless it exists;
-    returns the manifest.
+    returns the manifest. Logs the preview and manifest to a child "merge" of `run`, and the
+    preview and a contact sheet per class to `run` itself.
 
     Raises:
         MergeError: a class without exactly distill.ipc videos (the message names them).
@@ -182,16 +183,16 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
     classes = read_manifest(shards_root(cfg))["classes"]
     folder = layout.synthetic_dir(cfg)
 
-    def work(run_id) -> dict:
+    def work(stage: RunContext) -> dict:
         files = _files(cfg, classes)
         batch = _first_classes(cfg, files)
         preview = encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
         storage.write_once(storage.join(folder, layout.PREVIEW), preview)
         manifest = _manifest(cfg, classes, files)
-        if tracker:
-            tracker.log_bytes(run_id, "synthetic/previews/grid.mp4", preview)
-            tracker.log_text(run_id, "synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-            _log_to_parent(cfg, tracker, batch, preview, classes)
+        if stage:
+            stage.log_bytes("synthetic/previews/grid.mp4", preview)
+            stage.log_text("synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            _log_sheets(cfg, stage.parent, batch, preview, classes)
         log.info(
             "merge: %d videos of %d classes in %d files -> %s", manifest["num_videos"], len(classes), len(files), folder
         )
@@ -202,6 +203,6 @@ def run_merge(cfg: DictConfig, tracker=None) -> dict:
         "merge",
         storage.join(folder, layout.SYNTHETIC_MANIFEST),
         work,
-        tracker,
+        run,
         {"method": cfg.distill.method.value},
     )

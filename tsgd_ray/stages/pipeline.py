@@ -28,7 +28,7 @@ from tsgd_ray.stages.merge import run_merge
 from tsgd_ray.stages.prepare import decode_once, run_prepare
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
-from tsgd_ray.tracking.runs import check_store
+from tsgd_ray.tracking.runs import OFF, RunContext, check_store
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,13 @@ def preflight(cfg: DictConfig, stages=STAGES) -> Optional[Catalog]:
     return catalog
 
 
-def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[Catalog] = None) -> list[dict]:
+def run_stages(cfg: DictConfig, stages=STAGES, run: RunContext = OFF, catalog: Optional[Catalog] = None) -> list[dict]:
     """Run `stages` (in pipeline order) for every method; returns the evaluation results (if run).
-    `catalog`: the dataset's catalog when the caller has built it (see `preflight`).
+    Each stage logs to a child of `run` (the invocation's); the dataset, the teacher and the
+    results are logged to `run` here. `catalog`: the dataset's catalog when the caller has built it
+    (see `preflight`). The plan (`tsgd-ray plan`'s, with the shard manifest's counts) is rendered
+    once the shards exist, before the teacher: to the log file, its total to the console, and to
+    `run` as plan.txt.
 
     Raises:
         ConfigError: when evaluate is asked for and the dataset has no data.eval_split split.
@@ -68,59 +72,63 @@ def run_stages(cfg: DictConfig, stages=STAGES, tracker=None, catalog: Optional[C
     if "prepare" in stages:
         run_prepare(cfg, catalog)
         caches = decode_once(cfg)
-        if tracker and caches:
-            tracker.log_metrics(tracker.run_id, {f"decodes/{s}": clip_cache.decodes(m) for s, m in caches.items()})
+        run.log_metrics({f"decodes/{s}": clip_cache.decodes(m) for s, m in caches.items()})
     if "evaluate" in stages:
         eval_split(cfg, read_manifest(shards_root(cfg))["counts"])
-    if tracker:
-        manifest = storage.read_bytes(storage.join(shards_root(cfg), MANIFEST))
-        digest = hashlib.sha256(manifest).hexdigest()
-        tracker.set_tags(tracker.run_id, {"dataset_manifest_sha256": digest})
-        tracker.log_text(tracker.run_id, "shards/manifest.json", manifest.decode())
-        counts = json.loads(manifest)["counts"]
-        tracker.log_dataset(
-            tracker.run_id,
-            f"{cfg.data.dataset.value}-shards",
-            digest,
-            shards_root(cfg),
-            {
-                "classes": len(json.loads(manifest)["classes"]),
-                **{f"{split}_videos": sum(c.values()) for split, c in counts.items()},
-            },
-            "train",
-        )
-        tracker.log_text(tracker.run_id, "plan.txt", render(make_plan(cfg)) + "\n")  # counts from the manifest now
+    plan = render(make_plan(cfg))
+    logging.getLogger("plan").info("%s", plan)  # the log file only
+    log.info("%s", plan.splitlines()[-1])
+    if run:
+        _log_dataset(cfg, run)
+        run.log_text("plan.txt", plan + "\n")
     if "teacher" in stages:
-        marker = run_teacher(cfg, tracker)
-        if tracker:
-            tracker.set_tags(tracker.run_id, {"teacher_sha256": marker["sha256"]})
-    for method in methods.run_order(cfg):
-        run_method(cfg, method, [s for s in stages if s != "evaluate"], tracker)
-    results = evaluate_methods(cfg, methods.run_order(cfg), tracker) if "evaluate" in stages else []
-    if tracker and results:
-        for method, result in zip(methods.run_order(cfg), results):
-            tracker.log_metrics(
-                tracker.run_id,
-                {f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")},
-            )
-        tracker.log_metrics(  # one teacher for every method
-            tracker.run_id,
-            {f"teacher/{k}": results[0][f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in results[0]},
-        )
-        tracker.log_table(tracker.run_id, "results.json", results_rows(results))
-        tracker.log_text(tracker.run_id, "results.md", results_table(results) + "\n")
+        run.set_tags({"teacher_sha256": run_teacher(cfg, run)["sha256"]})
+    order = methods.run_order(cfg)
+    for method in order:
+        run_method(cfg, method, [s for s in stages if s != "evaluate"], run)
+    results = evaluate_methods(cfg, order, run) if "evaluate" in stages else []
+    if run and results:
+        _log_results(run, order, results)
     return results
 
 
-def run_method(cfg: DictConfig, method: Method, stages=STAGES, tracker=None) -> Optional[dict]:
+def _log_dataset(cfg: DictConfig, run: RunContext) -> None:
+    """The shard manifest as the run's input dataset (its sha256 a tag, the file an artifact)."""
+    manifest = storage.read_bytes(storage.join(shards_root(cfg), MANIFEST))
+    digest = hashlib.sha256(manifest).hexdigest()
+    run.set_tags({"dataset_manifest_sha256": digest})
+    run.log_text("shards/manifest.json", manifest.decode())
+    parsed = json.loads(manifest)
+    profile = {"classes": len(parsed["classes"])} | {
+        f"{split}_videos": sum(c.values()) for split, c in parsed["counts"].items()
+    }
+    run.log_dataset(f"{cfg.data.dataset.value}-shards", digest, shards_root(cfg), profile, "train")
+
+
+def _log_results(run: RunContext, order: list[Method], results: list[dict]) -> None:
+    """Each method's top-1/top-5 mean and std, the teacher's, and the results table."""
+    for method, result in zip(order, results):
+        run.log_metrics({f"{method.value}/{k}": result[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")})
+    teacher = {f"teacher/{k}": results[0][f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in results[0]}
+    run.log_metrics(teacher)  # one teacher for every method
+    run.log_table("results.json", results_rows(results))
+    run.log_text("results.md", results_table(results) + "\n")
+
+
+def run_method(cfg: DictConfig, method: Method, stages=STAGES, run: RunContext = OFF) -> Optional[dict]:
     """The per-method stages of `stages` for `method` (stats, init, distill, merge where it
     distils; evaluate); returns the evaluation results, or None when evaluate is not among them."""
     method_cfg = method_config(cfg, method)
     if methods.get(method).distils:
-        for stage, run in (("stats", run_stats), ("init", run_init), ("distill", run_distill), ("merge", run_merge)):
+        for stage, run_stage in (
+            ("stats", run_stats),
+            ("init", run_init),
+            ("distill", run_distill),
+            ("merge", run_merge),
+        ):
             if stage in stages:
-                run(method_cfg, tracker)
-    return run_evaluate(method_cfg, method, tracker) if "evaluate" in stages else None
+                run_stage(method_cfg, run)
+    return run_evaluate(method_cfg, method, run) if "evaluate" in stages else None
 
 
 def results_rows(results: list[dict]) -> list[dict]:

@@ -70,48 +70,8 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
         if summary["plan_hash"] != digest:
             raise ManifestError(f"{part_uri} belongs to another dataset or setting; use a new data.shards")
         return summary
-    rows, skipped = [], []
-    for record in plan.records:
-        try:
-            data, info = _load_video(record.uri, transcode_short_side)
-        except VideoDecodeError as exc:
-            skipped.append({"uri": record.uri, "reason": exc.reason, "detail": exc.detail[:300], "stage": "probe"})
-            continue
-        except OSError as exc:
-            skipped.append(
-                {
-                    "uri": record.uri,
-                    "reason": "unreadable",
-                    "detail": f"{type(exc).__name__}: {exc}"[:300],
-                    "stage": "read",
-                }
-            )
-            continue
-        rows.append(
-            {
-                "video_id": record.video_id,
-                "label": record.label,
-                "class_name": record.class_name,
-                "split": record.split,
-                "source_uri": relative_source(record.uri, source_root),
-                "video": data,
-                **info,
-            }
-        )
-    shard_bytes = 0
-    if rows:
-        table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-        mean_row = max(1, table.nbytes // len(rows))
-        buf = io.BytesIO()
-        pq.write_table(
-            table,
-            buf,
-            row_group_size=max(1, ROW_GROUP_BYTES // mean_row),
-            compression="none",
-            use_dictionary=["video_id", "class_name", "split", "source_uri"],
-        )  # never the videos
-        shard_bytes = buf.tell()
-        storage.write_once(storage.join(root, plan.name), buf.getvalue())
+    rows, skipped = _read_videos(plan, transcode_short_side, source_root)
+    shard_bytes = _write_table(rows, storage.join(root, plan.name)) if rows else 0
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row["class_name"]] += 1
@@ -126,6 +86,49 @@ def write_shard(plan: ShardPlan, root: str, transcode_short_side: int, digest: s
     }
     storage.write_json_once(part_uri, summary)
     return summary
+
+
+def _read_videos(plan: ShardPlan, transcode_short_side: int, source_root: str) -> tuple[list[dict], list[dict]]:
+    """The shard's rows (each video's bytes and probe) and the videos skipped, with why."""
+    rows, skipped = [], []
+    for record in plan.records:
+        try:
+            data, info = _load_video(record.uri, transcode_short_side)
+        except VideoDecodeError as exc:
+            skipped.append({"uri": record.uri, "reason": exc.reason, "detail": exc.detail[:300], "stage": "probe"})
+            continue
+        except OSError as exc:
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            skipped.append({"uri": record.uri, "reason": "unreadable", "detail": detail, "stage": "read"})
+            continue
+        rows.append(
+            {
+                "video_id": record.video_id,
+                "label": record.label,
+                "class_name": record.class_name,
+                "split": record.split,
+                "source_uri": relative_source(record.uri, source_root),
+                "video": data,
+                **info,
+            }
+        )
+    return rows, skipped
+
+
+def _write_table(rows: list[dict], uri: str) -> int:
+    """Write the rows as one Parquet shard at `uri` (once); returns its size in bytes."""
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    mean_row = max(1, table.nbytes // len(rows))
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        row_group_size=max(1, ROW_GROUP_BYTES // mean_row),
+        compression="none",
+        use_dictionary=["video_id", "class_name", "split", "source_uri"],
+    )  # never the videos
+    storage.write_once(uri, buf.getvalue())
+    return buf.tell()
 
 
 def _write_shard_row(row: dict, root: str, transcode_short_side: int, digest: str, source_root: str) -> dict:

@@ -1,5 +1,5 @@
 """The stage skeleton every stage runs in: skip if finished, take the folder's lease, open the
-stage's MLflow child run, do the work, write the marker once."""
+stage's MLflow child run (a `RunContext` its work logs to), do the work, write the marker once."""
 
 from __future__ import annotations
 
@@ -11,45 +11,51 @@ from typing import Callable, NamedTuple, Optional, Sequence
 from omegaconf import DictConfig
 
 from tsgd_ray import lease, storage
+from tsgd_ray.tracking.runs import OFF, RunContext
 
 log = logging.getLogger(__name__)
 
 
 class StageSpec(NamedTuple):
-    """One stage of a joint run: its `name` (the MLflow child run), `marker_uri` and run `tags`."""
+    """One stage of a joint run: its `name` (the MLflow child run), `marker_uri` and run `tags`;
+    `stands(marker)`, where given, says whether a found marker's outputs are all still there (a
+    marker that does not stand counts as unfinished, and is replaced when the work is done)."""
 
     name: str
     marker_uri: str
     tags: Optional[dict[str, str]] = None
+    stands: Optional[Callable[[dict], bool]] = None
 
 
 def run_stage(
     cfg: DictConfig,
     name: str,
     marker_uri: str,
-    work: Callable[[Optional[str]], dict],
-    tracker=None,
+    work: Callable[[RunContext], dict],
+    run: RunContext = OFF,
     tags: Optional[dict[str, str]] = None,
+    stands: Optional[Callable[[dict], bool]] = None,
 ) -> dict:
     """Skip if `marker_uri` exists (returning it, marked "skipped"); else take the stage folder's
     lease (`tsgd_ray.lease`: another run of the same stage is waited for, or refused with
-    storage.wait_for_lease=false), look again, open the stage's MLflow child run, call
-    `work(run_id)` (which writes the outputs and returns the marker's content), add the seconds,
-    write the marker once, close the run and return the marker."""
-    (marker,) = run_stages(cfg, [StageSpec(name, marker_uri, tags)], lambda todo, run_ids: [work(run_ids[0])], tracker)
+    storage.wait_for_lease=false), look again, open the stage's child run of `run` (the
+    invocation's), call `work(stage)` with that child's context (the work writes the outputs, logs
+    to `stage` and returns the marker's content), add the seconds, write the marker once, close
+    the child run and return the marker."""
+    (marker,) = run_stages(cfg, [StageSpec(name, marker_uri, tags, stands)], lambda todo, runs: [work(runs[0])], run)
     return marker
 
 
 def run_stages(
     cfg: DictConfig,
     specs: Sequence[StageSpec],
-    work: Callable[[list[int], list[Optional[str]]], list[dict]],
-    tracker=None,
+    work: Callable[[list[int], list[RunContext]], list[dict]],
+    run: RunContext = OFF,
 ) -> list[dict]:
     """`run_stage` for stages whose work is done together (the evaluation fleet trains the
     students of several methods at once): the finished ones are skipped; the leases of the others
     are taken (in folder order, so two runs never wait on each other), their child runs opened,
-    and `work(todo, run_ids)` (the indices of the unfinished stages in `specs`, and their runs)
+    and `work(todo, stages)` (the indices of the unfinished stages in `specs`, and their runs)
     returns their markers, each written once. Returns every stage's marker, in the order of
     `specs`."""
     markers: list[Optional[dict]] = [_finished(spec) for spec in specs]
@@ -66,7 +72,7 @@ def run_stages(
             markers[i] = _finished(specs[i], "by another run ")
         todo = [i for i in todo if markers[i] is None]
         if todo:
-            for i, marker in zip(todo, _run_work(todo, specs, work, tracker)):
+            for i, marker in zip(todo, _run_work(todo, specs, work, run)):
                 markers[i] = marker
     return markers
 
@@ -74,26 +80,31 @@ def run_stages(
 def _finished(spec: StageSpec, by: str = "") -> Optional[dict]:
     if not storage.exists(spec.marker_uri):
         return None
+    marker = storage.read_json(spec.marker_uri)
+    if spec.stands and not spec.stands(marker):
+        log.info("%s: finished at %s, but some of its outputs are gone: redone", spec.name, spec.marker_uri)
+        return None
     log.info("%s: finished %sat %s, skipped", spec.name, by, spec.marker_uri.rsplit("/", 1)[0])
-    return {**storage.read_json(spec.marker_uri), "skipped": True}
+    return {**marker, "skipped": True}
 
 
-def _run_work(todo: list[int], specs: Sequence[StageSpec], work, tracker) -> list[dict]:
+def _run_work(todo: list[int], specs: Sequence[StageSpec], work, run: RunContext) -> list[dict]:
     started = time.time()
     specs = [specs[i] for i in todo]
-    run_ids = [tracker.child(spec.name, tags=spec.tags) if tracker else None for spec in specs]
+    stages = [run.child(spec.name, tags=spec.tags) for spec in specs]
     try:
-        markers = work(todo, run_ids)
+        markers = work(todo, stages)
     except BaseException:
-        if tracker:
-            for run_id in run_ids:
-                tracker.finish(run_id, "FAILED")
+        for stage in stages:
+            stage.finish("FAILED")
         raise
-    for spec, run_id, marker in zip(specs, run_ids, markers):
+    for spec, stage, marker in zip(specs, stages, markers):
         marker["seconds"] = round(time.time() - started, 3)
-        storage.write_json_once(spec.marker_uri, marker)
-        if tracker:
-            tracker.log_metrics(run_id, {"seconds": marker["seconds"]})
-            tracker.finish(run_id)
+        if spec.stands and storage.exists(spec.marker_uri):  # it did not stand: replaced, under the lease
+            storage.write_json(spec.marker_uri, marker)
+        else:
+            storage.write_json_once(spec.marker_uri, marker)
+        stage.log_metrics({"seconds": marker["seconds"]})
+        stage.finish()
         log.info("%s: done in %.1f s -> %s", spec.name, marker["seconds"], spec.marker_uri.rsplit("/", 1)[0])
     return markers

@@ -49,6 +49,7 @@ from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root, trai
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
 from tsgd_ray.stages import skeleton
+from tsgd_ray.tracking import OFF, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +206,51 @@ def units(cfg: DictConfig) -> tuple[list[dict], dict | None]:
     return [{**shard, "shard": i} for i, shard in enumerate(train_shards(cfg))], None
 
 
-def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
+def _probe_pass(cfg: DictConfig, classes: list[str], stage: RunContext) -> dict:
     work, cache = units(cfg)
     if not work:
         raise ManifestError(f"no training videos in the shards under {shards_root(cfg)}")
+    done, state, lost = _probe(cfg, classes, work, "file" if cache else "shard")
+    stats, best = ClassStatistics.from_state_dict(state["statistics"]), state["candidates"]
+    missing = stats.missing_classes()
+    if missing:
+        raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
+    artifacts.write_statistics(cfg, stats)
+    candidates = {kind: kept.best(len(classes)) for kind, kept in best.items()}
+    artifacts.write_candidates(cfg, candidates)
+    clips = sum(r["clips"] for r in done.values())
+    all_bad = cache["errors"] if cache else [e for s in sorted(done) for e in done[s]["bad"]]
+    marker = {
+        "clips": clips,
+        "bad_videos": all_bad,  # a cache's: counted when prepare decoded them
+        "classes": len(classes),
+        "source": "clip_cache" if cache else "shards",
+        "units": len(work),
+        "decodes": sum(r["decodes"] for r in done.values()),
+        "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
+        "actors_lost": lost,
+    }
+    stage.log_metrics(
+        {k: marker[k] for k in ("clips", "actors_lost", "mean_teacher_loss")} | {"bad_videos": len(all_bad)}
+    )
+    log.info(
+        "stats: %d clips in %d %s, %d bad, %d decoded",
+        clips,
+        len(work),
+        marker["source"],
+        len(all_bad),
+        marker["decodes"],
+    )
+    return marker
+
+
+def _probe(cfg: DictConfig, classes: list[str], work: list[dict], unit: str) -> tuple[dict, dict, int]:
+    """The probe over every unit of `work` on the stats actors: (each unit's result, the folded
+    state, actors lost). Raises TooManyBadVideos as soon as more than data.max_bad_fraction fail."""
     expected = sum(u["rows"] for u in work)
     max_bad = int(cfg.data.max_bad_fraction * expected)
     bad: dict[int, list[str]] = {}
-    progress = Progress("stats", len(work), "file" if cache else "shard")
+    progress = Progress("stats", len(work), unit)
     probed = 0  # clips of the finished units
 
     def on_result(unit: int, result: dict) -> None:
@@ -234,54 +272,14 @@ def _probe_pass(cfg: DictConfig, classes: list[str], run_id, tracker) -> dict:
     start = actor_starter(StatsWorker, s.cpus_per_actor, gpus, cfg, classes, max(1, math.floor(s.cpus_per_actor)))
     pool = ElasticPool(start, s.actors, f"tsgd-stats-{os.getpid()}", cfg.ray.max_failures)
     done, state = pool.run(
-        range(len(work)),
-        lambda actor, i: actor.probe.remote(work[i]),
-        on_result,
-        collect="collect",
-        fold=merge_states,
+        range(len(work)), lambda actor, i: actor.probe.remote(work[i]), on_result, collect="collect", fold=merge_states
     )
-    stats, best = ClassStatistics.from_state_dict(state["statistics"]), state["candidates"]
-    missing = stats.missing_classes()
-    if missing:
-        raise TooManyBadVideos(f"classes with no decodable training clip: {[classes[c] for c in missing[:10]]}")
-    artifacts.write_statistics(cfg, stats)
-    candidates = {kind: kept.best(len(classes)) for kind, kept in best.items()}
-    artifacts.write_candidates(cfg, candidates)
-    clips = sum(r["clips"] for r in done.values())
-    all_bad = cache["errors"] if cache else [e for s in sorted(done) for e in done[s]["bad"]]
-    marker = {
-        "clips": clips,
-        "bad_videos": all_bad,  # a cache's: counted when prepare decoded them
-        "classes": len(classes),
-        "source": "clip_cache" if cache else "shards",
-        "units": len(work),
-        "decodes": sum(r["decodes"] for r in done.values()),
-        "mean_teacher_loss": sum(r["loss_sum"] for r in done.values()) / max(clips, 1),
-        "actors_lost": pool.lost,
-    }
-    if tracker:
-        tracker.log_metrics(
-            run_id,
-            {
-                "clips": clips,
-                "bad_videos": len(all_bad),
-                "actors_lost": pool.lost,
-                "mean_teacher_loss": marker["mean_teacher_loss"],
-            },
-        )
-    log.info(
-        "stats: %d clips in %d %s, %d bad, %d decoded",
-        clips,
-        len(work),
-        marker["source"],
-        len(all_bad),
-        marker["decodes"],
-    )
-    return marker
+    return done, state, pool.lost
 
 
-def run_stats(cfg: DictConfig, tracker=None) -> dict:
-    """The statistics pass, unless finished; returns its marker.
+def run_stats(cfg: DictConfig, run: RunContext = OFF) -> dict:
+    """The statistics pass, unless finished; returns its marker (its counts logged to a child
+    "stats" of `run`).
 
     Raises:
         FileNotFoundError: no teacher yet. TooManyBadVideos: as the data pipeline, or a class with no
@@ -292,7 +290,7 @@ def run_stats(cfg: DictConfig, tracker=None) -> dict:
         cfg,
         "stats",
         storage.join(layout.stats_dir(cfg), layout.STATS_MARKER),
-        lambda run_id: _probe_pass(cfg, classes, run_id, tracker),
-        tracker,
+        lambda stage: _probe_pass(cfg, classes, stage),
+        run,
         {"method": cfg.distill.method.value},
     )

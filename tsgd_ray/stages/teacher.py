@@ -24,7 +24,7 @@ from tsgd_ray.layout import TEACHER_MARKER, teacher_dir, teacher_uri
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.stages.skeleton import run_stage
-from tsgd_ray.tracking import is_mlflow_uri, live_curve, read_mlflow_checkpoint
+from tsgd_ray.tracking import OFF, RunContext, is_mlflow_uri, live_curve, read_mlflow_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +107,17 @@ def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Mo
     return model, state["history"]
 
 
-def run_teacher(cfg: DictConfig, tracker=None) -> dict:
+def run_teacher(cfg: DictConfig, run: RunContext = OFF) -> dict:
     """Train (or import) the teacher unless this config's teacher is finished; returns its marker.
+    Logs to a child "teacher" of `run`: the curve, live; a trained teacher as an MLflow model,
+    whose URI is tagged on `run` too.
 
     Raises:
         ManifestError: shards not prepared. ModelError: an imported checkpoint that does not fit.
     """
     classes = read_manifest(shards_root(cfg))["classes"]
 
-    def work(run_id) -> dict:
+    def work(stage: RunContext) -> dict:
         source_uri = cfg.teacher.checkpoint
         if source_uri:
             data = (
@@ -124,24 +126,22 @@ def run_teacher(cfg: DictConfig, tracker=None) -> dict:
             model = load_checkpoint(new_teacher(cfg, len(classes)), data, classes)
             history, source = [], "imported"
         else:
-            model, history = _train(cfg, classes, live_curve(tracker.uri, run_id) if tracker else None)
+            model, history = _train(cfg, classes, live_curve(stage.uri, stage.run_id) if stage else None)
             source = "trained"
         storage.write_once(
             teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
         )
         stored = storage.read_bytes(teacher_uri(cfg))
         digest = hashlib.sha256(stored).hexdigest()  # of what is stored
-        if tracker:  # the trained teacher's curve was logged live, epoch by epoch
-            tracker.set_tags(run_id, {"teacher_sha256": digest, "source": source})
-            if source == "trained":  # reusable elsewhere as teacher.checkpoint=models:/<id>
-                t = cfg.teacher
-                model_uri = tracker.log_teacher(
-                    run_id,
-                    stored,
-                    {"model": t.model, "width": t.width, "depth": t.depth, "classes": len(classes), "sha256": digest},
-                )
-                tracker.set_tags(tracker.run_id, {"teacher_model": model_uri})
-                log.info("teacher: logged to MLflow as %s (teacher.checkpoint=%s reuses it)", model_uri, model_uri)
+        stage.set_tags({"teacher_sha256": digest, "source": source})  # its curve was logged live
+        if stage and source == "trained":  # reusable elsewhere as teacher.checkpoint=models:/<id>
+            t = cfg.teacher
+            model_uri = stage.log_teacher(
+                stored,
+                {"model": t.model, "width": t.width, "depth": t.depth, "classes": len(classes), "sha256": digest},
+            )
+            stage.parent.set_tags({"teacher_model": model_uri})
+            log.info("teacher: logged to MLflow as %s (teacher.checkpoint=%s reuses it)", model_uri, model_uri)
         return {
             "uri": teacher_uri(cfg),
             "sha256": digest,
@@ -150,4 +150,4 @@ def run_teacher(cfg: DictConfig, tracker=None) -> dict:
             "history": history,
         }
 
-    return run_stage(cfg, "teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, tracker)
+    return run_stage(cfg, "teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, run)

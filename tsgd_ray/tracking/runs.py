@@ -12,6 +12,7 @@ the resolved config only (credentials live in the environment, never in the conf
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import logging
@@ -181,6 +182,10 @@ class Tracker:
         self.log_text(self.run_id, "config.yaml", redact(to_yaml(cfg)))
         self._open: list[str] = []
 
+    def context(self) -> "RunContext":
+        """The invocation's run as the stages log to it."""
+        return RunContext(self, self.run_id)
+
     def __enter__(self) -> "Tracker":
         return self
 
@@ -324,3 +329,68 @@ class Tracker:
             path.write_bytes(data)
             folder = str(Path(name).parent)
             self.client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
+
+
+class RunContext:
+    """What a stage logs to: one MLflow run, and the run it is a child of (`parent`).
+
+    The skeleton hands each stage's work its own child run this way; `Tracker.context()` is the
+    invocation's run, `OFF` is tracking switched off, where every call is a no-op (`child` returns
+    `OFF`, `log_teacher` None). The logging calls are the Tracker's, less the run id:
+    log_params, log_metrics, log_history, log_text, log_bytes, log_image, log_table, log_dataset,
+    log_teacher, set_tags.
+    """
+
+    _CALLS = frozenset(
+        ("log_params", "log_metrics", "log_history", "log_text", "log_bytes", "log_image", "log_table")
+        + ("log_dataset", "log_teacher", "set_tags")
+    )
+
+    def __init__(self, tracker: Optional[Tracker] = None, run_id: Optional[str] = None, parent=None):
+        self._tracker, self.run_id, self._parent = tracker, run_id, parent
+
+    def __bool__(self) -> bool:
+        """Whether anything is logged (False for `OFF`)."""
+        return self._tracker is not None
+
+    def __getattr__(self, name: str):
+        if name not in self._CALLS:
+            raise AttributeError(name)
+        if self._tracker is None:
+            return lambda *args, **kwargs: None
+        return functools.partial(getattr(self._tracker, name), self.run_id)
+
+    @property
+    def parent(self) -> "RunContext":
+        """The run this one is a child of (itself for the invocation's run; `OFF` when off)."""
+        return self._parent or self
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI ("" when off), for callbacks that log from another process."""
+        return self._tracker.uri if self._tracker else ""
+
+    def child(
+        self, name: str, tags: Optional[dict[str, str]] = None, start_time: Optional[float] = None
+    ) -> "RunContext":
+        """A new child run `name` of this run (started at `start_time`, unix seconds; default now)."""
+        if self._tracker is None:
+            return self
+        return RunContext(self._tracker, self._tracker.child(name, self.run_id, tags, start_time), self)
+
+    def find_child(self, name: str) -> Optional["RunContext"]:
+        """This run's child `name` (one a live curve opened), or None (always None when off)."""
+        found = self._tracker.find_child(self.run_id, name) if self._tracker else None
+        return RunContext(self._tracker, found, self) if found else None
+
+    def finish(self, status: str = "FINISHED", end_time: Optional[float] = None) -> None:
+        if self._tracker:
+            self._tracker.finish(self.run_id, status, end_time)
+
+    def fail_children(self) -> None:
+        """Mark this run's children that are still running FAILED (after the work failed)."""
+        if self._tracker:
+            self._tracker.fail_children(self.run_id)
+
+
+OFF = RunContext()
