@@ -43,6 +43,7 @@ from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import recovery, training  # noqa: E402
 from tsgd_ray.core.bn_stats import accumulate_statistics  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
+from tsgd_ray.settings import recovery_settings, teacher_settings  # noqa: E402
 
 CLASSES = 10
 
@@ -68,7 +69,7 @@ def model_rows(cfg, section, recover: bool, source: str) -> list[dict]:
     y = torch.arange(batch) % CLASSES
     model = build_model(section.model, CLASSES, size, section.width, section.depth)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-    settings = training.TeacherSettings.from_config(cfg)
+    settings = teacher_settings(cfg)
     key = {"kind": "compute", "device": "cpu", "model": section.model, "width": section.width}
     key.update(depth=section.depth, clip=list(size), source=source)
 
@@ -81,7 +82,7 @@ def model_rows(cfg, section, recover: bool, source: str) -> list[dict]:
     if recover:
         model.eval().requires_grad_(False)
         stats = accumulate_statistics(model, [(x, y)], CLASSES)
-        s = recovery.RecoverySettings.from_config(cfg)
+        s = recovery_settings(cfg)
         videos, steps = min(batch, cfg.distill.chunk_size, 8), 6
         seconds = []
         for iterations in (2, 2 + steps):  # the difference: set-up cancels out

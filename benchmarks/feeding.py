@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target  # noqa: E402
 
+from tsgd_ray.settings import student_settings, teacher_settings  # noqa: E402
+
 
 def per_epoch(run, counts: list[int]) -> tuple[float, float]:
     """(seconds per epoch, fixed seconds per run) of run(epochs), from runs of the two counts."""
@@ -99,17 +101,17 @@ def main() -> int:
     clips, labels, classes = load_split(cfg, "train")
     torch.set_num_threads(max(1, math.ceil(cfg.teacher.cpus_per_worker)))
     one = config("teacher.epochs=1", "evaluate.full.epochs=1")
-    teacher_settings = training.TeacherSettings.from_config(one)
+    for_teacher = teacher_settings(one)
     teacher_memory = in_memory(
-        lambda: training.train_teacher(new_teacher(one, len(classes)), clips, labels, teacher_settings)
+        lambda: training.train_teacher(new_teacher(one, len(classes)), clips, labels, for_teacher)
     )
     full = method_config(one, Method.full)
     teacher = load_teacher(full, classes)
     # as the pipeline's `full` student: with no stored labels, the teacher labels online
-    student_settings = replace(training.StudentSettings.from_config(full), regime=regimes.get("soft_kl"))
+    for_student = replace(student_settings(full), regime=regimes.get("soft_kl"))
     torch.set_num_threads(max(1, math.ceil(cfg.evaluate.cpus_per_worker)))
     student_memory = in_memory(
-        lambda: training.train_student(new_student(full, len(classes), 0), teacher, clips, labels, student_settings, 0)
+        lambda: training.train_student(new_student(full, len(classes), 0), teacher, clips, labels, for_student, 0)
     )
     print(f"{len(clips)} clips of {tuple(clips.shape[1:])}, {torch.get_num_threads()} threads")
     print(

@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import target  # noqa: E402
 
+from tsgd_ray.settings import student_settings  # noqa: E402
+
 STAGES = ("prepare", "teacher", "stats", "init", "distill", "merge")
 
 
@@ -53,7 +55,7 @@ def plain_student(config_yaml: str, seed: int) -> None:
     student = new_student(cfg, len(classes), seed)
     heat = data["heat"].float() / 255 if data["heat"] is not None else None
     stored = (data["view_params"], data["logits"]) if data["view_params"] is not None else None
-    settings = training.StudentSettings.from_config(cfg)
+    settings = student_settings(cfg)
     training.train_student(student, None, data["clips"], data["labels"], settings, seed, heat=heat, stored=stored)
 
 

@@ -37,10 +37,11 @@ from report import TINY_RUN, target
 from tsgd_ray.config import load_config
 from tsgd_ray.core import recovery, training
 from tsgd_ray.core.bn_stats import BatchNormTaps, accumulate_statistics
-from tsgd_ray.core.clips import InputSettings, to_uint8_clips
+from tsgd_ray.core.clips import to_uint8_clips
 from tsgd_ray.core.device import tune_for
 from tsgd_ray.core.models import build_model
 from tsgd_ray.plan import AUGMENT_OVERHEAD, OPTIMISER_BYTES, model_cost
+from tsgd_ray.settings import input_settings, recovery_settings, student_settings, teacher_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 10
@@ -83,7 +84,7 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def settings(iterations: int, *overrides: str, amp: bool = True) -> recovery.RecoverySettings:
     """The default config's recovery with `iterations` steps, bf16 autocast on CUDA when `amp`."""
     cfg = load_config("default", [f"distill.iterations={iterations}", f"amp={amp}", *overrides])
-    return recovery.RecoverySettings.from_config(cfg)
+    return recovery_settings(cfg)
 
 
 def problem(model: str, width: int, size, videos: int, device: torch.device, seed: int = 0):
@@ -99,7 +100,7 @@ def problem(model: str, width: int, size, videos: int, device: torch.device, see
 
 def uint8_gap(a: torch.Tensor, b: torch.Tensor) -> int:
     """The largest difference between two batches of normalised clips once stored as uint8."""
-    inputs = InputSettings.from_config(load_config("default", []))
+    inputs = input_settings(load_config("default", []))
 
     def stored(clips: torch.Tensor) -> torch.Tensor:
         return to_uint8_clips(clips.cpu(), inputs.mean, inputs.std).int()
@@ -214,8 +215,8 @@ def step_breakdown(device: torch.device, dry: bool) -> list[dict]:
 def train_case(role: str, model: str, width: int, size, device: torch.device, dry: bool) -> dict:
     """(d) one student (online soft labels) or teacher step on uint8 clips held on the host."""
     cfg = load_config("default", ["evaluate.labels=soft_kl"])
-    student_settings = training.StudentSettings.from_config(cfg)
-    teacher_settings = training.TeacherSettings.from_config(cfg)
+    for_student = student_settings(cfg)
+    for_teacher = teacher_settings(cfg)
     g = torch.Generator().manual_seed(0)
     batch = 8 if dry else 32
     clips = torch.randint(0, 256, (4 * batch, *size, 3), dtype=torch.uint8, generator=g)
@@ -237,11 +238,11 @@ def train_case(role: str, model: str, width: int, size, device: torch.device, dr
         spent["copy"] += time.perf_counter() - t1
         y = labels[rows].to(device)
         if student is not None:
-            x = student_settings.inputs.model_input(on_device)
-            training.student_step(student, teacher.eval(), optimizer, x, y, student_settings, g)
+            x = for_student.inputs.model_input(on_device)
+            training.student_step(student, teacher.eval(), optimizer, x, y, for_student, g)
         else:
-            x = teacher_settings.inputs.model_input(on_device)
-            training.teacher_step(teacher.train(), optimizer, x, y, teacher_settings, g)
+            x = for_teacher.inputs.model_input(on_device)
+            training.teacher_step(teacher.train(), optimizer, x, y, for_teacher, g)
         sync(device)  # the step's kernels are charged to it, not to the next batch's copy
 
     repeats = 3 if dry else 10

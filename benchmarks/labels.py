@@ -33,6 +33,7 @@ from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import labels, recovery, training  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
 from tsgd_ray.data.clip_table import clip_table_bytes  # noqa: E402
+from tsgd_ray.settings import recovery_settings, student_settings, view_settings  # noqa: E402
 
 
 def label_bytes_per_clip(shape: tuple[int, ...], classes: int, views: int, n: int = 8) -> tuple[float, float]:
@@ -78,11 +79,9 @@ def main(argv=None) -> int:
     x = torch.randn(32, 3, *size)
     y = torch.arange(32) % k
     heat = torch.rand(32, *size[1:])
-    params = labels.view_params(
-        heat, labels.clip_keys(y, torch.arange(32) // k), 0, args.views, labels.ViewSettings.from_config(cfg)
-    )
+    params = labels.view_params(heat, labels.clip_keys(y, torch.arange(32) // k), 0, args.views, view_settings(cfg))
     label_time = seconds(lambda: labels.label_views(teacher, x, params), 3)
-    settings = recovery.RecoverySettings.from_config(load_config("default", ["distill.iterations=5"]))
+    settings = recovery_settings(load_config("default", ["distill.iterations=5"]))
     step_time = seconds(lambda: recovery.recover(teacher, x, y, torch.arange(32) // k, settings), 2) / 5
     print(f"labelling {args.views} views of 32 clips: {label_time:.2f} s; one recovery iteration: {step_time:.3f} s")
     for name in ("default", "kinetics400"):
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     logits = labels.label_views(teacher, x, params)
 
     def step_seconds(regime: str) -> float:
-        settings = training.StudentSettings.from_config(load_config("default", [f"evaluate.labels={regime}"]))
+        settings = student_settings(load_config("default", [f"evaluate.labels={regime}"]))
         student = build_model("mini_c3d", k, size, 16, 4)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(0)

@@ -59,11 +59,19 @@ from report import target_line  # noqa: E402
 
 from tsgd_ray.config import PACK, load_config, regimes, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, labels, packing, recovery, selection, training  # noqa: E402
-from tsgd_ray.core.augment import CropSettings  # noqa: E402
-from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips  # noqa: E402
+from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
-from tsgd_ray.core.tsgf import SaliencySettings, motion_energy  # noqa: E402
+from tsgd_ray.core.tsgf import motion_energy  # noqa: E402
 from tsgd_ray.data.in_memory import load_split  # noqa: E402
+from tsgd_ray.settings import (  # noqa: E402
+    crop_settings,
+    input_settings,
+    recovery_settings,
+    saliency_settings,
+    student_settings,
+    teacher_settings,
+    view_settings,
+)
 
 #: the benchmark's data and teacher: 100 held-out clips per class in each of val and test; a
 #: teacher of width 16 trained 40 epochs (the cluttered variant needs them)
@@ -132,7 +140,7 @@ def controls(teacher, clips: torch.Tensor, y: torch.Tensor, cfg, seed: int) -> d
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.stack([c[torch.randperm(f, generator=g)] for c in clips])
     return {
-        name: training.topk_accuracy(training.predict(teacher, x, InputSettings.from_config(cfg)), y)
+        name: training.topk_accuracy(training.predict(teacher, x, input_settings(cfg)), y)
         for name, x in (("as is", clips), ("single frame repeated", repeated), ("frames shuffled", shuffled))
     }
 
@@ -170,7 +178,7 @@ def run_variant(variant: str, args, log) -> dict:
     x_eval, y_eval, _ = load_split(cfg, args.split)
     k = len(classes)
     size = (cfg.data.num_frames, cfg.data.height, cfg.data.width)
-    inputs = InputSettings.from_config(cfg)
+    inputs = input_settings(cfg)
     log(
         f"{variant}: {len(x_train)} train / {len(x_eval)} {args.split} clips of {tuple(x_train.shape[1:])}, {k} classes"
     )
@@ -181,7 +189,7 @@ def run_variant(variant: str, args, log) -> dict:
     if cached.exists():  # the same settings train the same teacher: reuse it across invocations
         teacher.load_state_dict(torch.load(cached, weights_only=True))
     else:
-        training.train_teacher(teacher, x_train, y_train, training.TeacherSettings.from_config(cfg))
+        training.train_teacher(teacher, x_train, y_train, teacher_settings(cfg))
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher.eval()
@@ -197,14 +205,14 @@ def run_variant(variant: str, args, log) -> dict:
     log(f"{variant} teacher on {args.split}: {out['controls']}")
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
     viewed = (
-        augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, CropSettings.from_section(cfg.augment))
+        augment.keyed_views(real, [str(i) for i in range(len(real))], cfg.seed, crop_settings(cfg.augment))
         if cfg.stats.augment
         else real
     )
     stats = bn_stats.accumulate_statistics(
         teacher, [(viewed[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
     )
-    views = labels.ViewSettings.from_config(cfg)
+    views = view_settings(cfg)
     replayed = [load_config(args.config, [*base, *regime_overrides(r)]).evaluate for r in args.regimes]
     most_views = max([e.views for e in replayed if regimes.get(e.labels).replays_views] + [1])
 
@@ -226,12 +234,10 @@ def run_variant(variant: str, args, log) -> dict:
         torch.manual_seed(seed)
         e = run_cfg.evaluate
         student = build_model(e.model, k, size, e.width, e.depth)
-        training.train_student(
-            student, teacher, x_u8, y, training.StudentSettings.from_config(run_cfg), seed, heat=heat, stored=stored
-        )
+        training.train_student(student, teacher, x_u8, y, student_settings(run_cfg), seed, heat=heat, stored=stored)
         return training.topk_accuracy(training.predict(student, x_eval, inputs), y_eval)
 
-    saliency = SaliencySettings.from_section(cfg.tsgf)
+    saliency = saliency_settings(cfg.tsgf)
     with torch.no_grad():
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
@@ -266,7 +272,7 @@ def run_variant(variant: str, args, log) -> dict:
                 else:
                     arm = [f"tsgf.enabled={tsgfo}", *args.arm_overrides.get(method, [])]
                     run_cfg = load_config(args.config, [*base, *arm])
-                    settings_r = recovery.RecoverySettings.from_config(run_cfg)
+                    settings_r = recovery_settings(run_cfg)
                     x_set = to_uint8_clips(
                         recovery.recover(teacher, x0, y, idx, settings_r, stats), inputs.mean, inputs.std
                     )
@@ -293,9 +299,9 @@ def run_variant(variant: str, args, log) -> dict:
 def best_windows(cfg, teacher, x_train: torch.Tensor, y_train: torch.Tensor, views: int, log) -> torch.Tensor:
     """Each training video's view (0: as sampled; 1..views-1: `decode_view`'s) of the largest
     `selection.window_score`, as the stats pass picks distill.init=motion_window's: (N, F, H, W, 3) uint8."""
-    inputs = InputSettings.from_config(cfg)
+    inputs = input_settings(cfg)
     candidates = [x_train] + [load_split(cfg, "train", view=v)[0] for v in range(1, views)]
-    compensate = SaliencySettings.from_section(cfg.tsgf).compensate
+    compensate = saliency_settings(cfg.tsgf).compensate
     scores = torch.stack(
         [
             selection.window_score(

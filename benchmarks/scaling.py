@@ -49,6 +49,7 @@ from tsgd_ray.core.models import checkpoint_bytes  # noqa: E402
 from tsgd_ray.data.shards import read_manifest, shards_root  # noqa: E402
 from tsgd_ray.layout import distill_dir  # noqa: E402
 from tsgd_ray.runtime.cluster import init_ray  # noqa: E402
+from tsgd_ray.settings import recovery_settings  # noqa: E402
 from tsgd_ray.stages.distill import PartitionWorker, load_plan, recover_partition, run_distill  # noqa: E402
 from tsgd_ray.stages.init import run_init  # noqa: E402
 from tsgd_ray.stages.prepare import run_prepare  # noqa: E402
@@ -121,9 +122,8 @@ def pool_seconds(cfg_for, actors: int) -> float:
 def chunk_of_init(cfg, classes):
     """(x, labels, indices): one chunk of the init clips as recovery sees it."""
     from tsgd_ray.artifacts import read_init
-    from tsgd_ray.core.recovery import RecoverySettings
 
-    settings = RecoverySettings.from_config(cfg)
+    settings = recovery_settings(cfg)
     init = read_init(cfg, range(len(classes)))
     x = settings.inputs.model_input(init["clips"])[: settings.chunk_size].contiguous()
     return x, init["labels"][: len(x)], init["indices"][: len(x)]
@@ -146,12 +146,12 @@ def bare_step_seconds(teacher, x0, labels, steps: int) -> float:
 def step_overhead(cfg, classes, steps: int, **changes) -> tuple[float, float]:
     """(seconds per bare forward + backward, seconds per recovery step) on one chunk of the init
     clips; `changes`: RecoverySettings fields to change."""
-    from tsgd_ray.core.recovery import RecoverySettings, recover
+    from tsgd_ray.core.recovery import recover
 
     torch.set_num_threads(1)
     teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)
     x0, labels, indices = chunk_of_init(cfg, classes)
-    settings = replace(RecoverySettings.from_config(cfg), iterations=steps, **changes)
+    settings = replace(recovery_settings(cfg), iterations=steps, **changes)
     bare = bare_step_seconds(teacher, x0, labels, steps)
     recover(teacher, x0, labels, indices, replace(settings, iterations=2), stats)  # warm-up
     started = time.perf_counter()
@@ -188,7 +188,7 @@ def gpu_rate(args) -> float:
             "distill.bn_target=global",
         ],
     )
-    from tsgd_ray.core.recovery import RecoverySettings, recover
+    from tsgd_ray.core.recovery import recover
 
     teacher = new_teacher(cfg, 8).cuda().eval()
     labels = torch.arange(8).repeat_interleave(args.gpu_videos // 8 or 1)[: args.gpu_videos]
@@ -199,11 +199,11 @@ def gpu_rate(args) -> float:
         x0,
         labels,
         indices,
-        RecoverySettings.from_config(load_config("default", ["distill.iterations=5", "device=cuda"])),
+        recovery_settings(load_config("default", ["distill.iterations=5", "device=cuda"])),
     )  # warm-up
     torch.cuda.synchronize()
     started = time.perf_counter()
-    recover(teacher, x0, labels, indices, RecoverySettings.from_config(cfg))
+    recover(teacher, x0, labels, indices, recovery_settings(cfg))
     torch.cuda.synchronize()
     return len(labels) * args.iterations / (time.perf_counter() - started)
 

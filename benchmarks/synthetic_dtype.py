@@ -28,9 +28,10 @@ from report import target  # noqa: E402
 
 from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import bn_stats, recovery, selection, training  # noqa: E402
-from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips  # noqa: E402
+from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
 from tsgd_ray.data.in_memory import load_split  # noqa: E402
+from tsgd_ray.settings import input_settings, recovery_settings, student_settings, teacher_settings  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     k, size = len(classes), (cfg.data.num_frames, cfg.data.height, cfg.data.width)
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
-    training.train_teacher(teacher, x_train, y_train, training.TeacherSettings.from_config(cfg))
+    training.train_teacher(teacher, x_train, y_train, teacher_settings(cfg))
     real = to_model_input(x_train, cfg.data.mean, cfg.data.std)
     stats = bn_stats.accumulate_statistics(
         teacher, [(real[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
@@ -66,17 +67,15 @@ def main(argv=None) -> int:
             cfg.evaluate.width or cfg.teacher.width,
             cfg.evaluate.depth or cfg.teacher.depth,
         )
-        training.train_student(student, teacher, x, y, training.StudentSettings.from_config(cfg), seed)
-        return training.topk_accuracy(training.predict(student, x_test, InputSettings.from_config(cfg)), y_test)
+        training.train_student(student, teacher, x, y, student_settings(cfg), seed)
+        return training.topk_accuracy(training.predict(student, x_test, input_settings(cfg)), y_test)
 
     print("| IPC | max pixel change (0-255) | float32 top-1 % | uint8 top-1 % | uint8 - float32 (points, paired) |")
     print("|---|---|---|---|---|")
     worst = 0.0
     for ipc in args.ipc:
         rows, classes_t, indices = selection.flatten(selection.random_real(y_train, k, ipc, cfg.seed))
-        videos = recovery.recover(
-            teacher, real[rows], classes_t, indices, recovery.RecoverySettings.from_config(cfg), stats
-        )
+        videos = recovery.recover(teacher, real[rows], classes_t, indices, recovery_settings(cfg), stats)
         rounded = to_model_input(to_uint8_clips(videos, cfg.data.mean, cfg.data.std), cfg.data.mean, cfg.data.std)
         change = ((rounded - videos).abs() * torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1) * 255).max().item()
         a = [student_top1(videos, classes_t, s) for s in args.seeds]

@@ -23,6 +23,7 @@ from tsgd_ray.config import load_config
 from tsgd_ray.core import training
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.models import build_model
+from tsgd_ray.settings import input_settings, student_settings
 torch.set_num_threads(2)
 data = torch.load(sys.argv[1], weights_only=True)
 cfg = load_config(None, sys.argv[3:])
@@ -31,8 +32,8 @@ teacher.load_state_dict(data["teacher"])
 seed = int(sys.argv[2])
 torch.manual_seed(seed)
 student = build_model("mini_c3d", 4, (4, 16, 16), 4, 2)
-training.train_student(student, teacher, data["x"], data["y"], training.StudentSettings.from_config(cfg), seed)
-accuracy = training.topk_accuracy(training.predict(student, data["test"], InputSettings.from_config(cfg)), data["test_y"])
+training.train_student(student, teacher, data["x"], data["y"], student_settings(cfg), seed)
+accuracy = training.topk_accuracy(training.predict(student, data["test"], input_settings(cfg)), data["test_y"])
 weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in student.state_dict().values())).hexdigest()
 print(accuracy, weights)
 """

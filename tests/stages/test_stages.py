@@ -16,15 +16,16 @@ from tsgd_ray.artifacts import load_teacher, read_init, read_statistics, read_sy
 from tsgd_ray.config import ConfigError, load_config
 from tsgd_ray.core import augment, packing, selection, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
-from tsgd_ray.core.clips import InputSettings, to_model_input
+from tsgd_ray.core.clips import to_model_input
 from tsgd_ray.core.models import ModelError
 from tsgd_ray.core.selection import seeded_priority
-from tsgd_ray.core.tsgf import SaliencySettings, motion_energy
+from tsgd_ray.core.tsgf import motion_energy
 from tsgd_ray.data.catalogs import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_view, probe
 from tsgd_ray.layout import partition_marker_uri
 from tsgd_ray.methods import method_config, run_order
+from tsgd_ray.settings import crop_settings, input_settings, saliency_settings
 from tsgd_ray.stages.distill import run_distill
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import MergeError, run_merge
@@ -95,10 +96,7 @@ def test_stats_and_distill_match_the_in_process_core(prepared, tmp_path, teacher
     assert synthetic["clips"].dtype == torch.uint8 and synthetic["clips"].shape[1:] == init["clips"].shape[1:]
     # each synthetic video carries TSGFA's map of the clip it started from, not of itself
     init_heat = (
-        (
-            255
-            * training.clip_heat(init["clips"], SaliencySettings.from_section(cfg.tsgf), InputSettings.from_config(cfg))
-        )
+        (255 * training.clip_heat(init["clips"], saliency_settings(cfg.tsgf), input_settings(cfg)))
         .round()
         .to(torch.uint8)
     )
@@ -142,7 +140,7 @@ def test_statistics_are_shared_by_an_ipc_sweep(prepared, tmp_path, teacher_path)
         to_model_input(clips, viewed.data.mean, viewed.data.std),
         load_split_ids(viewed),
         viewed.seed,
-        augment.CropSettings.from_section(viewed.augment),
+        crop_settings(viewed.augment),
     )
     assert read_statistics(viewed) == accumulate_statistics(teacher, [(x, labels)], len(classes))
     assert read_statistics(viewed) != read_statistics(one)
@@ -164,8 +162,8 @@ def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(prepared, 
     init = read_init(probe_cfg, range(8))
     assert init["indices"].tolist() == [0, 1, 2, 3] * 8
     _, _, classes = load_split(probe_cfg, "train")
-    inputs = InputSettings.from_config(probe_cfg)
-    heat = training.clip_heat(init["clips"], SaliencySettings.from_section(probe_cfg.tsgf), inputs)
+    inputs = input_settings(probe_cfg)
+    heat = training.clip_heat(init["clips"], saliency_settings(probe_cfg.tsgf), inputs)
     tiles = packing.pack(init["clips"], heat)
     teacher = load_teacher(probe_cfg, classes)
     labels = torch.arange(8)

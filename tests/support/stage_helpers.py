@@ -9,9 +9,10 @@ from conftest import tiny_config
 
 from tsgd_ray.config import Method
 from tsgd_ray.core.models import checkpoint_bytes
-from tsgd_ray.core.training import TeacherSettings, train_teacher
+from tsgd_ray.core.training import train_teacher
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.methods import method_config
+from tsgd_ray.settings import teacher_settings
 
 DISTILL = [
     "distill.iterations=40",
@@ -32,7 +33,7 @@ def teacher_file(folder: Path, *overrides: str) -> Path:
     clips, labels, classes = load_split(cfg, "train")
     from tsgd_ray.stages.teacher import new_teacher
 
-    model = train_teacher(new_teacher(cfg, len(classes)), clips, labels, TeacherSettings.from_config(cfg))
+    model = train_teacher(new_teacher(cfg, len(classes)), clips, labels, teacher_settings(cfg))
     path = folder / "teacher.pt"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(checkpoint_bytes(model, classes))

@@ -12,6 +12,7 @@ from test_recovery import config, synthetic_set, teacher_and_stats
 from tsgd_ray.core import recovery
 from tsgd_ray.core.device import reserved_gpus, resolve_device
 from tsgd_ray.runtime.ray_train import scaling_config, torch_config
+from tsgd_ray.settings import recovery_settings
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -55,7 +56,7 @@ def test_the_process_group_backend_suits_how_workers_hold_gpus(gpus, workers, de
 def test_recovery_on_cuda_agrees_with_the_cpu():
     teacher, stats = teacher_and_stats()
     init, labels, indices = synthetic_set(range(6), ipc=2)
-    settings = recovery.RecoverySettings.from_config(config())
+    settings = recovery_settings(config())
     on_cpu = recovery.recover(teacher, init, labels, indices, settings, stats)
     on_gpu = recovery.recover(teacher.cuda(), init, labels, indices, settings, stats)
     assert torch.isfinite(on_gpu).all()

@@ -11,10 +11,11 @@ from tsgd_ray.config import load_config
 from tsgd_ray.core import labels, training
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data import clip_table
+from tsgd_ray.settings import input_settings, student_settings, view_settings
 
 
 def _settings(*overrides: str) -> labels.ViewSettings:
-    return labels.ViewSettings.from_config(load_config("default", list(overrides)))
+    return view_settings(load_config("default", list(overrides)))
 
 
 def test_a_clips_views_depend_on_its_key_alone_and_fewer_views_are_a_prefix():
@@ -61,7 +62,7 @@ def test_stored_logits_are_the_teachers_on_the_replayed_view():
 def _stored_student(cfg, x, y, stored, seed=0):
     torch.manual_seed(0)
     student = build_model("mini_r2plus1d", 3, (4, 16, 16), 4, 2)
-    settings = training.StudentSettings.from_config(cfg)
+    settings = student_settings(cfg)
     losses = []
     training.train_student(
         student, None, x, y, settings, seed, callback=lambda e, m: losses.append(m["loss"]), stored=stored
@@ -86,7 +87,7 @@ def test_a_student_learns_from_stored_labels_without_the_teacher():
     teacher = build_model("mini_c3d", 3, (4, 16, 16), 8, 2).eval()
     x = torch.randint(0, 256, (6, 4, 16, 16, 3), dtype=torch.uint8)
     y = torch.tensor([0, 0, 1, 1, 2, 2])
-    normalised = training.InputSettings.from_config(cfg).model_input(x)
+    normalised = input_settings(cfg).model_input(x)
     params = labels.view_params(torch.rand(6, 16, 16), labels.clip_keys(y, [0, 1] * 3), 0, 8, _settings())
     stored = (params, labels.label_views(teacher, normalised, params))
     first, losses = _stored_student(cfg, x, y, stored)
@@ -103,10 +104,10 @@ def test_hard_labels_keep_the_teachers_label_preserving_crops():
     cfg = load_config(
         "default", ["evaluate.labels=hard", "evaluate.augment.time_reverse=true", "evaluate.augment.cutmix=0.5"]
     )
-    s = training.StudentSettings.from_config(cfg)
+    s = student_settings(cfg)
     assert s.regime.name == "hard" and s.crop.scale == tuple(cfg.augment.crop_scale) and not s.crop.hflip
     assert not s.time_reverse and s.cutmix == 0.0 and s.mixup == 0.0
-    online = training.StudentSettings.from_config(load_config("default", ["evaluate.labels=soft_kl"]))
+    online = student_settings(load_config("default", ["evaluate.labels=soft_kl"]))
     assert online.crop.scale == tuple(cfg.evaluate.augment.crop_scale) and online.crop.hflip
 
 

@@ -10,7 +10,7 @@ from tsgd_ray.config import load_config
 from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.packing import motion_windows, pack, pack_init, pack_where_confident
 from tsgd_ray.core.training import clip_heat
-from tsgd_ray.core.tsgf import SaliencySettings
+from tsgd_ray.settings import saliency_settings
 
 
 def moving_square(corner: tuple[int, int], frames: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_pack_init_cuts_motion_windows_and_without_saliency_the_centres():
     clips = torch.stack([moving_square(c, seed=i) for i, c in enumerate(corners)])
     labels, indices = torch.full((4,), 3), torch.tensor([2, 0, 3, 1])  # grouped by index: clips 1, 3, 0, 2
     inputs = InputSettings((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    saliency = SaliencySettings.from_section(load_config("default", []).tsgf)
+    saliency = saliency_settings(load_config("default", []).tsgf)
     (moved,), y, _, order, kept = pack_init(SureOfClass3(), clips, labels, indices, 0.8, saliency, inputs)
     (centred,), *_ = pack_init(SureOfClass3(), clips, labels, indices, 0.8, None, inputs)
     assert order == [1, 3, 0, 2] and y.tolist() == [3] and kept.tolist() == [True]

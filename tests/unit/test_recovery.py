@@ -9,6 +9,7 @@ from tsgd_ray.core import recovery, training
 from tsgd_ray.core.bn_stats import accumulate_statistics
 from tsgd_ray.core.clips import valid_range
 from tsgd_ray.core.models import build_model
+from tsgd_ray.settings import recovery_settings, saliency_settings
 
 SIZE = (4, 16, 16)
 
@@ -18,7 +19,7 @@ def config(*overrides):
 
 
 def settings(*overrides) -> recovery.RecoverySettings:
-    return recovery.RecoverySettings.from_config(config(*overrides))
+    return recovery_settings(config(*overrides))
 
 
 def fit_full_batch(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
@@ -56,18 +57,14 @@ def test_partitioning_and_retries_do_not_change_the_videos():
     teacher, stats = teacher_and_stats()
     cfg = config("distill.chunk_size=4")  # ipc 2: two classes per forward pass
     init, labels, indices = synthetic_set(range(6), ipc=2)
-    whole = recovery.recover(teacher, init, labels, indices, recovery.RecoverySettings.from_config(cfg), stats)
+    whole = recovery.recover(teacher, init, labels, indices, recovery_settings(cfg), stats)
     first, second = labels < 3, labels >= 3
-    half_a = recovery.recover(
-        teacher, init[first], labels[first], indices[first], recovery.RecoverySettings.from_config(cfg), stats
-    )
-    half_b = recovery.recover(
-        teacher, init[second], labels[second], indices[second], recovery.RecoverySettings.from_config(cfg), stats
-    )
+    half_a = recovery.recover(teacher, init[first], labels[first], indices[first], recovery_settings(cfg), stats)
+    half_b = recovery.recover(teacher, init[second], labels[second], indices[second], recovery_settings(cfg), stats)
     assert torch.equal(whole[first], half_a) and torch.equal(whole[second], half_b)
     shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     again = recovery.recover(
-        teacher, init[shuffled], labels[shuffled], indices[shuffled], recovery.RecoverySettings.from_config(cfg), stats
+        teacher, init[shuffled], labels[shuffled], indices[shuffled], recovery_settings(cfg), stats
     )
     assert torch.equal(again, whole[shuffled])  # input order and retries do not matter either
     assert not torch.equal(whole, init)
@@ -93,7 +90,7 @@ def test_recovery_lowers_the_loss_and_stays_in_the_valid_range():
         init,
         labels,
         indices,
-        recovery.RecoverySettings.from_config(cfg),
+        recovery_settings(cfg),
         stats,
         callback=lambda step, m: history.append((step, m)),
     )
@@ -115,9 +112,7 @@ def test_tsgfo_with_w_min_zero_leaves_static_regions_untouched():
     init[0, :, :, 0:2, :] = 0.5
     for t in range(SIZE[0]):
         init[0, :, t, 0:2, 2 * t : 2 * t + 2] = 1.5  # motion only in rows 0-1
-    out = recovery.recover(
-        teacher, init, torch.tensor([0]), torch.tensor([0]), recovery.RecoverySettings.from_config(cfg), stats
-    )
+    out = recovery.recover(teacher, init, torch.tensor([0]), torch.tensor([0]), recovery_settings(cfg), stats)
     assert torch.equal(out[0, :, :, 8:], init[0, :, :, 8:])  # far from the motion: not one bit changed
     assert not torch.equal(out[0, :, :, :2], init[0, :, :, :2])
     off = recovery.recover(
@@ -206,7 +201,7 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
     fit_full_batch(teacher, x, labels, steps=20)
     stats = accumulate_statistics(teacher, [(x, labels)], 8)
     indices = torch.zeros_like(labels)
-    m0 = tsgf.saliency(x, tsgf.SaliencySettings.from_section(cfg.tsgf))
+    m0 = tsgf.saliency(x, saliency_settings(cfg.tsgf))
 
     def edits(*overrides):
         out = recovery.recover(
@@ -214,10 +209,10 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
             x,
             labels,
             indices,
-            recovery.RecoverySettings.from_config(load_config(None, [*base, *overrides])),
+            recovery_settings(load_config(None, [*base, *overrides])),
             stats,
         )
-        return tsgf.motion_diagnostics(tsgf.motion_sums(out, x, m0, tsgf.SaliencySettings.from_section(cfg.tsgf)))
+        return tsgf.motion_diagnostics(tsgf.motion_sums(out, x, m0, saliency_settings(cfg.tsgf)))
 
     off = edits("tsgf.enabled=false")
     update = edits("tsgf.apply=update")

@@ -19,6 +19,7 @@ from tsgd_ray.core import training
 from tsgd_ray.core.models import build_model
 from tsgd_ray.methods import method_config
 from tsgd_ray.plan import make_plan, render
+from tsgd_ray.settings import student_settings
 
 
 def _hardmix_loss(s, t, y, settings):
@@ -49,7 +50,7 @@ def _student_step(cfg, views: int = 4):
     shape = (d.num_frames, d.height, d.width)
     x = torch.rand(2, 3, *shape)
     y = torch.tensor([0, 1])
-    settings = training.StudentSettings.from_config(cfg)
+    settings = student_settings(cfg)
     student = build_model("mini_c3d", 8, shape, 4, 1)
     teacher = build_model("mini_c3d", 8, shape, 4, 1).eval()
     stored = (torch.rand(2, views, 7).clamp(0.3, 1.0), torch.randn(2, views, 8))

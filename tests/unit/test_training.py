@@ -10,10 +10,10 @@ from conftest import tiny_config
 
 from tsgd_ray.config import load_config
 from tsgd_ray.core import augment, selection, training
-from tsgd_ray.core.augment import CropSettings
-from tsgd_ray.core.clips import InputSettings, to_model_input, to_uint8_clips
+from tsgd_ray.core.clips import to_model_input, to_uint8_clips
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.in_memory import load_split
+from tsgd_ray.settings import crop_settings, input_settings, student_settings, teacher_settings
 
 
 def direction_clips(n, seed, size=16, frames=6):
@@ -42,7 +42,7 @@ def test_augmentation_is_the_same_for_every_frame_of_a_clip():
     cfg = load_config(None)
     frame = torch.rand(4, 3, 1, 16, 16)
     static = frame.expand(4, 3, 5, 16, 16).contiguous()
-    out = training.random_augment(static, CropSettings.from_section(cfg.augment), torch.Generator().manual_seed(0))
+    out = training.random_augment(static, crop_settings(cfg.augment), torch.Generator().manual_seed(0))
     assert torch.allclose(out, out[:, :, :1].expand_as(out))  # frames stay identical
     assert not torch.allclose(out, static)
     x = torch.randn(2, 3, 4, 8, 10)
@@ -77,20 +77,17 @@ def motion_teacher():
     clips, labels = direction_clips(96, seed=0)
     torch.manual_seed(0)
     teacher = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
-    training.train_teacher(teacher, clips, labels, training.TeacherSettings.from_config(cfg))
+    training.train_teacher(teacher, clips, labels, teacher_settings(cfg))
     return teacher
 
 
 def test_a_teacher_learns_direction_of_motion(motion_teacher):
     cfg = motion_config()
     test, labels = direction_clips(64, seed=1)
-    assert training.topk_accuracy(training.predict(motion_teacher, test, InputSettings.from_config(cfg)), labels) >= 0.9
+    assert training.topk_accuracy(training.predict(motion_teacher, test, input_settings(cfg)), labels) >= 0.9
     reversed_clips = test.flip(1)  # time reversed: the other class
     assert (
-        training.topk_accuracy(
-            training.predict(motion_teacher, reversed_clips, InputSettings.from_config(cfg)), 1 - labels
-        )
-        >= 0.9
+        training.topk_accuracy(training.predict(motion_teacher, reversed_clips, input_settings(cfg)), 1 - labels) >= 0.9
     )
 
 
@@ -116,18 +113,18 @@ def test_students_learn_from_a_few_clips(motion_teacher, protocol):
     test, test_labels = direction_clips(64, seed=3)
     torch.manual_seed(0)
     student = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
-    before = training.topk_accuracy(training.predict(student, test, InputSettings.from_config(cfg)), test_labels)
+    before = training.topk_accuracy(training.predict(student, test, input_settings(cfg)), test_labels)
     losses = []
     training.train_student(
         student,
         motion_teacher,
         to_model_input(clips, cfg.data.mean, cfg.data.std),
         labels,
-        training.StudentSettings.from_config(cfg),
+        student_settings(cfg),
         seed=0,
         callback=lambda epoch, m: losses.append(m["loss"]),
     )
-    after = training.topk_accuracy(training.predict(student, test, InputSettings.from_config(cfg)), test_labels)
+    after = training.topk_accuracy(training.predict(student, test, input_settings(cfg)), test_labels)
     assert len(losses) == 30 and losses[-1] < losses[0]
     assert after >= 0.75 and after > before
 
@@ -140,11 +137,7 @@ def test_a_student_trained_on_uint8_clips_is_the_one_trained_on_their_model_inpu
     for x in (clips, to_model_input(clips, cfg.data.mean, cfg.data.std)):
         torch.manual_seed(0)
         student = build_model("mini_c3d", 2, (6, 16, 16), width=8, depth=2)
-        students.append(
-            training.train_student(
-                student, motion_teacher, x, labels, training.StudentSettings.from_config(cfg), seed=0
-            )
-        )
+        students.append(training.train_student(student, motion_teacher, x, labels, student_settings(cfg), seed=0))
     for a, b in zip(students[0].state_dict().values(), students[1].state_dict().values()):
         assert torch.equal(a, b)
 
@@ -155,7 +148,7 @@ def test_a_student_resumed_from_a_mid_run_checkpoint_ends_as_the_uninterrupted_o
     weights_only load) must end with the weights of the run that was never interrupted."""
     cfg = motion_config("evaluate.epochs=4", "evaluate.labels=soft_kl", "evaluate.ema=0.9")
     clips, labels = direction_clips(12, seed=5)
-    settings = training.StudentSettings.from_config(cfg)
+    settings = student_settings(cfg)
     saved = {}
 
     def train(resume=None):
@@ -194,9 +187,7 @@ def test_student_views_reverse_time_and_centre_crops_on_the_heat():
     heat = torch.zeros(64, 16, 16)
     heat[:, 12, 3] = 1.0  # all the heat at row 12, column 3
     ramp[:, :, :, 12, 3] += 100  # mark that pixel
-    view = training.student_view(
-        ramp, heat, training.StudentSettings.from_config(cfg), torch.Generator().manual_seed(0)
-    )
+    view = training.student_view(ramp, heat, student_settings(cfg), torch.Generator().manual_seed(0))
     first = view[:, 0, 0].amin(dim=(1, 2))  # frame 0 reads 0 forwards, 3 reversed (+ the mark, whatever)
     reversed_share = (first >= 2.5).float().mean()
     assert 0.3 < reversed_share < 0.7
@@ -204,9 +195,7 @@ def test_student_views_reverse_time_and_centre_crops_on_the_heat():
     flat = load_config(
         None, ["evaluate.augment.roll=0", "evaluate.augment.crop_scale=[0.1,0.1]", "evaluate.tsgfa=false"]
     )
-    uniform = training.student_view(
-        ramp, heat, training.StudentSettings.from_config(flat), torch.Generator().manual_seed(0)
-    )
+    uniform = training.student_view(ramp, heat, student_settings(flat), torch.Generator().manual_seed(0))
     assert (uniform[:, 0, 0].amax(dim=(1, 2)) > 50).float().mean() < 0.5  # uniform crops mostly miss it
 
 
@@ -222,13 +211,13 @@ def test_a_student_ema_is_the_average_of_its_weights():
 
 
 def test_distillation_losses():
-    student = training.StudentSettings.from_config(load_config(None))
+    student = student_settings(load_config(None))
     logits = torch.randn(4, 5)
     y = torch.tensor([0, 1, 2, 3])
     assert training.distillation_loss(logits, logits, y, student).abs() < 1e-6  # KL of identical logits
     assert training.distillation_loss(logits, logits + 1.0, y, student).abs() < 1e-6  # softmax is shift-free
     mse = training.distillation_loss(
-        logits, logits, y, training.StudentSettings.from_config(load_config(None, ["evaluate.labels=soft_mse"]))
+        logits, logits, y, student_settings(load_config(None, ["evaluate.labels=soft_mse"]))
     )
     torch.testing.assert_close(mse, 0.1 * torch.nn.functional.cross_entropy(logits, y))
 

@@ -7,10 +7,11 @@ from omegaconf import OmegaConf
 from tsgd_ray.config import TSGFConfig
 from tsgd_ray.core import tsgf
 from tsgd_ray.core.augment import box_mask
+from tsgd_ray.settings import saliency_settings
 
 
 def tsgf_cfg(**values) -> tsgf.SaliencySettings:
-    return tsgf.SaliencySettings.from_section(OmegaConf.merge(OmegaConf.structured(TSGFConfig), values))
+    return saliency_settings(OmegaConf.merge(OmegaConf.structured(TSGFConfig), values))
 
 
 def square_clip(frames=8, size=32, start=(4, 4), step=(0, 2), side=4, background=None):

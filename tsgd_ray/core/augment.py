@@ -30,11 +30,6 @@ class CropSettings:
     hflip: bool
     roll: float
 
-    @classmethod
-    def from_section(cls, section) -> CropSettings:
-        """From a config section with crop_scale, crop_ratio, hflip, roll (augment, evaluate.augment)."""
-        return cls(tuple(section.crop_scale), tuple(section.crop_ratio), bool(section.hflip), float(section.roll))
-
     def params(self, u: torch.Tensor) -> torch.Tensor:
         """`random_params` of uniforms u (N, 6) under these settings."""
         return random_params(u, self.scale, self.ratio, self.hflip, self.roll)

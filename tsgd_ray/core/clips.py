@@ -39,11 +39,6 @@ class InputSettings:
     std: tuple[float, float, float]
     amp: bool = False
 
-    @classmethod
-    def from_config(cls, cfg) -> InputSettings:
-        """From the run config's data.mean, data.std and amp."""
-        return cls(tuple(cfg.data.mean), tuple(cfg.data.std), bool(cfg.amp))
-
     def model_input(self, clips: torch.Tensor) -> torch.Tensor:
         """`to_model_input` of uint8 clips (N, F, H, W, 3)."""
         return to_model_input(clips, self.mean, self.std)

@@ -36,17 +36,6 @@ class ViewSettings:
     tsgfa: bool
     crop_delta: float
 
-    @classmethod
-    def from_config(cls, cfg) -> ViewSettings:
-        """From distill.labels (and tsgf.crop_delta)."""
-        section = cfg.distill.labels
-        return cls(
-            CropSettings.from_section(section.augment),
-            bool(section.augment.time_reverse),
-            bool(section.tsgfa),
-            float(cfg.tsgf.crop_delta),
-        )
-
 
 def clip_keys(labels: Sequence[int], indices: Sequence[int]) -> list[str]:
     """A synthetic clip's stream key: its class and its index within the class."""

@@ -68,33 +68,6 @@ class RecoverySettings:
     every: int
     saliency: SaliencySettings
 
-    @classmethod
-    def from_config(cls, cfg) -> RecoverySettings:
-        d, t = cfg.distill, cfg.tsgf
-        return cls(
-            seed=int(cfg.seed),
-            inputs=InputSettings.from_config(cfg),
-            crop=CropSettings.from_section(cfg.augment),
-            iterations=int(d.iterations),
-            lr=float(d.lr),
-            lambda_bn=float(d.lambda_bn),
-            first_bn_weight=float(d.first_bn_weight),
-            bn_target=BNTarget(d.bn_target),
-            bn_ema=float(d.bn_ema),
-            diversity=float(d.diversity),
-            init_target=float(d.init_target),
-            init_temperature=float(d.init_temperature),
-            stop_confidence=float(d.stop_confidence),
-            chunk_size=int(d.chunk_size),
-            log_every=int(d.log_every),
-            tsgfo=bool(t.enabled),
-            apply=TSGFApply(t.apply),
-            source=SaliencySource(t.source),
-            w_min=float(t.w_min),
-            every=int(t.every),
-            saliency=SaliencySettings.from_section(t),
-        )
-
 
 class RecoveryError(UserError, ValueError):
     """A teacher or input that recovery cannot use (e.g. a BN term without BN layers)."""

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsgd_ray.config import regimes
 from tsgd_ray.config.regimes import LabelRegime
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.augment import CropSettings
@@ -39,11 +38,6 @@ class FitSettings:
     lr: float
     weight_decay: float
 
-    @classmethod
-    def from_section(cls, section) -> FitSettings:
-        """From the teacher or evaluate config section."""
-        return cls(int(section.epochs), int(section.batch_size), float(section.lr), float(section.weight_decay))
-
 
 @dataclass(frozen=True)
 class TeacherSettings:
@@ -54,15 +48,6 @@ class TeacherSettings:
     inputs: InputSettings
     crop: CropSettings
     fit: FitSettings
-
-    @classmethod
-    def from_config(cls, cfg) -> TeacherSettings:
-        return cls(
-            int(cfg.seed),
-            InputSettings.from_config(cfg),
-            CropSettings.from_section(cfg.augment),
-            FitSettings.from_section(cfg.teacher),
-        )
 
 
 @dataclass(frozen=True)
@@ -88,28 +73,6 @@ class StudentSettings:
     mse_ce_weight: float
     ema: float
     views: int
-
-    @classmethod
-    def from_config(cls, cfg) -> StudentSettings:
-        e, aug = cfg.evaluate, cfg.evaluate.augment
-        regime = regimes.get(e.labels)
-        hard = regime.label_preserving  # class labels: only label-preserving transforms
-        return cls(
-            inputs=InputSettings.from_config(cfg),
-            fit=FitSettings.from_section(e),
-            crop=CropSettings.from_section(cfg.augment if hard else aug),
-            time_reverse=bool(aug.time_reverse) and not hard,
-            cutmix=0.0 if hard else float(aug.cutmix),
-            mixup=0.0 if hard else float(aug.mixup),
-            tsgfa=bool(e.tsgfa),
-            crop_delta=float(cfg.tsgf.crop_delta),
-            saliency=SaliencySettings.from_section(cfg.tsgf),
-            regime=regime,
-            temperature=float(e.temperature),
-            mse_ce_weight=float(e.mse_ce_weight),
-            ema=float(e.ema),
-            views=int(e.views),
-        )
 
 
 def random_augment(x: torch.Tensor, crop: CropSettings, generator: torch.Generator) -> torch.Tensor:

@@ -117,18 +117,6 @@ class SaliencySettings:
     eps: float
     granularity: Granularity
 
-    @classmethod
-    def from_section(cls, section) -> SaliencySettings:
-        """From the `tsgf` config section."""
-        return cls(
-            Compensation(section.compensate),
-            int(section.spatial_kernel),
-            int(section.window),
-            tuple(section.alpha),
-            float(section.eps),
-            Granularity(section.granularity),
-        )
-
 
 def saliency(x: torch.Tensor, settings: SaliencySettings) -> torch.Tensor:
     """The TSGF saliency map M (N, 1, F, H, W) in [0, 1] of clips x (N, 3, F, H, W), computed

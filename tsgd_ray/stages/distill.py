@@ -40,16 +40,16 @@ from omegaconf import DictConfig
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.config import PACK, ConfigError, InitKind
 from tsgd_ray.console import Progress
-from tsgd_ray.core.clips import InputSettings, to_uint8_clips
+from tsgd_ray.core.clips import to_uint8_clips
 from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
-from tsgd_ray.core.labels import ViewSettings, clip_keys, label_views, view_params
+from tsgd_ray.core.labels import clip_keys, label_views, view_params
 from tsgd_ray.core.packing import pack_init
-from tsgd_ray.core.recovery import RecoverySettings, noise_init, recover
+from tsgd_ray.core.recovery import noise_init, recover
 from tsgd_ray.core.training import clip_heat
-from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
+from tsgd_ray.settings import input_settings, recovery_settings, saliency_settings, view_settings
 from tsgd_ray.stages import skeleton
 from tsgd_ray.tracking import OFF, RunContext
 
@@ -94,7 +94,7 @@ def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partitio
     init = artifacts.read_init(cfg, classes)
     labels, indices = init["labels"], init["indices"]
     device = next(teacher.parameters()).device
-    settings = RecoverySettings.from_config(cfg)
+    settings = recovery_settings(cfg)
     if cfg.distill.init == InitKind.noise:
         low, high = settings.inputs.valid_range(torch.zeros(1))
         x0 = noise_init((3, *layout.clip_size(cfg)), labels, indices, settings.seed, low, high)
@@ -144,8 +144,8 @@ def packed_init(cfg: DictConfig, teacher: torch.nn.Module, clips: torch.Tensor, 
         labels,
         indices,
         cfg.distill.pack_confidence,
-        SaliencySettings.from_section(cfg.tsgf),
-        InputSettings.from_config(cfg),
+        saliency_settings(cfg.tsgf),
+        input_settings(cfg),
     )
     ids = [video_ids[i] for i in order]
     joined = [
@@ -164,10 +164,8 @@ def stored_labels(
     views = cfg.distill.labels.views
     if not views:
         return None
-    inputs, device = InputSettings.from_config(cfg), next(teacher.parameters()).device
-    params = view_params(
-        heats.float() / 255, clip_keys(labels, indices), cfg.seed, views, ViewSettings.from_config(cfg)
-    )
+    inputs, device = input_settings(cfg), next(teacher.parameters()).device
+    params = view_params(heats.float() / 255, clip_keys(labels, indices), cfg.seed, views, view_settings(cfg))
     logits = label_views(teacher, inputs.model_input(clips.to(device)), params, inputs.amp)
     return params.numpy(), logits.numpy()
 

@@ -34,7 +34,6 @@ from tsgd_ray.artifacts import load_teacher
 from tsgd_ray.config import ConfigError, Method, regimes
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
-from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
 from tsgd_ray.layout import clip_size, fleet_dir, seed_uri, student_checkpoints
@@ -42,6 +41,7 @@ from tsgd_ray.methods import method_config
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.fleet import Fleet, Student
+from tsgd_ray.settings import input_settings, student_settings
 from tsgd_ray.stages import skeleton
 from tsgd_ray.tracking import OFF, RunContext, live_curve
 
@@ -88,7 +88,7 @@ def _test(
 ) -> tuple[float, float, int]:
     """(top-1, top-5, clips) of `model` on the evaluation clips, summed over all workers."""
     counts = torch.zeros(3, dtype=torch.float64)
-    inputs = InputSettings.from_config(cfg)
+    inputs = input_settings(cfg)
     for batch in source.batches("eval", 0, 64, rank, world):
         logits = training.predict(ray_train.unwrap(model), batch["clip"], inputs)
         n = len(batch["label"])
@@ -129,7 +129,7 @@ def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes
     import ray.train.torch
 
     cfg, method, seed = student["cfg"], Method(student["method"]), student["seed"]
-    settings = training.StudentSettings.from_config(cfg)
+    settings = student_settings(cfg)
     distils = methods.get(method).distils
     settings = replace(settings, regime=settings.regime.for_student(distils))  # no stored set: its fallback
     per_worker = replace(settings.fit, batch_size=ray_train.per_worker_batch(settings.fit.batch_size, world))

@@ -26,13 +26,12 @@ from omegaconf import DictConfig
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.config import config_hash
 from tsgd_ray.core import tsgf
-from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.labels import PARAM_NAMES
-from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.data import clip_table
 from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.data.video import encode_mp4
 from tsgd_ray.errors import UserError
+from tsgd_ray.settings import input_settings, saliency_settings
 from tsgd_ray.stages import skeleton
 from tsgd_ray.tracking import OFF, RunContext
 
@@ -75,7 +74,7 @@ def preview_frames(cfg: DictConfig, clips: torch.Tensor, labels: torch.Tensor) -
     4 videos per row, each followed by its TSGF saliency map (white = moving); cells upscaled to at
     least 64 px."""
     rows = []
-    inputs, saliency = InputSettings.from_config(cfg), SaliencySettings.from_section(cfg.tsgf)
+    inputs, saliency = input_settings(cfg), saliency_settings(cfg.tsgf)
     for c in sorted(set(labels.tolist()))[:PREVIEW_CLASSES]:
         rgb = clips[labels == c][:PREVIEW_VIDEOS]
         heat = tsgf.saliency(inputs.model_input(rgb), saliency)  # (n, 1, F, H, W) in [0, 1]
@@ -109,9 +108,7 @@ def contact_sheet(cfg: DictConfig, init: Optional[torch.Tensor], synthetic: torc
     if init is not None:
         rows.append(((synthetic.float() - init.float()).abs() * 4).clamp(0, 255).to(torch.uint8))
     source = (init if init is not None else synthetic).unsqueeze(0)
-    saliency = tsgf.saliency(
-        InputSettings.from_config(cfg).model_input(source), SaliencySettings.from_section(cfg.tsgf)
-    )
+    saliency = tsgf.saliency(input_settings(cfg).model_input(source), saliency_settings(cfg.tsgf))
     saliency = saliency[0, 0]  # (F, H, W)
     rows.append((saliency * 255).round().to(torch.uint8).unsqueeze(-1).expand(-1, -1, -1, 3))
     image = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)  # (rows * H, F * W, 3)

@@ -36,9 +36,8 @@ from omegaconf import DictConfig
 from tsgd_ray import artifacts, layout, storage
 from tsgd_ray.config import MAX_IPC, Compensation
 from tsgd_ray.console import Progress
-from tsgd_ray.core.augment import CropSettings, keyed_views
+from tsgd_ray.core.augment import keyed_views
 from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers
-from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.device import autocast, reserved_gpus, resolve_device, tune_for
 from tsgd_ray.core.selection import BestPerClass, seeded_priority, window_score
 from tsgd_ray.core.tsgf import motion_energy
@@ -48,6 +47,7 @@ from tsgd_ray.data.pipeline import ClipDecoder, TooManyBadVideos
 from tsgd_ray.data.shards import ManifestError, read_manifest, shards_root, train_shards
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.pool import ElasticPool, PoolActor, actor_starter
+from tsgd_ray.settings import crop_settings, input_settings
 from tsgd_ray.stages import skeleton
 from tsgd_ray.tracking import OFF, RunContext
 
@@ -68,8 +68,8 @@ class StatsWorker(PoolActor):
     def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
         torch.set_num_threads(threads)
         self.cfg = cfg
-        self.inputs = InputSettings.from_config(cfg)
-        self.crop = CropSettings.from_section(cfg.augment)
+        self.inputs = input_settings(cfg)
+        self.crop = crop_settings(cfg.augment)
         self.compensate = Compensation(cfg.tsgf.compensate)
         self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
         tune_for(self.device)

@@ -23,6 +23,7 @@ from tsgd_ray.data.shards import read_manifest, shards_root
 from tsgd_ray.layout import TEACHER_MARKER, teacher_dir, teacher_uri
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
+from tsgd_ray.settings import teacher_settings
 from tsgd_ray.stages.skeleton import run_stage
 from tsgd_ray.tracking import OFF, RunContext, is_mlflow_uri, live_curve, read_mlflow_checkpoint
 
@@ -37,7 +38,7 @@ def _train_worker(loop_config: dict) -> None:
 
     cfg, classes, source = loop_config["cfg"], loop_config["classes"], loop_config["source"]
     t = cfg.teacher
-    settings = training.TeacherSettings.from_config(cfg)
+    settings = teacher_settings(cfg)
     rank, world, device = ray_train.worker_setup(t, "teacher", cfg.device)
     batch_size = ray_train.per_worker_batch(t.batch_size, world)
     model = ray.train.torch.prepare_model(new_teacher(cfg, len(classes)))
