@@ -5,7 +5,7 @@ hash of the stage before it::
 
     <output_root>/teacher/<key>/    teacher.pt, teacher.json (marker), ray_train/ (checkpoints)
     <output_root>/stats/<key>/      statistics.pt, candidates.json, stats.json (marker)
-        init/<n>-<kind>/            part-00000.parquet ... (clip tables), init.json (marker)
+        init/<n>-<kind>[-draw<d>]/  part-00000.parquet ... (clip tables), init.json (marker)
     <output_root>/distill/<key>/    plan.json, partitions/p00000.json (marker per partition)
         synthetic/                  p00000.parquet ... (clip tables, written by the distill actors),
                                     manifest.json (merge's marker), previews/grid.mp4
@@ -16,7 +16,7 @@ hash of the stage before it::
 So a rerun of the same config finds its finished stages and skips them, and two runs that differ
 in one key share every stage upstream of it. The statistics depend on the teacher, the data and
 the seed only: an IPC sweep shares them, and each (init clips per class n, init kind) gets its
-own init folder.
+own init folder (and each init draw other than the first, distill.draw, its own too).
 Settings that change only how fast or where work runs (schema fields marked execution_only) are
 left out of the keys. Every function here is pure: it names, it never reads or writes.
 """
@@ -37,6 +37,9 @@ EXECUTION_ONLY = frozenset(keys_where("execution_only"))
 #: sections that `methods.method_config` folds into others (evaluate.full into evaluate.* for the
 #: `full` method): keyed by what they become, so they do not re-key the other methods
 FOLDED = frozenset({"evaluate.full"})
+#: keys named by a folder instead of hashed: distill.draw by the init folder's name, so a draw
+#: other than 0 re-keys init and the stages after it, and draw 0 keeps the keys it always had
+NAMED = frozenset({"distill.draw"})
 
 KEY_LENGTH = 16
 
@@ -55,7 +58,7 @@ def _settings(cfg: DictConfig, sections: tuple[str, ...]) -> dict[str, Any]:
     for name in sections:
         value = data[name]
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY | FOLDED}
+            value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY | FOLDED | NAMED}
         out[name] = value
     return out
 
@@ -87,8 +90,15 @@ def init_per_class(cfg: DictConfig) -> int:
     return cfg.distill.ipc * (PACK if cfg.distill.pack else 1)
 
 
+def init_offset(cfg: DictConfig) -> int:
+    """Where distill.draw's init clips start in each class's candidates: draw x PACK x distill.ipc,
+    packed or not, so a draw of random_real is the first IPC of the same draw of packed_real."""
+    return cfg.distill.draw * PACK * cfg.distill.ipc
+
+
 def init_name(cfg: DictConfig) -> str:
-    return f"{init_per_class(cfg)}-{init_kind(cfg).value}"
+    draw = f"-draw{cfg.distill.draw}" if cfg.distill.draw else ""
+    return f"{init_per_class(cfg)}-{init_kind(cfg).value}{draw}"
 
 
 def distill_key(cfg: DictConfig) -> str:

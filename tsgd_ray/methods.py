@@ -100,11 +100,24 @@ def run_order(cfg: DictConfig) -> list[Method]:
     return list(dict.fromkeys([cfg.distill.method, *cfg.evaluate.baselines]))
 
 
-def method_config(cfg: DictConfig, method: Method) -> DictConfig:
+def arms(cfg: DictConfig) -> list[tuple[Method, int]]:
+    """What a run makes and evaluates, in `run_order`: (method, init draw) for each of
+    evaluate.draws draws from distill.draw on, where the method distils; (method, distill.draw)
+    once where it does not (`full` trains on every real clip, whatever the draw)."""
+    first, n = cfg.distill.draw, cfg.evaluate.draws
+    return [(m, d) for m in run_order(cfg) for d in (range(first, first + n) if get(m).distils else [first])]
+
+
+def arm_name(method: Method, draw: int) -> str:
+    """An arm's name in stage names, MLflow runs and logs: the method, and its draw where not 0."""
+    return method.value if draw == 0 else f"{method.value}/draw-{draw}"
+
+
+def method_config(cfg: DictConfig, method: Method, draw: int | None = None) -> DictConfig:
     """The run's config as it distils (or, for a method that does not distil, evaluates) with
-    `method`: its overrides merged over `cfg` (a distilling method also sets distill.method and
-    takes what the label regime needs stored with its set, `LabelRegime.stores`, first).
-    Returns a read-only config.
+    `method`, from init draw `draw` (default: distill.draw): its overrides merged over `cfg` (a
+    distilling method also sets distill.method and takes what the label regime needs stored with
+    its set, `LabelRegime.stores`, first). Returns a read-only config.
 
     Raises:
         ConfigError: the merged config is invalid.
@@ -112,7 +125,8 @@ def method_config(cfg: DictConfig, method: Method) -> DictConfig:
     spec = get(method)
     overrides = spec.overrides(cfg)
     if spec.distils:
-        overrides = {**overrides, "distill": {"method": method.value, **overrides.get("distill", {})}}
+        drawn = {} if draw is None else {"draw": draw}
+        overrides = {**overrides, "distill": {"method": method.value, **drawn, **overrides.get("distill", {})}}
     stores = regimes.get(cfg.evaluate.labels).stores(cfg) if spec.distils else {}
     out = OmegaConf.merge(cfg, stores, overrides)
     try:

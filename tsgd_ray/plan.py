@@ -253,7 +253,7 @@ def _distill_stage(
     state = OPTIMISER_BYTES * 3 * math.prod(size)
     actor_bytes = per_partition * state + chunk * teacher.activation_bytes + 4 * teacher.params
     stage = Stage(
-        f"distill/{method.value}",
+        f"distill/{methods.arm_name(method, cfg.distill.draw)}",
         layout.distill_dir(cfg),
         done(storage.join(layout.synthetic_dir(cfg), layout.SYNTHETIC_MANIFEST)),
         _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
@@ -308,7 +308,7 @@ def _evaluate_stage(
         rate = 1 / (1 / rate + 1 / labels)
     per_worker = math.ceil(e.batch_size / e.num_workers)  # as ray_train.per_worker_batch
     stage = Stage(
-        f"evaluate/{method.value}",
+        f"evaluate/{methods.arm_name(method, cfg.distill.draw)}",
         layout.evaluate_dir(cfg, method),
         done(layout.results_uri(cfg, method)),
         _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
@@ -368,7 +368,8 @@ class _Run:
 
 def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = None) -> dict:
     """The plan: {"counts": ..., "stages": [Stage, ...], "gpu_hours", "dollars", "gpu", "wall_s"},
-    one function per stage, the methods in the pipeline's order (`methods.run_order`).
+    one function per stage, the arms in the pipeline's order (`methods.arms`: each method, and each
+    of its init draws where it distils).
 
     table: calibration rows (default: the shipped table, `tsgd_ray.calibration`).
 
@@ -395,8 +396,8 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
         model_cost(e.model, e.width, e.depth, size, max(classes, 1)),
     )
     stages = [_prepare_stage(run), _teacher_stage(run), _stats_stage(run)]
-    for method in methods.run_order(cfg):
-        mcfg = methods.method_config(cfg, method)
+    for method, draw in methods.arms(cfg):
+        mcfg = methods.method_config(cfg, method, draw)
         if methods.get(method).distils:
             stages.append(_distill_stage(mcfg, method, classes, size, run.teacher, run.timer, run.done))
         stages.append(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tsgd_ray import layout, methods
-from tsgd_ray.config import Method, config_names, load_config
+from tsgd_ray.config import ConfigError, Method, config_names, load_config
 from tsgd_ray.config.schema import PACK
 from tsgd_ray.methods import method_config
 
@@ -31,3 +31,33 @@ def test_every_registered_method_has_a_description_and_distinct_settings():
     configs = [method_config(load_config("default"), m) for m in methods.registered() if methods.get(m).distils]
     assert len({layout.distill_key(c) for c in configs}) == len(configs)  # no two methods share a set
     assert all(methods.get(m).description for m in methods.registered())
+
+
+def test_init_draws_rekey_init_and_what_follows_and_pair_the_baselines():
+    """evaluate.draws: every distilling method once per draw, `full` once; a draw names its init
+    folder (draw 0 keeps the keys a run without draws has), never the teacher or the statistics;
+    random_real's draw d starts where packed_real's draw d does, so its clips are among those."""
+    one = load_config("default", ["evaluate.baselines=[random_real,packed_real,full]"])
+    cfg = load_config("default", ["evaluate.baselines=[random_real,packed_real,full]", "evaluate.draws=3"])
+    arms = methods.arms(cfg)
+    assert arms.count((Method.full, 0)) == 1 and len(arms) == 3 * 3 + 1
+    for method in (Method.tsgd, Method.random_real, Method.packed_real):
+        configs = [method_config(cfg, method, d) for d in range(3)]
+        assert layout.evaluate_dir(configs[0], method) == layout.evaluate_dir(method_config(one, method), method)
+        assert len({layout.distill_key(c) for c in configs}) == 3
+        assert len({layout.teacher_dir(c) for c in configs}) == len({layout.stats_dir(c) for c in configs}) == 1
+        assert [layout.init_name(c).endswith(f"-draw{d}") for d, c in enumerate(configs)] == [False, True, True]
+    for d in range(3):
+        random, packed = method_config(cfg, Method.random_real, d), method_config(cfg, Method.packed_real, d)
+        start = layout.init_offset(random)
+        assert start == layout.init_offset(packed) == d * PACK * cfg.distill.ipc
+        assert start + layout.init_per_class(random) <= start + layout.init_per_class(packed)
+    assert layout.evaluate_dir(method_config(cfg, Method.full, 2), Method.full) == layout.evaluate_dir(
+        method_config(one, Method.full), Method.full
+    )  # `full` does not depend on the draw
+
+
+def test_draws_beyond_the_kept_candidates_are_refused_naming_the_limit():
+    with pytest.raises(ConfigError, match=r"evaluate.draws: .* draws end at 1 \(distill.draw \+ evaluate.draws <= 2\)"):
+        load_config("default", ["distill.ipc=5", "distill.pack=true", "evaluate.draws=3"])
+    load_config("default", ["distill.ipc=5", "distill.pack=true", "evaluate.draws=2"])

@@ -403,6 +403,11 @@ class DistillConfig:
     # on its views reaches this; 0: never (every video takes every step).
     stop_confidence: float = setting(0.0, must=BELOW_ONE)
     init: InitKind = InitKind.real  # how synthetic videos start
+    # Which draw of init clips the set starts from: draw d takes each class's candidates from
+    # d x 4 x ipc on, in the seeded order the statistics pass keeps (so random_real's draw d lies
+    # within packed_real's draw d). It names the init folder only: a new draw reuses the teacher
+    # and the statistics. evaluate.draws runs several.
+    draw: int = setting(0, must=NON_NEGATIVE)
     # Motion-aware 2 x 2 packing (RDED's, whole in time; not in the paper): each synthetic video
     # starts as PACK = 4 init clips of its class (init reads 4 x ipc), each cut to its (H/2, W/2)
     # window of most TSGF motion in every frame and tiled 2 x 2, where the teacher's probability
@@ -469,6 +474,11 @@ class EvaluateConfig:
     # Also evaluate these methods (each distilled with the same teacher, ipc and seed): e.g.
     # [random_real, sre2l_video, full]. The run's own method is distill.method.
     baselines: list[Method] = setting(factory=list, execution_only=True)
+    # Init draws per distilling method (distill.draw, distill.draw + 1, ...): each draw its own set
+    # and students (one per seed), paired across methods, so the results table gives each
+    # baseline's difference from distill.method with its standard error over draws (>= 3 draws to
+    # separate them; `full` does not depend on the draw and trains once).
+    draws: int = setting(1, must=at_least(1), execution_only=True)
     num_workers: int = setting(1, must=at_least(1))  # Ray Train (DDP) workers per student
     # Students trained at once (each (method, seed) is its own Ray Train run; Ray places their
     # workers); 0: as many student workers as the cluster's CPUs and GPUs hold when evaluation
@@ -609,8 +619,15 @@ def validate(cfg: DictConfig) -> None:
             "distill.init: motion_window chooses among stats.init_views candidate views per video; "
             f"set stats.init_views >= 2 (got {cfg.stats.init_views})"
         )
+    d, per = cfg.distill, PACK if cfg.distill.pack else 1
+    last, most = d.draw + cfg.evaluate.draws - 1, (MAX_IPC // d.ipc - per) // PACK  # the last draw: asked, possible
+    if last > most:
+        raise ConfigError(
+            f"evaluate.draws: draw {last} would start at init candidate {PACK * last * d.ipc} of each class, and "
+            f"the statistics pass keeps {MAX_IPC}: at distill.ipc={d.ipc}{' packed' if d.pack else ''} the "
+            f"draws end at {most} (distill.draw + evaluate.draws <= {most + 1})"
+        )
     if cfg.distill.pack:
-        d = cfg.distill
         if d.init == InitKind.noise:
             raise ConfigError("distill.pack: packs real init clips; distill.init=noise has none")
         if PACK * d.ipc > MAX_IPC:

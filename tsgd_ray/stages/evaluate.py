@@ -37,7 +37,7 @@ from tsgd_ray.core import training
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
 from tsgd_ray.layout import clip_size, fleet_dir, seed_uri, student_checkpoints
-from tsgd_ray.methods import method_config
+from tsgd_ray.methods import arm_name, method_config
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.runtime.fleet import Fleet, Student
@@ -46,6 +46,8 @@ from tsgd_ray.stages import skeleton
 from tsgd_ray.tracking import OFF, RunContext, live_curve
 
 log = logging.getLogger(__name__)
+
+Arm = tuple[Method, int]  # (method, init draw): `methods.arms`
 
 
 def new_student(cfg: DictConfig, num_classes: int, seed: int) -> torch.nn.Module:
@@ -248,12 +250,12 @@ def _cost(cfg: DictConfig, method: Method, classes: int, train_clips: int, eval_
     return cfg.evaluate.epochs * clips + eval_clips
 
 
-def train_students(cfg: DictConfig, evaluated: Sequence[Method], stages: Sequence[RunContext] = ()) -> None:
-    """Train every unfinished (method, seed) student of `evaluated` (their method configs are
-    made from `cfg`) in one evaluation fleet (`runtime.fleet`): as many Ray Train runs at once as
-    the cluster holds, each training its students one after another; each student writes its seed
-    file. stages (one per method, or empty): the MLflow runs under which each student's live
-    curve gets a child run "evaluate/<method>/seed-<seed>".
+def train_students(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[RunContext] = ()) -> None:
+    """Train every unfinished student (one per seed) of the arms `evaluated`, (method, init draw)
+    pairs whose configs are made from `cfg`, in one evaluation fleet (`runtime.fleet`): as many
+    Ray Train runs at once as the cluster holds, each training its students one after another;
+    each student writes its seed file. stages (one per arm, or empty): the MLflow runs under which
+    each student's live curve gets a child run "evaluate/<arm>/seed-<seed>".
 
     Raises:
         ConfigError: stored labels asked of a set that holds fewer than evaluate.views.
@@ -304,15 +306,15 @@ def train_students(cfg: DictConfig, evaluated: Sequence[Method], stages: Sequenc
     fleet.run(slots, train)
 
 
-def _unfinished(cfg: DictConfig, evaluated: Sequence[Method], stages: Sequence[RunContext]) -> tuple[dict, dict]:
-    """The students of `evaluated` without a seed file, {key: {key, cfg, method, seed,
-    teacher_too}}, and their live curves' routes {key: (the method's run id, child name)}."""
+def _unfinished(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[RunContext]) -> tuple[dict, dict]:
+    """The students of the arms `evaluated` without a seed file, {key: {key, cfg, method, seed,
+    teacher_too}}, and their live curves' routes {key: (the arm's run id, child name)}."""
     todo, routes = {}, {}
-    for method, stage in zip(evaluated, stages or [OFF] * len(evaluated)):
-        mcfg = method_config(cfg, method)
+    for (method, draw), stage in zip(evaluated, stages or [OFF] * len(evaluated)):
+        mcfg = method_config(cfg, method, draw)
         _check_stored(mcfg, method)
         for seed in mcfg.evaluate.seeds:
-            key = f"{method.value}/seed-{seed}"
+            key = f"{arm_name(method, draw)}/seed-{seed}"
             if not storage.exists(seed_uri(mcfg, method, seed)):
                 teacher_too = seed == mcfg.evaluate.seeds[0]
                 todo[key] = {"key": key, "cfg": mcfg, "method": method, "seed": seed, "teacher_too": teacher_too}
@@ -322,12 +324,14 @@ def _unfinished(cfg: DictConfig, evaluated: Sequence[Method], stages: Sequence[R
 
 
 def _report(cfg: DictConfig, method: Method, split: str, stage: RunContext) -> dict:
-    """The results of `method`'s students (`summarise`), logged to the method's run `stage`: a
-    child run per seed, the means on `stage` itself."""
+    """The results of `method`'s students from cfg's draw (`summarise`), logged to the arm's run
+    `stage`: a child run per seed, the means on `stage` itself."""
     per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
     results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split, "labels": label_regime(cfg, method)}
+    results["draw"] = cfg.distill.draw
+    arm = arm_name(method, cfg.distill.draw)
     for r in per_seed if stage else []:
-        name, started = f"evaluate/{method.value}/seed-{r['seed']}", r.get("started")
+        name, started = f"evaluate/{arm}/seed-{r['seed']}", r.get("started")
         seed_run = stage.find_child(name)  # opened live when the seed started
         if seed_run is None:  # `full` (no per-epoch reports), or a seed of an earlier invocation
             seed_run = stage.child(name, start_time=started)
@@ -347,11 +351,12 @@ def _report(cfg: DictConfig, method: Method, split: str, stage: RunContext) -> d
     return results
 
 
-def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], run: RunContext = OFF) -> list[dict]:
-    """Train and test the students of every method of `evaluated` (each method's config made from
-    `cfg` by `methods.method_config`) unless finished, every student in one fleet
-    (`train_students`); returns each method's results (see `summarise`), in order. Each method is
-    a stage of its own (`evaluate/<method>`: its marker, lease and MLflow child run of `run`).
+def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Arm], run: RunContext = OFF) -> list[dict]:
+    """Train and test the students of every arm of `evaluated`, (method, init draw) pairs
+    (`methods.arms`; each arm's config made from `cfg` by `methods.method_config`), unless
+    finished, every student in one fleet (`train_students`); returns each arm's results (see
+    `summarise`, with its "draw"), in order. Each arm is a stage of its own (`evaluate/<arm>`: its
+    marker, lease and MLflow child run of `run`).
 
     Raises:
         ConfigError: the dataset has no data.eval_split split, or stored labels are asked of a set
@@ -359,12 +364,14 @@ def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], run: RunConte
     """
     manifest = read_manifest(shards_root(cfg))
     split = eval_split(cfg, manifest["counts"])
-    configs = [method_config(cfg, m) for m in evaluated]
+    configs = [method_config(cfg, m, d) for m, d in evaluated]
     specs = [
         skeleton.StageSpec(
-            f"evaluate/{m.value}", layout.results_uri(c, m), {"method": m.value, "labels": label_regime(c, m)}
+            f"evaluate/{arm_name(m, d)}",
+            layout.results_uri(c, m),
+            {"method": m.value, "labels": label_regime(c, m), "draw": str(d)},
         )
-        for m, c in zip(evaluated, configs)
+        for (m, d), c in zip(evaluated, configs)
     ]
 
     def work(todo: list[int], stages: list[RunContext]) -> list[dict]:
@@ -374,11 +381,11 @@ def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Method], run: RunConte
             for stage in stages:
                 stage.fail_children()  # seed runs the live curve opened
             raise
-        return [_report(configs[i], evaluated[i], split, stage) for i, stage in zip(todo, stages)]
+        return [_report(configs[i], evaluated[i][0], split, stage) for i, stage in zip(todo, stages)]
 
     return skeleton.run_stages(cfg, specs, work, run)
 
 
 def run_evaluate(cfg: DictConfig, method: Method, run: RunContext = OFF) -> dict:
-    """`evaluate_methods` of one method: its results."""
-    return evaluate_methods(cfg, [method], run)[0]
+    """`evaluate_methods` of one method, from cfg's init draw: its results."""
+    return evaluate_methods(cfg, [(method, cfg.distill.draw)], run)[0]

@@ -119,10 +119,11 @@ def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
             "that init existed); delete that folder and run again"
         )
     candidates = kept[kind]
-    ipc = layout.init_per_class(cfg)
-    short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < ipc]
+    ipc, offset = layout.init_per_class(cfg), layout.init_offset(cfg)
+    short = [f"{classes[c]} ({len(rows)})" for c, rows in enumerate(candidates) if len(rows) < offset + ipc]
     if short:
         wanted = f"distill.ipc={cfg.distill.ipc}" + (f" packed ({ipc} init clips)" if cfg.distill.pack else "")
+        wanted += f" at distill.draw={cfg.distill.draw} (from candidate {offset})" if offset else ""
         raise ConfigError(
             f"{wanted}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
             f"{' ...' if len(short) > 10 else ''}"
@@ -136,7 +137,7 @@ def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
     chosen = [
         {**entry, "uri": uri(entry), "label": c, "index": i}
         for c, rows in enumerate(candidates)
-        for i, entry in enumerate(rows[:ipc])
+        for i, entry in enumerate(rows[offset : offset + ipc])
     ]
     clip_bytes = int(np.prod(layout.clip_shape(cfg)))
     per_part = max(1, INIT_PART_BYTES // (clip_bytes * ipc)) * ipc
@@ -151,6 +152,7 @@ def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
     )
     return {
         "per_class": ipc,
+        "draw": cfg.distill.draw,
         "init": kind,
         "parts": parts,
         "videos": len(chosen),
