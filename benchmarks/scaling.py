@@ -100,7 +100,7 @@ def ray_overhead(cfg, classes, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         for measure, out in (
             (lambda: recover_partition(cfg, teacher, stats, 0, plan[0]), plain),
-            (lambda: ray.get(actor.recover.remote(0, plan[0])), remote),
+            (lambda: ray.get(actor.recover.remote(cfg, 0, plan[0])), remote),
         ):
             fresh_distill(cfg)
             load_plan(cfg, len(classes))

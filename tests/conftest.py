@@ -189,6 +189,7 @@ SMALL_RUN = (
     "distill.iterations=20",
     "evaluate.epochs=2",
     "evaluate.seeds=[0,1]",
+    "evaluate.draws=1",  # one init draw (the default config's three: tests/stages/test_methods.py)
     f"evaluate.baselines=[{','.join(m.value for m in methods.registered() if m != Method.tsgd)}]",
 )
 

@@ -37,8 +37,8 @@ def test_cluster_configs_put_every_model_stage_on_gpus(name, monkeypatch):
 
 def test_overrides_merge_over_yaml(monkeypatch):
     monkeypatch.chdir(REPO)
-    cfg = load_config("default", ["data.num_frames=4", "distill.ipc=10", "tsgf.enabled=false"])
-    assert (cfg.data.num_frames, cfg.distill.ipc, cfg.tsgf.enabled) == (4, 10, False)
+    cfg = load_config("default", ["data.num_frames=4", "distill.ipc=5", "tsgf.enabled=false"])
+    assert (cfg.data.num_frames, cfg.distill.ipc, cfg.tsgf.enabled) == (4, 5, False)
     assert cfg.data.height == 32  # from the YAML, untouched
 
 

@@ -619,15 +619,8 @@ def validate(cfg: DictConfig) -> None:
             "distill.init: motion_window chooses among stats.init_views candidate views per video; "
             f"set stats.init_views >= 2 (got {cfg.stats.init_views})"
         )
-    d, per = cfg.distill, PACK if cfg.distill.pack else 1
-    last, most = d.draw + cfg.evaluate.draws - 1, (MAX_IPC // d.ipc - per) // PACK  # the last draw: asked, possible
-    if last > most:
-        raise ConfigError(
-            f"evaluate.draws: draw {last} would start at init candidate {PACK * last * d.ipc} of each class, and "
-            f"the statistics pass keeps {MAX_IPC}: at distill.ipc={d.ipc}{' packed' if d.pack else ''} the "
-            f"draws end at {most} (distill.draw + evaluate.draws <= {most + 1})"
-        )
-    if cfg.distill.pack:
+    d = cfg.distill
+    if d.pack:
         if d.init == InitKind.noise:
             raise ConfigError("distill.pack: packs real init clips; distill.init=noise has none")
         if PACK * d.ipc > MAX_IPC:
@@ -641,6 +634,14 @@ def validate(cfg: DictConfig) -> None:
                 f"distill.pack: tiles half-frames 2 x 2, so data.height and data.width must be even, "
                 f"got {cfg.data.height} x {cfg.data.width}"
             )
+    per = PACK if d.pack else 1
+    last, most = d.draw + cfg.evaluate.draws - 1, (MAX_IPC // d.ipc - per) // PACK  # the last draw: asked, possible
+    if last > most:
+        raise ConfigError(
+            f"evaluate.draws: draw {last} would start at init candidate {PACK * last * d.ipc} of each class, and "
+            f"the statistics pass keeps {MAX_IPC}: at distill.ipc={d.ipc}{' packed' if d.pack else ''} the "
+            f"draws end at {most} (distill.draw + evaluate.draws <= {most + 1})"
+        )
     if cfg.data.sampling == TemporalSampling.random and not cfg.data.clip_cache:
         raise ConfigError(
             "data.sampling: random draws a new window per epoch from the clip cache's "

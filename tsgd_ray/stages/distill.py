@@ -27,11 +27,12 @@ float32 and the same format as decoded real clips (docs/sizing.md has the measur
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -195,18 +196,19 @@ def _node_id() -> str:
 
 class PartitionWorker(PoolActor):
     """A Ray actor: loads the frozen teacher and the statistics once, then recovers one partition
-    per call (reading only that partition's init clips)."""
+    per call (reading only that partition's init clips), of any set that shares them."""
 
     def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
         torch.set_num_threads(threads)
-        self.cfg = cfg
         device = resolve_device(cfg.device, cfg.distill.gpus_per_actor, "distill.gpus_per_actor")
         tune_for(device)
         self.teacher = artifacts.load_teacher(cfg, classes, device)
         self.stats = artifacts.read_statistics(cfg)
 
-    def recover(self, partition_id: int, classes: list[int]) -> dict:
-        return recover_partition(self.cfg, self.teacher, self.stats, partition_id, classes)
+    def recover(self, cfg: DictConfig, partition_id: int, classes: list[int]) -> dict:
+        """Partition `partition_id` of the set `cfg` (a method config with this actor's teacher
+        and statistics)."""
+        return recover_partition(cfg, self.teacher, self.stats, partition_id, classes)
 
 
 class _Progress:
@@ -240,11 +242,11 @@ class _Progress:
 
 
 def run_distill(cfg: DictConfig, run: RunContext = OFF, actor_prefix: Optional[str] = None) -> dict:
-    """Recover every unfinished partition with the actor pool, unless all are; returns the stage's
-    marker (partitions, recovered, skipped, actor_failures, speculated), written to
-    ``<distill_dir>/distill.json`` once every partition's marker is. A partition lost since (its
-    marker gone) makes the stage unfinished again. Logs the mean recovery curve to a child
-    "distill" of `run`.
+    """Recover every unfinished partition of the set `cfg` with the actor pool, unless all are;
+    returns the stage's marker (partitions, recovered, skipped, actor_failures, speculated),
+    written to ``<distill_dir>/distill.json`` once every partition's marker is. A partition lost
+    since (its marker gone) makes the stage unfinished again. Logs the mean recovery curve to a
+    child "distill" of `run`.
 
     `actor_prefix` names the actors (`<prefix>-<i>`, replacements `<prefix>-<i>-r<n>`) so that a
     test or an operator can find them.
@@ -252,53 +254,90 @@ def run_distill(cfg: DictConfig, run: RunContext = OFF, actor_prefix: Optional[s
         PoolError: a partition lost more than ray.max_failures actors. LeaseHeld: another run
         distils this config and storage.wait_for_lease is false.
     """
-    classes = read_manifest(shards_root(cfg))["classes"]
-
-    def stands(marker: dict) -> bool:
-        return all(storage.exists(layout.partition_marker_uri(cfg, p)) for p in range(marker["partitions"]))
-
-    return skeleton.run_stage(
-        cfg,
-        "distill",
-        storage.join(layout.distill_dir(cfg), layout.DISTILL_MARKER),
-        lambda stage: _distill(cfg, classes, stage, actor_prefix),
-        run,
-        {"method": cfg.distill.method.value},
-        stands,
-    )
+    return distill_sets([cfg], run, actor_prefix)[0]
 
 
-def _distill(cfg: DictConfig, classes: list[str], stage: RunContext, actor_prefix: Optional[str]) -> dict:
-    plan = load_plan(cfg, len(classes))
-    finished = [p for p in range(len(plan)) if storage.exists(layout.partition_marker_uri(cfg, p))]
-    pending = [p for p in range(len(plan)) if p not in finished]
-    progress = _Progress(len(plan), len(finished))
-    log.info(
-        "distill: %d partitions, %d finished, %d to do -> %s",
-        len(plan),
-        len(finished),
-        len(pending),
-        layout.distill_dir(cfg),
-    )
-    marker = {"partitions": len(plan), "skipped": len(finished), "recovered": 0, "actor_failures": 0, "speculated": 0}
-    curves = []
+def distill_sets(
+    configs: Sequence[DictConfig], run: RunContext = OFF, actor_prefix: Optional[str] = None
+) -> list[dict]:
+    """`run_distill` of several sets (method configs: a run's methods and init draws) on one actor
+    pool: their unfinished partitions form one queue, so the actors start, and load the teacher
+    and the statistics, once for all of them. Each set stays a stage of its own (its marker, lease
+    and child run); a marker's actor_failures and speculated are the shared pool's. Returns the
+    markers in the order of `configs`.
 
-    def on_result(partition: int, result: dict) -> None:
-        marker["recovered" if not result.get("skipped") else "skipped"] += 1
+    Raises:
+        ValueError: sets that do not share the teacher, the statistics and the distill actors'
+        resources (the arms of one run always do). As `run_distill` otherwise.
+    """
+    first = configs[0]
+    shared = {
+        (layout.stats_dir(c), c.distill.actors, c.distill.cpus_per_actor, c.distill.gpus_per_actor) for c in configs
+    }
+    if len(shared) > 1:
+        raise ValueError(f"distill_sets: the sets differ in teacher, statistics or actor resources: {shared}")
+    classes = read_manifest(shards_root(first))["classes"]
+    specs = [
+        skeleton.StageSpec(
+            "distill",
+            storage.join(layout.distill_dir(c), layout.DISTILL_MARKER),
+            {"method": c.distill.method.value, "draw": str(c.distill.draw)},
+            functools.partial(_stands, c),
+        )
+        for c in configs
+    ]
+
+    def work(todo: list[int], stages: list[RunContext]) -> list[dict]:
+        return _distill([configs[i] for i in todo], classes, stages, actor_prefix)
+
+    return skeleton.run_stages(first, specs, work, run)
+
+
+def _stands(cfg: DictConfig, marker: dict) -> bool:
+    """Whether a finished set still has every partition's marker."""
+    return all(storage.exists(layout.partition_marker_uri(cfg, p)) for p in range(marker["partitions"]))
+
+
+def _distill(configs: list[DictConfig], classes: list[str], stages: list[RunContext], actor_prefix) -> list[dict]:
+    plans = [load_plan(c, len(classes)) for c in configs]
+    markers, curves, pending = [], [[] for _ in configs], []
+    for i, (cfg, plan) in enumerate(zip(configs, plans)):
+        finished = {p for p in range(len(plan)) if storage.exists(layout.partition_marker_uri(cfg, p))}
+        pending += [(i, p) for p in range(len(plan)) if p not in finished]
+        markers.append({"partitions": len(plan), "skipped": len(finished), "recovered": 0})
+        log.info(
+            "distill: %d partitions, %d finished, %d to do -> %s",
+            len(plan),
+            len(finished),
+            len(plan) - len(finished),
+            layout.distill_dir(cfg),
+        )
+    progress = _Progress(sum(map(len, plans)), sum(m["skipped"] for m in markers))
+
+    def on_result(item: tuple[int, int], result: dict) -> None:
+        markers[item[0]]["recovered" if not result.get("skipped") else "skipped"] += 1
         if not result.get("skipped"):
-            curves.append(result["history"])
+            curves[item[0]].append(result["history"])
         progress.update(result)
 
+    lost = speculated = 0
     if pending:
-        d = cfg.distill
+        cfg, d = configs[0], configs[0].distill
         check_gpus(cfg, "distill.gpus_per_actor", d.gpus_per_actor)
         gpus = reserved_gpus(cfg.device, d.gpus_per_actor)
         threads = max(1, math.floor(d.cpus_per_actor)) if gpus == 0 else 1
         start = actor_starter(PartitionWorker, d.cpus_per_actor, gpus, cfg, classes, threads)
         name = actor_prefix or f"tsgd-distill-{os.getpid()}"
         pool = ElasticPool(start, min(d.actors, len(pending)), name, cfg.ray.max_failures)
-        pool.run(pending, lambda actor, p: actor.recover.remote(p, plan[p]), on_result, speculate=True)
-        marker.update(actor_failures=pool.lost, speculated=pool.speculated)
-    stage.log_history(mean_curve(curves))  # one curve, however many partitions
-    stage.log_metrics({k: marker[k] for k in ("partitions", "recovered", "actor_failures", "speculated")})
-    return marker
+
+        def call(actor, item: tuple[int, int]):
+            i, p = item
+            return actor.recover.remote(configs[i], p, plans[i][p])
+
+        pool.run(pending, call, on_result, speculate=True)
+        lost, speculated = pool.lost, pool.speculated
+    for stage, marker, curve in zip(stages, markers, curves):
+        marker.update(actor_failures=lost, speculated=speculated)
+        stage.log_history(mean_curve(curve))  # one curve, however many partitions
+        stage.log_metrics({k: marker[k] for k in ("partitions", "recovered", "actor_failures", "speculated")})
+    return markers

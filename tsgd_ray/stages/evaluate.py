@@ -342,7 +342,7 @@ def _report(cfg: DictConfig, method: Method, split: str, stage: RunContext) -> d
     stage.log_metrics({k: results[k] for k in keys if k in results})
     log.info(
         "evaluate %s: top-1 %.3f +- %.3f over %d seeds on %s",
-        method.value,
+        arm,
         results["top1_mean"],
         results["top1_std"],
         len(per_seed),

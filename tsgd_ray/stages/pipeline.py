@@ -1,7 +1,9 @@
 """The whole pipeline, or some of its stages, for the run's method and its baselines.
 
-prepare (shards, then every clip decoded once) -> teacher -> for each method in [distill.method, *evaluate.baselines]: (stats -> init ->
-distill -> merge, for the methods that distil) -> evaluate, every method's students one fleet.
+prepare (shards, then every clip decoded once) -> teacher -> for the sets of every arm (each method
+in [distill.method, *evaluate.baselines] that distils, and each of its init draws): stats -> init
+-> distill (every set's partitions on one actor pool) -> merge; then evaluate, every arm's
+students one fleet.
 Every stage skips what is finished.
 """
 
@@ -23,7 +25,7 @@ from tsgd_ray.data.catalogs import Catalog, build_catalog
 from tsgd_ray.data.shards import MANIFEST, eval_split, finished_manifest, read_manifest, shards_root
 from tsgd_ray.methods import method_config
 from tsgd_ray.plan import make_plan, render
-from tsgd_ray.stages.distill import run_distill
+from tsgd_ray.stages.distill import distill_sets, run_distill
 from tsgd_ray.stages.evaluate import evaluate_methods, run_evaluate
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import run_merge
@@ -91,8 +93,14 @@ def run_stages(cfg: DictConfig, stages=STAGES, run: RunContext = OFF, catalog: O
     if "teacher" in stages:
         run.set_tags({"teacher_sha256": run_teacher(cfg, run)["sha256"]})
     arms = methods.arms(cfg)
-    for method, draw in arms:
-        run_method(cfg, method, [s for s in stages if s != "evaluate"], run, draw)
+    sets = [method_config(cfg, m, d) for m, d in arms if methods.get(m).distils]
+    for stage, run_stage in (("stats", run_stats), ("init", run_init)):
+        for set_cfg in sets if stage in stages else []:
+            run_stage(set_cfg, run)
+    if "distill" in stages and sets:
+        distill_sets(sets, run)  # one actor pool for every set
+    for set_cfg in sets if "merge" in stages else []:
+        run_merge(set_cfg, run)
     results = evaluate_methods(cfg, arms, run) if "evaluate" in stages else []
     if run and results:
         _log_results(run, results)
