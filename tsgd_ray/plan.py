@@ -409,10 +409,8 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
     todo = [st for st in stages if not st.finished]
     fleet = [st for st in todo if st.name.startswith("evaluate/")]
     fleet_wall = _fleet_wall(cfg, fleet, table)
-    pooled = [st for st in todo if st.name.startswith("distill/")]  # one actor pool: started once
-    shared_start = calibration.start(table, "distill") * max(0, len(pooled) - 1)
     return {
-        "wall_s": sum(st.wall_s for st in todo if st not in fleet) - shared_start + fleet_wall,
+        "wall_s": sum(st.wall_s for st in todo if st not in fleet) + fleet_wall,
         "fleet_wall_s": fleet_wall,
         "counts": {"train": train, "eval": evaluated, "classes": classes, "source": source},
         "stages": stages,

@@ -316,7 +316,7 @@ def _unfinished(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[RunC
         for seed in mcfg.evaluate.seeds:
             key = f"{arm_name(method, draw)}/seed-{seed}"
             if not storage.exists(seed_uri(mcfg, method, seed)):
-                teacher_too = seed == mcfg.evaluate.seeds[0]
+                teacher_too = seed == mcfg.evaluate.seeds[0] and draw == cfg.distill.draw  # once per method
                 todo[key] = {"key": key, "cfg": mcfg, "method": method, "seed": seed, "teacher_too": teacher_too}
                 if stage:
                     routes[key] = (stage.run_id, f"evaluate/{key}")
