@@ -30,7 +30,7 @@ from tsgd_ray.config import load_config  # noqa: E402
 from tsgd_ray.core import bn_stats, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
 from tsgd_ray.core.models import build_model  # noqa: E402
-from tsgd_ray.data.in_memory import load_split  # noqa: E402
+from tsgd_ray.data.in_memory import load_split, split_ids  # noqa: E402
 from tsgd_ray.settings import input_settings, recovery_settings, student_settings, teacher_settings  # noqa: E402
 
 
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     worst = 0.0
     for ipc in args.ipc:
-        rows, classes_t, indices = selection.flatten(selection.random_real(y_train, k, ipc, cfg.seed))
+        rows, classes_t, indices = selection.flatten(
+            selection.random_real(split_ids(cfg, "train"), y_train, k, ipc, cfg.seed)
+        )
         videos = recovery.recover(teacher, real[rows], classes_t, indices, recovery_settings(cfg), stats)
         rounded = to_model_input(to_uint8_clips(videos, cfg.data.mean, cfg.data.std), cfg.data.mean, cfg.data.std)
         change = ((rounded - videos).abs() * torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1) * 255).max().item()

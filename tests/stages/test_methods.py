@@ -87,7 +87,9 @@ def test_init_draws_pair_the_methods_draw_by_draw(prepared, tmp_path, three_clas
     draws of the seeded candidates (draw d from candidate d x PACK x IPC), on one teacher and one
     statistics pass, and the table pairs them draw by draw with an SE over the draws (too few to
     separate: tests/unit/test_results.py has the verdicts)."""
-    from tsgd_ray.core.selection import seeded_priority
+    import torch
+
+    from tsgd_ray.core import selection
     from tsgd_ray.data.catalogs import build_catalog
     from tsgd_ray.stages.pipeline import STAGES, by_method, results_table, run_stages
 
@@ -106,12 +108,13 @@ def test_init_draws_pair_the_methods_draw_by_draw(prepared, tmp_path, three_clas
     results = run_stages(cfg, STAGES[1:])
     assert [(r["method"], r["draw"]) for r in results] == [(m, d) for m in ("tsgd", "random_real") for d in range(2)]
     records = [r for r in build_catalog(cfg).records if r.split == "train"]
+    ids, labels = [r.video_id for r in records], torch.tensor([r.label for r in records])
     for d in range(2):
         drawn = read_init_ids(method_config(cfg, Method.random_real, d))
         assert drawn == read_init_ids(method_config(cfg, Method.tsgd, d))  # one init per draw, shared
-        for c in range(3):
-            ranked = sorted((seeded_priority(cfg.seed, r.video_id), r.video_id) for r in records if r.label == c)
-            assert drawn[c] == ranked[d * PACK][1]
+        # the benchmark's rule (quality.py) picks the same clips: one selection rule
+        chosen = selection.random_real(ids, labels, 3, 1, cfg.seed, start=d * PACK)
+        assert drawn == [ids[chosen[c][0]] for c in range(3)]
     arms = [method_config(cfg, m, d) for m in (Method.tsgd, Method.random_real) for d in range(2)]
     assert len({layout.stats_dir(c) for c in arms}) == 1 and len({layout.distill_dir(c) for c in arms}) == 4
     tsgd, random = by_method(results)

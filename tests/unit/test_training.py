@@ -231,14 +231,24 @@ def test_topk_accuracy():
 
 
 def test_selection_is_per_class_and_deterministic():
+    """random_real: the seeded order of each class (the order the pipeline's statistics pass
+    keeps), whatever order the clips come in; a longer draw starts with the shorter one."""
     labels = torch.tensor([0, 1, 2] * 10)
-    choice = selection.random_real(labels, 3, ipc=4, seed=5)
+    ids = [f"v{i:02d}" for i in range(30)]
+    choice = selection.random_real(ids, labels, 3, ipc=4, seed=5)
     assert all(len(v) == 4 and all(labels[r] == c for r in v) for c, v in choice.items())
-    subset = torch.tensor([0, 9, 9] * 10)  # other classes differ; class 0 keeps its rows
-    assert selection.random_real(subset, 1, ipc=4, seed=5)[0] == choice[0]
-    assert selection.random_real(labels, 3, ipc=4, seed=6) != choice
+    ranked = sorted((selection.seeded_priority(5, ids[r]), r) for r in range(0, 30, 3))
+    assert choice[0] == [r for _, r in ranked[:4]]
+    backwards = selection.random_real(ids[::-1], labels.flip(0), 3, ipc=4, seed=5)  # the same clips, reversed
+    assert {c: sorted(ids[::-1][r] for r in v) for c, v in backwards.items()} == {
+        c: sorted(ids[r] for r in v) for c, v in choice.items()
+    }
+    longer = selection.random_real(ids, labels, 3, ipc=8, seed=5)
+    assert all(longer[c][:4] == choice[c] for c in range(3))
+    assert selection.random_real(ids, labels, 3, ipc=4, seed=5, start=4) == {c: longer[c][4:] for c in range(3)}
+    assert selection.random_real(ids, labels, 3, ipc=4, seed=6) != choice
     with pytest.raises(ValueError, match="fewer real clips"):
-        selection.random_real(labels, 3, ipc=11, seed=0)
+        selection.random_real(ids, labels, 3, ipc=11, seed=0)
     rows, classes, indices = selection.flatten(choice)
     assert classes.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and indices.tolist() == [0, 1, 2, 3] * 3
 

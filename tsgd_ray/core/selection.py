@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,13 +31,20 @@ def _class_rows(labels: torch.Tensor, num_classes: int, ipc: int) -> list[np.nda
     return rows
 
 
-def random_real(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> dict[int, list[int]]:
-    """`ipc` clips per class drawn without replacement with the stream (seed, class)."""
-    rows = _class_rows(labels, num_classes, ipc)
-    return {
-        c: sorted(np.random.default_rng([seed, c, 0x5E1]).choice(r, ipc, replace=False).tolist())
+def random_real(
+    video_ids: Sequence[str], labels: torch.Tensor, num_classes: int, ipc: int, seed: int, start: int = 0
+) -> dict[int, list[int]]:
+    """`ipc` clips per class from position `start` of the class's seeded order: ascending
+    `seeded_priority(seed, video id)`, ties by id. The pipeline's one rule for real clips (the
+    statistics pass keeps that order; random_real, packed_real and every real init read it, init
+    draw d from d x PACK x IPC): a random sample without replacement, whatever order the clips
+    come in, and the first `ipc` of a longer draw are the shorter one."""
+    rows = _class_rows(labels, num_classes, start + ipc)
+    ordered = {
+        c: sorted(r.tolist(), key=lambda i: (seeded_priority(seed, video_ids[i]), video_ids[i]))
         for c, r in enumerate(rows)
     }
+    return {c: ordered[c][start : start + ipc] for c in range(num_classes)}
 
 
 def _pools(labels, num_classes: int, ipc: int, candidates: Optional[dict[int, list[int]]]) -> list[np.ndarray]:

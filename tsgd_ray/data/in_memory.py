@@ -56,3 +56,8 @@ def load_split(
     with ThreadPoolExecutor(threads) as pool:
         clips = list(pool.map(decode, records))
     return torch.from_numpy(np.stack(clips)), torch.tensor([r.label for r in records]), list(catalog.classes)
+
+
+def split_ids(cfg: DictConfig, split: str) -> list[str]:
+    """The video ids of `split`, in the order `load_split` decodes them (catalog order)."""
+    return [r.video_id for r in build_catalog(cfg).records if r.split == split]
