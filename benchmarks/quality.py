@@ -63,9 +63,10 @@ from report import target_line  # noqa: E402
 from tsgd_ray.config import PACK, load_config, regimes, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, labels, packing, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
-from tsgd_ray.core.models import build_model  # noqa: E402
+from tsgd_ray.core.models import build_model, load_checkpoint  # noqa: E402
 from tsgd_ray.core.tsgf import motion_energy  # noqa: E402
 from tsgd_ray.data.in_memory import load_split, split_ids  # noqa: E402
+from tsgd_ray.errors import UserError  # noqa: E402
 from tsgd_ray.settings import (  # noqa: E402
     crop_settings,
     input_settings,
@@ -75,6 +76,8 @@ from tsgd_ray.settings import (  # noqa: E402
     teacher_settings,
     view_settings,
 )
+from tsgd_ray.storage import read_bytes  # noqa: E402
+from tsgd_ray.tracking import is_mlflow_uri, read_mlflow_checkpoint  # noqa: E402
 
 #: the benchmark's data and teacher: 100 held-out clips per class in each of val and test; a
 #: teacher of width 16 trained 40 epochs (the cluttered variant needs them)
@@ -190,7 +193,11 @@ def run_variant(variant: str, args, log) -> dict:
     teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
     settings = json.dumps({key: to_dict(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, sort_keys=True)
     cached = REPO / ".cache" / "quality" / f"teacher-{hashlib.sha256(settings.encode()).hexdigest()[:16]}.pt"
-    if cached.exists():  # the same settings train the same teacher: reuse it across invocations
+    if args.teacher:  # a teacher trained elsewhere (a GPU run, the pipeline): its architecture from the config
+        data = read_mlflow_checkpoint(cfg, args.teacher) if is_mlflow_uri(args.teacher) else read_bytes(args.teacher)
+        load_checkpoint(teacher, data, classes)  # refuses another class map or architecture, naming it
+        log(f"{variant}: teacher imported from {args.teacher}")
+    elif cached.exists():  # the same settings train the same teacher: reuse it across invocations
         teacher.load_state_dict(torch.load(cached, weights_only=True))
     else:
         training.train_teacher(teacher, x_train, y_train, teacher_settings(cfg))
@@ -350,6 +357,12 @@ def main(argv=None) -> int:
     parser.add_argument("--regimes", nargs="+", default=["stored16", "hard", "online"])
     parser.add_argument("--online-ipc", type=int, nargs="*", default=[], help="IPCs of the online regime (all)")
     parser.add_argument("--student", default="mini_r2plus1d")
+    parser.add_argument(
+        "--teacher",
+        default="",
+        help="import the teacher (a checkpoint path or URI, or runs:/... or models:/... at tracking.tracking_uri) "
+        "instead of training one; teacher.model/width/depth must describe it",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="init clip draws")
     parser.add_argument("--steps", type=int, default=120, help="student optimiser steps, every arm and full")
@@ -399,7 +412,8 @@ def render(args, results: dict, seconds: float) -> str:
         "",
         f"Run time: {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads. Scored on the "
         f"`{args.split}` split; {len(args.draws)} init draws x {len(args.seeds)} student seeds per "
-        f"cell. Teacher {cfg.teacher.model} width {cfg.teacher.width}, {cfg.teacher.epochs} epochs. Recovery "
+        f"cell. Teacher {cfg.teacher.model} width {cfg.teacher.width}, "
+        f"{f'imported from {args.teacher}' if args.teacher else f'{cfg.teacher.epochs} epochs'}. Recovery "
         f"{d.iterations} iterations, lr {d.lr}. Student {args.student} width {e.width or cfg.teacher.width}, "
         f"{args.steps} steps for every arm and for full, batch {e.batch_size}, lr {e.lr}. Online: "
         f"evaluate.augment crops {list(e.augment.crop_scale)}, hflip {e.augment.hflip}, time_reverse "
@@ -513,4 +527,8 @@ def _targets(variant: str, regime: str, ipc: int, mean: float, se: float, worst:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as exc:  # a teacher that does not fit, a bad key: one line, exit 2
+        print(f"quality.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
