@@ -21,7 +21,6 @@ SCRIPT = """
 import hashlib, sys, torch
 from tsgd_ray.config import load_config
 from tsgd_ray.core import training
-from tsgd_ray.core.clips import InputSettings
 from tsgd_ray.core.models import build_model
 from tsgd_ray.settings import input_settings, student_settings
 torch.set_num_threads(2)
