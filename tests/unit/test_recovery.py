@@ -288,3 +288,37 @@ def test_the_init_target_keeps_the_teacher_less_sure_than_the_one_hot_label_does
     )
     assert entropy(soft) > entropy(one_hot) + 0.1
     print({"init": entropy(init), "one_hot": entropy(one_hot), "soft": entropy(soft)})
+
+
+def test_the_vectorised_bn_term_equals_the_per_layer_sum():
+    """`recovery.bn_term` (every layer's channels side by side, one reduction) equals the sum over
+    layers, groups and target kinds of share x weight x (||mu - mean|| + ||var - var'||), in value
+    and in gradient, within 1e-6 relative."""
+    from tsgd_ray.core.bn_stats import BatchNormTaps, batchnorm_layers, group_moments
+
+    torch.manual_seed(0)
+    teacher = build_model("mini_r2plus1d", 5, SIZE, width=8, depth=3).eval()
+    layers = batchnorm_layers(teacher)
+    x = torch.randn(7, 3, *SIZE, requires_grad=True)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    weights = [10.0] + [1.0] * (len(layers) - 1)
+    kinds = [  # (share, per-layer (mean, var) targets (3 groups, C_l)): half one target, half another
+        (share, [(torch.randn(3, layer.num_features), torch.rand(3, layer.num_features)) for layer in layers])
+        for share in (0.5, 0.5)
+    ]
+    with BatchNormTaps(teacher) as taps:
+        teacher(x)
+        reference = torch.zeros(())
+        for layer, (w, means, squares) in enumerate(zip(weights, taps.means, taps.squares)):
+            mu, var = group_moments(means, squares, groups, 3)
+            for share, targets in kinds:
+                mu_t, var_t = targets[layer]
+                reference = reference + share * w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
+        mu, var = group_moments(torch.cat(taps.means, 1), torch.cat(taps.squares, 1), groups, 3)
+        stacked = [(share, (torch.cat([m for m, _ in t], 1), torch.cat([v for _, v in t], 1))) for share, t in kinds]
+        layer_of = torch.cat([torch.full((layer.num_features,), i) for i, layer in enumerate(layers)])
+        vectorised = recovery.bn_term(mu, var, stacked, layer_of, torch.tensor(weights))
+    (expected,) = torch.autograd.grad(reference, x, retain_graph=True)
+    (got,) = torch.autograd.grad(vectorised, x)
+    assert len(layers) >= 6 and abs(vectorised.item() - reference.item()) <= 1e-6 * abs(reference.item())
+    assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()

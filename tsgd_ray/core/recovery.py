@@ -132,16 +132,40 @@ def _targets(
     per_class: Optional[list[tuple[torch.Tensor, torch.Tensor]]],
     classes: list[int],
     device,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per BN layer: target (mean, var) stacked over groups, each (G, C_l) float32 on `device`:
-    the groups' class moments (`per_class`, from ClassStatistics.moments), else running stats."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target (mean, var) of every BN layer's channels side by side, stacked over groups: each
+    (G, sum of C_l) float32 on `device`: the groups' class moments (`per_class`, from
+    ClassStatistics.moments), else the layers' running statistics."""
     if per_class is not None:
         idx = torch.tensor(classes)
-        return [(m[idx].float().to(device), v[idx].float().to(device)) for m, v in per_class]
-    return [
-        (layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1))
-        for layer in layers
-    ]
+        pairs = [(m[idx].float(), v[idx].float()) for m, v in per_class]
+    else:
+        pairs = [
+            (layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1))
+            for layer in layers
+        ]
+    if not pairs:  # a teacher without BN layers (lambda_bn = 0): no channels to match
+        return torch.zeros(len(classes), 0, device=device), torch.zeros(len(classes), 0, device=device)
+    return torch.cat([m for m, _ in pairs], 1).to(device), torch.cat([v for _, v in pairs], 1).to(device)
+
+
+def bn_term(
+    mu: torch.Tensor,
+    var: torch.Tensor,
+    targets: list[tuple[float, tuple[torch.Tensor, torch.Tensor]]],
+    layer_of: torch.Tensor,
+    layer_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The BN-matching term of one chunk, every layer at once: sum over groups, target kinds
+    (share, (mean, var)) and layers of share x weight_l x (||mu_l - mean_l|| + ||var_l - var_l'||),
+    the norms over each layer's channels. mu, var and the targets (G, sum of C_l); layer_of
+    (sum of C_l,) the layer of each channel; layer_weights (L,)."""
+    total = mu.new_zeros(())
+    for share, (mu_t, var_t) in targets:
+        gaps = torch.stack([mu - mu_t, var - var_t]).square()  # (2, G, sum C_l)
+        per_layer = gaps.new_zeros(2, gaps.shape[1], len(layer_weights)).index_add_(2, layer_of, gaps)
+        total = total + share * (per_layer.clamp_min(1e-30).sqrt().sum(dim=(0, 1)) * layer_weights).sum()
+    return total
 
 
 @contextlib.contextmanager
@@ -228,21 +252,24 @@ def recover(
         ).to(device)
         for c in chunks
     ]
+    # every step's crop, flip and roll of every video at once (row by row, as drawn per step)
+    crop_params = [s.crop.params(u.reshape(-1, u.shape[-1])).reshape(*u.shape[:2], -1) for u in uniforms]
     layers = batchnorm_layers(teacher)
     target = s.bn_target
     per_class = stats.moments() if stats is not None and target != BNTarget.global_ else None
     # per chunk: [(share, per-layer (mean, var) targets)]: one target, or half global half class (EDC)
     kinds = [(1.0, per_class)] if target != BNTarget.mixed or per_class is None else [(0.5, None), (0.5, per_class)]
     targets = [[(share, _targets(layers, source, c.group_classes, device)) for share, source in kinds] for c in chunks]
-    ema: list[list[Optional[tuple[torch.Tensor, torch.Tensor]]]] = [[None] * len(layers) for _ in chunks]
+    ema: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(chunks)  # every layer's channels
     head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if s.diversity > 0 else []
-    layer_weights = [s.first_bn_weight] + [1.0] * (len(layers) - 1)
+    layer_weights = torch.tensor([s.first_bn_weight] + [1.0] * (len(layers) - 1), device=device)
+    layer_of = torch.tensor([i for i, layer in enumerate(layers) for _ in range(layer.num_features)], device=device)
     # per chunk, on the device once: BN group of each video, its CE target, the size of its group
     groups = [c.groups.to(device) for c in chunks]
     labels_on = [labels[c.positions].to(device) for c in chunks]
     targets_y = [_ce_target(teacher, x.detach(), y, s) for x, y in zip(params, labels_on)]
     group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
-    optimizer = torch.optim.Adam(params, lr=s.lr, betas=(0.5, 0.9))
+    optimizer = torch.optim.Adam(params, lr=s.lr, betas=(0.5, 0.9), fused=True)  # one kernel per step, CPU or CUDA
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(s.iterations, 1)))
     )
@@ -255,14 +282,15 @@ def recover(
     confidence = [torch.zeros(len(c.positions), device=device) for c in chunks]  # EMA over steps
     stopped = [torch.zeros(len(c.positions), dtype=torch.bool, device=device) for c in chunks]
 
-    with BatchNormTaps(teacher) as taps:  # hooks stay on for the whole optimisation
+    with BatchNormTaps(teacher) as taps, _penultimate(head) as features:  # hooks on for the whole optimisation
         for step in range(s.iterations):
             totals = torch.zeros(3, device=device)  # loss, ce, bn: sums over groups
             optimizer.zero_grad(set_to_none=True)
             for k, (chunk, x) in enumerate(zip(chunks, params)):
-                view = augment.apply_params(x, s.crop.params(uniforms[k][:, step]))
+                view = augment.apply_params(x, crop_params[k][:, step])
                 num_groups = len(chunk.group_classes)
-                with autocast(device, s.inputs.amp), _penultimate(head) as features:
+                features.clear()
+                with autocast(device, s.inputs.amp):
                     logits = teacher(view)
                 # sum over groups of each group's mean CE
                 ce = (F.cross_entropy(logits.float(), targets_y[k], reduction="none") / group_sizes[k]).sum()
@@ -272,17 +300,14 @@ def recover(
                         confidence[k] = p if step == 0 else 0.7 * confidence[k] + 0.3 * p
                         stopped[k] |= confidence[k] >= s.stop_confidence
                 bn = torch.zeros((), device=device)
-                if s.lambda_bn > 0:
-                    for layer, (w, means, squares) in enumerate(zip(layer_weights, taps.means, taps.squares)):
-                        mu, var = group_moments(means, squares, groups[k], num_groups)
-                        if s.bn_ema > 0:
-                            if ema[k][layer] is not None:
-                                mu = s.bn_ema * ema[k][layer][0] + (1 - s.bn_ema) * mu
-                                var = s.bn_ema * ema[k][layer][1] + (1 - s.bn_ema) * var
-                            ema[k][layer] = (mu.detach(), var.detach())
-                        for share, layer_targets in targets[k]:
-                            mu_t, var_t = layer_targets[layer]
-                            bn = bn + share * w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
+                if s.lambda_bn > 0:  # every layer in one reduction: their channels side by side
+                    mu, var = group_moments(torch.cat(taps.means, 1), torch.cat(taps.squares, 1), groups[k], num_groups)
+                    if s.bn_ema > 0:
+                        if ema[k] is not None:
+                            mu = s.bn_ema * ema[k][0] + (1 - s.bn_ema) * mu
+                            var = s.bn_ema * ema[k][1] + (1 - s.bn_ema) * var
+                        ema[k] = (mu.detach(), var.detach())
+                    bn = bn_term(mu, var, targets[k], layer_of, layer_weights)
                 loss = ce + s.lambda_bn * bn
                 if features:
                     loss = loss + s.diversity * _similarity(features[0].float(), groups[k], num_groups)
@@ -304,7 +329,7 @@ def recover(
                 for k, x in enumerate(params):
                     if on_update:
                         x.copy_(tsgf.filter_update(previous[k], x, weights[k]))
-                    torch.maximum(torch.minimum(x, high, out=x), low, out=x)
+                    x.clamp_(low, high)
                     if stopping:
                         x[stopped[k]] = previous[k][stopped[k]]
             if logging:
