@@ -145,6 +145,14 @@ def test_bn_targets_and_the_ema_of_group_statistics_each_change_the_videos_and_n
     assert torch.equal(n1[1], n2[0]) and not torch.equal(n1[0], n1[1])
 
 
+def test_no_iterations_leave_the_init_as_it_is():
+    """iterations=0 (random_real, packed_real): the videos are their init clips."""
+    teacher, stats = teacher_and_stats()
+    init, labels, indices = synthetic_set(range(3), ipc=2)
+    out = recovery.recover(teacher, init, labels, indices, settings("distill.iterations=0"), stats)
+    assert torch.equal(out, init.float())
+
+
 def test_a_bn_term_without_bn_layers_is_refused():
     teacher = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.Flatten(), nn.LazyLinear(2))
     teacher(torch.zeros(1, 3, *SIZE))

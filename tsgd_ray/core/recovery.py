@@ -253,7 +253,7 @@ def recover(
         for c in chunks
     ]
     # every step's crop, flip and roll of every video at once (row by row, as drawn per step)
-    crop_params = [s.crop.params(u.reshape(-1, u.shape[-1])).reshape(*u.shape[:2], -1) for u in uniforms]
+    crop_params = [s.crop.params(u.flatten(0, 1)).unflatten(0, u.shape[:2]) for u in uniforms]
     layers = batchnorm_layers(teacher)
     target = s.bn_target
     per_class = stats.moments() if stats is not None and target != BNTarget.global_ else None
