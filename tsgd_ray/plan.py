@@ -236,10 +236,9 @@ class _Probe:
             return default
 
 
-def _distill_stage(
-    cfg: DictConfig, method: Method, classes: int, size: tuple[int, int, int], teacher: ModelCost, timer: _Timer, done
-) -> Stage:
+def _distill_stage(run: _Run, cfg: DictConfig, method: Method) -> Stage:
     """distill + merge of `method` (cfg: its method_config): partitions, one actor's memory, time."""
+    classes, size, teacher, timer, done = run.classes, run.size, run.teacher, run.timer, run.done
     d, gpu = cfg.distill, timer.gpu
     g = GPUS[gpu]
     videos = classes * d.ipc
@@ -292,12 +291,12 @@ def _distill_stage(
     return stage
 
 
-def _evaluate_stage(
-    cfg: DictConfig, method: Method, train: int, evaluated: int, classes: int, size, teacher, student, timer, done
-) -> Stage:
+def _evaluate_stage(run: _Run, cfg: DictConfig, method: Method) -> Stage:
     """The students of `method` (cfg: its method_config), one per seed, each trained then tested;
     online labels add a teacher forward per clip. Its wall time is its students' one after another
     (what they book); `_fleet_wall` has them run at once."""
+    train, evaluated, classes, size = run.train, run.evaluated, run.classes, run.size
+    teacher, student, timer, done = run.teacher, run.student, run.timer, run.done
     e, d = cfg.evaluate, cfg.distill
     real = not methods.get(method).distils
     clips = train if real else classes * d.ipc
@@ -399,12 +398,8 @@ def make_plan(cfg: DictConfig, gpu: str = "a10g", table: list[dict] | None = Non
     for method, draw in methods.arms(cfg):
         mcfg = methods.method_config(cfg, method, draw)
         if methods.get(method).distils:
-            stages.append(_distill_stage(mcfg, method, classes, size, run.teacher, run.timer, run.done))
-        stages.append(
-            _evaluate_stage(
-                mcfg, method, train, evaluated, classes, size, run.teacher, run.student, run.timer, run.done
-            )
-        )
+            stages.append(_distill_stage(run, mcfg, method))
+        stages.append(_evaluate_stage(run, mcfg, method))
 
     todo = [st for st in stages if not st.finished]
     fleet = [st for st in todo if st.name.startswith("evaluate/")]

@@ -15,9 +15,10 @@ for each clip: distill.labels.views views and the teacher's logits on each)::
     <distill_dir>/distill.json                 the stage's marker, once every partition has one
 
 The stage runs in the skeleton the others share (lease, child run, marker); a partition with a
-marker is never recomputed, and one whose marker is gone makes the stage unfinished again. Recovery draws every video's random numbers from
-its own (seed, class, index) stream, so a partition recomputed elsewhere gives the same videos up
-to the last float bits of that machine's kernels; write-once keeps the first copy and its hash.
+marker is never recomputed, and one whose marker is gone makes the stage unfinished again.
+Recovery draws every video's random numbers from its own (seed, class, index) stream, so a
+partition recomputed elsewhere gives the same videos up to the last float bits of that machine's
+kernels; write-once keeps the first copy and its hash.
 
 Why uint8: the synthetic clips live in [0, 1] RGB (recovery clamps them to the valid range), so
 rounding to 8 bits moves a pixel by at most 0.5/255 (0.009 in normalised units), far below the

@@ -119,7 +119,7 @@ def _slot_worker(loop_config: dict) -> None:
     rank, world, device = ray_train.worker_setup(cfg.evaluate, "evaluate", cfg.device)
     teacher = load_teacher(cfg, classes, device)
     for student in loop_config["students"]:
-        if not storage.exists(seed_uri(student["cfg"], Method(student["method"]), student["seed"])):
+        if not storage.exists(seed_uri(student["cfg"], student["method"], student["seed"])):
             _train_student(student, teacher, loop_config["source"], classes, rank, world, device)
 
 
@@ -130,7 +130,7 @@ def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes
     import ray.train
     import ray.train.torch
 
-    cfg, method, seed = student["cfg"], Method(student["method"]), student["seed"]
+    cfg, method, seed = student["cfg"], student["method"], student["seed"]
     settings = student_settings(cfg)
     distils = methods.get(method).distils
     settings = replace(settings, regime=settings.regime.for_student(distils))  # no stored set: its fallback
@@ -192,7 +192,7 @@ def _write_seed(student: dict, model, teacher, source, where: tuple, history: li
     teacher_scores = _test(teacher, source, *where, cfg) if student["teacher_too"] else None
     if rank == 0:
         storage.write_json_once(
-            seed_uri(cfg, Method(student["method"]), student["seed"]),
+            seed_uri(cfg, student["method"], student["seed"]),
             {
                 "seed": student["seed"],
                 "top1": top1,
@@ -294,7 +294,7 @@ def train_students(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[R
                 "cfg": cfg,
                 "classes": classes,
                 "source": source,
-                "students": [{**todo[s.key], "method": todo[s.key]["method"].value} for s in slot],
+                "students": [todo[s.key] for s in slot],
             },
             scaling_config=ray_train.scaling_config(section, cfg.device),
             torch_config=ray_train.torch_config(section, cfg.device),

@@ -125,9 +125,9 @@ def _log_results(run: RunContext, results: list[dict]) -> None:
     distill.method and that difference's SE, the teacher's, and the results table."""
     for m in by_method(results):
         metrics = {f"{m['method']}/{k}": m[k] for k in ("top1_mean", "top1_std", "top5_mean", "top5_std")}
-        if m["difference"] and m["difference"]["se"] is not None:
-            metrics.update({f"{m['method']}/difference": m["difference"]["mean"]})
-            metrics.update({f"{m['method']}/difference_se": m["difference"]["se"]})
+        d = m["difference"]
+        if d and d["se"] is not None:
+            metrics.update({f"{m['method']}/difference": d["mean"], f"{m['method']}/difference_se": d["se"]})
         run.log_metrics(metrics)
     teacher = {f"teacher/{k}": results[0][f"teacher_{k}"] for k in ("top1", "top5") if f"teacher_{k}" in results[0]}
     run.log_metrics(teacher)  # one teacher for every method
@@ -135,13 +135,11 @@ def _log_results(run: RunContext, results: list[dict]) -> None:
     run.log_text("results.md", results_table(results) + "\n")
 
 
-def run_method(
-    cfg: DictConfig, method: Method, stages=STAGES, run: RunContext = OFF, draw: Optional[int] = None
-) -> Optional[dict]:
-    """The per-method stages of `stages` for `method` from init draw `draw` (default:
-    distill.draw): stats, init, distill, merge where it distils; evaluate. Returns the evaluation
-    results, or None when evaluate is not among them."""
-    method_cfg = method_config(cfg, method, draw)
+def run_method(cfg: DictConfig, method: Method, stages=STAGES, run: RunContext = OFF) -> Optional[dict]:
+    """The per-method stages of `stages` for `method` from cfg's init draw: stats, init, distill,
+    merge where it distils; evaluate. Returns the evaluation results, or None when evaluate is not
+    among them."""
+    method_cfg = method_config(cfg, method)
     if methods.get(method).distils:
         for stage, run_stage in (
             ("stats", run_stats),
