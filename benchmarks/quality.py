@@ -23,6 +23,9 @@ The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md 
   their teacher logits, replayed; no teacher), `hard` (class labels, the teacher's
   label-preserving crops; no teacher).
 - Student: `--student` (default mini_r2plus1d, another architecture than the mini_c3d teacher).
+- Budget: `--steps` per student, every arm and `full` alike. The headline budget is converged by
+  a rule fixed before its runs (`--budgets`, CONVERGED_GAIN): the first budget whose doubling
+  gains at most 0.5 points for `full` and random_real on val (docs/QUALITY-budget.md).
 - Statistics: draws x seeds students per cell; paired differences on the same (draw, seed); the SE
   over the per-draw mean differences (df = draws - 1); per-draw differences and the worst draw
   printed. DD-Ranking's measures: IOR (improvement over random under the same evaluation) and
@@ -35,6 +38,8 @@ The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md 
 
     python benchmarks/quality.py --split test --out docs/QUALITY.md     # the main table (~1 h on 2 cores)
     python benchmarks/quality.py --split val --ipc 10 --regimes stored1 stored4 stored16 stored64 ...
+    python benchmarks/quality.py --split val --ipc 10 --regimes stored16 --draws 0 1 --seeds 0 1 \
+        --budgets 150 1200 --out docs/QUALITY-budget.md     # the converged budget (CONVERGED_GAIN)
 
 The table is reproducible: the same command gives the same numbers.
 """
@@ -121,6 +126,12 @@ DATASETS = {
     "footage": "motion footage (camera pans and zooms over real videos, whole sources held out)",
 }
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
+#: the converged-budget rule, fixed before its runs (`--budgets S0 [CAP]`): student budgets double
+#: from S0; the headline budget is the first S whose run at 2 S gains at most CONVERGED_GAIN points of
+#: top-1 over its run at S, for `full` (mean over --seeds) and for random_real at the largest --ipc
+#: (mean over --draws x --seeds), in every --regimes, on --split (val); each budget a whole run of
+#: its own (its own cosine schedule), not a point on a longer run's curve. No S up to CAP: NOT met
+CONVERGED_GAIN = 0.5
 
 
 def regime_overrides(regime: str) -> list[str]:
@@ -231,14 +242,14 @@ def run_variant(variant: str, args, log) -> dict:
         params = labels.view_params(heat, labels.clip_keys(y, idx), cfg.seed, most_views, views)
         return params, labels.label_views(teacher, inputs.model_input(x_u8), params)
 
-    def score(x_u8, y, heat, stored, regime: str, seed: int) -> float:
+    def score(x_u8, y, heat, stored, regime: str, seed: int, steps: int = args.steps) -> float:
         steps_per_epoch = math.ceil(len(y) / cfg.evaluate.batch_size)
         run_cfg = load_config(
             args.config,
             [
                 *base,
                 *regime_overrides(regime),
-                f"evaluate.epochs={math.ceil(args.steps / steps_per_epoch)}",
+                f"evaluate.epochs={math.ceil(steps / steps_per_epoch)}",
                 f"evaluate.model={args.student}",
             ],
         )
@@ -253,6 +264,9 @@ def run_variant(variant: str, args, log) -> dict:
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
     sources = dict.fromkeys(["random", "kcenter", "moderate", "packed", "centre_packed"], x_train)
+    if args.budgets:
+        out["budget"] = converged_budget(args, score, x_train, y_train, ids, k, (saliency, inputs), stored_labels, log)
+        return out
     if any(METHODS.get(m, ("random",))[0] == "window" for m in args.methods):
         sources["window"] = best_windows(cfg, teacher, x_train, y_train, args.window_views, log)
     for ipc in args.ipc:
@@ -308,6 +322,44 @@ def run_variant(variant: str, args, log) -> dict:
             out["scores"][(regime, "full", 0)] = {0: accs}
             log(f"{variant} {regime} full: {[round(100 * a, 1) for a in accs]}")
     return out
+
+
+def converged_budget(args, score, x_train, y_train, ids, k, heat_settings, stored_labels, log) -> dict:
+    """The converged-budget rule (CONVERGED_GAIN): {"runs": {(regime, arm, steps): [top-1 per
+    student]}, "steps": the headline budget or None}. Arms: `full`, and random_real at the largest
+    --ipc of each --draws (heat and stored labels as the benchmark's: heat_settings is the
+    (saliency, inputs) pair `training.clip_heat` takes)."""
+    ipc = max(args.ipc)
+    sets = {"full": [(x_train, y_train, torch.arange(len(y_train)))]}
+    for draw in args.draws:
+        rows, y, idx = selection.flatten(selection.random_real(ids, y_train, k, ipc, draw))
+        sets.setdefault("random_real", []).append((x_train[rows], y, idx))
+    prepared = {}
+    for arm, draws in sets.items():
+        prepared[arm] = []
+        for x, y, idx in draws:
+            heat = training.clip_heat(x, *heat_settings)
+            prepared[arm].append((x, y, heat, stored_labels(x, y, idx, heat)))
+    runs: dict = {}
+
+    def mean_top1(regime: str, arm: str, steps: int) -> float:
+        if (regime, arm, steps) not in runs:
+            runs[(regime, arm, steps)] = [
+                score(x, y, heat.float(), stored, regime, seed, steps)
+                for x, y, heat, stored in prepared[arm]
+                for seed in args.seeds
+            ]
+            log(f"budget {steps} steps {regime} {arm}: {[round(100 * a, 1) for a in runs[(regime, arm, steps)]]}")
+        return 100 * statistics.fmean(runs[(regime, arm, steps)])
+
+    first, cap = args.budgets[0], args.budgets[-1]
+    steps = first
+    while 2 * steps <= max(cap, 2 * first):
+        gains = [mean_top1(r, a, 2 * steps) - mean_top1(r, a, steps) for r in args.regimes for a in prepared]
+        if max(gains) <= CONVERGED_GAIN:
+            return {"runs": runs, "steps": steps, "ipc": ipc}
+        steps *= 2
+    return {"runs": runs, "steps": None, "ipc": ipc}
 
 
 def best_windows(cfg, teacher, x_train: torch.Tensor, y_train: torch.Tensor, views: int, log) -> torch.Tensor:
@@ -366,6 +418,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     parser.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="init clip draws")
     parser.add_argument("--steps", type=int, default=120, help="student optimiser steps, every arm and full")
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="S0 [CAP]",
+        help="run the converged-budget rule instead of the arms (CONVERGED_GAIN): budgets double from S0 up to CAP",
+    )
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--window-views", type=int, default=4, help="views per video the window_* methods choose among")
     parser.add_argument("--threads", type=int, default=2)
@@ -415,7 +475,7 @@ def render(args, results: dict, seconds: float) -> str:
         f"cell. Teacher {cfg.teacher.model} width {cfg.teacher.width}, "
         f"{f'imported from {args.teacher}' if args.teacher else f'{cfg.teacher.epochs} epochs'}. Recovery "
         f"{d.iterations} iterations, lr {d.lr}. Student {args.student} width {e.width or cfg.teacher.width}, "
-        f"{args.steps} steps for every arm and for full, batch {e.batch_size}, lr {e.lr}. Online: "
+        f"{'the budgets below' if args.budgets else f'{args.steps} steps'} for every arm and for full, batch {e.batch_size}, lr {e.lr}. Online: "
         f"evaluate.augment crops {list(e.augment.crop_scale)}, hflip {e.augment.hflip}, time_reverse "
         f"{e.augment.time_reverse}, TSGFA {e.tsgfa}, T={e.temperature}. Stored views: crops "
         f"{list(lab.augment.crop_scale)}, hflip {lab.augment.hflip}, TSGFA {lab.tsgfa}. Hard: the teacher's "
@@ -448,6 +508,13 @@ def render(args, results: dict, seconds: float) -> str:
             + ", ".join(f"{name} {100 * v:.1f}" for name, v in r["controls"].items())
             + ".",
             "",
+        ]
+        if "budget" in r:
+            budget_lines, budget_targets = render_budget(args, variant, r)
+            lines += budget_lines
+            targets += budget_targets
+            continue
+        lines += [
             "Sets: within-class feature cosine (teacher) and stored-label entropy (nats), mean over draws:",
             "",
             "| method | " + " | ".join(f"IPC {i}" for i in args.ipc) + " |",
@@ -512,6 +579,44 @@ def render(args, results: dict, seconds: float) -> str:
     if targets:
         lines += ["", "## Targets (fixed before the runs)", "", *("    " + line for line in targets)]
     return "\n".join(lines) + "\n\n" + NOTES + "\n"
+
+
+def render_budget(args, variant: str, r: dict) -> tuple[list[str], list[str]]:
+    """The converged-budget rule's runs (top-1 % mean +- std over students, and the gain of each
+    doubling), the headline budget, and its targets: `full` over the teacher (first --regimes) and,
+    for a variant other than plain, random_real over `full` at the rule's IPC."""
+    b = r["budget"]
+    runs, ipc = b["runs"], b["ipc"]
+    budgets = sorted({steps for _, _, steps in runs})
+    lines = [
+        f"Converged-budget rule (fixed before the runs): budgets double from {args.budgets[0]} steps; the "
+        f"headline budget is the first S whose run at 2 S gains at most {CONVERGED_GAIN} points of top-1 over "
+        f"its run at S, for `full` ({len(args.seeds)} seeds) and random_real at IPC {ipc} ({len(args.draws)} "
+        f"draws x {len(args.seeds)} seeds), in every regime; each budget a whole run with its own schedule.",
+        "",
+        "| regime | arm | " + " | ".join(f"{n} steps" for n in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    for regime in args.regimes:
+        for arm in ("full", "random_real"):
+            cells = []
+            for n in budgets:
+                accs = [100 * a for a in runs.get((regime, arm, n), [])]
+                spread = f" +- {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
+                cells.append(f"{statistics.fmean(accs):.1f}{spread}" if accs else "-")
+            lines.append(f"| {regime} | {arm} | " + " | ".join(cells) + " |")
+    headline = b["steps"]
+    lines += ["", f"Headline budget: {headline} steps." if headline else "No budget met the rule."]
+    cap = max(args.budgets[-1], 2 * args.budgets[0])
+    targets = [target_line(f"{variant}_converged_budget_steps", headline or float("inf"), "<=", cap, 0)]
+    if headline:
+        regime = args.regimes[0]
+        full = statistics.fmean(runs[(regime, "full", headline)])
+        targets.append(target_line(f"{variant}_full_over_teacher", full / r["controls"]["as is"], ">=", 0.85))
+        if variant != "plain":
+            rand = statistics.fmean(runs[(regime, "random_real", headline)])
+            targets.append(target_line(f"{variant}_ipc{ipc}_random_real_over_full", rand / full, "<", 0.7))
+    return lines, targets
 
 
 def _targets(variant: str, regime: str, ipc: int, mean: float, se: float, worst: float) -> list[str]:
