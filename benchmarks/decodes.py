@@ -122,8 +122,8 @@ def run(name: str, workdir: Path) -> dict:
     wanted = {(r.video_id, f"epoch-{e}") for r in records if r.split == "train" for e in range(views)}
     wanted |= {(r.video_id, "epoch-0") for r in records if r.split == "test"}
     tsgd = method_config(cfg, Method.tsgd)
-    markers = {"stats": storage.read_json(storage.join(layout.stats_dir(tsgd), layout.STATS_MARKER))["decodes"]}
-    markers["init"] = storage.read_json(storage.join(layout.init_dir(tsgd), layout.INIT_MARKER))["decodes"]
+    markers = {"stats": storage.read_json(storage.join(layout.of(tsgd).stats, layout.STATS_MARKER))["decodes"]}
+    markers["init"] = storage.read_json(storage.join(layout.of(tsgd).init, layout.INIT_MARKER))["decodes"]
     if cfg.data.clip_cache:
         for split in ("train", "test"):
             marker = storage.read_json(storage.join(clip_cache.cache_dir(cfg, split), clip_cache.MARKER))

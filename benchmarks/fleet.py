@@ -126,11 +126,11 @@ def main() -> int:
 
     def timed(name: str, seeds: list[int], at_once: int = 0) -> float:
         cfg = config(seeds, at_once)
-        shutil.rmtree(storage.absolute(layout.evaluate_dir(cfg, method)), ignore_errors=True)
+        shutil.rmtree(storage.absolute(layout.of(cfg, method).evaluate), ignore_errors=True)
         started = time.perf_counter()
         run_evaluate(cfg, method)
         wall = time.perf_counter() - started
-        trained = [storage.read_json(layout.seed_uri(cfg, method, s))["seconds"] for s in seeds]
+        trained = [storage.read_json(layout.of(cfg, method).seed(s))["seconds"] for s in seeds]
         print(
             f"{name}: {len(seeds)} student(s) in {wall:.1f} s ({len(seeds) / wall * 3600:.0f} students/h); "
             f"each student's own seconds {', '.join(f'{t:.1f}' for t in trained)}",

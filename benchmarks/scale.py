@@ -321,7 +321,7 @@ def actors_sweep(workdir: Path, k: int, n: int, actor_counts: list[int], width: 
     run_teacher(cfg)
     rows = []
     for actors in actor_counts:
-        shutil.rmtree(layout.stats_dir(cfg), ignore_errors=True)  # a local folder: run the stage again
+        shutil.rmtree(layout.of(cfg).stats, ignore_errors=True)  # a local folder: run the stage again
         spec = {
             "address": ray.get_runtime_context().gcs_address,
             "data": str(data),

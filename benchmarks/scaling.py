@@ -43,11 +43,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from report import CpuTally, target  # noqa: E402
 
+from tsgd_ray import layout  # noqa: E402
 from tsgd_ray.artifacts import load_teacher, new_teacher, read_statistics  # noqa: E402
 from tsgd_ray.config import SaliencySource, load_config  # noqa: E402
 from tsgd_ray.core.models import checkpoint_bytes  # noqa: E402
 from tsgd_ray.data.shards import read_manifest, shards_root  # noqa: E402
-from tsgd_ray.layout import distill_dir  # noqa: E402
 from tsgd_ray.runtime.cluster import init_ray  # noqa: E402
 from tsgd_ray.settings import recovery_settings  # noqa: E402
 from tsgd_ray.stages.distill import PartitionWorker, load_plan, recover_partition, run_distill  # noqa: E402
@@ -83,7 +83,7 @@ def prepared_config(root: Path, overrides: list[str]):
 
 
 def fresh_distill(cfg) -> None:
-    path = Path(distill_dir(cfg))
+    path = Path(layout.of(cfg).distill)
     if path.exists():
         shutil.rmtree(path)
 
@@ -93,17 +93,17 @@ def ray_overhead(cfg, classes, repeats: int) -> tuple[float, float]:
     import ray
 
     torch.set_num_threads(1)
-    plan = load_plan(cfg, len(classes))
+    plan = load_plan(cfg, layout.of(cfg), len(classes))
     teacher, stats = load_teacher(cfg, classes), read_statistics(cfg)
     actor = ray.remote(PartitionWorker).options(num_cpus=1).remote(cfg, classes, 1)
     plain, remote = [], []
     for _ in range(repeats):
         for measure, out in (
-            (lambda: recover_partition(cfg, teacher, stats, 0, plan[0]), plain),
+            (lambda: recover_partition(cfg, layout.of(cfg), teacher, stats, 0, plan[0]), plain),
             (lambda: ray.get(actor.recover.remote(cfg, 0, plan[0])), remote),
         ):
             fresh_distill(cfg)
-            load_plan(cfg, len(classes))
+            load_plan(cfg, layout.of(cfg), len(classes))
             started = time.perf_counter()
             measure()
             out.append(time.perf_counter() - started)

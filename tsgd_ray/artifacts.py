@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from tsgd_ray import storage
+from tsgd_ray import layout, storage
 from tsgd_ray.core.bn_stats import ClassStatistics
 from tsgd_ray.core.models import build_model, load_checkpoint
 from tsgd_ray.data.clip_table import clip_table_bytes, concat_clips, read_clip_tables
@@ -25,11 +25,7 @@ from tsgd_ray.layout import (
     SYNTHETIC_MANIFEST,
     clip_shape,
     clip_size,
-    init_dir,
     partition_file,
-    stats_dir,
-    synthetic_dir,
-    teacher_uri,
 )
 
 
@@ -69,27 +65,29 @@ def load_teacher(cfg: DictConfig, classes: list[str], device: torch.device | str
         MissingInput: when the teacher stage has not finished.
     """
     model = build_model(cfg.teacher.model, len(classes), clip_size(cfg), cfg.teacher.width, cfg.teacher.depth)
-    load_checkpoint(model, storage.read_bytes(require(teacher_uri(cfg), "teacher")), classes)
+    load_checkpoint(model, storage.read_bytes(require(layout.of(cfg).teacher_file, "teacher")), classes)
     return model.to(device).eval().requires_grad_(False)
 
 
 def write_statistics(cfg: DictConfig, stats: ClassStatistics) -> None:
-    write_tensors(storage.join(stats_dir(cfg), STATISTICS), stats.state_dict())
+    write_tensors(storage.join(layout.of(cfg).stats, STATISTICS), stats.state_dict())
 
 
 def read_statistics(cfg: DictConfig) -> ClassStatistics:
     """Raises MissingInput when the stats stage has not finished."""
-    return ClassStatistics.from_state_dict(read_tensors(require(storage.join(stats_dir(cfg), STATISTICS), "stats")))
+    return ClassStatistics.from_state_dict(
+        read_tensors(require(storage.join(layout.of(cfg).stats, STATISTICS), "stats"))
+    )
 
 
 def write_candidates(cfg: DictConfig, candidates: dict[str, list[list[dict]]]) -> None:
     """{init kind: per class, its best candidates in order: {video_id, shard, row, loss}}."""
-    storage.write_once(storage.join(stats_dir(cfg), CANDIDATES), json.dumps(candidates).encode())
+    storage.write_once(storage.join(layout.of(cfg).stats, CANDIDATES), json.dumps(candidates).encode())
 
 
 def read_candidates(cfg: DictConfig) -> dict[str, list[list[dict]]]:
     """Raises MissingInput when the stats stage has not finished."""
-    return storage.read_json(require(storage.join(stats_dir(cfg), CANDIDATES), "stats"))
+    return storage.read_json(require(storage.join(layout.of(cfg).stats, CANDIDATES), "stats"))
 
 
 def read_init(cfg: DictConfig, classes: Sequence[int]) -> dict[str, Any]:
@@ -98,10 +96,11 @@ def read_init(cfg: DictConfig, classes: Sequence[int]) -> dict[str, Any]:
     Raises:
         FileNotFoundError: when the init set of this (ipc, init) has not been written.
     """
-    marker = storage.read_json(require(storage.join(init_dir(cfg), INIT_MARKER), "init"))
+    folder = layout.of(cfg).init
+    marker = storage.read_json(require(storage.join(folder, INIT_MARKER), "init"))
     wanted = set(int(c) for c in classes)
     uris = [
-        storage.join(init_dir(cfg), p["path"])
+        storage.join(folder, p["path"])
         for p in marker["parts"]
         if any(p["first_class"] <= c <= p["last_class"] for c in wanted)
     ]
@@ -123,7 +122,7 @@ def write_synthetic_part(
     write-once; returns {path, sha256, bytes, rows} of the file that is in storage (another
     writer's, if it won the race: then its hash)."""
     data = clip_table_bytes(clips, labels, indices, video_ids, heats, stored=stored)
-    uri = storage.join(synthetic_dir(cfg), partition_file(partition_id))
+    uri = storage.join(layout.of(cfg).synthetic, partition_file(partition_id))
     if not storage.write_once(uri, data):
         data = storage.read_bytes(uri)
     return {
@@ -136,7 +135,7 @@ def write_synthetic_part(
 
 def read_synthetic_manifest(cfg_or_dir: DictConfig | str) -> dict:
     """The merged set's manifest. Raises FileNotFoundError when merge has not finished."""
-    folder = cfg_or_dir if isinstance(cfg_or_dir, str) else synthetic_dir(cfg_or_dir)
+    folder = cfg_or_dir if isinstance(cfg_or_dir, str) else layout.of(cfg_or_dir).synthetic
     return storage.read_json(storage.join(folder, SYNTHETIC_MANIFEST))
 
 
@@ -149,7 +148,7 @@ def read_synthetic(
     Raises:
         FileNotFoundError: when merge has not finished.
     """
-    folder = cfg_or_dir if isinstance(cfg_or_dir, str) else synthetic_dir(cfg_or_dir)
+    folder = cfg_or_dir if isinstance(cfg_or_dir, str) else layout.of(cfg_or_dir).synthetic
     manifest = read_synthetic_manifest(folder)
     files = [
         f

@@ -90,13 +90,12 @@ def command_plan(cfg: DictConfig, gpu: str = "a10g") -> int:
 
 def command_export(cfg: DictConfig, to: str, fmt: str, method: str = "") -> int:
     """Export the merged synthetic set (of distill.method, or --method) as mp4, safetensors or webdataset."""
-    from tsgd_ray import storage
+    from tsgd_ray import layout, storage
     from tsgd_ray.config import Method
-    from tsgd_ray.layout import synthetic_dir
     from tsgd_ray.methods import method_config
     from tsgd_ray.synthetic import export
 
-    source = synthetic_dir(method_config(cfg, Method(method)) if method else cfg)
+    source = layout.of(method_config(cfg, Method(method)) if method else cfg).synthetic
     summary = export(source, to, fmt)
     echo(
         f"exported {summary['videos']} videos of {len(summary['classes'])} classes from {source} to "

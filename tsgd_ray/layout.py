@@ -18,14 +18,16 @@ in one key share every stage upstream of it. The statistics depend on the teache
 the seed only: an IPC sweep shares them, and each (init clips per class n, init kind) gets its
 own init folder (and each init draw other than the first, distill.draw, its own too).
 Settings that change only how fast or where work runs (schema fields marked execution_only) are
-left out of the keys. Every function here is pure: it names, it never reads or writes.
+left out of the keys. Every function here is pure: it names, it never reads or writes. `of(cfg, method)` hashes the
+keys once; a stage takes its Layout at its start and hands it down.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
@@ -52,30 +54,16 @@ SYNTHETIC_MANIFEST, PREVIEW = "manifest.json", "previews/grid.mp4"
 RESULTS = "results.json"
 
 
-def _settings(cfg: DictConfig, sections: tuple[str, ...]) -> dict[str, Any]:
-    data = to_dict(cfg)
-    out = {}
+def _key(parent: str, data: dict[str, Any], sections: tuple[str, ...]) -> str:
+    """The hash of `parent` and `sections` of the config as a dict, less what does not key a stage."""
+    settings = {}
     for name in sections:
         value = data[name]
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY | FOLDED | NAMED}
-        out[name] = value
-    return out
-
-
-def _key(parent: str, cfg: DictConfig, sections: tuple[str, ...]) -> str:
-    text = json.dumps({"parent": parent, **_settings(cfg, sections)}, sort_keys=True)
+        settings[name] = value
+    text = json.dumps({"parent": parent, **settings}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]
-
-
-def teacher_key(cfg: DictConfig) -> str:
-    if cfg.teacher.checkpoint:  # an imported teacher is named by its file, not by training settings
-        return _key(cfg.teacher.checkpoint, cfg, ("data",))
-    return _key("", cfg, ("seed", "amp", "data", "augment", "teacher"))
-
-
-def stats_key(cfg: DictConfig) -> str:
-    return _key(teacher_key(cfg), cfg, ("seed", "stats"))
 
 
 def init_kind(cfg: DictConfig) -> InitKind:
@@ -101,41 +89,103 @@ def init_name(cfg: DictConfig) -> str:
     return f"{init_per_class(cfg)}-{init_kind(cfg).value}{draw}"
 
 
-def distill_key(cfg: DictConfig) -> str:
-    return _key(f"{stats_key(cfg)}/{init_name(cfg)}", cfg, ("amp", "augment", "tsgf", "distill"))
+@dataclass(frozen=True)
+class Layout:
+    """Every folder of one run of a config (and of a method: `evaluate`, "" without one), each
+    stage's key hashed once (`of`). Folders and files are URIs under storage.output_root."""
+
+    teacher: str
+    stats: str
+    init: str
+    distill: str
+    evaluate: str = ""
+
+    @property
+    def teacher_file(self) -> str:
+        return storage.join(self.teacher, TEACHER)
+
+    @property
+    def teacher_marker(self) -> str:
+        return storage.join(self.teacher, TEACHER_MARKER)
+
+    @property
+    def stats_marker(self) -> str:
+        return storage.join(self.stats, STATS_MARKER)
+
+    @property
+    def init_marker(self) -> str:
+        return storage.join(self.init, INIT_MARKER)
+
+    @property
+    def distill_marker(self) -> str:
+        return storage.join(self.distill, DISTILL_MARKER)
+
+    @property
+    def synthetic_manifest(self) -> str:
+        return storage.join(self.synthetic, SYNTHETIC_MANIFEST)
+
+    @property
+    def synthetic(self) -> str:
+        return storage.join(self.distill, "synthetic")
+
+    @property
+    def plan(self) -> str:
+        return storage.join(self.distill, PLAN)
+
+    @property
+    def results(self) -> str:
+        return storage.join(self._evaluate(), RESULTS)
+
+    def init_part(self, part: int) -> str:
+        return storage.join(self.init, f"part-{part:05d}.parquet")
+
+    def partition_marker(self, partition_id: int) -> str:
+        return storage.join(self.distill, "partitions", partition_name(partition_id) + ".json")
+
+    def seed(self, seed: int) -> str:
+        return storage.join(self._evaluate(), f"seed-{seed:05d}.json")
+
+    def student_checkpoints(self, seed: int) -> str:
+        """The folder of one student's checkpoints (`runtime.ray_train.save_state`)."""
+        return storage.join(self._evaluate(), "checkpoints", f"seed-{seed:05d}")
+
+    def _evaluate(self) -> str:
+        if not self.evaluate:
+            raise ValueError("this layout was made without a method: layout.of(cfg, method)")
+        return self.evaluate
 
 
-def evaluate_key(cfg: DictConfig, method: Method) -> str:
-    parent = distill_key(cfg) if methods.get(method).distils else teacher_key(cfg)
-    return _key(parent, cfg, ("amp", "augment", "tsgf", "evaluate")) + f"-{method.value}"
+def keys(cfg: DictConfig, method: Optional[Method] = None) -> dict[str, str]:
+    """Each stage's key ("teacher", "stats", "distill", and "evaluate" with a method), chained:
+    the config turned into a dict once."""
+    data = to_dict(cfg)
+    if cfg.teacher.checkpoint:  # an imported teacher is named by its file, not by training settings
+        teacher = _key(cfg.teacher.checkpoint, data, ("data",))
+    else:
+        teacher = _key("", data, ("seed", "amp", "data", "augment", "teacher"))
+    stats = _key(teacher, data, ("seed", "stats"))
+    out = {"teacher": teacher, "stats": stats, "distill": _key(f"{stats}/{init_name(cfg)}", data, _SET)}
+    if method is not None:
+        parent = out["distill"] if methods.get(method).distils else teacher
+        out["evaluate"] = _key(parent, data, ("amp", "augment", "tsgf", "evaluate")) + f"-{method.value}"
+    return out
 
 
-def teacher_dir(cfg: DictConfig) -> str:
-    return OutputRoot(cfg.storage.output_root).uri("teacher", teacher_key(cfg))
+_SET = ("amp", "augment", "tsgf", "distill")
 
 
-def stats_dir(cfg: DictConfig) -> str:
-    return OutputRoot(cfg.storage.output_root).uri("stats", stats_key(cfg))
-
-
-def init_dir(cfg: DictConfig) -> str:
-    return storage.join(stats_dir(cfg), "init", init_name(cfg))
-
-
-def distill_dir(cfg: DictConfig) -> str:
-    return OutputRoot(cfg.storage.output_root).uri("distill", distill_key(cfg))
-
-
-def synthetic_dir(cfg: DictConfig) -> str:
-    return storage.join(distill_dir(cfg), "synthetic")
-
-
-def evaluate_dir(cfg: DictConfig, method: Method) -> str:
-    return OutputRoot(cfg.storage.output_root).uri("evaluate", evaluate_key(cfg, method))
-
-
-def teacher_uri(cfg: DictConfig) -> str:
-    return storage.join(teacher_dir(cfg), TEACHER)
+def of(cfg: DictConfig, method: Optional[Method] = None) -> Layout:
+    """The layout of cfg's run (of `method`'s, where given: its evaluate folder)."""
+    k = keys(cfg, method)
+    root = OutputRoot(cfg.storage.output_root)
+    stats = root.uri("stats", k["stats"])
+    return Layout(
+        teacher=root.uri("teacher", k["teacher"]),
+        stats=stats,
+        init=storage.join(stats, "init", init_name(cfg)),
+        distill=root.uri("distill", k["distill"]),
+        evaluate=root.uri("evaluate", k["evaluate"]) if method is not None else "",
+    )
 
 
 def clip_size(cfg: DictConfig) -> tuple[int, int, int]:
@@ -146,38 +196,13 @@ def clip_shape(cfg: DictConfig) -> tuple[int, int, int, int]:
     return (*clip_size(cfg), 3)
 
 
-def init_part_uri(cfg: DictConfig, part: int) -> str:
-    return storage.join(init_dir(cfg), f"part-{part:05d}.parquet")
-
-
-def plan_uri(cfg: DictConfig) -> str:
-    return storage.join(distill_dir(cfg), PLAN)
-
-
 def partition_name(partition_id: int) -> str:
     return f"p{partition_id:05d}"
-
-
-def partition_marker_uri(cfg: DictConfig, partition_id: int) -> str:
-    return storage.join(distill_dir(cfg), "partitions", partition_name(partition_id) + ".json")
 
 
 def partition_file(partition_id: int) -> str:
     """The synthetic file of a partition, relative to the synthetic folder."""
     return partition_name(partition_id) + ".parquet"
-
-
-def seed_uri(cfg: DictConfig, method: Method, seed: int) -> str:
-    return storage.join(evaluate_dir(cfg, method), f"seed-{seed:05d}.json")
-
-
-def results_uri(cfg: DictConfig, method: Method) -> str:
-    return storage.join(evaluate_dir(cfg, method), RESULTS)
-
-
-def student_checkpoints(cfg: DictConfig, method: Method, seed: int) -> str:
-    """The folder of one student's checkpoints (`runtime.ray_train.save_state`)."""
-    return storage.join(evaluate_dir(cfg, method), "checkpoints", f"seed-{seed:05d}")
 
 
 def fleet_dir(cfg: DictConfig, students: list[str]) -> str:

@@ -239,7 +239,7 @@ class _Probe:
 def _distill_stage(run: _Run, cfg: DictConfig, method: Method) -> Stage:
     """distill + merge of `method` (cfg: its method_config): partitions, one actor's memory, time."""
     classes, size, teacher, timer, done = run.classes, run.size, run.teacher, run.timer, run.done
-    d, gpu = cfg.distill, timer.gpu
+    d, gpu, where = cfg.distill, timer.gpu, layout.of(cfg)
     g = GPUS[gpu]
     videos = classes * d.ipc
     partitions = max(
@@ -253,8 +253,8 @@ def _distill_stage(run: _Run, cfg: DictConfig, method: Method) -> Stage:
     actor_bytes = per_partition * state + chunk * teacher.activation_bytes + 4 * teacher.params
     stage = Stage(
         f"distill/{methods.arm_name(method, cfg.distill.draw)}",
-        layout.distill_dir(cfg),
-        done(storage.join(layout.synthetic_dir(cfg), layout.SYNTHETIC_MANIFEST)),
+        where.distill,
+        done(where.synthetic_manifest),
         _resources(d.actors, d.cpus_per_actor, d.gpus_per_actor),
         f"init clips, {videos:,} synthetic videos in {partitions} partitions of <= {per_partition}",
         f"synthetic set {_gib(videos * (3 * math.prod(size) + size[1] * size[2]))} (uint8 clips + heat maps)",
@@ -296,6 +296,7 @@ def _evaluate_stage(run: _Run, cfg: DictConfig, method: Method) -> Stage:
     online labels add a teacher forward per clip. Its wall time is its students' one after another
     (what they book); `_fleet_wall` has them run at once."""
     train, evaluated, classes, size = run.train, run.evaluated, run.classes, run.size
+    where = layout.of(cfg, method)
     teacher, student, timer, done = run.teacher, run.student, run.timer, run.done
     e, d = cfg.evaluate, cfg.distill
     real = not methods.get(method).distils
@@ -308,8 +309,8 @@ def _evaluate_stage(run: _Run, cfg: DictConfig, method: Method) -> Stage:
     per_worker = math.ceil(e.batch_size / e.num_workers)  # as ray_train.per_worker_batch
     stage = Stage(
         f"evaluate/{methods.arm_name(method, cfg.distill.draw)}",
-        layout.evaluate_dir(cfg, method),
-        done(layout.results_uri(cfg, method)),
+        where.evaluate,
+        done(where.results),
         _resources(e.num_workers, e.cpus_per_worker, e.gpus_per_worker),
         f"{len(e.seeds)} seeds x {e.epochs} epochs x {clips:,} clips, then {evaluated:,} test clips",
         "per-seed results",
@@ -464,11 +465,11 @@ def _prepare_stage(run: _Run) -> Stage:
 def _teacher_stage(run: _Run) -> Stage:
     """The teacher's epochs over the training clips (nothing to do for an imported checkpoint)."""
     cfg, t, train, timer = run.cfg, run.cfg.teacher, run.train, run.timer
-    imported = bool(t.checkpoint)
+    imported, where = bool(t.checkpoint), layout.of(cfg)
     stage = Stage(
         "teacher",
-        layout.teacher_dir(cfg),
-        run.done(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER)),
+        where.teacher,
+        run.done(where.teacher_marker),
         "none (imported checkpoint)" if imported else _resources(t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
         t.checkpoint if imported else f"{t.epochs} epochs x {train:,} clips",
         f"teacher.pt, {_gib(4 * run.teacher.params)} ({run.teacher.params:,} parameters)",
@@ -495,13 +496,13 @@ def _stats_stage(run: _Run) -> Stage:
     """One probe pass of the teacher over the training clips (class statistics, init candidates),
     then the chosen init clips read or decoded."""
     cfg, t, s, timer = run.cfg, run.cfg.teacher, run.cfg.stats, run.timer
-    train, classes, size = run.train, run.classes, run.size
+    train, classes, size, where = run.train, run.classes, run.size, layout.of(cfg)
     statistics_bytes = 2 * 8 * classes * run.teacher.bn_channels  # int64 sums and squares per class and channel
     init = layout.init_per_class(cfg)
     stage = Stage(
         "stats",
-        layout.stats_dir(cfg),
-        run.done(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER)),
+        where.stats,
+        run.done(where.stats_marker),
         _resources(s.actors, s.cpus_per_actor, s.gpus_per_actor),
         f"{train:,} clips once ({s.init_views} view(s) each)",
         f"class statistics {_gib(statistics_bytes)}, init clips {_gib(classes * init * 3 * math.prod(size))}",

@@ -148,7 +148,7 @@ def test_a_user_error_raised_anywhere_in_ray_is_found_as_the_original(ray_sessio
 def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(prepared, tmp_path, capsys):
     from support.stage_helpers import imported_config, teacher_file
 
-    from tsgd_ray.layout import stats_dir, teacher_uri
+    from tsgd_ray import layout
 
     cfg = imported_config(tmp_path / "out", teacher_file(tmp_path / "teacher"))
     prepared(cfg)
@@ -156,13 +156,13 @@ def test_user_errors_of_the_stages_end_as_one_line_and_exit_code_2(prepared, tmp
     path.write_text(to_yaml(cfg))
     missing = tmp_path / "missing.pt"
     cases = [  # (command, overrides, the message's start): driver, actor set-up, Ray Train worker
-        ("stats", [], f"no teacher output at {teacher_uri(cfg)}: run the teacher stage first"),
+        ("stats", [], f"no teacher output at {layout.of(cfg).teacher_file}: run the teacher stage first"),
         ("teacher", [f"teacher.checkpoint={missing}"], f"no such file: {missing}"),
         ("teacher", [], ""),  # imports the checkpoint: the stages below have their teacher
-        ("distill", [], f"no stats output at {stats_dir(cfg)}/"),
+        ("distill", [], f"no stats output at {layout.of(cfg).stats}/"),
         ("stats", [], ""),
         ("init", ["distill.ipc=50"], "distill.ipc=50: these classes have fewer decodable training clips"),
-        ("distill", [], f"no init output at {stats_dir(cfg)}/init/"),
+        ("distill", [], f"no init output at {layout.of(cfg).stats}/init/"),
         ("evaluate", ["data.eval_split=val"], "data.eval_split: the dataset has no 'val' split"),
         ("merge", [], "every class needs exactly distill.ipc=1 videos"),  # distill planned, then stopped
     ]

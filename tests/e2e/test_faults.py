@@ -19,10 +19,10 @@ from conftest import REPO
 from support.clusters import run_script
 from support.stage_helpers import imported_config, teacher_file
 
-from tsgd_ray import storage
+from tsgd_ray import layout, storage
 from tsgd_ray.artifacts import read_synthetic
 from tsgd_ray.config import to_yaml
-from tsgd_ray.layout import partition_file, partition_marker_uri, synthetic_dir
+from tsgd_ray.layout import partition_file
 from tsgd_ray.stages.distill import run_distill
 from tsgd_ray.stages.init import run_init
 from tsgd_ray.stages.merge import run_merge
@@ -58,7 +58,7 @@ def _wait_for(uri: str, thread_or_process, timeout: float = 120) -> None:
 
 
 def _markers(cfg, partitions: int) -> list[dict]:
-    return [storage.read_json(partition_marker_uri(cfg, p)) for p in range(partitions)]
+    return [storage.read_json(layout.of(cfg).partition_marker(p)) for p in range(partitions)]
 
 
 def test_actor_killed_mid_partition(prepared, tmp_path, teacher_path):
@@ -69,7 +69,7 @@ def test_actor_killed_mid_partition(prepared, tmp_path, teacher_path):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_distill(cfg, actor_prefix="kill-test")))
     thread.start()
-    _wait_for(partition_marker_uri(cfg, 0), thread)
+    _wait_for(layout.of(cfg).partition_marker(0), thread)
     time.sleep(0.5)  # the actor is now inside partition 1
     ray.kill(ray.get_actor("kill-test-0"), no_restart=False)
     thread.join(timeout=240)
@@ -137,7 +137,7 @@ def test_driver_killed_then_same_command_again(prepared, tmp_path, teacher_path)
         command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait_for(partition_marker_uri(cfg, 0), driver, timeout=180)
+        _wait_for(layout.of(cfg).partition_marker(0), driver, timeout=180)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver; Ray ends the actors of its job
@@ -145,15 +145,15 @@ def test_driver_killed_then_same_command_again(prepared, tmp_path, teacher_path)
     # an actor of the dead driver may still finish the partition it holds: wait until none appears
     finished, stable_since = [], time.time()
     while time.time() - stable_since < 5:
-        now = [p for p in range(4) if storage.exists(partition_marker_uri(cfg, p))]
+        now = [p for p in range(4) if storage.exists(layout.of(cfg).partition_marker(p))]
         if now != finished:
             finished, stable_since = now, time.time()
         time.sleep(0.2)
     assert 1 <= len(finished) < 4
     before = {
         p: (
-            os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns,
-            storage.read_bytes(partition_marker_uri(cfg, p)),
+            os.stat(storage.join(layout.of(cfg).synthetic, partition_file(p))).st_mtime_ns,
+            storage.read_bytes(layout.of(cfg).partition_marker(p)),
         )
         for p in finished
     }
@@ -164,8 +164,8 @@ def test_driver_killed_then_same_command_again(prepared, tmp_path, teacher_path)
     assert resumed and resumed.groups() == (str(len(finished)), str(4 - len(finished))), rerun.stderr[-2000:]
     after = {
         p: (
-            os.stat(storage.join(synthetic_dir(cfg), partition_file(p))).st_mtime_ns,
-            storage.read_bytes(partition_marker_uri(cfg, p)),
+            os.stat(storage.join(layout.of(cfg).synthetic, partition_file(p))).st_mtime_ns,
+            storage.read_bytes(layout.of(cfg).partition_marker(p)),
         )
         for p in finished
     }

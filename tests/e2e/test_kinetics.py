@@ -89,19 +89,19 @@ def test_kinetics_layout_runs_end_to_end_from_s3_and_is_tested_on_val(ray_sessio
     assert sum(manifest["counts"]["val"].values()) == info["present"]["val"]
     assert len([s for s in manifest["skipped"] if s["reason"] == "missing file"]) == 2 * MISSING
 
-    results = storage.read_json(layout.results_uri(cfg, cfg.distill.method))
+    results = storage.read_json(layout.of(cfg, cfg.distill.method).results)
     assert results["eval_split"] == "val" and results["test_clips"] == info["present"]["val"]
 
-    plan = storage.read_json(layout.plan_uri(cfg))["partitions"]
+    plan = storage.read_json(layout.of(cfg).plan)["partitions"]
     assert len(plan) == 4 and max(len(p) for p in plan) <= 12  # max_videos_per_partition raised the count
     synthetic = artifacts.read_synthetic_manifest(cfg)
     assert synthetic["num_videos"] == CLASSES and len(synthetic["files"]) == len(plan)
     for f in synthetic["files"]:
-        data = storage.read_bytes(storage.join(layout.synthetic_dir(cfg), f["path"]))
+        data = storage.read_bytes(storage.join(layout.of(cfg).synthetic, f["path"]))
         assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
-    init = storage.read_json(storage.join(layout.init_dir(cfg), layout.INIT_MARKER))
+    init = storage.read_json(storage.join(layout.of(cfg).init, layout.INIT_MARKER))
     assert sum(p["rows"] for p in init["parts"]) == CLASSES
-    stats = storage.read_json(storage.join(layout.stats_dir(cfg), layout.STATS_MARKER))
+    stats = storage.read_json(storage.join(layout.of(cfg).stats, layout.STATS_MARKER))
     assert stats["clips"] == info["present"]["train"] and stats["classes"] == CLASSES
     # the teacher and the students read decoded clips from the clip cache in the bucket: train once, val once
     for split in ("train", "val"):
@@ -110,7 +110,7 @@ def test_kinetics_layout_runs_end_to_end_from_s3_and_is_tested_on_val(ray_sessio
 
     # a second run finds every stage finished: nothing is listed or recomputed
     assert main(["run", "kinetics400", *overrides]) == 0
-    assert json.dumps(storage.read_json(layout.results_uri(cfg, cfg.distill.method))) == json.dumps(results)
+    assert json.dumps(storage.read_json(layout.of(cfg, cfg.distill.method).results)) == json.dumps(results)
 
 
 def test_a_missing_evaluation_split_stops_before_any_ray_work(kinetics_bucket, tmp_path, capsys):

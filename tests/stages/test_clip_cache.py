@@ -144,7 +144,7 @@ def test_once_prepared_a_whole_run_decodes_nothing_more(tmp_path):
     assert [r["method"] for r in results] == ["tsgd", "random_real", "full"]
     assert all(np.isfinite(r["top1_mean"]) for r in results)
     tsgd = method_config(cfg, Method.tsgd)
-    stats = storage.read_json(storage.join(layout.stats_dir(tsgd), layout.STATS_MARKER))
-    init = storage.read_json(storage.join(layout.init_dir(tsgd), layout.INIT_MARKER))
+    stats = storage.read_json(storage.join(layout.of(tsgd).stats, layout.STATS_MARKER))
+    init = storage.read_json(storage.join(layout.of(tsgd).init, layout.INIT_MARKER))
     assert stats["source"] == "clip_cache" and stats["clips"] == 32 and stats["decodes"] == 0
     assert init["videos"] == 8 and init["decodes"] == 0

@@ -111,8 +111,8 @@ def test_the_trained_teacher_is_an_mlflow_model_that_teacher_checkpoint_takes_ba
     import torch
     from mlflow.tracking import MlflowClient
 
+    from tsgd_ray import layout
     from tsgd_ray.config import ConfigError, load_config
-    from tsgd_ray.layout import teacher_uri
     from tsgd_ray.stages.teacher import run_teacher
 
     root, _ = finished_run
@@ -130,9 +130,9 @@ def test_the_trained_teacher_is_an_mlflow_model_that_teacher_checkpoint_takes_ba
     assert run_teacher(imported)["source"] == "imported"
 
     def weights(cfg):
-        return torch.load(teacher_uri(cfg), weights_only=True)["state_dict"]
+        return torch.load(layout.of(cfg).teacher_file, weights_only=True)["state_dict"]
 
-    assert teacher_uri(imported) != teacher_uri(trained)
+    assert layout.of(imported).teacher_file != layout.of(trained).teacher_file
     assert all(torch.equal(a, b) for a, b in zip(weights(imported).values(), weights(trained).values()))
     missing = load_config(
         "default", [f"storage.output_root={tmp_path / 'other'}", "teacher.checkpoint=runs:/0123abcd/teacher.pt"]

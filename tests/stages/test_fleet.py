@@ -74,8 +74,8 @@ def _kill_a_worker_after_a_checkpoint(cfg, killed: list, stop: threading.Event) 
     student has written a checkpoint; `killed` gets that student's seed."""
     while not stop.is_set():
         for seed in cfg.evaluate.seeds:
-            checkpoints = layout.student_checkpoints(cfg, Method.random_real, seed)
-            if storage.exists(layout.seed_uri(cfg, Method.random_real, seed)) or not storage.list_files(checkpoints):
+            checkpoints = layout.of(cfg, Method.random_real).student_checkpoints(seed)
+            if storage.exists(layout.of(cfg, Method.random_real).seed(seed)) or not storage.list_files(checkpoints):
                 continue
             workers = [
                 p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
@@ -110,10 +110,10 @@ def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(pre
     prepared(cfg)
     run_teacher(cfg)
     run_method(cfg, Method.random_real, [s for s in STAGES if s != "evaluate"])
-    folder = Path(storage.absolute(layout.evaluate_dir(cfg, Method.random_real)))
+    folder = Path(storage.absolute(layout.of(cfg, Method.random_real).evaluate))
 
     def seeds() -> list[dict]:
-        return [storage.read_json(layout.seed_uri(cfg, Method.random_real, s)) for s in (0, 1)]
+        return [storage.read_json(layout.of(cfg, Method.random_real).seed(s)) for s in (0, 1)]
 
     def overlap(a: dict, b: dict) -> float:
         return min(a["started"] + a["seconds"], b["started"] + b["seconds"]) - max(a["started"], b["started"])
@@ -124,7 +124,7 @@ def test_students_train_at_once_and_a_killed_one_resumes_to_the_same_weights(pre
 
     shutil.rmtree(folder)
     one_at_a_time = config("evaluate.students_at_once=1")  # execution-only: the same stage folder, one slot
-    assert layout.evaluate_dir(one_at_a_time, Method.random_real) == layout.evaluate_dir(cfg, Method.random_real)
+    assert layout.of(one_at_a_time, Method.random_real).evaluate == layout.of(cfg, Method.random_real).evaluate
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_a_checkpoint, args=(one_at_a_time, killed, stop))
     killer.start()

@@ -8,11 +8,10 @@ import torch
 from conftest import tiny_config
 from support.stage_helpers import imported_config, teacher_file
 
-from tsgd_ray import storage
+from tsgd_ray import layout, storage
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import to_yaml
 from tsgd_ray.core.device import DeviceError, resolve_device
-from tsgd_ray.layout import teacher_uri
 from tsgd_ray.stages.stats import run_stats
 from tsgd_ray.stages.teacher import run_teacher
 
@@ -45,7 +44,7 @@ def test_stages_given_a_gpu_torch_cannot_use_stop_before_any_work(prepared, tmp_
     )  # the same shards
     with pytest.raises(DeviceError, match="teacher.gpus_per_worker=1"):
         run_teacher(trained)
-    assert not storage.exists(teacher_uri(trained))
+    assert not storage.exists(layout.of(trained).teacher_file)
     # the actors check too (a node whose torch differs from the probe's)
     actor = (
         ray.remote(PartitionWorker)

@@ -34,7 +34,7 @@ def test_every_registered_method_runs_end_to_end(finished_run, method):
     method: its results on the test clips, per seed."""
     root, _ = finished_run
     cfg = method_config(load_config("default", [f"storage.output_root={root}", *SMALL_RUN]), method)
-    result = storage.read_json(layout.results_uri(cfg, method))
+    result = storage.read_json(layout.of(cfg, method).results)
     assert result["method"] == method.value and result["seeds"] == [0, 1]
     assert result["test_clips"] == 8 * 2 and all(0 <= a <= 1 for a in result["top1"])
     assert (result["ipc"] is not None) == methods.get(method).distils
@@ -116,7 +116,7 @@ def test_init_draws_pair_the_methods_draw_by_draw(prepared, tmp_path, three_clas
         chosen = selection.random_real(ids, labels, 3, 1, cfg.seed, start=d * PACK)
         assert drawn == [ids[chosen[c][0]] for c in range(3)]
     arms = [method_config(cfg, m, d) for m in (Method.tsgd, Method.random_real) for d in range(2)]
-    assert len({layout.stats_dir(c) for c in arms}) == 1 and len({layout.distill_dir(c) for c in arms}) == 4
+    assert len({layout.of(c).stats for c in arms}) == 1 and len({layout.of(c).distill for c in arms}) == 4
     tsgd, random = by_method(results)
     assert random["difference"]["draws"] == 2 and random["difference"]["se"] is not None
     row = results_table(results).splitlines()[3]
@@ -141,11 +141,11 @@ def test_each_label_regime_is_one_switch(finished_run, ray_session, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(root, out, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "logs"))
     stored = method_config(load_config("default", [f"storage.output_root={out}", *SMALL_RUN]), Method.tsgd)
-    assert storage.read_json(layout.results_uri(stored, Method.tsgd))["labels"] == "stored(K=16)"
+    assert storage.read_json(layout.of(stored, Method.tsgd).results)["labels"] == "stored(K=16)"
     assert label_regime(stored, Method.full) == "online(soft_kl)"  # no stored set: labelled online
     mlflow = f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"
     hard = load_config("default", [f"storage.output_root={out}", *SMALL_RUN, "evaluate.labels=hard", mlflow])
-    assert layout.synthetic_dir(method_config(hard, Method.tsgd)) == layout.synthetic_dir(stored)  # the same set
+    assert layout.of(method_config(hard, Method.tsgd)).synthetic == layout.of(stored).synthetic  # the same set
     with Tracker(hard, "run") as tracker:
         result = run_method(hard, Method.tsgd, run=tracker.context())
     assert result["labels"] == "hard" and 0 <= result["top1_mean"] <= 1

@@ -64,8 +64,8 @@ def test_the_evaluation_fleet_runs_its_students_at_once():
 
 
 def test_the_full_baseline_has_its_own_batch_workers_and_scaled_learning_rate():
+    from tsgd_ray import layout
     from tsgd_ray.config import Method
-    from tsgd_ray.layout import evaluate_dir
     from tsgd_ray.methods import method_config
 
     base = ["storage.output_root=/nonexistent/plan", "evaluate.batch_size=32", "evaluate.lr=0.001"]
@@ -76,11 +76,13 @@ def test_the_full_baseline_has_its_own_batch_workers_and_scaled_learning_rate():
     assert method_config(cfg, Method.tsgd).evaluate.batch_size == 32
     plain = load_config("kinetics400", base)
     # the full section re-keys the full student only
-    assert evaluate_dir(method_config(cfg, Method.tsgd), Method.tsgd) == evaluate_dir(
-        method_config(plain, Method.tsgd), Method.tsgd
+    assert (
+        layout.of(method_config(cfg, Method.tsgd), Method.tsgd).evaluate
+        == layout.of(method_config(plain, Method.tsgd), Method.tsgd).evaluate
     )
-    assert evaluate_dir(method_config(cfg, Method.full), Method.full) != evaluate_dir(
-        method_config(plain, Method.full), Method.full
+    assert (
+        layout.of(method_config(cfg, Method.full), Method.full).evaluate
+        != layout.of(method_config(plain, Method.full), Method.full).evaluate
     )
     stage = next(s for s in make_plan(cfg, "h100")["stages"] if s.name == "evaluate/full")
     assert stage.unit_workers == 8 and "8 x {CPU" in stage.resources

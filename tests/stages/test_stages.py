@@ -23,7 +23,6 @@ from tsgd_ray.core.tsgf import motion_energy
 from tsgd_ray.data.catalogs import build_catalog
 from tsgd_ray.data.in_memory import load_split
 from tsgd_ray.data.video import decode_view, probe
-from tsgd_ray.layout import partition_marker_uri
 from tsgd_ray.methods import method_config, run_order
 from tsgd_ray.settings import crop_settings, input_settings, saliency_settings
 from tsgd_ray.stages.distill import run_distill
@@ -101,7 +100,7 @@ def test_stats_and_distill_match_the_in_process_core(prepared, tmp_path, teacher
         .to(torch.uint8)
     )
     assert torch.equal(synthetic["heat"], init_heat) and init["heat"] is None
-    folder = layout.synthetic_dir(cfg)
+    folder = layout.of(cfg).synthetic
     for f in manifest["files"]:  # the manifest's hash is the hash of the file the actor wrote
         assert hashlib.sha256(storage.read_bytes(storage.join(folder, f["path"]))).hexdigest() == f["sha256"]
     halves = [read_synthetic(cfg, rank=r, world=2)[0] for r in (0, 1)]  # an evaluate worker reads its rows only
@@ -114,7 +113,7 @@ def test_statistics_are_shared_by_an_ipc_sweep(prepared, tmp_path, teacher_path)
     three = imported_config(tmp_path / "out", teacher_path, "distill.ipc=3", "distill.init=lowest_loss")
     prepared(one)
     run_teacher(one)
-    assert layout.stats_dir(one) == layout.stats_dir(three) and layout.init_dir(one) != layout.init_dir(three)
+    assert layout.of(one).stats == layout.of(three).stats and layout.of(one).init != layout.of(three).init
     first = run_stats(one)
     run_init(one)
     second = run_stats(three)
@@ -132,7 +131,7 @@ def test_statistics_are_shared_by_an_ipc_sweep(prepared, tmp_path, teacher_path)
 
     # stats.augment: a pass of its own, on one fixed recovery view per clip, whatever the batching
     viewed = imported_config(tmp_path / "out", teacher_path, "stats.augment=true", "stats.batch_size=5")
-    assert layout.stats_dir(viewed) != layout.stats_dir(one)
+    assert layout.of(viewed).stats != layout.of(one).stats
     assert not run_stats(viewed).get("skipped")
     clips, labels, classes = load_split(viewed, "train")
     teacher = load_teacher(viewed, classes)
@@ -152,9 +151,7 @@ def test_a_packed_set_tiles_four_init_clips_where_the_teacher_is_sure(prepared, 
     probability of the class on the tile reaches distill.pack_confidence, else as the first."""
     base = ["distill.ipc=1", "distill.iterations=0", "distill.pack=true"]
     probe_cfg = imported_config(tmp_path / "out", teacher_path, *base)
-    assert layout.init_dir(probe_cfg) == layout.init_dir(
-        imported_config(tmp_path / "out", teacher_path, "distill.ipc=4")
-    )
+    assert layout.of(probe_cfg).init == layout.of(imported_config(tmp_path / "out", teacher_path, "distill.ipc=4")).init
     prepared(probe_cfg)
     run_teacher(probe_cfg)
     run_stats(probe_cfg)
@@ -283,18 +280,18 @@ def test_reruns_skip_finished_work_and_merge_names_missing_classes(prepared, tmp
     assert run_stats(cfg)["skipped"] and run_init(cfg)["skipped"] and run_teacher(cfg)["skipped"]
     run_distill(cfg)
     # lose one partition (as if its actor died before writing): merge names its classes
-    os.unlink(partition_marker_uri(cfg, 2))
-    os.unlink(storage.join(layout.synthetic_dir(cfg), layout.partition_file(2)))
+    os.unlink(layout.of(cfg).partition_marker(2))
+    os.unlink(storage.join(layout.of(cfg).synthetic, layout.partition_file(2)))
     classes = load_split(cfg, "test")[2]
     with pytest.raises(MergeError, match=rf"{classes[4]} \(0\), {classes[5]} \(0\)"):
         run_merge(cfg)
-    before = {p: os.stat(partition_marker_uri(cfg, p)).st_mtime_ns for p in (0, 1, 3)}
+    before = {p: os.stat(layout.of(cfg).partition_marker(p)).st_mtime_ns for p in (0, 1, 3)}
     summary = run_distill(cfg)
     assert (summary["skipped"], summary["recovered"]) == (3, 1)
-    assert {p: os.stat(partition_marker_uri(cfg, p)).st_mtime_ns for p in (0, 1, 3)} == before
+    assert {p: os.stat(layout.of(cfg).partition_marker(p)).st_mtime_ns for p in (0, 1, 3)} == before
     manifest = run_merge(cfg)
     assert manifest["num_videos"] == 8 and run_merge(cfg)["skipped"]
-    frames = probe(storage.read_bytes(storage.join(layout.synthetic_dir(cfg), manifest["preview"])))
+    frames = probe(storage.read_bytes(storage.join(layout.of(cfg).synthetic, manifest["preview"])))
     assert frames.num_frames == cfg.data.num_frames and frames.width >= 2 * 64
 
 
@@ -325,8 +322,8 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     root, _ = finished_run
     cfg = load_config("default", [f"storage.output_root={root}", *SMALL_RUN])
     off = load_config("default", [f"storage.output_root={root}", *SMALL_RUN, "tsgf.enabled=false"])
-    assert layout.teacher_dir(off) == layout.teacher_dir(cfg) and layout.stats_dir(off) == layout.stats_dir(cfg)
-    results = [storage.read_json(layout.results_uri(method_config(cfg, m), m)) for m in run_order(cfg)]
+    assert layout.of(off).teacher == layout.of(cfg).teacher and layout.of(off).stats == layout.of(cfg).stats
+    results = [storage.read_json(layout.of(method_config(cfg, m), m).results) for m in run_order(cfg)]
     assert [r["method"] for r in results] == [m.value for m in run_order(cfg)]
     for r in results:
         assert len(r["top1"]) == 2 and all(0 <= a <= b <= 1 for a, b in zip(r["top1"], r["top5"]))
@@ -347,7 +344,7 @@ def test_a_whole_run_then_one_key_changed_reuses_what_it_can_and_compares(finish
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = sorted(r.data.tags["stage"] for r in children)
     distilled = [m for m in run_order(cfg) if methods.get(m).distils]
-    inits = {layout.init_dir(method_config(cfg, m)) for m in distilled}  # packed_real draws 4 x IPC
+    inits = {layout.of(method_config(cfg, m)).init for m in distilled}  # packed_real draws 4 x IPC
     expected = ["teacher", "stats", *["init"] * len(inits), *["distill", "merge"] * len(distilled)]
     assert stages == sorted([*expected, *(f"evaluate/{m.value}" for m in run_order(cfg))])
     distill_run = next(r for r in children if r.data.tags["stage"] == "distill" and r.data.tags["method"] == "tsgd")

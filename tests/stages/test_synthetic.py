@@ -13,12 +13,11 @@ import torch
 from conftest import SMALL_RUN
 
 import tsgd_ray
-from tsgd_ray import storage
+from tsgd_ray import layout, storage
 from tsgd_ray.artifacts import load_teacher, read_synthetic
 from tsgd_ray.cli import run_command
 from tsgd_ray.config import Method, TemporalSampling, load_config, to_yaml
 from tsgd_ray.core.clips import to_model_input
-from tsgd_ray.layout import synthetic_dir
 from tsgd_ray.methods import method_config
 from tsgd_ray.synthetic import ExportError, SyntheticVideos
 
@@ -34,10 +33,10 @@ def merged(finished_run):
 @pytest.mark.timeout(300)
 def test_synthetic_videos_reads_a_merged_set_by_uri(merged):
     expected, classes = read_synthetic(merged)
-    data = tsgd_ray.SyntheticVideos(synthetic_dir(merged))
+    data = tsgd_ray.SyntheticVideos(layout.of(merged).synthetic)
     assert len(data) == 16 and data.classes == classes and data.clip_shape == (8, 32, 32, 3)
     assert torch.equal(data.labels, expected["labels"])
-    raw = SyntheticVideos(synthetic_dir(merged), normalize=False)
+    raw = SyntheticVideos(layout.of(merged).synthetic, normalize=False)
     for i in (0, 7, 15):
         clip, label = raw[i]
         assert clip.dtype == torch.uint8 and torch.equal(clip, expected["clips"][i]) and label == expected["labels"][i]
@@ -48,7 +47,7 @@ def test_synthetic_videos_reads_a_merged_set_by_uri(merged):
     clips, labels = next(iter(torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, num_workers=0)))
     assert clips.shape == (16, 3, 8, 32, 32) and torch.equal(labels, expected["labels"])
     # soft labels from the set's own teacher, found through the manifest
-    soft = SyntheticVideos(synthetic_dir(merged), soft_labels=True)
+    soft = SyntheticVideos(layout.of(merged).synthetic, soft_labels=True)
     x, label, logits = soft[3]
     teacher = load_teacher(merged, classes)
     with torch.no_grad():
@@ -106,8 +105,8 @@ def test_a_set_in_object_storage_reads_and_exports_the_same(merged, s3_root, tmp
 
     from tsgd_ray.synthetic import export
 
-    upload_tree(Path(synthetic_dir(merged)), f"{s3_root}/synthetic")
-    local, remote = SyntheticVideos(synthetic_dir(merged)), SyntheticVideos(f"{s3_root}/synthetic/")
+    upload_tree(Path(layout.of(merged).synthetic), f"{s3_root}/synthetic")
+    local, remote = SyntheticVideos(layout.of(merged).synthetic), SyntheticVideos(f"{s3_root}/synthetic/")
     assert len(remote) == len(local) and remote.classes == local.classes
     assert all(torch.equal(remote[i][0], local[i][0]) for i in (0, 9, 15))
     summary = export(f"{s3_root}/synthetic", f"{s3_root}/exported", "safetensors")
@@ -127,7 +126,7 @@ def test_stored_labels_ship_with_the_set_and_train_a_student_without_the_teacher
     from tsgd_ray.synthetic import export
 
     expected, classes = read_synthetic(merged)
-    data = SyntheticVideos(synthetic_dir(merged), stored_labels=True)
+    data = SyntheticVideos(layout.of(merged).synthetic, stored_labels=True)
     assert data.stored_views == 16 and data.manifest["stored_labels"]["view_params"][-1] == "reverse"
     x, label, views, logits = data[5]
     assert views.shape == (16, 7) and logits.shape == (16, 8) and logits.dtype == torch.float32
@@ -138,7 +137,7 @@ def test_stored_labels_ship_with_the_set_and_train_a_student_without_the_teacher
     assert torch.allclose(logits, on_views, atol=2e-2, rtol=1e-2)
 
     for fmt in ("safetensors", "webdataset", "mp4"):
-        export(synthetic_dir(merged), str(tmp_path / fmt), fmt)
+        export(layout.of(merged).synthetic, str(tmp_path / fmt), fmt)
     part = load_file(str(tmp_path / "safetensors" / "part-00000.safetensors"))
     assert torch.equal(part["view_params"], expected["view_params"]) and torch.equal(part["logits"], expected["logits"])
     with tarfile.open(tmp_path / "webdataset" / "shard-00000.tar") as tar:

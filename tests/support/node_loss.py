@@ -25,8 +25,7 @@ def main(output_root: str, teacher: str, temp_dir: str) -> None:
     from support.clusters import head_without_cpus
     from support.stage_helpers import imported_config
 
-    from tsgd_ray import storage
-    from tsgd_ray.layout import partition_marker_uri
+    from tsgd_ray import layout, storage
     from tsgd_ray.stages.distill import run_distill
     from tsgd_ray.stages.init import run_init
     from tsgd_ray.stages.merge import run_merge
@@ -49,7 +48,7 @@ def main(output_root: str, teacher: str, temp_dir: str) -> None:
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_distill(cfg, actor_prefix="node-loss")))
     thread.start()
-    first = [partition_marker_uri(cfg, p) for p in (0, 1)]
+    first = [layout.of(cfg).partition_marker(p) for p in (0, 1)]
     while not all(map(storage.exists, first)) and thread.is_alive():
         time.sleep(0.05)
     # the actor that wrote partition 1 has just been handed partition 2 or 3: take its node away

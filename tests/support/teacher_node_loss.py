@@ -27,7 +27,7 @@ def main(output_root: str, temp_dir: str) -> None:
     from conftest import tiny_config
     from support.clusters import head_without_cpus
 
-    from tsgd_ray.layout import teacher_dir
+    from tsgd_ray import layout
     from tsgd_ray.stages.prepare import run_prepare
     from tsgd_ray.stages.teacher import run_teacher
 
@@ -48,7 +48,7 @@ def main(output_root: str, temp_dir: str) -> None:
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_teacher(cfg)))
     thread.start()
-    snapshot = Path(teacher_dir(cfg)) / "ray_train" / "teacher" / "checkpoint_manager_snapshot.json"
+    snapshot = Path(layout.of(cfg).teacher) / "ray_train" / "teacher" / "checkpoint_manager_snapshot.json"
     while thread.is_alive():
         try:
             if json.loads(snapshot.read_text())["checkpoint_results"]:

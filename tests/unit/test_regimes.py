@@ -86,8 +86,8 @@ def test_a_new_regime_is_one_registration(hardmix, tmp_path):
     stored = load_config("default", [out])
     tsgd = method_config(cfg, Method.tsgd)
     assert tsgd.distill.labels.views == 32 and method_config(stored, Method.tsgd).distill.labels.views == 16
-    assert layout.synthetic_dir(tsgd) != layout.synthetic_dir(method_config(stored, Method.tsgd))
-    assert layout.teacher_dir(tsgd) == layout.teacher_dir(method_config(stored, Method.tsgd))  # the teacher is shared
+    assert layout.of(tsgd).synthetic != layout.of(method_config(stored, Method.tsgd)).synthetic
+    assert layout.of(tsgd).teacher == layout.of(method_config(stored, Method.tsgd)).teacher  # the teacher is shared
     with pytest.raises(ConfigError, match="evaluate.views"):  # replays views: no more than the set stores
         load_config("default", [out, "evaluate.labels=stored_hardmix", "evaluate.views=17"])
 

@@ -168,12 +168,12 @@ def shard_uris(shards_root: str, manifest: dict, split: str) -> list[str]:
     return [storage.join(shards_root, s["path"]) for s in manifest["shards"] if s["split"] == split and s["rows"] > 0]
 
 
-def train_shards(cfg: DictConfig) -> list[dict]:
-    """The non-empty training shards of the manifest, each {"uri", "rows"}, in manifest order."""
-    root = shards_root(cfg)
+def train_shards(shards_root: str, manifest: dict) -> list[dict]:
+    """The non-empty training shards of `manifest` (`read_manifest(shards_root)`), each {"uri",
+    "rows"}, in manifest order."""
     return [
-        {"uri": storage.join(root, s["path"]), "rows": s["rows"]}
-        for s in read_manifest(root)["shards"]
+        {"uri": storage.join(shards_root, s["path"]), "rows": s["rows"]}
+        for s in manifest["shards"]
         if s["split"] == "train" and s["rows"] > 0
     ]
 

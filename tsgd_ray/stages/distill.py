@@ -75,10 +75,11 @@ def plan_partitions(num_classes: int, num_partitions: int, ipc: int = 1, max_vid
     return [p.tolist() for p in parts]
 
 
-def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
-    """The partition plan of this run: the one already written, else a new one (written now)."""
+def load_plan(cfg: DictConfig, where: layout.Layout, num_classes: int) -> list[list[int]]:
+    """The partition plan of this run (`where`: cfg's layout): the one already written, else a new
+    one (written now)."""
     d = cfg.distill
-    uri = layout.plan_uri(cfg)
+    uri = where.plan
     storage.write_json_once(
         uri,
         {"partitions": plan_partitions(num_classes, d.partitions, d.ipc, d.max_videos_per_partition)},
@@ -86,10 +87,12 @@ def load_plan(cfg: DictConfig, num_classes: int) -> list[list[int]]:
     return storage.read_json(uri)["partitions"]
 
 
-def recover_partition(cfg: DictConfig, teacher: torch.nn.Module, stats, partition_id: int, classes: list[int]) -> dict:
-    """Recover the videos of `classes`, write them and their marker (write-once); return the marker.
-    A partition whose marker exists is returned as is, marked "skipped"."""
-    marker_uri = layout.partition_marker_uri(cfg, partition_id)
+def recover_partition(
+    cfg: DictConfig, where: layout.Layout, teacher: torch.nn.Module, stats, partition_id: int, classes: list[int]
+) -> dict:
+    """Recover the videos of `classes`, write them and their marker (write-once, in `where`, cfg's
+    layout); return the marker. A partition whose marker exists is returned as is, marked "skipped"."""
+    marker_uri = where.partition_marker(partition_id)
     if storage.exists(marker_uri):
         return {**storage.read_json(marker_uri), "skipped": True}
     started = time.time()
@@ -206,10 +209,10 @@ class PartitionWorker(PoolActor):
         self.teacher = artifacts.load_teacher(cfg, classes, device)
         self.stats = artifacts.read_statistics(cfg)
 
-    def recover(self, cfg: DictConfig, partition_id: int, classes: list[int]) -> dict:
+    def recover(self, cfg: DictConfig, where: layout.Layout, partition_id: int, classes: list[int]) -> dict:
         """Partition `partition_id` of the set `cfg` (a method config with this actor's teacher
-        and statistics)."""
-        return recover_partition(cfg, self.teacher, self.stats, partition_id, classes)
+        and statistics; `where` its layout)."""
+        return recover_partition(cfg, where, self.teacher, self.stats, partition_id, classes)
 
 
 class _Progress:
@@ -271,9 +274,9 @@ def distill_sets(
         ValueError: sets that do not share the teacher, the statistics and the distill actors'
         resources (the arms of one run always do). As `run_distill` otherwise.
     """
-    first = configs[0]
+    first, wheres = configs[0], [layout.of(c) for c in configs]
     shared = {
-        (layout.stats_dir(c), c.distill.actors, c.distill.cpus_per_actor, c.distill.gpus_per_actor) for c in configs
+        (w.stats, c.distill.actors, c.distill.cpus_per_actor, c.distill.gpus_per_actor) for c, w in zip(configs, wheres)
     }
     if len(shared) > 1:
         raise ValueError(f"distill_sets: the sets differ in teacher, statistics or actor resources: {shared}")
@@ -281,29 +284,31 @@ def distill_sets(
     specs = [
         skeleton.StageSpec(
             "distill",
-            storage.join(layout.distill_dir(c), layout.DISTILL_MARKER),
+            w.distill_marker,
             {"method": c.distill.method.value, "draw": str(c.distill.draw)},
-            functools.partial(_stands, c),
+            functools.partial(_stands, w),
         )
-        for c in configs
+        for c, w in zip(configs, wheres)
     ]
 
     def work(todo: list[int], stages: list[RunContext]) -> list[dict]:
-        return _distill([configs[i] for i in todo], classes, stages, actor_prefix)
+        return _distill([configs[i] for i in todo], [wheres[i] for i in todo], classes, stages, actor_prefix)
 
     return skeleton.run_stages(first, specs, work, run)
 
 
-def _stands(cfg: DictConfig, marker: dict) -> bool:
+def _stands(where: layout.Layout, marker: dict) -> bool:
     """Whether a finished set still has every partition's marker."""
-    return all(storage.exists(layout.partition_marker_uri(cfg, p)) for p in range(marker["partitions"]))
+    return all(storage.exists(where.partition_marker(p)) for p in range(marker["partitions"]))
 
 
-def _distill(configs: list[DictConfig], classes: list[str], stages: list[RunContext], actor_prefix) -> list[dict]:
-    plans = [load_plan(c, len(classes)) for c in configs]
+def _distill(
+    configs: list[DictConfig], wheres: list[layout.Layout], classes: list[str], stages: list[RunContext], actor_prefix
+) -> list[dict]:
+    plans = [load_plan(c, w, len(classes)) for c, w in zip(configs, wheres)]
     markers, curves, pending = [], [[] for _ in configs], []
-    for i, (cfg, plan) in enumerate(zip(configs, plans)):
-        finished = {p for p in range(len(plan)) if storage.exists(layout.partition_marker_uri(cfg, p))}
+    for i, (where, plan) in enumerate(zip(wheres, plans)):
+        finished = {p for p in range(len(plan)) if storage.exists(where.partition_marker(p))}
         pending += [(i, p) for p in range(len(plan)) if p not in finished]
         markers.append({"partitions": len(plan), "skipped": len(finished), "recovered": 0})
         log.info(
@@ -311,7 +316,7 @@ def _distill(configs: list[DictConfig], classes: list[str], stages: list[RunCont
             len(plan),
             len(finished),
             len(plan) - len(finished),
-            layout.distill_dir(cfg),
+            where.distill,
         )
     progress = _Progress(sum(map(len, plans)), sum(m["skipped"] for m in markers))
 
@@ -333,7 +338,7 @@ def _distill(configs: list[DictConfig], classes: list[str], stages: list[RunCont
 
         def call(actor, item: tuple[int, int]):
             i, p = item
-            return actor.recover.remote(configs[i], p, plans[i][p])
+            return actor.recover.remote(configs[i], wheres[i], p, plans[i][p])
 
         pool.run(pending, call, on_result, speculate=True)
         lost, speculated = pool.lost, pool.speculated

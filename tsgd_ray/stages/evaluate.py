@@ -36,7 +36,7 @@ from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.models import build_model
 from tsgd_ray.data.shards import eval_split, read_manifest, shards_root
-from tsgd_ray.layout import clip_size, fleet_dir, seed_uri, student_checkpoints
+from tsgd_ray.layout import clip_size, fleet_dir
 from tsgd_ray.methods import arm_name, method_config
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
@@ -119,13 +119,13 @@ def _slot_worker(loop_config: dict) -> None:
     rank, world, device = ray_train.worker_setup(cfg.evaluate, "evaluate", cfg.device)
     teacher = load_teacher(cfg, classes, device)
     for student in loop_config["students"]:
-        if not storage.exists(seed_uri(student["cfg"], student["method"], student["seed"])):
+        if not storage.exists(student["where"].seed(student["seed"])):
             _train_student(student, teacher, loop_config["source"], classes, rank, world, device)
 
 
 def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes, rank, world, device) -> None:
     """Train one (method, seed) student, resuming from its latest checkpoint (one every few
-    epochs, `ray_train.report_due`, under `layout.student_checkpoints`), test it on the evaluation
+    epochs, `ray_train.report_due`, under `Layout.student_checkpoints`), test it on the evaluation
     clips (and the teacher too, when student["teacher_too"]) and write its seed file."""
     import ray.train
     import ray.train.torch
@@ -137,7 +137,7 @@ def _train_student(student: dict, teacher, source: ray_train.ClipSource, classes
     per_worker = replace(settings.fit, batch_size=ray_train.per_worker_batch(settings.fit.batch_size, world))
     settings = replace(settings, fit=per_worker)  # evaluate.batch_size is global
     model = ray.train.torch.prepare_model(new_student(cfg, len(classes), seed))
-    checkpoints = student_checkpoints(cfg, method, seed)
+    checkpoints = student["where"].student_checkpoints(seed)
     resume = ray_train.load_state(checkpoints)
     started = resume["history"][0]["time"] if resume and resume["history"] else time.time()
     history = list(resume["history"]) if resume else []
@@ -192,7 +192,7 @@ def _write_seed(student: dict, model, teacher, source, where: tuple, history: li
     teacher_scores = _test(teacher, source, *where, cfg) if student["teacher_too"] else None
     if rank == 0:
         storage.write_json_once(
-            seed_uri(cfg, student["method"], student["seed"]),
+            student["where"].seed(student["seed"]),
             {
                 "seed": student["seed"],
                 "top1": top1,
@@ -250,9 +250,15 @@ def _cost(cfg: DictConfig, method: Method, classes: int, train_clips: int, eval_
     return cfg.evaluate.epochs * clips + eval_clips
 
 
-def train_students(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[RunContext] = ()) -> None:
+def train_students(
+    cfg: DictConfig,
+    manifest: dict,
+    evaluated: Sequence[Arm],
+    wheres: Sequence[layout.Layout],
+    stages: Sequence[RunContext] = (),
+) -> None:
     """Train every unfinished student (one per seed) of the arms `evaluated`, (method, init draw)
-    pairs whose configs are made from `cfg`, in one evaluation fleet (`runtime.fleet`): as many
+    pairs whose configs are made from `cfg` (`wheres`: their layouts; `manifest`: the shards'), in one evaluation fleet (`runtime.fleet`): as many
     Ray Train runs at once as the cluster holds, each training its students one after another;
     each student writes its seed file. stages (one per arm, or empty): the MLflow runs under which
     each student's live curve gets a child run "evaluate/<arm>/seed-<seed>".
@@ -262,9 +268,8 @@ def train_students(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[R
     """
     from ray.train.torch import TorchTrainer
 
-    manifest = read_manifest(shards_root(cfg))
     classes, split = manifest["classes"], eval_split(cfg, manifest["counts"])
-    todo, routes = _unfinished(cfg, evaluated, stages)
+    todo, routes = _unfinished(cfg, evaluated, wheres, stages)
     if not todo:
         return
     check_gpus(cfg, "evaluate.gpus_per_worker", cfg.evaluate.gpus_per_worker)
@@ -282,7 +287,7 @@ def train_students(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[R
             for key, s in todo.items()
         ]
     )
-    folder = fleet_dir(cfg, [seed_uri(s["cfg"], s["method"], s["seed"]) for s in todo.values()])
+    folder = fleet_dir(cfg, [s["where"].seed(s["seed"]) for s in todo.values()])
     curve = [live_curve(stages[0].uri, step="step", children=routes)] if routes else []
 
     def train(index: int, slot) -> None:
@@ -306,27 +311,30 @@ def train_students(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[R
     fleet.run(slots, train)
 
 
-def _unfinished(cfg: DictConfig, evaluated: Sequence[Arm], stages: Sequence[RunContext]) -> tuple[dict, dict]:
-    """The students of the arms `evaluated` without a seed file, {key: {key, cfg, method, seed,
-    teacher_too}}, and their live curves' routes {key: (the arm's run id, child name)}."""
+def _unfinished(
+    cfg: DictConfig, evaluated: Sequence[Arm], wheres: Sequence[layout.Layout], stages: Sequence[RunContext]
+) -> tuple[dict, dict]:
+    """The students of the arms `evaluated` without a seed file, {key: {key, cfg, where, method,
+    seed, teacher_too}}, and their live curves' routes {key: (the arm's run id, child name)}."""
     todo, routes = {}, {}
-    for (method, draw), stage in zip(evaluated, stages or [OFF] * len(evaluated)):
+    for (method, draw), where, stage in zip(evaluated, wheres, stages or [OFF] * len(evaluated)):
         mcfg = method_config(cfg, method, draw)
         _check_stored(mcfg, method)
         for seed in mcfg.evaluate.seeds:
             key = f"{arm_name(method, draw)}/seed-{seed}"
-            if not storage.exists(seed_uri(mcfg, method, seed)):
+            if not storage.exists(where.seed(seed)):
                 teacher_too = seed == mcfg.evaluate.seeds[0] and draw == cfg.distill.draw  # once per method
-                todo[key] = {"key": key, "cfg": mcfg, "method": method, "seed": seed, "teacher_too": teacher_too}
+                todo[key] = {"key": key, "cfg": mcfg, "where": where, "method": method, "seed": seed}
+                todo[key]["teacher_too"] = teacher_too
                 if stage:
                     routes[key] = (stage.run_id, f"evaluate/{key}")
     return todo, routes
 
 
-def _report(cfg: DictConfig, method: Method, split: str, stage: RunContext) -> dict:
-    """The results of `method`'s students from cfg's draw (`summarise`), logged to the arm's run
-    `stage`: a child run per seed, the means on `stage` itself."""
-    per_seed = [storage.read_json(seed_uri(cfg, method, s)) for s in cfg.evaluate.seeds]
+def _report(cfg: DictConfig, where: layout.Layout, method: Method, split: str, stage: RunContext) -> dict:
+    """The results of `method`'s students from cfg's draw (`summarise`; `where`: their layout),
+    logged to the arm's run `stage`: a child run per seed, the means on `stage` itself."""
+    per_seed = [storage.read_json(where.seed(s)) for s in cfg.evaluate.seeds]
     results = {**summarise(method, cfg.distill.ipc, per_seed), "eval_split": split, "labels": label_regime(cfg, method)}
     results["draw"] = cfg.distill.draw
     arm = arm_name(method, cfg.distill.draw)
@@ -365,23 +373,24 @@ def evaluate_methods(cfg: DictConfig, evaluated: Sequence[Arm], run: RunContext 
     manifest = read_manifest(shards_root(cfg))
     split = eval_split(cfg, manifest["counts"])
     configs = [method_config(cfg, m, d) for m, d in evaluated]
+    wheres = [layout.of(c, m) for (m, _), c in zip(evaluated, configs)]
     specs = [
         skeleton.StageSpec(
             f"evaluate/{arm_name(m, d)}",
-            layout.results_uri(c, m),
+            w.results,
             {"method": m.value, "labels": label_regime(c, m), "draw": str(d)},
         )
-        for (m, d), c in zip(evaluated, configs)
+        for (m, d), c, w in zip(evaluated, configs, wheres)
     ]
 
     def work(todo: list[int], stages: list[RunContext]) -> list[dict]:
         try:
-            train_students(cfg, [evaluated[i] for i in todo], stages)
+            train_students(cfg, manifest, [evaluated[i] for i in todo], [wheres[i] for i in todo], stages)
         except BaseException:
             for stage in stages:
                 stage.fail_children()  # seed runs the live curve opened
             raise
-        return [_report(configs[i], evaluated[i][0], split, stage) for i, stage in zip(todo, stages)]
+        return [_report(configs[i], wheres[i], evaluated[i][0], split, stage) for i, stage in zip(todo, stages)]
 
     return skeleton.run_stages(cfg, specs, work, run)
 

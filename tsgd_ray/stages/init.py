@@ -90,8 +90,8 @@ def decode_rows(cfg: DictConfig, rows: list[dict]) -> dict:
     return out
 
 
-def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
-    """A Ray task: fetch the chosen rows of some whole classes and write their clip table."""
+def _write_init_part(cfg: DictConfig, uri: str, chosen: list[dict]) -> dict:
+    """A Ray task: fetch the chosen rows of some whole classes and write their clip table to `uri`."""
     clips, decodes = fetch_rows(cfg, chosen)
     table = clip_table.clip_table_bytes(
         np.stack([clips[c["video_id"]] for c in chosen]),
@@ -99,9 +99,9 @@ def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
         np.array([c["index"] for c in chosen]),
         [c["video_id"] for c in chosen],
     )
-    storage.write_once(layout.init_part_uri(cfg, part), table)
+    storage.write_once(uri, table)
     return {
-        "path": f"part-{part:05d}.parquet",
+        "path": uri.rsplit("/", 1)[1],
         "first_class": chosen[0]["label"],
         "last_class": chosen[-1]["label"],
         "rows": len(chosen),
@@ -110,12 +110,13 @@ def _write_init_part(cfg: DictConfig, part: int, chosen: list[dict]) -> dict:
     }
 
 
-def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
+def _write_init(cfg: DictConfig, where: layout.Layout, manifest: dict) -> dict:
+    classes = manifest["classes"]
     kind = layout.init_kind(cfg).value
     kept = artifacts.read_candidates(cfg)
     if kind not in kept:
         raise artifacts.MissingInput(
-            f"the statistics pass under {layout.stats_dir(cfg)} kept no {kind} candidates (it ran before "
+            f"the statistics pass under {where.stats} kept no {kind} candidates (it ran before "
             "that init existed); delete that folder and run again"
         )
     candidates = kept[kind]
@@ -128,7 +129,7 @@ def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
             f"{wanted}: these classes have fewer decodable training clips: {', '.join(short[:10])}"
             f"{' ...' if len(short) > 10 else ''}"
         )
-    shards = train_shards(cfg)
+    shards = train_shards(shards_root(cfg), manifest)
     cache = clip_cache.cache_dir(cfg, "train")
 
     def uri(entry: dict) -> str:
@@ -146,7 +147,7 @@ def _write_init(cfg: DictConfig, classes: list[str]) -> dict:
     task = ray.remote(_write_init_part).options(num_cpus=0.5, max_retries=cfg.ray.max_failures)
     parts = ray.get(
         [
-            task.remote(cfg, p, chosen[start : start + per_part])
+            task.remote(cfg, where.init_part(p), chosen[start : start + per_part])
             for p, start in enumerate(range(0, len(chosen), per_part))
         ]
     )
@@ -167,12 +168,12 @@ def run_init(cfg: DictConfig, run: RunContext = OFF) -> dict:
         MissingInput: the stats stage has not finished. TooManyBadVideos: a chosen clip is no longer
         there (or no longer decodes). ConfigError: a class with fewer clips than it needs.
     """
-    classes = read_manifest(shards_root(cfg))["classes"]
+    manifest, where = read_manifest(shards_root(cfg)), layout.of(cfg)
     return skeleton.run_stage(
         cfg,
         "init",
-        storage.join(layout.init_dir(cfg), layout.INIT_MARKER),
-        lambda stage: _write_init(cfg, classes),
+        where.init_marker,
+        lambda stage: _write_init(cfg, where, manifest),
         run,
         {"method": cfg.distill.method.value},
     )

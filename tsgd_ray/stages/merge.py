@@ -44,15 +44,15 @@ class MergeError(UserError, ValueError):
     """The partitions do not make a complete synthetic set; the message names the classes."""
 
 
-def _files(cfg: DictConfig, classes: list[str]) -> list[dict]:
+def _files(cfg: DictConfig, where: layout.Layout, classes: list[str]) -> list[dict]:
     """The synthetic file of every partition, from the markers; checks the per-class counts."""
-    if not storage.exists(layout.plan_uri(cfg)):  # merge only reads: the plan is the distill stage's
-        raise MergeError(f"no partition plan at {layout.plan_uri(cfg)}: run the distill stage first")
-    plan = storage.read_json(layout.plan_uri(cfg))["partitions"]
+    if not storage.exists(where.plan):  # merge only reads: the plan is the distill stage's
+        raise MergeError(f"no partition plan at {where.plan}: run the distill stage first")
+    plan = storage.read_json(where.plan)["partitions"]
     counts = np.zeros(len(classes), dtype=np.int64)
     files = []
     for p, part in enumerate(plan):
-        uri = layout.partition_marker_uri(cfg, p)
+        uri = where.partition_marker(p)
         if not storage.exists(uri):
             continue
         marker = storage.read_json(uri)
@@ -90,10 +90,10 @@ def preview_frames(cfg: DictConfig, clips: torch.Tensor, labels: torch.Tensor) -
     return grid[:, :h, :w].numpy()
 
 
-def _first_classes(cfg: DictConfig, files: list[dict]) -> dict:
-    """The synthetic videos of the first PREVIEW_CLASSES classes (as `concat_clips`)."""
+def _first_classes(cfg: DictConfig, folder: str, files: list[dict]) -> dict:
+    """The synthetic videos of the first PREVIEW_CLASSES classes (as `concat_clips`) in `folder`."""
     wanted = set(range(PREVIEW_CLASSES))
-    uris = [storage.join(layout.synthetic_dir(cfg), f["path"]) for f in files if f["first_class"] < PREVIEW_CLASSES]
+    uris = [storage.join(folder, f["path"]) for f in files if f["first_class"] < PREVIEW_CLASSES]
     parts = list(clip_table.read_clip_tables(uris, layout.clip_shape(cfg), wanted))
     return clip_table.concat_clips(parts, layout.clip_shape(cfg))
 
@@ -136,7 +136,7 @@ def _log_sheets(cfg: DictConfig, run: RunContext, batch: dict, preview: bytes, c
         )
 
 
-def _manifest(cfg: DictConfig, classes: list[str], files: list[dict]) -> dict:
+def _manifest(cfg: DictConfig, where: layout.Layout, classes: list[str], files: list[dict]) -> dict:
     """The synthetic set's manifest: what it holds, its files, its stored labels and its teacher."""
     return {
         "method": cfg.distill.method.value,
@@ -158,9 +158,9 @@ def _manifest(cfg: DictConfig, classes: list[str], files: list[dict]) -> dict:
         if cfg.distill.labels.views
         else None,
         "config_hash": config_hash(cfg, ["seed", "data", "augment", "teacher", "tsgf", "distill"]),
-        "teacher_sha256": storage.read_json(storage.join(layout.teacher_dir(cfg), layout.TEACHER_MARKER))["sha256"],
+        "teacher_sha256": storage.read_json(where.teacher_marker)["sha256"],
         "teacher": {
-            "uri": layout.teacher_uri(cfg),
+            "uri": where.teacher_file,
             "model": cfg.teacher.model,
             "width": cfg.teacher.width,
             "depth": cfg.teacher.depth,
@@ -178,14 +178,15 @@ def run_merge(cfg: DictConfig, run: RunContext = OFF) -> dict:
         MergeError: a class without exactly distill.ipc videos (the message names them).
     """
     classes = read_manifest(shards_root(cfg))["classes"]
-    folder = layout.synthetic_dir(cfg)
+    where = layout.of(cfg)
+    folder = where.synthetic
 
     def work(stage: RunContext) -> dict:
-        files = _files(cfg, classes)
-        batch = _first_classes(cfg, files)
+        files = _files(cfg, where, classes)
+        batch = _first_classes(cfg, folder, files)
         preview = encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
         storage.write_once(storage.join(folder, layout.PREVIEW), preview)
-        manifest = _manifest(cfg, classes, files)
+        manifest = _manifest(cfg, where, classes, files)
         if stage:
             stage.log_bytes("synthetic/previews/grid.mp4", preview)
             stage.log_text("synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
@@ -198,7 +199,7 @@ def run_merge(cfg: DictConfig, run: RunContext = OFF) -> dict:
     return skeleton.run_stage(
         cfg,
         "merge",
-        storage.join(folder, layout.SYNTHETIC_MANIFEST),
+        where.synthetic_manifest,
         work,
         run,
         {"method": cfg.distill.method.value},

@@ -193,21 +193,23 @@ def merge_states(a: dict, b: dict) -> dict:
     return a
 
 
-def units(cfg: DictConfig) -> tuple[list[dict], dict | None]:
+def units(cfg: DictConfig, manifest: dict) -> tuple[list[dict], dict | None]:
     """The pass's units and the clip cache they come from: its view-0 files ({"uri", "rows",
     "file"}), read, where data.clip_cache is on and stats.init_views is 1; else the training
-    shards ({"uri", "rows", "shard"}) and None, decoded (extra candidate views need the videos)."""
+    shards of the shard `manifest` ({"uri", "rows", "shard"}) and None, decoded (extra candidate
+    views need the videos)."""
     if cfg.data.clip_cache and cfg.stats.init_views == 1:
         marker = clip_cache.ensure(cfg, "train")  # prepare built it; rebuilt only where it is gone
         files = marker["views"][0]["files"]
         return [
             {"uri": storage.join(marker["folder"], f["path"]), "rows": f["rows"], "file": f["path"]} for f in files
         ], marker
-    return [{**shard, "shard": i} for i, shard in enumerate(train_shards(cfg))], None
+    return [{**shard, "shard": i} for i, shard in enumerate(train_shards(shards_root(cfg), manifest))], None
 
 
-def _probe_pass(cfg: DictConfig, classes: list[str], stage: RunContext) -> dict:
-    work, cache = units(cfg)
+def _probe_pass(cfg: DictConfig, manifest: dict, stage: RunContext) -> dict:
+    classes = manifest["classes"]
+    work, cache = units(cfg, manifest)
     if not work:
         raise ManifestError(f"no training videos in the shards under {shards_root(cfg)}")
     done, state, lost = _probe(cfg, classes, work, "file" if cache else "shard")
@@ -285,12 +287,12 @@ def run_stats(cfg: DictConfig, run: RunContext = OFF) -> dict:
         FileNotFoundError: no teacher yet. TooManyBadVideos: as the data pipeline, or a class with no
         decodable clip.
     """
-    classes = read_manifest(shards_root(cfg))["classes"]
+    manifest = read_manifest(shards_root(cfg))
     return skeleton.run_stage(
         cfg,
         "stats",
-        storage.join(layout.stats_dir(cfg), layout.STATS_MARKER),
-        lambda stage: _probe_pass(cfg, classes, stage),
+        layout.of(cfg).stats_marker,
+        lambda stage: _probe_pass(cfg, manifest, stage),
         run,
         {"method": cfg.distill.method.value},
     )

@@ -14,13 +14,12 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from tsgd_ray import storage
+from tsgd_ray import layout, storage
 from tsgd_ray.artifacts import new_teacher
 from tsgd_ray.console import Progress
 from tsgd_ray.core import training
 from tsgd_ray.core.models import checkpoint_bytes, load_checkpoint
 from tsgd_ray.data.shards import read_manifest, shards_root
-from tsgd_ray.layout import TEACHER_MARKER, teacher_dir, teacher_uri
 from tsgd_ray.runtime import ray_train
 from tsgd_ray.runtime.cluster import check_gpus
 from tsgd_ray.settings import teacher_settings
@@ -80,8 +79,9 @@ def _train_worker(loop_config: dict) -> None:
     )
 
 
-def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Module, list[dict]]:
-    """Train the teacher with Ray Train; `curve`: a controller-side callback (`tracking.live_curve`)."""
+def _train(cfg: DictConfig, folder: str, classes: list[str], curve=None) -> tuple[torch.nn.Module, list[dict]]:
+    """Train the teacher with Ray Train, its runs under `folder` (the teacher's); `curve`: a
+    controller-side callback (`tracking.live_curve`)."""
     from ray.train.torch import TorchTrainer
 
     model = new_teacher(cfg, len(classes))
@@ -95,14 +95,14 @@ def _train(cfg: DictConfig, classes: list[str], curve=None) -> tuple[torch.nn.Mo
         scaling_config=ray_train.scaling_config(cfg.teacher, cfg.device),
         torch_config=ray_train.torch_config(cfg.teacher, cfg.device),
         run_config=ray_train.run_config(
-            storage.join(teacher_dir(cfg), "ray_train"), "teacher", cfg.ray.max_failures, [curve] if curve else []
+            storage.join(folder, "ray_train"), "teacher", cfg.ray.max_failures, [curve] if curve else []
         ),
         datasets=source.datasets,
         dataset_config=ray_train.data_config(source.datasets),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"teacher training under {teacher_dir(cfg)} finished without a checkpoint")
+        raise RuntimeError(f"teacher training under {folder} finished without a checkpoint")
     state = ray_train.checkpoint_state(result.checkpoint)
     model.load_state_dict(state["model"])
     return model, state["history"]
@@ -117,6 +117,7 @@ def run_teacher(cfg: DictConfig, run: RunContext = OFF) -> dict:
         ManifestError: shards not prepared. ModelError: an imported checkpoint that does not fit.
     """
     classes = read_manifest(shards_root(cfg))["classes"]
+    where = layout.of(cfg)
 
     def work(stage: RunContext) -> dict:
         source_uri = cfg.teacher.checkpoint
@@ -127,12 +128,13 @@ def run_teacher(cfg: DictConfig, run: RunContext = OFF) -> dict:
             model = load_checkpoint(new_teacher(cfg, len(classes)), data, classes)
             history, source = [], "imported"
         else:
-            model, history = _train(cfg, classes, live_curve(stage.uri, stage.run_id) if stage else None)
+            model, history = _train(cfg, where.teacher, classes, live_curve(stage.uri, stage.run_id) if stage else None)
             source = "trained"
         storage.write_once(
-            teacher_uri(cfg), checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source})
+            where.teacher_file,
+            checkpoint_bytes(model, classes, {"model": cfg.teacher.model, "source": source}),
         )
-        stored = storage.read_bytes(teacher_uri(cfg))
+        stored = storage.read_bytes(where.teacher_file)
         digest = hashlib.sha256(stored).hexdigest()  # of what is stored
         stage.set_tags({"teacher_sha256": digest, "source": source})  # its curve was logged live
         if stage and source == "trained":  # reusable elsewhere as teacher.checkpoint=models:/<id>
@@ -144,11 +146,11 @@ def run_teacher(cfg: DictConfig, run: RunContext = OFF) -> dict:
             stage.parent.set_tags({"teacher_model": model_uri})
             log.info("teacher: logged to MLflow as %s (teacher.checkpoint=%s reuses it)", model_uri, model_uri)
         return {
-            "uri": teacher_uri(cfg),
+            "uri": where.teacher_file,
             "sha256": digest,
             "source": source,
             "classes": len(classes),
             "history": history,
         }
 
-    return run_stage(cfg, "teacher", storage.join(teacher_dir(cfg), TEACHER_MARKER), work, run)
+    return run_stage(cfg, "teacher", where.teacher_marker, work, run)
