@@ -47,6 +47,7 @@ The table is reproducible: the same command gives the same numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -259,13 +260,29 @@ def run_variant(variant: str, args, log) -> dict:
         training.train_student(student, teacher, x_u8, y, student_settings(run_cfg), seed, heat=heat, stored=stored)
         return training.topk_accuracy(training.predict(student, x_eval, inputs), y_eval)
 
+    every = json.dumps([to_dict(cfg), args.student, args.teacher], sort_keys=True)
+
+    def scored(key: tuple, train) -> float:
+        """A student's top-1 from the cache of finished students (the same config, teacher, student
+        and key train the same student: a rerun, or a longer --budgets, skips it), else `train()`."""
+        digest = hashlib.sha256(json.dumps([every, *key]).encode()).hexdigest()[:16]
+        path = REPO / ".cache" / "quality" / "students" / f"{digest}.json"
+        if path.exists():
+            return json.loads(path.read_text())["top1"]
+        top1 = train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": list(key), "top1": top1}))
+        return top1
+
     saliency = saliency_settings(cfg.tsgf)
     with torch.no_grad():
         features = training.embeddings(teacher, real)
         losses = F.cross_entropy(training.predict(teacher, x_train, inputs), y_train, reduction="none")
     sources = dict.fromkeys(["random", "kcenter", "moderate", "packed", "centre_packed"], x_train)
     if args.budgets:
-        out["budget"] = converged_budget(args, score, x_train, y_train, ids, k, (saliency, inputs), stored_labels, log)
+        out["budget"] = converged_budget(
+            args, score, scored, x_train, y_train, ids, k, (saliency, inputs), stored_labels, log
+        )
         return out
     if any(METHODS.get(m, ("random",))[0] == "window" for m in args.methods):
         sources["window"] = best_windows(cfg, teacher, x_train, y_train, args.window_views, log)
@@ -324,11 +341,11 @@ def run_variant(variant: str, args, log) -> dict:
     return out
 
 
-def converged_budget(args, score, x_train, y_train, ids, k, heat_settings, stored_labels, log) -> dict:
+def converged_budget(args, score, scored, x_train, y_train, ids, k, heat_settings, stored_labels, log) -> dict:
     """The converged-budget rule (CONVERGED_GAIN): {"runs": {(regime, arm, steps): [top-1 per
     student]}, "steps": the headline budget or None}. Arms: `full`, and random_real at the largest
     --ipc of each --draws (heat and stored labels as the benchmark's: heat_settings is the
-    (saliency, inputs) pair `training.clip_heat` takes)."""
+    (saliency, inputs) pair `training.clip_heat` takes); each student through `scored` (cached)."""
     ipc = max(args.ipc)
     sets = {"full": [(x_train, y_train, torch.arange(len(y_train)))]}
     for draw in args.draws:
@@ -341,12 +358,16 @@ def converged_budget(args, score, x_train, y_train, ids, k, heat_settings, store
             heat = training.clip_heat(x, *heat_settings)
             prepared[arm].append((x, y, heat, stored_labels(x, y, idx, heat)))
     runs: dict = {}
+    draws = {"full": [0], "random_real": args.draws}
 
     def mean_top1(regime: str, arm: str, steps: int) -> float:
         if (regime, arm, steps) not in runs:
             runs[(regime, arm, steps)] = [
-                score(x, y, heat.float(), stored, regime, seed, steps)
-                for x, y, heat, stored in prepared[arm]
+                scored(
+                    (regime, arm, draw, seed, steps),
+                    functools.partial(score, x, y, heat.float(), stored, regime, seed, steps),
+                )
+                for draw, (x, y, heat, stored) in zip(draws[arm], prepared[arm])
                 for seed in args.seeds
             ]
             log(f"budget {steps} steps {regime} {arm}: {[round(100 * a, 1) for a in runs[(regime, arm, steps)]]}")
