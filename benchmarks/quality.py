@@ -124,6 +124,7 @@ DATASETS = {
     "plain": "the built-in motion digits",
     "cluttered": "the built-in motion digits, cluttered (distractors, camera pan and shake, flicker)",
     "bursty": "the built-in motion digits, bursty (32-frame videos, motion during a random half)",
+    "scenes": "the built-in motion digits, scenes (16 classes, moving distractors, contrast; val digits apart from test)",
     "footage": "motion footage (camera pans and zooms over real videos, whole sources held out)",
 }
 NOTES = "<!-- notes: kept when the tables are regenerated -->"
@@ -179,9 +180,11 @@ def diversity(teacher, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -
 
 
 def variant_overrides(variant: str) -> list[str]:
-    """plain | cluttered | bursty (the built-in variants) | footage (benchmarks/footage.py) -> data overrides."""
+    """plain | cluttered | bursty | scenes (the built-in variants) | footage (benchmarks/footage.py) -> data overrides."""
     if variant == "bursty":
         return ["data.builtin.variant=bursty", "data.builtin.frames=32", "data.sampling=center"]
+    if variant == "scenes":  # the generator's own size: 16 frames of 64 x 64
+        return ["data.builtin.variant=scenes", "data.num_frames=16", "data.height=64", "data.width=64"]
     if variant == "footage":
         root = ensure_footage_dataset()
         return ["data.dataset=folder", f"data.root={root}", "data.height=48", "data.width=48", "data.frame_interval=1"]

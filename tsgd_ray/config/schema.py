@@ -102,6 +102,9 @@ class BuiltinVariant(str, enum.Enum):
     # the digit moves during a burst of half the video that starts at a random frame, and is still
     # before and after it: which temporal window a clip takes matters (distill.init=motion_window)
     bursty = "bursty"
+    # 16 classes (8 more motions: diagonals, orbits, spirals), distractor digits that move too,
+    # per-clip contrast, val digits disjoint from test's: room to separate methods (quality.py)
+    scenes = "scenes"
 
 
 Check = tuple[Callable[[Any], bool], str]  # (predicate, what the value must be)

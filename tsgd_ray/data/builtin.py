@@ -12,6 +12,17 @@ brightness: raw frame differences then fire everywhere, and only the digit moves
 scene. Reversing a clip reverses the pan, which has no preferred direction, so the pair property
 and the single-frame control hold for it too.
 
+The `scenes` variant has 16 classes: the four pairs above and
+
+    translate_diagonal / translate_diagonal_back, translate_antidiagonal / translate_antidiagonal_back,
+    orbit_ccw / orbit_cw (the digit circles a random point), spiral_in / spiral_out (zoom and turn)
+
+over a scene with 1-3 smaller distractor digits that move too (a uniformly random direction, speed
+and spin each), and a per-clip contrast; its val videos use other held-out digits than its test
+videos (test: every fourth digit from 1, val: every fourth from 3). Its parameters (SCENES) are
+under tuning (teacher 60-90 %, random real clips at IPC 10 below 0.7 of `full`, with the teacher,
+`full` and random_real alone) and are frozen in a commit before any distilled arm runs on it.
+
 The `bursty` variant moves the digit only during a burst of BURST of the video's frames that starts
 at a uniformly random frame (the whole motion of the plain clip, done faster); before and after it
 the digit is still. A short temporal window of a long video may then miss the motion, so where a
@@ -50,9 +61,18 @@ CLASS_PAIRS = [
     ("rotate_ccw", "rotate_cw"),
     ("zoom_in", "zoom_out"),
 ]
+SCENE_PAIRS = CLASS_PAIRS + [
+    ("translate_diagonal", "translate_diagonal_back"),
+    ("translate_antidiagonal", "translate_antidiagonal_back"),
+    ("orbit_ccw", "orbit_cw"),
+    ("spiral_in", "spiral_out"),
+]
 CLASSES = [name for pair in CLASS_PAIRS for name in pair]
 _SPLIT_CODE = {"train": 0, "test": 1, "val": 2}
-_DIGITS = {"train": 0, "test": 1, "val": 1}  # even digit images for train, odd ones for held-out splits
+# which digit images each split draws from (start, step): even ones for train, odd ones for the
+# held-out splits; the scenes variant splits the odd ones between test and val
+_DIGITS = {"train": (0, 2), "test": (1, 2), "val": (1, 2)}
+_SCENE_DIGITS = {"train": (0, 2), "test": (1, 4), "val": (3, 4)}
 
 TRANSLATION = 0.5  # of the frame size, over the clip
 ROTATION = math.pi  # radians over the clip
@@ -66,13 +86,33 @@ SHAKE = 1  # camera shake, pixels either way
 FLICKER = 0.08  # brightness factor in 1 +- this, per frame
 # the bursty variant
 BURST = 0.5  # of the video's frames, the motion's duration
+# the scenes variant: moving distractors per clip [low, high), their scale (of a digit's), their
+# most travel over the clip (of the frame size), the orbit's radius (of the frame size), and the
+# per-clip contrast range
+SCENES = {
+    "distractors": (1, 4),
+    "distractor_scale": 0.7,
+    "distractor_travel": 0.5,
+    "orbit": 0.2,
+    "contrast": (0.6, 1.0),
+}
 
 
-def _digits(split: str) -> np.ndarray:
+def pairs(variant: str) -> list[tuple[str, str]]:
+    """The variant's class pairs (forward, reversed): SCENE_PAIRS for scenes, else CLASS_PAIRS."""
+    return SCENE_PAIRS if variant == "scenes" else CLASS_PAIRS
+
+
+def classes(variant: str) -> list[str]:
+    return [name for pair in pairs(variant) for name in pair]
+
+
+def _digits(split: str, variant: str = "plain") -> np.ndarray:
     from sklearn.datasets import load_digits
 
     images = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
-    return images[_DIGITS[split] :: 2]
+    start, step = (_SCENE_DIGITS if variant == "scenes" else _DIGITS)[split]
+    return images[start::step]
 
 
 def _texture(rng: np.random.Generator, size: int) -> torch.Tensor:
@@ -99,13 +139,15 @@ def render_sequence(
     """Render a digit over a static background, one frame per entry of the state arrays.
 
     Args:
-        digit: (8, 8) in [0, 1]. background: (3, S, S) in [0, 1]. colour: (3,) in [0, 1].
+        digit: (8, 8) in [0, 1]. background: (3, S, S), or (T, 3, S, S) per frame, in [0, 1].
+        colour: (3,) in [0, 1].
         centre: (T, 2) pixel (x, y), wrapped onto the torus. angle: (T,) radians. log_scale: (T,).
     Returns:
         (T, S, S, 3) uint8 frames.
     """
     size = background.shape[-1]
     t = len(angle)
+    background = background if background.dim() == 4 else background[None]  # (T or 1, 3, S, S)
     digit_t = torch.from_numpy(digit)[None, None].float()
     # Output pixel p -> digit coordinates: wrap (p - centre) onto the torus, undo rotation and scale.
     coords = torch.arange(size, dtype=torch.float32) + 0.5
@@ -122,7 +164,7 @@ def render_sequence(
     grid = torch.stack([u, v], dim=-1)
     alpha = F.grid_sample(digit_t.expand(t, 1, 8, 8), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     colour_t = torch.from_numpy(colour).float()[None, :, None, None]
-    frames = background[None] * (1 - alpha) + colour_t * alpha
+    frames = background * (1 - alpha) + colour_t * alpha
     return (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -145,6 +187,26 @@ def _clutter(rng: np.random.Generator, background: torch.Tensor, digits: np.ndar
         )
         background = torch.from_numpy(frame[0]).permute(2, 0, 1).float() / 255
     return background
+
+
+def _moving_clutter(
+    rng: np.random.Generator, background: torch.Tensor, digits: np.ndarray, frames: int
+) -> torch.Tensor:
+    """The background with SCENES["distractors"] smaller digits drawn in, each moving in a straight
+    line (uniform direction, travel up to SCENES["distractor_travel"] of the frame) and spinning at
+    a uniform rate: (frames, 3, S, S) in [0, 1]. Every law is symmetric, so reversing keeps it."""
+    size = background.shape[-1]
+    scene = background[None].expand(frames, -1, -1, -1)
+    progress = np.linspace(-0.5, 0.5, frames)
+    for _ in range(rng.integers(*SCENES["distractors"])):
+        direction = rng.uniform(0, 2 * math.pi)
+        travel = rng.uniform(0, SCENES["distractor_travel"]) * size
+        centre = rng.uniform(0, size, 2) + travel * progress[:, None] * [math.cos(direction), math.sin(direction)]
+        angle = rng.uniform(0, 2 * math.pi) + rng.uniform(-ROTATION, ROTATION) * progress
+        log_scale = np.full(frames, rng.uniform(*LOG_SCALE_RANGE) + math.log(SCENES["distractor_scale"]))
+        layer = render_sequence(digits[rng.integers(len(digits))], scene, _colour(rng), centre % size, angle, log_scale)
+        scene = torch.from_numpy(layer).permute(0, 3, 1, 2).float() / 255
+    return scene
 
 
 def _camera(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
@@ -176,7 +238,7 @@ def generate_pair(
     The pair's second class is this clip reversed in time. Every state variable that a class does
     not move is drawn from the law its moving counterpart has at a uniformly random frame.
     variant="cluttered" adds distractors, camera motion and flicker, variant="bursty" moves only
-    during a burst (the module's docstring).
+    during a burst, variant="scenes" has pairs 4-7 and moving distractors (the module's docstring).
     """
     # symmetric laws: reversing flips the sign
     progress = burst_progress(rng, frames) if variant == "bursty" else np.linspace(-0.5, 0.5, frames)
@@ -190,11 +252,25 @@ def generate_pair(
         centre[:, 1] += TRANSLATION * size * progress
     elif pair == 2:
         angle = angle + ROTATION * progress
-    else:
+    elif pair == 3:
+        log_scale = base_log_scale + ZOOM * progress
+    elif pair in (4, 5):  # the diagonals
+        centre += TRANSLATION * size * progress[:, None] * np.array([1.0, 1.0 if pair == 4 else -1.0]) / math.sqrt(2)
+    elif pair == 6:  # once round a circle from a random phase
+        theta = rng.uniform(0, 2 * math.pi) + 2 * math.pi * progress
+        centre += SCENES["orbit"] * size * np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    else:  # the spiral: turn and zoom together
+        angle = angle + ROTATION * progress
         log_scale = base_log_scale + ZOOM * progress
     colour = _colour(rng)
     digit = digits[rng.integers(len(digits))]
     background = _texture(rng, size)
+    if variant == "scenes":
+        scene = _moving_clutter(rng, background, digits, frames)
+        clip = render_sequence(digit, scene, colour, centre % size, angle, log_scale).astype(np.float32)
+        contrast = rng.uniform(*SCENES["contrast"])
+        mean = clip.mean(axis=(0, 1, 2), keepdims=True)
+        return (mean + contrast * (clip - mean)).round().clip(0, 255).astype(np.uint8)
     if variant != "cluttered":
         return render_sequence(digit, background, colour, centre % size, angle, log_scale)
     clip = render_sequence(digit, _clutter(rng, background, digits), colour, centre % size, angle, log_scale)
@@ -209,6 +285,8 @@ def builtin_root(cfg: DictConfig) -> str:
     settings["generator"] = [TRANSLATION, ROTATION, ZOOM, LOG_SCALE_RANGE, DIGIT_SIZE, DISTRACTORS, PAN, SHAKE, FLICKER]
     if settings["variant"] == "bursty":  # a key of its own, so the other variants keep their folders
         settings["generator"].append(BURST)
+    if settings["variant"] == "scenes":
+        settings["generator"].append(SCENES)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = cfg.storage.cache_root or storage.join(cfg.storage.output_root, "cache")
     return storage.join(storage.absolute(cache), f"motion_digits-{digest}")
@@ -218,9 +296,9 @@ def generate_split(b: DictConfig, split: str) -> Iterator[tuple[str, int, np.nda
     """The videos of `split` under the built-in settings `b` (cfg.data.builtin), in memory:
     (class name, index, (frames, size, size, 3) uint8) for each forward clip and its reverse, the
     same arrays `ensure_builtin_dataset` encodes."""
-    digits = _digits(split)
+    digits = _digits(split, b.variant)
     per_class = {"train": b.train_per_class, "test": b.test_per_class, "val": b.val_per_class}[split]
-    for pair, (forward_name, backward_name) in enumerate(CLASS_PAIRS):
+    for pair, (forward_name, backward_name) in enumerate(pairs(b.variant)):
         for index in range(per_class):
             rng = np.random.default_rng([b.seed, _SPLIT_CODE[split], pair, index])
             clip = generate_pair(pair, rng, digits, b.frames, b.size, b.variant)
@@ -255,5 +333,7 @@ def ensure_builtin_dataset(cfg: DictConfig) -> str:
         while chunk := list(itertools.islice(videos, AHEAD)):
             for done in [pool.submit(write, *video) for video in chunk]:
                 done.result()
-    storage.write_json_once(marker, {"classes": CLASSES, "counts": counts, "settings": OmegaConf.to_container(b)})
+    storage.write_json_once(
+        marker, {"classes": classes(b.variant), "counts": counts, "settings": OmegaConf.to_container(b)}
+    )
     return root
