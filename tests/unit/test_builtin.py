@@ -133,7 +133,7 @@ def _split_pair(tmp_path, variant: str):
     return (*_load(cfg, "train"), *_load(cfg, "test"))
 
 
-@pytest.mark.parametrize("variant", ["plain", "cluttered", "bursty", "scenes"])
+@pytest.mark.parametrize("variant", ["plain", "cluttered", "bursty", pytest.param("scenes", marks=pytest.mark.full)])
 def test_a_single_frame_classifier_stays_at_chance(tmp_path, variant):
     """One random frame per clip carries no class information, in every variant (distractors, pan,
     flicker, the burst's start, the orbit's phase and the moving distractors are the same law for
