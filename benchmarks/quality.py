@@ -504,10 +504,13 @@ def render(args, results: dict, seconds: float) -> str:
         f"{e.augment.time_reverse}, TSGFA {e.tsgfa}, T={e.temperature}. Stored views: crops "
         f"{list(lab.augment.crop_scale)}, hflip {lab.augment.hflip}, TSGFA {lab.tsgfa}. Hard: the teacher's "
         f"crops {list(cfg.augment.crop_scale)}, hflip {cfg.augment.hflip}.",
-        "",
-        "Cells: top-1 % mean +- SE over draws (each draw: the mean over seeds). Differences: tsgd - "
-        "random_real on the same (draw, seed), mean +- SE over the per-draw means, then each draw's.",
     ]
+    if not args.budgets:  # the arms' tables
+        lines += [
+            "",
+            "Cells: top-1 % mean +- SE over draws (each draw: the mean over seeds). Differences: tsgd - "
+            "random_real on the same (draw, seed), mean +- SE over the per-draw means, then each draw's.",
+        ]
     if args.arm_overrides:
         lines += [
             "",
