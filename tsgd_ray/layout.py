@@ -18,8 +18,8 @@ in one key share every stage upstream of it. The statistics depend on the teache
 the seed only: an IPC sweep shares them, and each (init clips per class n, init kind) gets its
 own init folder (and each init draw other than the first, distill.draw, its own too).
 Settings that change only how fast or where work runs (schema fields marked execution_only) are
-left out of the keys. Every function here is pure: it names, it never reads or writes. `of(cfg, method)` hashes the
-keys once; a stage takes its Layout at its start and hands it down.
+left out of the keys. Every function here is pure: it names, it never reads or writes.
+`of(cfg, method)` hashes the keys once; a stage takes its Layout at its start and hands it down.
 """
 
 from __future__ import annotations
@@ -155,6 +155,10 @@ class Layout:
         return self.evaluate
 
 
+#: the sections a synthetic set's key hashes (beside its statistics and init clips)
+_SET = ("amp", "augment", "tsgf", "distill")
+
+
 def keys(cfg: DictConfig, method: Optional[Method] = None) -> dict[str, str]:
     """Each stage's key ("teacher", "stats", "distill", and "evaluate" with a method), chained:
     the config turned into a dict once."""
@@ -169,9 +173,6 @@ def keys(cfg: DictConfig, method: Optional[Method] = None) -> dict[str, str]:
         parent = out["distill"] if methods.get(method).distils else teacher
         out["evaluate"] = _key(parent, data, ("amp", "augment", "tsgf", "evaluate")) + f"-{method.value}"
     return out
-
-
-_SET = ("amp", "augment", "tsgf", "distill")
 
 
 def of(cfg: DictConfig, method: Optional[Method] = None) -> Layout:

@@ -258,9 +258,9 @@ def train_students(
     stages: Sequence[RunContext] = (),
 ) -> None:
     """Train every unfinished student (one per seed) of the arms `evaluated`, (method, init draw)
-    pairs whose configs are made from `cfg` (`wheres`: their layouts; `manifest`: the shards'), in one evaluation fleet (`runtime.fleet`): as many
-    Ray Train runs at once as the cluster holds, each training its students one after another;
-    each student writes its seed file. stages (one per arm, or empty): the MLflow runs under which
+    pairs whose configs are made from `cfg` (`wheres`: their layouts; `manifest`: the shards'), in
+    one evaluation fleet (`runtime.fleet`): as many Ray Train runs at once as the cluster holds,
+    each training its students one after another; each student writes its seed file. stages (one per arm, or empty): the MLflow runs under which
     each student's live curve gets a child run "evaluate/<arm>/seed-<seed>".
 
     Raises:
