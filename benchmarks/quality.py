@@ -191,6 +191,14 @@ def variant_overrides(variant: str) -> list[str]:
     return [f"data.builtin.variant={variant}"]
 
 
+def placeless(cfg) -> dict:
+    """The config as a dict less where things are kept (storage, tracking, data.shards: absolute
+    paths of this checkout), so that the caches' keys hold in any checkout."""
+    out = {k: v for k, v in to_dict(cfg).items() if k not in ("storage", "tracking")}
+    out["data"] = {k: v for k, v in out["data"].items() if k != "shards"}
+    return out
+
+
 def run_variant(variant: str, args, log) -> dict:
     """One dataset variant: teacher controls, and scores[(regime, method, ipc)] = {draw: [per seed]}."""
     base = [*DATA, *variant_overrides(variant), *args.overrides]
@@ -206,7 +214,7 @@ def run_variant(variant: str, args, log) -> dict:
     )
     torch.manual_seed(cfg.seed)
     teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
-    settings = json.dumps({key: to_dict(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, sort_keys=True)
+    settings = json.dumps({key: placeless(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, sort_keys=True)
     cached = REPO / ".cache" / "quality" / f"teacher-{hashlib.sha256(settings.encode()).hexdigest()[:16]}.pt"
     if args.teacher:  # a teacher trained elsewhere (a GPU run, the pipeline): its architecture from the config
         data = read_mlflow_checkpoint(cfg, args.teacher) if is_mlflow_uri(args.teacher) else read_bytes(args.teacher)
@@ -263,7 +271,7 @@ def run_variant(variant: str, args, log) -> dict:
         training.train_student(student, teacher, x_u8, y, student_settings(run_cfg), seed, heat=heat, stored=stored)
         return training.topk_accuracy(training.predict(student, x_eval, inputs), y_eval)
 
-    every = json.dumps([to_dict(cfg), args.student, args.teacher], sort_keys=True)
+    every = json.dumps([placeless(cfg), args.student, args.teacher], sort_keys=True)
 
     def scored(key: tuple, train) -> float:
         """A student's top-1 from the cache of finished students (the same config, teacher, student
