@@ -40,6 +40,8 @@ The protocol is fixed before the runs (docs/method.md, stage 3; docs/QUALITY.md 
     python benchmarks/quality.py --split val --ipc 10 --regimes stored1 stored4 stored16 stored64 ...
     python benchmarks/quality.py --split val --ipc 10 --regimes stored16 --draws 0 1 --seeds 0 1 \
         --budgets 150 1200 --out docs/QUALITY-budget.md     # the converged budget (CONVERGED_GAIN)
+    python benchmarks/quality.py --device cuda ...   # on a GPU: bf16 autocast (amp=false: fp32); its
+        # teachers and students cached apart from the CPU's. Not yet run on a GPU.
 
 The table is reproducible: the same command gives the same numbers.
 """
@@ -69,6 +71,7 @@ from report import target_line  # noqa: E402
 from tsgd_ray.config import PACK, load_config, regimes, to_dict  # noqa: E402
 from tsgd_ray.core import augment, bn_stats, labels, packing, recovery, selection, training  # noqa: E402
 from tsgd_ray.core.clips import to_model_input, to_uint8_clips  # noqa: E402
+from tsgd_ray.core.device import tune_for  # noqa: E402
 from tsgd_ray.core.models import build_model, load_checkpoint  # noqa: E402
 from tsgd_ray.core.tsgf import motion_energy  # noqa: E402
 from tsgd_ray.data.in_memory import load_split, split_ids  # noqa: E402
@@ -191,6 +194,13 @@ def variant_overrides(variant: str) -> list[str]:
     return [f"data.builtin.variant={variant}"]
 
 
+def where(device: torch.device, amp: bool) -> str:
+    """What ran the benchmark, for its report: the CPU threads, or the GPU's name and precision."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({'bf16 autocast' if amp else 'fp32'})"
+    return f"{torch.get_num_threads()} CPU threads"
+
+
 def placeless(cfg) -> dict:
     """The config as a dict less where things are kept (storage, tracking, data.shards: absolute
     paths of this checkout), so that the caches' keys hold in any checkout."""
@@ -213,19 +223,22 @@ def run_variant(variant: str, args, log) -> dict:
         f"{variant}: {len(x_train)} train / {len(x_eval)} {args.split} clips of {tuple(x_train.shape[1:])}, {k} classes"
     )
     torch.manual_seed(cfg.seed)
-    teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth)
-    settings = json.dumps({key: placeless(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, sort_keys=True)
+    teacher = build_model(cfg.teacher.model, k, size, cfg.teacher.width, cfg.teacher.depth).to(args.device)
+    trained_on = {} if args.device.type == "cpu" else {"device": args.device.type}  # CPU keys as before
+    settings = json.dumps(
+        {**{key: placeless(cfg)[key] for key in ("seed", "data", "augment", "teacher")}, **trained_on}, sort_keys=True
+    )
     cached = REPO / ".cache" / "quality" / f"teacher-{hashlib.sha256(settings.encode()).hexdigest()[:16]}.pt"
     if args.teacher:  # a teacher trained elsewhere (a GPU run, the pipeline): its architecture from the config
         data = read_mlflow_checkpoint(cfg, args.teacher) if is_mlflow_uri(args.teacher) else read_bytes(args.teacher)
         load_checkpoint(teacher, data, classes)  # refuses another class map or architecture, naming it
         log(f"{variant}: teacher imported from {args.teacher}")
     elif cached.exists():  # the same settings train the same teacher: reuse it across invocations
-        teacher.load_state_dict(torch.load(cached, weights_only=True))
+        teacher.load_state_dict(torch.load(cached, weights_only=True, map_location=args.device))
     else:
         training.train_teacher(teacher, x_train, y_train, teacher_settings(cfg))
         cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(teacher.state_dict(), cached)
+        torch.save({n: t.cpu() for n, t in teacher.state_dict().items()}, cached)
     teacher.eval()
     out: dict = {
         "cfg": cfg,
@@ -244,7 +257,7 @@ def run_variant(variant: str, args, log) -> dict:
         else real
     )
     stats = bn_stats.accumulate_statistics(
-        teacher, [(viewed[i : i + 64], y_train[i : i + 64]) for i in range(0, len(real), 64)], k
+        teacher, [(viewed[i : i + 64].to(args.device), y_train[i : i + 64]) for i in range(0, len(real), 64)], k
     )
     views = view_settings(cfg)
     replayed = [load_config(args.config, [*base, *regime_overrides(r)]).evaluate for r in args.regimes]
@@ -252,7 +265,7 @@ def run_variant(variant: str, args, log) -> dict:
 
     def stored_labels(x_u8: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, heat: torch.Tensor):
         params = labels.view_params(heat, labels.clip_keys(y, idx), cfg.seed, most_views, views)
-        return params, labels.label_views(teacher, inputs.model_input(x_u8), params)
+        return params, labels.label_views(teacher, inputs.model_input(x_u8.to(args.device)), params, inputs.amp)
 
     def score(x_u8, y, heat, stored, regime: str, seed: int, steps: int = args.steps) -> float:
         steps_per_epoch = math.ceil(len(y) / cfg.evaluate.batch_size)
@@ -267,11 +280,11 @@ def run_variant(variant: str, args, log) -> dict:
         )
         torch.manual_seed(seed)
         e = run_cfg.evaluate
-        student = build_model(e.model, k, size, e.width, e.depth)
+        student = build_model(e.model, k, size, e.width, e.depth).to(args.device)
         training.train_student(student, teacher, x_u8, y, student_settings(run_cfg), seed, heat=heat, stored=stored)
         return training.topk_accuracy(training.predict(student, x_eval, inputs), y_eval)
 
-    every = json.dumps([placeless(cfg), args.student, args.teacher], sort_keys=True)
+    every = json.dumps([placeless(cfg), args.student, args.teacher, *trained_on.values()], sort_keys=True)
 
     def scored(key: tuple, train) -> float:
         """A student's top-1 from the cache of finished students (the same config, teacher, student
@@ -330,8 +343,10 @@ def run_variant(variant: str, args, log) -> dict:
                     run_cfg = load_config(args.config, [*base, *arm])
                     settings_r = recovery_settings(run_cfg)
                     x_set = to_uint8_clips(
-                        recovery.recover(teacher, x0, y, idx, settings_r, stats), inputs.mean, inputs.std
-                    )
+                        recovery.recover(teacher, x0.to(args.device), y, idx, settings_r, stats),
+                        inputs.mean,
+                        inputs.std,
+                    ).cpu()
                 stored = stored_labels(x_set, y, idx, heat)
                 out["sets"].setdefault((method, ipc), []).append(
                     diversity(teacher, inputs.model_input(x_set), y, stored[1])
@@ -461,6 +476,12 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--window-views", type=int, default=4, help="views per video the window_* methods choose among")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the teacher, recovery and students run (cuda: bf16 autocast unless amp=false); "
+        "the caches keep a CUDA run's teachers and students apart from the CPU's",
+    )
     parser.add_argument("--out", default="", help="write the Markdown report here (e.g. docs/QUALITY.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -475,7 +496,14 @@ def main(argv=None) -> int:
         raise SystemExit("--methods: random_real is the reference every difference is taken against")
     for regime in args.regimes:
         regime_overrides(regime)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device: cpu, cuda or cuda:N, got {args.device!r}") from None
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here")
     torch.set_num_threads(args.threads)
+    tune_for(args.device)
     started = time.time()
 
     def log(message: str) -> None:
@@ -502,7 +530,7 @@ def render(args, results: dict, seconds: float) -> str:
         "",
         f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         "",
-        f"Run time: {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads. Scored on the "
+        f"Run time: {seconds / 60:.1f} min on {where(args.device, cfg.amp)}. Scored on the "
         f"`{args.split}` split; {len(args.draws)} init draws x {len(args.seeds)} student seeds per "
         f"cell. Teacher {cfg.teacher.model} width {cfg.teacher.width}, "
         f"{f'imported from {args.teacher}' if args.teacher else f'{cfg.teacher.epochs} epochs'}. Recovery "

@@ -1,5 +1,6 @@
 """quality.py --teacher: the benchmark scores sets against a teacher trained elsewhere (a GPU run,
-the pipeline) instead of training its own, and refuses one that does not fit in one line."""
+the pipeline) instead of training its own, and refuses one that does not fit in one line; --device
+refuses a device this torch cannot use, in one line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from tsgd_ray.core.models import build_model, checkpoint_bytes
@@ -39,3 +41,17 @@ def test_an_imported_teacher_is_used_and_one_that_does_not_fit_is_refused(tmp_pa
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip().splitlines()[-1]]
     assert "quality.py: error: checkpoint does not fit the model" in refused.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees CUDA: the refusal is for machines without it")
+def test_a_device_this_torch_cannot_use_is_refused_in_one_line(tmp_path):
+    for device, said in (("cuda", "sees no CUDA device here"), ("tpu7", "cpu, cuda or cuda:N, got 'tpu7'")):
+        out = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--device", device],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+        assert out.stderr.startswith("quality.py: error: --device") and said in out.stderr
