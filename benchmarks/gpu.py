@@ -12,7 +12,8 @@
 
 It prints `target` lines and writes the measurements as calibration rows (JSON, `--out`) for the
 plan. `--dry` runs every part on the CPU at small sizes (CI runs it, so the script cannot rot);
-its figures say nothing about a GPU. Usage: python benchmarks/gpu.py [--dry] [--out FILE]
+its figures say nothing about a GPU. `--quick` (the offline bundle's run, scripts/offline_run.sh)
+leaves out the copy rates and (e). Usage: python benchmarks/gpu.py [--dry] [--quick] [--out FILE]
 """
 
 from __future__ import annotations
@@ -408,6 +409,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry", action="store_true", help="every part on the CPU at small sizes (CI)")
     parser.add_argument("--out", default="", help="calibration rows (JSON); default .cache/gpu-benchmark/<device>.json")
     parser.add_argument("--skip-run", action="store_true", help="leave out (g), the default run")
+    parser.add_argument("--quick", action="store_true", help="(a), (b), (d) without the copy rates, (f): no (e)")
     args = parser.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
         print("no CUDA device here: run with --dry for the CPU check of this script", file=sys.stderr)
@@ -425,8 +427,7 @@ def main(argv=None) -> int:
             "agreement": agreement(device),
             "recovery": step_breakdown(device, args.dry),
             "training": train_steps(device, args.dry),
-            "copy_gbps": copy_rates(device, args.dry),
-            "determinism": determinism(device),
+            **({} if args.quick else {"copy_gbps": copy_rates(device, args.dry), "determinism": determinism(device)}),
             "ray": ray_visibility(device, temp),
         }
         if not args.skip_run:

@@ -116,10 +116,23 @@ def contact_sheet(cfg: DictConfig, init: Optional[torch.Tensor], synthetic: torc
     return image.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1).numpy()
 
 
-def _log_sheets(cfg: DictConfig, run: RunContext, batch: dict, preview: bytes, classes: list[str]) -> None:
-    """On `run` (the invocation's): the preview video and a contact sheet per class (first video)."""
+def _preview(cfg: DictConfig, batch: dict) -> Optional[bytes]:
+    """The preview video (H.264 MP4), or None where PyAV is not installed (a node run from an
+    offline bundle's prepared output root, which never encodes video): the set is whole without it."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        log.warning("merge: no preview video: PyAV is not installed here (pip install av)")
+        return None
+    return encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
+
+
+def _log_sheets(cfg: DictConfig, run: RunContext, batch: dict, preview: Optional[bytes], classes: list[str]) -> None:
+    """On `run` (the invocation's): the preview video (where there is one) and a contact sheet per
+    class (first video)."""
     method = cfg.distill.method.value
-    run.log_bytes(f"synthetic/{method}/preview.mp4", preview)
+    if preview is not None:
+        run.log_bytes(f"synthetic/{method}/preview.mp4", preview)
     try:
         init = artifacts.read_init(cfg, sorted(set(batch["labels"].tolist())))
     except artifacts.MissingInput:  # noise init: no init clips
@@ -184,11 +197,13 @@ def run_merge(cfg: DictConfig, run: RunContext = OFF) -> dict:
     def work(stage: RunContext) -> dict:
         files = _files(cfg, where, classes)
         batch = _first_classes(cfg, folder, files)
-        preview = encode_mp4(preview_frames(cfg, batch["clips"], batch["labels"]), fps=4)
-        storage.write_once(storage.join(folder, layout.PREVIEW), preview)
+        preview = _preview(cfg, batch)
+        if preview is not None:
+            storage.write_once(storage.join(folder, layout.PREVIEW), preview)
         manifest = _manifest(cfg, where, classes, files)
         if stage:
-            stage.log_bytes("synthetic/previews/grid.mp4", preview)
+            if preview is not None:
+                stage.log_bytes("synthetic/previews/grid.mp4", preview)
             stage.log_text("synthetic/manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
             _log_sheets(cfg, stage.parent, batch, preview, classes)
         log.info(
