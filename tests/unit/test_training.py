@@ -210,6 +210,34 @@ def test_a_student_ema_is_the_average_of_its_weights():
     torch.testing.assert_close(model.weight, start + 1.0)
 
 
+def test_the_ema_updates_every_tensor_in_one_foreach_call_as_per_tensor_lerps_would():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_model("mini_c3d", 4, (4, 8, 8), 4, 2)  # 4 convolution/BN tensors per block, a head
+    ema, reference = training.WeightEMA(model, 0.9), copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.train()(torch.randn(3, 3, 4, 8, 8))  # BN statistics and batch counts move too
+    with Calls() as calls:
+        ema.update(model)
+    lerps = [n for n in calls.names if "lerp" in n]
+    assert lerps == ["_foreach_lerp_"], calls.names  # not one lerp_ per tensor
+    for k, v in model.state_dict().items():  # the same numbers as a lerp_ per tensor, bit for bit
+        expected = reference[k].lerp(v, 0.1) if v.is_floating_point() else v
+        assert torch.equal(ema.shadow[k], expected), k
+
+
 def test_distillation_losses():
     student = student_settings(load_config(None))
     logits = torch.randn(4, 5)

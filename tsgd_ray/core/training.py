@@ -117,19 +117,22 @@ def student_view(
 
 class WeightEMA:
     """An exponential moving average of a model's floating-point state (parameters and BN
-    statistics): shadow <- decay * shadow + (1 - decay) * current after every `update`."""
+    statistics): shadow <- decay * shadow + (1 - decay) * current after every `update`, in one
+    foreach lerp over all tensors (one kernel launch per dtype and device on CUDA, not one per
+    tensor); integer state (BN's batch counts) is copied."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        self._others = [k for k, v in self.shadow.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v, 1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
+        current = model.state_dict()
+        torch._foreach_lerp_([self.shadow[k] for k in self._floats], [current[k] for k in self._floats], 1 - self.decay)
+        for k in self._others:
+            self.shadow[k].copy_(current[k])
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
