@@ -119,3 +119,36 @@ def test_taps_on_bf16_activations_accumulate_in_fp32_and_keep_their_gradient():
     (taps.means[0].sum() + taps.squares[0].sum()).backward()
     (expected_mean.sum() + expected_square.sum()).backward()
     torch.testing.assert_close(x.grad.float(), reference.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_a_batchs_moments_reach_the_host_in_one_copy_for_every_layer_with_the_same_sums():
+    """On CUDA each conversion of a device tensor is a device-to-host sync: the probe converts
+    every layer's moments together, once per batch, however deep the teacher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tsgd_ray.core.bn_stats import FIXED_POINT_BITS
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Copies.count += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    x, y = batches(n=1)[0]
+    counted = []
+    for depth in (2, 4):
+        torch.manual_seed(0)
+        model = build_model("mini_c3d", 4, (4, 16, 16), width=4, depth=depth).eval()
+        stats = ClassStatistics.for_model(model, 4)
+        with torch.no_grad(), BatchNormTaps(model) as taps:
+            model(x)
+        Copies.count = 0
+        with Copies():
+            stats.add(taps, y)
+        counted.append(Copies.count)
+        for layer, (m, s) in enumerate(zip(taps.means, taps.squares)):  # each layer's sums as converted alone
+            for total, values in ((stats.sums[layer], m), (stats.squares[layer], s)):
+                fixed = torch.round(values.double() * 2.0**FIXED_POINT_BITS).to(torch.int64)
+                assert torch.equal(total, torch.zeros_like(total).index_add_(0, y, fixed))
+    assert counted[0] == counted[1] <= 3, counted  # not 2 per layer

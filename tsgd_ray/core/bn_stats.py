@@ -87,8 +87,8 @@ def _to_fixed(values: torch.Tensor) -> torch.Tensor:
     return torch.round(values * 2.0**FIXED_POINT_BITS).to(torch.int64)
 
 
-def _add_checked(total: torch.Tensor, labels: torch.Tensor, values: torch.Tensor) -> None:
-    total.index_add_(0, labels, _to_fixed(values))
+def _add_checked(total: torch.Tensor, labels: torch.Tensor, fixed: torch.Tensor) -> None:
+    total.index_add_(0, labels, fixed)
     if len(labels) and total[labels.unique()].abs().max() > _SUM_LIMIT:  # only the rows just touched
         raise OverflowError("per-class BN sums exceed the int64 fixed-point range")
 
@@ -127,12 +127,15 @@ class ClassStatistics:
         self.add_moments(taps.means, taps.squares, labels)
 
     def add_moments(self, means: Sequence[torch.Tensor], squares: Sequence[torch.Tensor], labels: torch.Tensor) -> None:
-        """Add per-sample moments, per layer (N, C_l) float32 as `BatchNormTaps` records them."""
+        """Add per-sample moments, per layer (N, C_l) float32 as `BatchNormTaps` records them (on
+        any device: every layer's come to the host in one copy, not two per layer)."""
         labels = labels.detach().cpu().long()
+        widths = [m.shape[1] for m in means]
+        fixed = _to_fixed(torch.cat([*means, *squares], dim=1)).split(widths * 2, dim=1)
         self.counts.index_add_(0, labels, torch.ones_like(labels))
-        for l, (m, s) in enumerate(zip(means, squares)):
-            _add_checked(self.sums[l], labels, m)
-            _add_checked(self.squares[l], labels, s)
+        for l in range(len(widths)):
+            _add_checked(self.sums[l], labels, fixed[l])
+            _add_checked(self.squares[l], labels, fixed[len(widths) + l])
 
     def merge(self, other: "ClassStatistics") -> "ClassStatistics":
         """The statistics of both sample sets (a new object); shapes must match."""
