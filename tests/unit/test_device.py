@@ -10,7 +10,7 @@ import torch
 from test_recovery import config, synthetic_set, teacher_and_stats
 
 from tsgd_ray.core import recovery
-from tsgd_ray.core.device import reserved_gpus, resolve_device
+from tsgd_ray.core.device import reserved_gpus, resolve_device, tune_for
 from tsgd_ray.runtime.ray_train import scaling_config, torch_config
 from tsgd_ray.settings import recovery_settings
 
@@ -67,3 +67,16 @@ def test_recovery_on_cuda_agrees_with_the_cpu():
 def test_the_cuda_device_is_taken_only_with_a_gpu():
     assert resolve_device("auto", 1, "distill.gpus_per_actor").type == "cuda"
     assert resolve_device("auto", 0, "distill.gpus_per_actor").type == "cpu"
+
+
+def test_a_process_lent_part_of_a_gpu_holds_its_allocator_to_that_part(monkeypatch):
+    """torch's caching allocator would otherwise take the whole GPU in whichever of the actors that
+    share it allocates first. (CUDA's own call cannot run here: its recorder stands in.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cuda0 = torch.device("cuda", 0)
+    tune_for(cuda0, 0.5)
+    tune_for(cuda0, 1.0)  # a whole GPU: no limit
+    tune_for(torch.device("cpu"), 0.5)  # Ray's fraction means nothing on the CPU
+    assert calls == [(0.5, cuda0)] and torch.backends.cudnn.benchmark

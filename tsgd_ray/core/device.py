@@ -57,11 +57,15 @@ def reserved_gpus(device: str, gpus: float) -> float:
     return 0.0 if device == "cpu" else gpus
 
 
-def tune_for(device: torch.device) -> None:
+def tune_for(device: torch.device, gpus: float = 1.0) -> None:
     """Per-process CUDA settings for fixed clip shapes: cuDNN picks its fastest kernels once per
-    shape (cudnn.benchmark); a no-op elsewhere."""
+    shape (cudnn.benchmark); where Ray lent this process a fraction of a GPU (0 < gpus < 1), torch's
+    allocator is held to that fraction of the device's memory, so processes sharing a GPU cannot
+    starve one another (one past its share gets CUDA's out-of-memory error itself). A no-op elsewhere."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        if 0 < gpus < 1:
+            torch.cuda.set_per_process_memory_fraction(gpus, device)
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -93,7 +93,7 @@ def worker_setup(section, key: str, device: str) -> tuple[int, int, torch.device
     torch.set_num_threads(max(1, math.ceil(section.cpus_per_worker)))
     context = ray.train.get_context()
     where = ray.train.torch.get_device()
-    tune_for(where)
+    tune_for(where, section.gpus_per_worker)
     return context.get_world_rank(), context.get_world_size(), where
 
 

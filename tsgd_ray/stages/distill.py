@@ -205,7 +205,7 @@ class PartitionWorker(PoolActor):
     def setup(self, cfg: DictConfig, classes: list[str], threads: int) -> None:
         torch.set_num_threads(threads)
         device = resolve_device(cfg.device, cfg.distill.gpus_per_actor, "distill.gpus_per_actor")
-        tune_for(device)
+        tune_for(device, cfg.distill.gpus_per_actor)
         self.teacher = artifacts.load_teacher(cfg, classes, device)
         self.stats = artifacts.read_statistics(cfg)
 

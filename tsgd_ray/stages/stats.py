@@ -72,7 +72,7 @@ class StatsWorker(PoolActor):
         self.crop = crop_settings(cfg.augment)
         self.compensate = Compensation(cfg.tsgf.compensate)
         self.device = resolve_device(cfg.device, cfg.stats.gpus_per_actor, "stats.gpus_per_actor")
-        tune_for(self.device)
+        tune_for(self.device, cfg.stats.gpus_per_actor)
         self.teacher = artifacts.load_teacher(cfg, classes, self.device)
         self.num_classes = len(classes)
         self.decoder = ClipDecoder.from_config(cfg, threads=threads)
