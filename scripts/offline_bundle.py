@@ -156,31 +156,25 @@ def unpack_wheel(wheel: Path, site: Path) -> None:
 
 
 def fetch_wheel(dist: metadata.Distribution, python: str, platforms: list[str], cache: Path) -> Path:
-    """The wheel of `dist`'s version for CPython `python` on `platforms`, downloaded once into `cache`."""
+    """The wheel of `dist`'s version for CPython `python` on `platforms`, downloaded once into its
+    own folder of `cache` (cp<XY>/<name>-<version>/)."""
     name, version = dist.metadata["Name"], dist.version
-    stem = name_of(name).replace("-", "_")
-    tag = f"cp{python.replace('.', '')}"
-
-    def cached() -> list[Path]:
-        return [
-            w
-            for w in cache.glob("*.whl")
-            if name_of(w.name.split("-")[0]) == name_of(stem)
-            and w.name.split("-")[1] == version
-            and ("-none-any" in w.name or tag in w.name or "abi3" in w.name)
-        ]
-
-    if not cached():
-        cache.mkdir(parents=True, exist_ok=True)
+    folder = cache / f"cp{python.replace('.', '')}" / f"{name_of(name)}-{version}"
+    if not any(folder.glob("*.whl")):
         platform_args = [a for p in platforms for a in ("--platform", p)]
         command = [*PIP, "download", "-q", "--no-deps", "--only-binary=:all:"]
-        command += ["--python-version", python, "--implementation", "cp", *platform_args, "-d", str(cache)]
+        command += ["--python-version", python, "--implementation", "cp", *platform_args, "-d", str(folder)]
         out = subprocess.run([*command, f"{name}=={version}"], capture_output=True, text=True)
-        if out.returncode or not cached():
+        if out.returncode or not any(folder.glob("*.whl")):
             raise BundleError(
                 f"no wheel of {name}=={version} for CPython {python} on {platforms[0]}: {out.stderr[-300:]}"
             )
-    return cached()[0]
+    return next(folder.glob("*.whl"))
+
+
+def _is_elf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"\x7fELF"
 
 
 def strip_ray(site: Path) -> int:
@@ -194,7 +188,7 @@ def strip_ray(site: Path) -> int:
     for f in list(ray.rglob("*.map")):
         f.unlink()
     for f in ray.rglob("*"):
-        if f.is_file() and not f.is_symlink() and f.open("rb").read(4) == b"\x7fELF":
+        if f.is_file() and not f.is_symlink() and _is_elf(f):
             subprocess.run(["strip", "--strip-unneeded", str(f)], check=True, capture_output=True)
     return before - sum(f.stat().st_size for f in ray.rglob("*") if f.is_file())
 
