@@ -31,6 +31,26 @@ def test_taps_record_each_samples_moments_of_the_bn_input():
     assert not model.features[1]._forward_hooks  # removed on exit
 
 
+def test_the_taps_gradient_is_autograds_through_the_moments_in_float32_and_bfloat16():
+    """The taps' one-op backward ((g_mean + 2 g_square x) / positions) equals autograd through
+    x.mean() and x.square().mean(), for float32 and for bfloat16 inputs (autocast on CUDA)."""
+    from tsgd_ray.core.bn_stats import _Moments
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        x = (torch.randn(3, 4, 2, 5, 5, generator=g) * 2 + 1).to(dtype).requires_grad_(True)
+        w_mean, w_square = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+        mean, square = _Moments.apply(x)
+        (got,) = torch.autograd.grad((mean * w_mean).sum() + (square * w_square).sum(), x)
+        xf = x.float()
+        expected_loss = (xf.mean(dim=(2, 3, 4)) * w_mean).sum() + (xf.square().mean(dim=(2, 3, 4)) * w_square).sum()
+        (expected,) = torch.autograd.grad(expected_loss, x)
+        assert got.dtype == dtype and mean.dtype == square.dtype == torch.float32
+        torch.testing.assert_close(mean, xf.mean(dim=(2, 3, 4)).detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(square, xf.square().mean(dim=(2, 3, 4)).detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
 def test_group_moments_equal_moments_of_the_pooled_group():
     inputs = torch.randn(6, 5, 2, 3, 3)
     groups = torch.tensor([0, 1, 0, 2, 1, 0])

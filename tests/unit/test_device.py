@@ -80,3 +80,43 @@ def test_a_process_lent_part_of_a_gpu_holds_its_allocator_to_that_part(monkeypat
     tune_for(cuda0, 1.0)  # a whole GPU: no limit
     tune_for(torch.device("cpu"), 0.5)  # Ray's fraction means nothing on the CPU
     assert calls == [(0.5, cuda0)] and torch.backends.cudnn.benchmark
+
+
+def test_a_frozen_teachers_weights_are_cast_to_bf16_once_not_at_every_forward():
+    """Under bf16 autocast a frozen model's conv and linear weights are cast at every forward (the
+    cast cache keeps only tensors that require grad); `bf16_weights` holds them in bf16 (BN stays
+    float32) so that a forward casts only its input, and puts the very float32 tensors back.
+    (CPU autocast stands in for CUDA's, which `frozen_bf16` gates it to.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tsgd_ray.core.bn_stats import batchnorm_layers
+    from tsgd_ray.core.device import bf16_weights, frozen_bf16
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
+    def casts(model, x) -> int:
+        Casts.count = 0
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), Casts():
+            model(x)
+        return Casts.count
+
+    teacher, _ = teacher_and_stats()
+    teacher.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 32, 32)
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in teacher.named_parameters()}
+    every_forward = casts(teacher, x)
+    with bf16_weights(teacher):
+        once = casts(teacher, x)
+        assert all(layer.weight.dtype == torch.float32 for layer in batchnorm_layers(teacher))
+    assert once < every_forward and every_forward - once >= len(
+        [m for m in teacher.modules() if hasattr(m, "weight")]
+    ) - len(batchnorm_layers(teacher))
+    for name, p in teacher.named_parameters():  # the same float32 storage back, unchanged
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
+    with frozen_bf16(teacher, torch.device("cpu"), True):  # the CPU runs no autocast: nothing to cast
+        assert all(p.dtype == torch.float32 for p in teacher.parameters())

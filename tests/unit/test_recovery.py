@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tsgd_ray.config import load_config
 from tsgd_ray.core import recovery, training
@@ -232,6 +233,22 @@ def test_tsgfo_on_the_update_keeps_static_pixels_and_on_the_gradient_does_not():
     print({name: arm for name, arm in (("off", off), ("update", update), ("gradient", gradient))})
 
 
+def test_the_diversity_term_is_the_sum_over_groups_of_their_mean_pairwise_cosine():
+    """`_similarity` with `pair_weights`: groups of one video add nothing, each group of >= 2
+    adds the mean cosine similarity over its ordered pairs of different videos."""
+    torch.manual_seed(0)
+    features = torch.randn(6, 5)
+    groups = torch.tensor([0, 0, 1, 2, 2, 2])
+    expected = 0.0
+    for g in (0, 2):
+        members = features[groups == g]
+        cos = F.cosine_similarity(members.unsqueeze(1), members.unsqueeze(0), dim=2)
+        n = len(members)
+        expected += float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+    got = recovery._similarity(features, recovery.pair_weights(groups)).item()
+    assert abs(got - expected) <= 1e-6  # cosines in [-1, 1], float32 sums
+
+
 def test_the_diversity_term_spreads_the_videos_of_a_class_apart_in_feature_space():
     teacher, stats = teacher_and_stats()
     init, labels, indices = synthetic_set(range(2), ipc=4)
@@ -239,7 +256,7 @@ def test_the_diversity_term_spreads_the_videos_of_a_class_apart_in_feature_space
 
     def similarity(x):
         features = training.embeddings(teacher, x)
-        return recovery._similarity(features, labels, 2).item() / 2
+        return recovery._similarity(features, recovery.pair_weights(labels)).item() / 2
 
     plain = recovery.recover(teacher, init, labels, indices, settings("distill.iterations=20"), stats)
     spread = recovery.recover(
@@ -299,10 +316,10 @@ def test_the_init_target_keeps_the_teacher_less_sure_than_the_one_hot_label_does
 
 
 def test_the_vectorised_bn_term_equals_the_per_layer_sum():
-    """`recovery.bn_term` (every layer's channels side by side, one reduction) equals the sum over
-    layers, groups and target kinds of share x weight x (||mu - mean|| + ||var - var'||), in value
-    and in gradient, within 1e-6 relative."""
-    from tsgd_ray.core.bn_stats import BatchNormTaps, batchnorm_layers, group_moments
+    """`recovery.bn_term` over `group_statistics` (every layer's channels side by side, one
+    reduction) equals the sum over layers, groups and target kinds of share x weight x
+    (||mu - mean|| + ||var - var'||), in value and in gradient, within 1e-6 relative."""
+    from tsgd_ray.core.bn_stats import BatchNormTaps, batchnorm_layers, group_average, group_moments
 
     torch.manual_seed(0)
     teacher = build_model("mini_r2plus1d", 5, SIZE, width=8, depth=3).eval()
@@ -322,10 +339,12 @@ def test_the_vectorised_bn_term_equals_the_per_layer_sum():
             for share, targets in kinds:
                 mu_t, var_t = targets[layer]
                 reference = reference + share * w * ((mu - mu_t).norm(dim=1) + (var - var_t).norm(dim=1)).sum()
-        mu, var = group_moments(torch.cat(taps.means, 1), torch.cat(taps.squares, 1), groups, 3)
-        stacked = [(share, (torch.cat([m for m, _ in t], 1), torch.cat([v for _, v in t], 1))) for share, t in kinds]
-        layer_of = torch.cat([torch.full((layer.num_features,), i) for i, layer in enumerate(layers)])
-        vectorised = recovery.bn_term(mu, var, stacked, layer_of, torch.tensor(weights))
+        moments = recovery.group_statistics(taps.means, taps.squares, group_average(groups, 3))
+        stacked = torch.stack([torch.cat([m for m, _ in t] + [v for _, v in t], 1) for _, t in kinds])
+        layer_weights = torch.tensor([share for share, _ in kinds]).view(-1, 1, 1) * torch.tensor(weights).repeat(2)
+        vectorised = recovery.bn_term(
+            moments, stacked, recovery._segments(layers, "cpu"), layer_weights.expand(-1, 3, -1)
+        )
     (expected,) = torch.autograd.grad(reference, x, retain_graph=True)
     (got,) = torch.autograd.grad(vectorised, x)
     assert len(layers) >= 6 and abs(vectorised.item() - reference.item()) <= 1e-6 * abs(reference.item())

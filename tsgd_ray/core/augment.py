@@ -65,18 +65,32 @@ def random_params(
 def apply_params(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """Crop the box of `params` (N, 6) from every frame of x (N, C, F, H, W), resize it back to
     (H, W) bilinearly, flip it and roll it horizontally (wrapping around). Returns (N, C, F, H, W)."""
-    n, c, f, height, width = x.shape
-    cx, cy, w, h, flip, shift = params.to(x.dtype).unbind(1)
-    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=x.device, dtype=x.dtype)
+    return sample(x, *grid_axes(params.to(x.dtype), x.shape[3], x.shape[4]))
+
+
+def grid_axes(params: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling grid of transforms `params` (M, 6), which is separable: its x coordinate per
+    output column (M, W) and its y coordinate per output row (M, H), in `params`' dtype. Computing
+    them ahead for many steps leaves `sample` two operations per step."""
+    cx, cy, w, h, flip, shift = params.unbind(1)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=params.device, dtype=params.dtype)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=params.device, dtype=params.dtype)
     # the roll moves output columns; whole pixels so that pixel centres map onto pixel centres
     shift_px = torch.round(shift * width / 2) * 2 / width
-    out_x = torch.remainder(xs.view(1, -1) + 1 + shift_px.view(-1, 1), 2) - 1  # (N, W)
-    grid_x = cx.view(-1, 1) + flip.view(-1, 1) * out_x * w.view(-1, 1) / 2  # (N, W)
-    grid_y = cy.view(-1, 1) + ys.view(1, -1) * h.view(-1, 1) / 2  # (N, H)
+    out_x = torch.remainder(xs.view(1, -1) + 1 + shift_px.view(-1, 1), 2) - 1  # (M, W)
+    grid_x = cx.view(-1, 1) + flip.view(-1, 1) * out_x * w.view(-1, 1) / 2  # (M, W)
+    grid_y = cy.view(-1, 1) + ys.view(1, -1) * h.view(-1, 1) / 2  # (M, H)
+    return grid_x, grid_y
+
+
+def sample(x: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor) -> torch.Tensor:
+    """x (N, C, F, H, W) resampled bilinearly (border padding) at the separable grid
+    `grid_axes` gives, grid_x (N, W) and grid_y (N, H). Returns (N, C, F, H, W)."""
+    n, c, f, height, width = x.shape
     grid = torch.stack(torch.broadcast_tensors(grid_x.view(n, 1, width), grid_y.view(n, height, 1)), dim=-1)
-    frames = x.reshape(n, c * f, height, width)
-    out = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(
+        x.reshape(n, c * f, height, width), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out.view(n, c, f, height, width)
 
 

@@ -21,6 +21,32 @@ def batchnorm_layers(model: nn.Module) -> list[nn.BatchNorm3d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
 
 
+class _Moments(torch.autograd.Function):
+    """Each sample's per-channel mean and mean square of x (N, C, F, H, W) over (F, H, W), two
+    (N, C) float32 tensors, with a backward of one fused operation per layer:
+    dx = (g_mean + 2 g_square x) / positions (autograd's own takes about six)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(x)  # the BN layer keeps it for its own backward already
+        dims = (2, 3, 4)
+        if x.dtype == torch.float32:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            return mean, torch.addcmul(var, mean, mean)
+        # bf16 under autocast: accumulate in fp32 without an fp32 copy of x
+        positions = x.shape[2] * x.shape[3] * x.shape[4]
+        square = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square() / positions
+        return x.mean(dim=dims, dtype=torch.float32), square
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor, g_square: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        positions = x.shape[2] * x.shape[3] * x.shape[4]
+        shape = (*x.shape[:2], 1, 1, 1)
+        grad = torch.addcmul((g_mean / positions).view(shape), x, g_square.view(shape), value=2 / positions)
+        return grad.to(x.dtype)
+
+
 class BatchNormTaps:
     """Forward hooks on every BatchNorm3d of a model, recording each sample's per-channel mean and
     mean square of the layer's input: `means[l]`, `squares[l]` of shape (N, C_l), float32, still
@@ -37,14 +63,7 @@ class BatchNormTaps:
 
     def _hook(self, index: int):
         def record(module, inputs, output):
-            x, dims = inputs[0], (2, 3, 4)
-            if x.dtype == torch.float32:
-                self.means[index] = x.mean(dim=dims)
-                self.squares[index] = x.square().mean(dim=dims)
-            else:  # bf16 under autocast: accumulate in fp32 without keeping an fp32 copy for backward
-                positions = x.shape[2] * x.shape[3] * x.shape[4]
-                self.means[index] = x.mean(dim=dims, dtype=torch.float32)
-                self.squares[index] = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square() / positions
+            self.means[index], self.squares[index] = _Moments.apply(inputs[0])
 
         return record
 
@@ -60,6 +79,13 @@ class BatchNormTaps:
         self._handles = []
 
 
+def group_average(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """The (num_groups, N) matrix that averages rows by group: row g holds 1 / |g| at the samples
+    of group g (groups (N,) int in [0, num_groups)), 0 elsewhere; an empty group's row is 0."""
+    member = (torch.arange(num_groups, device=groups.device).view(-1, 1) == groups.view(1, -1)).float()
+    return member / member.sum(dim=1, keepdim=True).clamp(min=1)
+
+
 def group_moments(
     means: torch.Tensor, squares: torch.Tensor, groups: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +94,9 @@ def group_moments(
     means, squares (N, C); groups (N,) int in [0, num_groups) -> (num_groups, C) each. Exact
     because every sample of a layer has the same number of positions.
     """
-    counts = torch.zeros(num_groups, device=means.device, dtype=means.dtype).index_add_(
-        0, groups, torch.ones_like(groups, dtype=means.dtype)
-    )
-    counts = counts.clamp(min=1).unsqueeze(1)
-    mean = (
-        torch.zeros(num_groups, means.shape[1], device=means.device, dtype=means.dtype).index_add_(0, groups, means)
-        / counts
-    )
-    square = torch.zeros_like(mean).index_add_(0, groups, squares) / counts
-    return mean, square - mean.square()
+    average = group_average(groups, num_groups).to(means.dtype)
+    mean = average @ means
+    return mean, average @ squares - mean.square()
 
 
 def _to_fixed(values: torch.Tensor) -> torch.Tensor:

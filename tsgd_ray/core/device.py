@@ -6,6 +6,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn as nn
 
 from tsgd_ray.config import ConfigError
 
@@ -73,3 +74,28 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def frozen_bf16(model: nn.Module, device: torch.device, enabled: bool):
+    """Where `autocast` runs bf16 (CUDA, enabled): a frozen model's conv and linear weights and
+    biases held in bfloat16 for the duration, BN layers kept in float32, the float32 tensors put
+    back on exit. autocast would otherwise cast every weight again at every forward (its cast cache
+    keeps only tensors that require grad). A no-op elsewhere."""
+    return bf16_weights(model) if enabled and device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def bf16_weights(model: nn.Module):
+    """`frozen_bf16` on any device: the swap itself (tests run it on the CPU)."""
+    kept = []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            for p in (module.weight, module.bias):
+                if p is not None and p.dtype == torch.float32:
+                    kept.append((p, p.data))
+                    p.data = p.data.to(torch.bfloat16)
+    try:
+        yield model
+    finally:
+        for p, data in kept:
+            p.data = data

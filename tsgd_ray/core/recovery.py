@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from tsgd_ray.config import BNTarget, SaliencySource, TSGFApply
 from tsgd_ray.core import augment, tsgf
 from tsgd_ray.core.augment import CropSettings
-from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_moments
+from tsgd_ray.core.bn_stats import BatchNormTaps, ClassStatistics, batchnorm_layers, group_average
 from tsgd_ray.core.clips import InputSettings
-from tsgd_ray.core.device import autocast
+from tsgd_ray.core.device import autocast, frozen_bf16
 from tsgd_ray.core.tsgf import SaliencySettings
 from tsgd_ray.errors import UserError
 
@@ -132,40 +132,48 @@ def _targets(
     per_class: Optional[list[tuple[torch.Tensor, torch.Tensor]]],
     classes: list[int],
     device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target (mean, var) of every BN layer's channels side by side, stacked over groups: each
-    (G, sum of C_l) float32 on `device`: the groups' class moments (`per_class`, from
-    ClassStatistics.moments), else the layers' running statistics."""
+) -> torch.Tensor:
+    """Target moments of the groups of `classes`, (G, 2 x sum of C_l) float32 on `device`: every BN
+    layer's channel means side by side, then their variances; the groups' class moments
+    (`per_class`, from ClassStatistics.moments), else the layers' running statistics."""
     if per_class is not None:
         idx = torch.tensor(classes)
         pairs = [(m[idx].float(), v[idx].float()) for m, v in per_class]
     else:
-        pairs = [
-            (layer.running_mean.float().expand(len(classes), -1), layer.running_var.float().expand(len(classes), -1))
-            for layer in layers
-        ]
+        pairs = [(layer.running_mean.float(), layer.running_var.float()) for layer in layers]
+        pairs = [(m.expand(len(classes), -1), v.expand(len(classes), -1)) for m, v in pairs]
     if not pairs:  # a teacher without BN layers (lambda_bn = 0): no channels to match
-        return torch.zeros(len(classes), 0, device=device), torch.zeros(len(classes), 0, device=device)
-    return torch.cat([m for m, _ in pairs], 1).to(device), torch.cat([v for _, v in pairs], 1).to(device)
+        return torch.zeros(len(classes), 0, device=device)
+    return torch.cat([m for m, _ in pairs] + [v for _, v in pairs], 1).to(device)
+
+
+def _segments(layers: list[nn.BatchNorm3d], device) -> torch.Tensor:
+    """(2 x sum of C_l, 2 L) 0/1: which layer's means (columns 0..L-1) or variances (L..2L-1) each
+    channel of the `_targets` layout belongs to."""
+    layer_of = torch.tensor([i for i, layer in enumerate(layers) for _ in range(layer.num_features)], dtype=torch.long)
+    columns = torch.cat([layer_of, layer_of + len(layers)])
+    return (columns.view(-1, 1) == torch.arange(2 * len(layers)).view(1, -1)).float().to(device)
+
+
+def group_statistics(means: list[torch.Tensor], squares: list[torch.Tensor], average: torch.Tensor) -> torch.Tensor:
+    """Each BN group's moments in the `_targets` layout, (G, 2 x sum of C_l): every layer's channel
+    means, then their biased variances, from per-sample means and mean squares (per layer (N, C_l),
+    as BatchNormTaps records them) and the groups' averaging matrix (G, N) (bn_stats.group_average)."""
+    both = average @ torch.cat([*means, *squares], 1)
+    mean, square = both.chunk(2, dim=1)
+    return torch.cat([mean, torch.addcmul(square, mean, mean, value=-1)], 1)
 
 
 def bn_term(
-    mu: torch.Tensor,
-    var: torch.Tensor,
-    targets: list[tuple[float, tuple[torch.Tensor, torch.Tensor]]],
-    layer_of: torch.Tensor,
-    layer_weights: torch.Tensor,
+    moments: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """The BN-matching term of one chunk, every layer at once: sum over groups, target kinds
-    (share, (mean, var)) and layers of share x weight_l x (||mu_l - mean_l|| + ||var_l - var_l'||),
-    the norms over each layer's channels. mu, var and the targets (G, sum of C_l); layer_of
-    (sum of C_l,) the layer of each channel; layer_weights (L,)."""
-    total = mu.new_zeros(())
-    for share, (mu_t, var_t) in targets:
-        gaps = torch.stack([mu - mu_t, var - var_t]).square()  # (2, G, sum C_l)
-        per_layer = gaps.new_zeros(2, gaps.shape[1], len(layer_weights)).index_add_(2, layer_of, gaps)
-        total = total + share * (per_layer.clamp_min(1e-30).sqrt().sum(dim=(0, 1)) * layer_weights).sum()
-    return total
+    """The BN-matching term of one chunk, every layer at once: the sum over target kinds k, groups g
+    and layers l of weights[k, g] x (||mean_gl - target mean_kgl|| + ||var_gl - target var_kgl||),
+    the norms over each layer's channels. moments (G, 2 x sum of C_l) (`group_statistics`);
+    targets (K, G, 2 x sum of C_l) (`_targets` per kind); segments (`_segments`); weights
+    (K, G, 2 L): a kind's share x a layer's weight, for its means and again for its variances."""
+    squared = (moments - targets).square().flatten(0, 1) @ segments  # (K x G, 2 L)
+    return torch.dot((squared + 1e-30).sqrt().flatten(), weights.flatten())  # + 1e-30: a finite gradient at 0
 
 
 @contextlib.contextmanager
@@ -180,15 +188,19 @@ def _penultimate(head: list[nn.Linear]):
             handle.remove()
 
 
-def _similarity(features: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Sum over BN groups of >= 2 videos of the mean pairwise cosine similarity of their features (N, D)."""
-    unit = F.normalize(features.flatten(1), dim=1)
+def pair_weights(groups: torch.Tensor) -> torch.Tensor:
+    """(N, N): 1 / (|g| (|g| - 1)) between two different videos of one BN group g (groups (N,)),
+    0 elsewhere, so that sum_ij P_ij s_ij is the sum over groups of their mean pairwise s."""
     same = groups.view(-1, 1) == groups.view(1, -1)
     pairs = same & ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
-    sims = (unit @ unit.T) * pairs
-    per_group = torch.zeros(num_groups, device=features.device).index_add_(0, groups, sims.sum(dim=1))
-    counts = torch.zeros(num_groups, device=features.device).index_add_(0, groups, pairs.sum(dim=1).float())
-    return (per_group / counts.clamp(min=1)).sum()
+    return pairs / (same.sum(dim=1, keepdim=True) * pairs.sum(dim=1, keepdim=True)).clamp(min=1)
+
+
+def _similarity(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over BN groups of >= 2 videos of the mean pairwise cosine similarity of their features
+    (N, D), with `pair_weights` (N, N) of their groups."""
+    unit = F.normalize(features.flatten(1), dim=1)
+    return torch.dot((weights @ unit).flatten(), unit.flatten())
 
 
 def _ce_target(teacher: nn.Module, init: torch.Tensor, labels: torch.Tensor, s: RecoverySettings) -> torch.Tensor:
@@ -252,23 +264,38 @@ def recover(
         ).to(device)
         for c in chunks
     ]
-    # every step's crop, flip and roll of every video at once (row by row, as drawn per step)
-    crop_params = [s.crop.params(u.flatten(0, 1)).unflatten(0, u.shape[:2]) for u in uniforms]
+    # every step's sampling grid of every video at once (separable: its columns' x and rows' y),
+    # (iterations, n, W) and (iterations, n, H) per chunk: a step's view is one grid_sample
+    height, width = init.shape[3], init.shape[4]
+    grids = []
+    for u in uniforms:
+        gx, gy = augment.grid_axes(s.crop.params(u.flatten(0, 1)), height, width)
+        grids.append((gx.unflatten(0, u.shape[:2]).transpose(0, 1), gy.unflatten(0, u.shape[:2]).transpose(0, 1)))
     layers = batchnorm_layers(teacher)
+    matching = s.lambda_bn > 0
     target = s.bn_target
     per_class = stats.moments() if stats is not None and target != BNTarget.global_ else None
-    # per chunk: [(share, per-layer (mean, var) targets)]: one target, or half global half class (EDC)
+    # the target kinds and their shares: one target, or half global half class (EDC)
     kinds = [(1.0, per_class)] if target != BNTarget.mixed or per_class is None else [(0.5, None), (0.5, per_class)]
-    targets = [[(share, _targets(layers, source, c.group_classes, device)) for share, source in kinds] for c in chunks]
-    ema: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(chunks)  # every layer's channels
-    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if s.diversity > 0 else []
-    layer_weights = torch.tensor([s.first_bn_weight] + [1.0] * (len(layers) - 1), device=device)
-    layer_of = torch.tensor([i for i, layer in enumerate(layers) for _ in range(layer.num_features)], device=device)
-    # per chunk, on the device once: BN group of each video, its CE target, the size of its group
+    layer_weights = torch.tensor([s.first_bn_weight] + [1.0] * (len(layers) - 1)).repeat(2)  # means, variances
+    shares = torch.tensor([share for share, _ in kinds]).view(-1, 1, 1)
+    # per chunk, on the device once: the BN term's targets (K, G, 2 x sum C_l) and weights (K, G, 2 L),
+    # the groups' averaging matrix (G, n), the diversity term's pair weights (n, n), the CE target of
+    # each video and 1 / the size of its group (each group's CE is its mean)
+    targets = [torch.stack([_targets(layers, src, c.group_classes, device) for _, src in kinds]) for c in chunks]
+    shares = shares * s.lambda_bn  # lambda_bn and diversity folded into the terms' weights
+    bn_weights = [
+        (shares * layer_weights).expand(len(kinds), len(c.group_classes), -1).contiguous().to(device) for c in chunks
+    ]
+    segments = _segments(layers, device)
     groups = [c.groups.to(device) for c in chunks]
+    averages = [group_average(g, len(c.group_classes)) for c, g in zip(chunks, groups)]
+    pairs = [s.diversity * pair_weights(g) for g in groups]
+    ema: list[Optional[torch.Tensor]] = [None] * len(chunks)  # the groups' moments over steps
+    head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:] if s.diversity > 0 else []
     labels_on = [labels[c.positions].to(device) for c in chunks]
     targets_y = [_ce_target(teacher, x.detach(), y, s) for x, y in zip(params, labels_on)]
-    group_sizes = [torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
+    group_share = [1 / torch.bincount(g, minlength=len(c.group_classes)).float()[g] for c, g in zip(chunks, groups)]
     optimizer = torch.optim.Adam(params, lr=s.lr, betas=(0.5, 0.9), fused=True)  # one kernel per step, CPU or CUDA
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(s.iterations, 1)))
@@ -281,44 +308,46 @@ def recover(
     stopping = s.stop_confidence > 0
     confidence = [torch.zeros(len(c.positions), device=device) for c in chunks]  # EMA over steps
     stopped = [torch.zeros(len(c.positions), dtype=torch.bool, device=device) for c in chunks]
+    taps = BatchNormTaps(teacher) if matching else contextlib.nullcontext()
 
-    with BatchNormTaps(teacher) as taps, _penultimate(head) as features:  # hooks on for the whole optimisation
+    # hooks on and (bf16 on CUDA) the teacher's weights cast once, for the whole optimisation
+    with taps, _penultimate(head) as features, frozen_bf16(teacher, device, s.inputs.amp):
         for step in range(s.iterations):
-            totals = torch.zeros(3, device=device)  # loss, ce, bn: sums over groups
-            optimizer.zero_grad(set_to_none=True)
-            for k, (chunk, x) in enumerate(zip(chunks, params)):
-                view = augment.apply_params(x, crop_params[k][:, step])
-                num_groups = len(chunk.group_classes)
+            logging = callback is not None and (step % s.log_every == 0 or step == s.iterations - 1)
+            totals = torch.zeros(3, device=device) if logging else None  # loss, ce, bn: sums over groups
+            for x in params:
+                x.grad = None  # what zero_grad(set_to_none) does, without its profiler records
+            for k, x in enumerate(params):
+                view = augment.sample(x, grids[k][0][step], grids[k][1][step])
                 features.clear()
                 with autocast(device, s.inputs.amp):
                     logits = teacher(view)
-                # sum over groups of each group's mean CE
-                ce = (F.cross_entropy(logits.float(), targets_y[k], reduction="none") / group_sizes[k]).sum()
+                ce = torch.dot(F.cross_entropy(logits.float(), targets_y[k], reduction="none"), group_share[k])
                 if stopping:
                     with torch.no_grad():
                         p = F.softmax(logits.float(), dim=1).gather(1, labels_on[k].view(-1, 1)).squeeze(1)
                         confidence[k] = p if step == 0 else 0.7 * confidence[k] + 0.3 * p
                         stopped[k] |= confidence[k] >= s.stop_confidence
-                bn = torch.zeros((), device=device)
-                if s.lambda_bn > 0:  # every layer in one reduction: their channels side by side
-                    mu, var = group_moments(torch.cat(taps.means, 1), torch.cat(taps.squares, 1), groups[k], num_groups)
+                loss, bn = ce, None  # bn: lambda_bn x the BN term
+                if matching:  # every layer in one reduction: their channels side by side
+                    moments = group_statistics(taps.means, taps.squares, averages[k])
                     if s.bn_ema > 0:
                         if ema[k] is not None:
-                            mu = s.bn_ema * ema[k][0] + (1 - s.bn_ema) * mu
-                            var = s.bn_ema * ema[k][1] + (1 - s.bn_ema) * var
-                        ema[k] = (mu.detach(), var.detach())
-                    bn = bn_term(mu, var, targets[k], layer_of, layer_weights)
-                loss = ce + s.lambda_bn * bn
+                            moments = torch.lerp(moments, ema[k], s.bn_ema)
+                        ema[k] = moments.detach()
+                    bn = bn_term(moments, targets[k], segments, bn_weights[k])
+                    loss = loss + bn
                 if features:
-                    loss = loss + s.diversity * _similarity(features[0].float(), groups[k], num_groups)
+                    loss = loss + _similarity(features[0].float(), pairs[k])
                 loss.backward()
                 if s.tsgfo:
                     if s.source == SaliencySource.current and step % s.every == 0:
                         weights[k] = tsgf.filter_weight(tsgf.saliency(x, s.saliency), s.w_min)
                     if not on_update:
                         x.grad = tsgf.filter_gradient(x.grad, weights[k])
-                totals += torch.stack([loss.detach(), ce.detach(), bn.detach()])
-            logging = callback is not None and (step % s.log_every == 0 or step == s.iterations - 1)
+                if logging:
+                    bn_v = bn.detach() / s.lambda_bn if bn is not None else ce.new_zeros(())
+                    totals += torch.stack([loss.detach(), ce.detach(), bn_v])
             if logging:
                 motion = sum(tsgf.motion_sums(x, a, m, s.saliency) for x, a, m in zip(params, x0, init_maps))
             lr = schedule.get_last_lr()[0]

@@ -152,7 +152,7 @@ def filter_update(previous: torch.Tensor, new: torch.Tensor, weight: torch.Tenso
 
     This is the form that survives Adam: a per-pixel factor on the gradient is divided out again
     by Adam's per-pixel gradient scale, a factor on the step is not."""
-    return previous + weight.to(new.dtype) * (new - previous)
+    return torch.lerp(previous, new, weight.to(new.dtype))
 
 
 def filter_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
