@@ -279,6 +279,12 @@ def _crd_errors(doc: dict, version: str) -> list[str]:
     return sorted(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc))
 
 
+def _gibibytes(quantity: str) -> float:
+    """A Kubernetes quantity in Gi, Mi or Ti (the ones these manifests use) in GiB."""
+    number, unit = re.fullmatch(r"([0-9.]+)(Gi|Mi|Ti)?", str(quantity)).groups()
+    return float(number) * {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024, None: 1 / 2**30}[unit]
+
+
 def _check_cluster_spec(spec: dict) -> None:
     """What this project needs of a cluster spec (the CRD checks the rest)."""
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
@@ -286,6 +292,19 @@ def _check_cluster_spec(spec: dict) -> None:
     for c in _containers(spec):
         assert c["image"] == _project_image()
         assert c["resources"]["requests"] == c["resources"]["limits"], "Ray sizes itself from the limits"
+    for group in _groups(spec):
+        pod = group["template"]["spec"]
+        # a failed Ray pod is replaced by KubeRay (its autoscaler-v2 sample sets this), never restarted in place
+        assert pod["restartPolicy"] == "Never"
+        # disk-backed emptyDirs count against the node's disk: the request lets the scheduler see them
+        # (a 130Gi cache without one lands on a 20 GiB default node disk and is evicted under DiskPressure)
+        on_disk = sum(
+            _gibibytes(v["emptyDir"].get("sizeLimit", "0"))
+            for v in pod.get("volumes", [])
+            if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+        )
+        requested = sum(_gibibytes(c["resources"]["requests"].get("ephemeral-storage", "0")) for c in pod["containers"])
+        assert requested >= on_disk + 10, (group.get("groupName", "head"), requested, on_disk)
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     gpu_groups = [
@@ -380,6 +399,41 @@ def test_kuberay_rayjobs_run_the_pipeline_from_the_image():
     }
     assert names == {manifests["configmap.yaml"]["metadata"]["name"]}
     assert "MLFLOW_TRACKING_URI" in manifests["configmap.yaml"]["data"]
+
+
+def test_the_kubernetes_manifests_ship_the_mlflow_server_the_configmap_names():
+    """configmap.yaml's MLFLOW_TRACKING_URI resolves to mlflow.yaml's Service (name, namespace,
+    port), which selects the server's pod and port; the server's volume is the claim it ships,
+    and its allowed Host names include the URI's (test_tracking.py runs its command)."""
+    from urllib.parse import urlsplit
+
+    import mlflow
+
+    manifests = _manifests()
+    uri = urlsplit(manifests["configmap.yaml"]["data"]["MLFLOW_TRACKING_URI"])
+    items = {item["kind"]: item for item in manifests["mlflow.yaml"]["items"]}
+    service, deployment, claim = items["Service"], items["Deployment"], items["PersistentVolumeClaim"]
+    service_name, namespace = uri.hostname.split(".")[:2]
+    assert uri.hostname == f"{service_name}.{namespace}.svc.cluster.local"
+    assert (service["metadata"]["name"], service["metadata"]["namespace"]) == (service_name, namespace)
+    assert items["Namespace"]["metadata"]["name"] == namespace == deployment["metadata"]["namespace"]
+    assert service["spec"]["type"] == "ClusterIP"  # mlflow server has no access control of its own
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == uri.port]
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    command = container["command"]
+    assert ports[port["targetPort"]] == int(command[command.index("--port") + 1])
+    assert f"{uri.hostname}:*" in command[command.index("--allowed-hosts") + 1].split(",")
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate" and deployment["spec"]["replicas"] == 1  # sqlite
+    # the server's major version is the clients'
+    assert container["image"].rsplit(":v", 1)[1].split(".")[0] == mlflow.__version__.split(".")[0]
+    assert "kubectl apply -f infra/k8s/mlflow.yaml" in (INFRA / "k8s" / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- image and runtime envs

@@ -198,6 +198,55 @@ def test_shared_mlflow_server_with_s3_artifacts(tmp_path, mlflow_server, monkeyp
     assert _status_with_host(url, "attacker.example.com:5000") == 403
 
 
+def test_the_kubernetes_mlflow_server_runs_as_its_manifest_says(tmp_path):
+    """infra/k8s/mlflow.yaml's command, run here (its volume a temporary folder, loopback and a free
+    port in place of 0.0.0.0:5000): the readiness probe's request is served, a run and its
+    artifact are logged through it into the volume, the ConfigMap's in-cluster name is accepted as
+    Host, another name refused."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    manifest = yaml.safe_load((REPO / "infra" / "k8s" / "mlflow.yaml").read_text())
+    (deployment,) = [item for item in manifest["items"] if item["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (mount,) = container["volumeMounts"]
+    port = free_port()
+    command = [
+        a.replace(mount["mountPath"] + "/", f"{tmp_path}/").replace("0.0.0.0", "127.0.0.1")
+        for a in container["command"]
+    ]
+    command[command.index("--port") + 1] = str(port)
+    command[0] = str(Path(sys.executable).parent / command[0])
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        probe = container["readinessProbe"]["httpGet"]
+        deadline = time.time() + 90
+        while True:
+            try:
+                # as the kubelet asks: the pod's IP as Host
+                request = urllib.request.Request(f"{url}{probe['path']}", headers={"Host": f"10.0.0.5:{port}"})
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("k8s"))
+        client.log_text(run.info.run_id, "hello", "note.txt")
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+        assert list(tmp_path.glob(f"artifacts/**/{run.info.run_id}/artifacts/note.txt"))
+        assert (tmp_path / "mlflow.db").exists()
+        configmap = (REPO / "infra" / "k8s" / "configmap.yaml").read_text()
+        in_cluster = configmap.split("MLFLOW_TRACKING_URI:", 1)[1].split()[0].removeprefix("http://")
+        assert _status_with_host(url, in_cluster) == 200
+        assert _status_with_host(url, "attacker.example.com:5000") == 403
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
 def test_artifacts_on_s3(tmp_path, s3_server, monkeypatch):
     import s3fs
 
