@@ -69,15 +69,39 @@ def _driver_version() -> str:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+#: the oldest Linux driver each CUDA major version runs on (NVIDIA's minor-version compatibility)
+MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def driver_too_old(driver: str, cuda_build: str | None) -> str:
+    """Why NVIDIA driver `driver` (e.g. "570.133.20") cannot run a torch built for CUDA
+    `cuda_build` (e.g. "13.0"), or "" when it can or either is unknown."""
+    if not cuda_build or not driver[:1].isdigit():
+        return ""
+    need = MIN_DRIVER.get(int(cuda_build.split(".")[0]))
+    if need and _version(driver) < _version(need):
+        return f"driver {driver} is older than CUDA {cuda_build} builds need (>= {need})"
+    return ""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
 def _torch(gpus: float) -> Check:
     import torch
 
     cuda = torch.cuda.is_available()
+    driver = _driver_version()
     detail = (
         f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
-        f"cuDNN {torch.backends.cudnn.version() if cuda else '-'}, driver {_driver_version()}, "
+        f"cuDNN {torch.backends.cudnn.version() if cuda else '-'}, driver {driver}, "
         f"{torch.cuda.device_count() if cuda else 0} GPU(s) visible"
     )
+    old = driver_too_old(driver, torch.version.cuda)
+    if old:
+        fix = "boot GPU nodes from an image with a newer driver (infra/aws/README.md), or a torch built for older CUDA"
+        return Check("torch", gpus == 0, f"{detail}: {old}", fix)
     fix = "install a CUDA build of torch that fits the node's driver (infra/docker)"
     return Check("torch", cuda or gpus == 0, detail, fix)
 

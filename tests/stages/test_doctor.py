@@ -96,3 +96,26 @@ def test_the_run_stops_before_any_work(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tracking.tracking_uri" in err[0]
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the store
+
+
+def test_a_driver_older_than_the_torch_builds_cuda_fails_the_torch_check_with_the_driver_it_needs(monkeypatch):
+    """torch 2.13's CUDA 13 build on a node whose driver predates 580 (an AMI resolved as `latest`
+    at another time): the line names the driver, the CUDA build and the minimum. The GPU and
+    nvidia-smi cannot run here: the build and the driver's answer stand in."""
+    import torch
+
+    from tsgd_ray import doctor
+
+    assert (
+        doctor.driver_too_old("570.133.20", "13.0")
+        == "driver 570.133.20 is older than CUDA 13.0 builds need (>= 580.65.06)"
+    )
+    assert doctor.driver_too_old("580.65.06", "13.0") == doctor.driver_too_old("595.91.07", "13.2") == ""
+    assert doctor.driver_too_old("535.104.05", "12.8") == ""  # minor-version compatibility within 12.x
+    assert doctor.driver_too_old("no nvidia-smi", "13.0") == doctor.driver_too_old("570.1", None) == ""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(doctor, "_driver_version", lambda: "570.133.20")
+    check = doctor._torch(gpus=1.0)
+    assert not check.ok and "older than CUDA 13.0 builds need (>= 580.65.06)" in check.detail
+    assert "newer driver" in check.line("node")
+    assert doctor._torch(gpus=0.0).ok  # a node that is given no GPU does not need one

@@ -451,7 +451,10 @@ def test_dockerfile_installs_the_project_on_a_ray_image():
         assert sources and all((REPO / s).exists() for s in sources), line
     extras = re.findall(r'"\.\[([a-z,]+)\]"', text)
     assert extras and set(extras[0].split(",")) <= set(_pyproject()["project"]["optional-dependencies"])
-    assert "import decord, av, torch" in text  # the build proves the decoders import
+    # the build proves the decoders and the pinned torchvision import, and builds one of its models
+    assert "import decord, av, torch, torchvision" in text and "build_model('r2plus1d_18'" in text
+    pins = dict(re.findall(r'"(torch|torchvision)==([0-9.]+)"', text))
+    assert set(pins) == {"torch", "torchvision"}
     for path in ("README.md", "../k8s/rayjob.yaml", "../aws/cluster.yaml"):
         assert _project_image() in (INFRA / "docker" / path).read_text()
 
