@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support.clusters import run_script
 from support.stage_helpers import imported_config, teacher_file
 
 from tsgd_ray import layout, storage
@@ -36,6 +37,43 @@ def test_the_fleet_fits_as_many_student_workers_as_the_cluster_holds(ray_session
     assert room("evaluate.cpus_per_worker=4") == (1, 1)  # at least one student
     assert room("evaluate.cpus_per_worker=1", "data.clip_cache=false") == (1, 1)  # a CPU kept for Ray Data
     assert room("evaluate.cpus_per_worker=0.5", "evaluate.students_at_once=3")[0] == 3  # Ray places them
+
+
+@pytest.mark.full
+@pytest.mark.timeout(300)
+def test_on_an_autoscaling_cluster_the_fleet_widens_as_nodes_arrive_and_idle_nodes_go(tmp_path):
+    """From no worker nodes (infra/aws/cluster.yaml's types, one node each at most, its own process):
+    the waiting students' GPU workers make the autoscaler add GPU nodes, never the CPU type; the
+    fleet widens from the one worker it could place to one per GPU node, and once the students end,
+    the idle nodes go."""
+    report = run_script("fleet_autoscaling.py", tmp_path / "out", timeout=280)
+    gpu_types = {name for name, resources in report["types"].items() if resources.get("GPU")}
+    assert len(gpu_types) == 3 and "cpu-decode" in report["types"]
+    assert report["start"] == [1, 1] and report["slots"] == 4  # the head holds no student: at least one
+    assert report["most_at_once"] == report["end"][0] == len(gpu_types)
+    assert set(report["ran_on"]) == gpu_types and len(report["ran_on"]) == 4
+    assert report["workers_left"] == 0 and report["idle_gone_s"] < 60
+    print(report)
+
+
+def test_a_waiting_slots_demand_is_handed_back_once_placed(ray_session):
+    """The placement group that shows the autoscaler a waiting slot's workers: placed (the room
+    is there), it is removed at once, leaving the room to the slot's own run."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from tsgd_ray.runtime.fleet import _Demand
+
+    demand = _Demand({"CPU": 0.5}, 1)
+    demand.tick()
+    group = demand.group
+    ray.get(group.ready(), timeout=60)
+    demand.tick()
+    assert demand.group is None and placement_group_table(group)["state"] == "REMOVED"
+    demand.tick()  # still waiting: asks again
+    assert demand.group is not None
+    demand.close()
+    assert demand.group is None
 
 
 def test_a_student_waits_for_room_for_all_its_workers():

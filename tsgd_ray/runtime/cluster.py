@@ -100,3 +100,16 @@ def check_gpus(cfg: DictConfig, key: str, gpus: float) -> None:
     while not ray.wait([ref], timeout=60)[0]:
         log.warning("waiting for a node with %s GPU(s) for %s (Ray cannot place it yet)", gpus, key)
     require_cuda(ray.get(ref), key, gpus)
+
+
+def autoscales() -> bool:
+    """Whether an autoscaler (v2: infra/aws and infra/k8s run it) manages the connected cluster: it
+    has reported its state to the GCS. False for a local Ray, a fixed cluster, or autoscaler v1."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        stats = get_cluster_status(ray.get_runtime_context().gcs_address).stats
+    except Exception:  # noqa: BLE001 - an older GCS without the autoscaler state service
+        return False
+    return (stats.autoscaler_version or "0") != "0"
