@@ -28,21 +28,32 @@ HEAD_ID = "f" * 51 + "00000"  # the fake provider's head node id
 PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 
 
-def scaled_node_types(gpu_workers: int = 2, cpu_workers: int = 1, object_store_mb: int = 100) -> dict:
-    """infra/aws/cluster.yaml's worker types, each with one CPU (and its one GPU), at most
-    `gpu_workers` or `cpu_workers` nodes, and a small object store."""
+def scaled_node_types(gpu_workers: int = 2, cpu_workers: int = 1, cpus: float = 1, object_store_mb: int = 100) -> dict:
+    """infra/aws/cluster.yaml's worker types, each with `cpus` CPUs (and its one GPU), at most
+    `gpu_workers` or `cpu_workers` nodes, a small object store, and a resource naming its type
+    (`type:<name>`: 1), by which `node_type` tells the nodes apart."""
     config = yaml.safe_load((REPO / "infra" / "aws" / "cluster.yaml").read_text())
     out = {}
     for name, node in config["available_node_types"].items():
         if name == config["head_node_type"]:
             continue
         gpus = node["resources"].get("GPU", 0)
-        resources = {"CPU": 1, "object_store_memory": object_store_mb * 2**20, **({"GPU": 1} if gpus else {})}
+        resources = {"CPU": cpus, "object_store_memory": object_store_mb * 2**20, **({"GPU": 1} if gpus else {})}
         most = min(node["max_workers"], gpu_workers if gpus else cpu_workers)
-        out[name] = {"resources": resources, "node_config": {}, "min_workers": 0, "max_workers": most}
+        out[name] = {
+            "resources": {**resources, f"type:{name}": 1},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": most,
+        }
         if "priority" in node:
             out[name]["priority"] = node["priority"]
     return out
+
+
+def node_type(node: dict) -> str:
+    """The scaled type of a node as `ray.nodes()` lists it ("" for the head)."""
+    return next((key.split(":", 1)[1] for key in node["Resources"] if key.startswith("type:")), "")
 
 
 def _free_port() -> int:
