@@ -45,7 +45,7 @@ def test_on_an_autoscaling_cluster_the_fleet_widens_as_nodes_arrive_and_idle_nod
     """From no worker nodes (infra/aws/cluster.yaml's types, one node each at most, its own process):
     the waiting students' GPU workers make the autoscaler add GPU nodes, never the CPU type; the
     fleet widens from the one worker it could place to one per GPU node, and once the students end,
-    the idle nodes go."""
+    the idle nodes go. Then a stage asking for more GPUs a worker than any type has stops at once."""
     report = run_script("fleet_autoscaling.py", tmp_path / "out", timeout=280)
     gpu_types = {name for name, resources in report["types"].items() if resources.get("GPU")}
     assert len(gpu_types) == 3 and "cpu-decode" in report["types"]
@@ -53,6 +53,9 @@ def test_on_an_autoscaling_cluster_the_fleet_widens_as_nodes_arrive_and_idle_nod
     assert report["most_at_once"] == report["end"][0] == len(gpu_types)
     assert set(report["ran_on"]) == gpu_types and len(report["ran_on"]) == 4
     assert report["workers_left"] == 0 and report["idle_gone_s"] < 60
+    # a request no node type can ever fit ends the wait with the key that asked for it
+    assert report["infeasible"].startswith("evaluate.gpus_per_worker=2: no node type of this cluster has 2 GPU")
+    assert report["infeasible_s"] < 60
     print(report)
 
 

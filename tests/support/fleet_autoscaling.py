@@ -5,8 +5,9 @@ for by a task that holds one CPU and one GPU for a few seconds.
 
     python tests/support/fleet_autoscaling.py OUTPUT_ROOT RAY_TEMP_DIR
 
-Prints one JSON line: the room at the start and the end, the most slots training at once, the node
-types the slots ran on, the scaled node types, and how long the idle nodes took to go.
+Then a stage's check for 2 GPUs a worker, which no node type has. Prints one JSON line: the room at
+the start and the end, the most slots training at once, the node types the slots ran on, the scaled
+node types, how long the idle nodes took to go, and what the infeasible check said, and when.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(output_root: str, temp_dir: str) -> None:
     from conftest import tiny_config
     from support.autoscaling import autoscaling_cluster, scaled_node_types
 
+    from tsgd_ray.runtime.cluster import InfeasibleError, check_gpus
     from tsgd_ray.runtime.fleet import Fleet, Student
 
     types = scaled_node_types(gpu_workers=1, cpu_workers=1)
@@ -61,6 +63,13 @@ def main(output_root: str, temp_dir: str) -> None:
             time.sleep(1)
         idle_gone_s = time.time() - ended
         left = len([n for n in ray.nodes() if n["Alive"]]) - 1
+        asked = time.time()  # a stage asking for more GPUs than any node type has
+        try:
+            check_gpus(cfg, "evaluate.gpus_per_worker", 2)
+            infeasible = "placed"
+        except InfeasibleError as exc:
+            infeasible = str(exc)
+        infeasible_s = time.time() - asked
         ray.shutdown()
     print(
         json.dumps(
@@ -73,6 +82,8 @@ def main(output_root: str, temp_dir: str) -> None:
                 "types": {name: t["resources"] for name, t in types.items()},
                 "idle_gone_s": idle_gone_s,
                 "workers_left": left,
+                "infeasible": infeasible,
+                "infeasible_s": infeasible_s,
             }
         )
     )

@@ -10,8 +10,12 @@ from typing import Iterator
 from omegaconf import DictConfig
 
 from tsgd_ray.config import ConfigError
+from tsgd_ray.errors import UserError
 
 log = logging.getLogger(__name__)
+
+#: how often a request Ray cannot place yet is checked against the autoscaler's infeasible ones (s)
+INFEASIBLE_POLL_S = 5.0
 
 #: Ray Train's controller polls its workers (and takes one report from each) this often; Ray's
 #: default of 2 s makes a report per short epoch wait up to 2 s. Set for the local Ray here and for
@@ -20,6 +24,10 @@ TRAIN_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 #: Ray puts Unix sockets at <temp_dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store (pid: the
 #: process starting Ray), and a socket path has at most 107 bytes
 SOCKET_TAIL = len("/session_2026-12-03_01-05-28_123456_/sockets/plasma_store")
+
+
+class InfeasibleError(UserError):
+    """A stage asks for resources that no node of the cluster, started or to be started, has."""
 
 
 def init_ray(cfg: DictConfig, verbose: bool = False) -> None:
@@ -85,10 +93,12 @@ def ray_for(cfg: DictConfig, verbose: bool = False) -> Iterator[None]:
 
 def check_gpus(cfg: DictConfig, key: str, gpus: float) -> None:
     """Before a stage starts its workers: when it asks for `gpus` (config key `key`) and the device
-    is not cpu, run one task with that GPU share and check that torch there sees CUDA.
+    is not cpu, run one task with that GPU share and check that torch there sees CUDA. On an
+    autoscaling cluster the wait ends when the autoscaler reports the request infeasible.
 
     Raises:
         DeviceError: torch on the GPU node cannot use CUDA (e.g. a CPU-only wheel), naming `key`.
+        InfeasibleError: no node type the autoscaler may start has `gpus` GPUs.
     """
     import ray
 
@@ -97,8 +107,17 @@ def check_gpus(cfg: DictConfig, key: str, gpus: float) -> None:
     if gpus <= 0 or cfg.device == "cpu":
         return
     ref = ray.remote(cuda_report).options(num_cpus=0, num_gpus=gpus).remote()
-    while not ray.wait([ref], timeout=60)[0]:
-        log.warning("waiting for a node with %s GPU(s) for %s (Ray cannot place it yet)", gpus, key)
+    waited, scaling = 0.0, autoscales()
+    while not ray.wait([ref], timeout=INFEASIBLE_POLL_S)[0]:
+        waited += INFEASIBLE_POLL_S
+        if scaling and {"GPU": float(gpus)} in infeasible_requests():
+            ray.cancel(ref, force=True)
+            raise InfeasibleError(
+                f"{key}={gpus:g}: no node type of this cluster has {gpus:g} GPU(s) (its autoscaler reports the "
+                "request infeasible); lower the key or add such a node type"
+            )
+        if waited % 60 < INFEASIBLE_POLL_S:
+            log.warning("waiting for a node with %s GPU(s) for %s (Ray cannot place it yet)", gpus, key)
     require_cuda(ray.get(ref), key, gpus)
 
 
@@ -113,3 +132,20 @@ def autoscales() -> bool:
     except Exception:  # noqa: BLE001 - an older GCS without the autoscaler state service
         return False
     return (stats.autoscaler_version or "0") != "0"
+
+
+def infeasible_requests() -> list[dict]:
+    """The resource bundles the cluster's autoscaler (v2) reports it can never place: requests
+    and placement groups that no node type fits. [] without an autoscaler or its state."""
+    import ray
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    try:
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
+    except Exception:  # noqa: BLE001 - an older GCS, or one that does not answer in time
+        return []
+    state = reply.autoscaling_state
+    gangs = [r for g in state.infeasible_gang_resource_requests for r in g.requests]
+    return [dict(r.resources_bundle) for r in [*state.infeasible_resource_requests, *gangs]]
