@@ -485,7 +485,8 @@ class EvaluateConfig:
     num_workers: int = setting(1, must=at_least(1))  # Ray Train (DDP) workers per student
     # Students trained at once (each (method, seed) is its own Ray Train run; Ray places their
     # workers); 0: as many student workers as the cluster's CPUs and GPUs hold when evaluation
-    # starts. Set it on an autoscaling cluster, whose nodes come only when asked for.
+    # starts, and on an autoscaling cluster (autoscaler v2) more as the nodes the waiting students
+    # ask for arrive.
     students_at_once: int = setting(0, must=NON_NEGATIVE, execution_only=True)
     # CPUs Ray reserves for each student worker
     cpus_per_worker: float = setting(1.0, must=POSITIVE, execution_only=True)
