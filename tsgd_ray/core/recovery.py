@@ -278,12 +278,12 @@ def recover(
     # the target kinds and their shares: one target, or half global half class (EDC)
     kinds = [(1.0, per_class)] if target != BNTarget.mixed or per_class is None else [(0.5, None), (0.5, per_class)]
     layer_weights = torch.tensor([s.first_bn_weight] + [1.0] * (len(layers) - 1)).repeat(2)  # means, variances
-    shares = torch.tensor([share for share, _ in kinds]).view(-1, 1, 1)
+    # each kind's share x lambda_bn (lambda_bn and the diversity weight are folded into their terms' weights)
+    shares = torch.tensor([share for share, _ in kinds]).view(-1, 1, 1) * s.lambda_bn
     # per chunk, on the device once: the BN term's targets (K, G, 2 x sum C_l) and weights (K, G, 2 L),
     # the groups' averaging matrix (G, n), the diversity term's pair weights (n, n), the CE target of
     # each video and 1 / the size of its group (each group's CE is its mean)
     targets = [torch.stack([_targets(layers, src, c.group_classes, device) for _, src in kinds]) for c in chunks]
-    shares = shares * s.lambda_bn  # lambda_bn and diversity folded into the terms' weights
     bn_weights = [
         (shares * layer_weights).expand(len(kinds), len(c.group_classes), -1).contiguous().to(device) for c in chunks
     ]
